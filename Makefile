@@ -1,0 +1,33 @@
+# Callflow: `make up` runs everything locally, `make test` runs the whole suite.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install up test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+.env:
+	cp .env.example .env
+
+up: install .env
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho run callctl db upgrade
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho run callctl mq declare
+	PATH="$(CURDIR)/$(BIN):$$PATH" exec $(BIN)/honcho start
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check shared services tests bench
+	$(BIN)/ruff format --check shared services tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

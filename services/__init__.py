@@ -1,0 +1,1 @@
+"""Callflow's services: thin entrypoints into the shared package."""

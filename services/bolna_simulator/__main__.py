@@ -1,0 +1,32 @@
+"""`python -m services.bolna_simulator`: serves the simulator under gunicorn on $HOST:$PORT."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from pydantic import ValidationError
+
+from services.bolna_simulator.app import SimulatorConfig, create_app
+from shared.server import run_http
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        # Read once here so a bad SIM_* value stops the start with a clear message, not a worker crash loop.
+        config = SimulatorConfig()
+    except ValidationError as exc:
+        raise SystemExit(f"bolna-simulator: invalid SIM_* configuration: {exc}") from exc
+    # One worker: calls, lines and counters live in this process's memory.
+    run_http(
+        lambda: create_app(config),
+        host=os.environ.get("HOST", "127.0.0.1"),
+        port=int(os.environ.get("PORT", "8010")),
+        workers=1,
+        threads=32,
+    )
+
+
+if __name__ == "__main__":
+    main()

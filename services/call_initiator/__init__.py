@@ -1,0 +1,1 @@
+"""call-initiator: the public REST API."""

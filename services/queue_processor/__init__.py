@@ -1,0 +1,1 @@
+"""queue-processor: consumes RabbitMQ, dispatches queued calls, runs the periodic jobs."""

@@ -1,0 +1,3 @@
+from services.queue_processor.app import run
+
+run()

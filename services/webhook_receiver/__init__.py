@@ -1,0 +1,1 @@
+"""webhook-receiver: takes Bolna's status webhooks."""

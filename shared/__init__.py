@@ -1,0 +1,1 @@
+"""Callflow's shared package: everything the services have in common."""

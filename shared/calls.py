@@ -1,0 +1,180 @@
+"""The call path: accepting a call, placing it with Bolna when a slot is free, and dispatching queued calls.
+
+The API and the queue-processor share `initiate`, so a call is placed the same way whichever path it took.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+
+from shared import slots, statuses, webhooks
+from shared.bolna import BolnaError, PlacedCall, get_bolna_client
+from shared.errors import CallflowError, ErrorType
+from shared.messaging import MessageType
+from shared.models import Agent, Call, User
+from shared.observability import report
+from shared.payloads import CONTEXT_CALL_ID_KEY, PlaceCallRequest
+from shared.uow import UnitOfWork
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AcceptedCall:
+    call: Call
+    placed: bool  # True: the provider has it (201); False: it waits in Callflow's queue (202)
+
+
+def place_call(user: User, request: PlaceCallRequest) -> AcceptedCall:
+    with UnitOfWork() as uow:
+        agent = uow.session.get(Agent, request.agent_id)
+        ids = {"user_id": user.id, "agent_id": request.agent_id}
+        if agent is None:
+            raise CallflowError(ErrorType.AGENT_NOT_FOUND, f"Agent {request.agent_id} does not exist.", **ids)
+        if agent.user_id != user.id:
+            raise CallflowError(ErrorType.UNAUTHORIZED_AGENT_ACCESS, "The agent belongs to another user.", **ids)
+        if not agent.provider_agent_id:
+            raise CallflowError(ErrorType.AGENT_NOT_CONFIGURED, "The agent has no provider agent id configured.", **ids)
+        locked_user = slots.lock_user(uow.session, user.id)
+        if locked_user.credits <= 0:
+            raise CallflowError(ErrorType.INSUFFICIENT_CREDITS, "The account has no credits left.", **ids)
+        call = Call(
+            user_id=user.id,
+            agent_id=agent.id,
+            phone_number=request.phone_number,
+            call_metadata=request.metadata,
+            status=statuses.PENDING,
+        )
+        uow.session.add(call)
+        uow.session.flush()
+        reserved = slots.try_reserve(uow.session, locked_user, call, behind_queue=True)
+        if not reserved:
+            uow.emit(MessageType.CALL_QUEUED, {"user_id": str(user.id), "call_id": str(call.id)})
+        uow.commit()
+    if not reserved:
+        report(CallflowError(ErrorType.CONCURRENCY_LIMIT, "Call queued until a slot frees.", call_id=call.id, **ids))
+        return AcceptedCall(call, placed=False)
+    return AcceptedCall(initiate(call.id), placed=True)
+
+
+def initiate(call_id: uuid.UUID) -> Call:
+    """Asks Bolna to place a call that holds a slot. On failure the slot is released and the call failed."""
+    with UnitOfWork() as uow:
+        call = uow.session.get_one(Call, call_id)
+        agent = uow.session.get_one(Agent, call.agent_id)
+    user_data: dict[str, Any] = {**call.call_metadata, CONTEXT_CALL_ID_KEY: str(call.id)}
+    try:
+        placed = get_bolna_client().place_call(agent.provider_agent_id or "", call.phone_number, user_data)
+    except BolnaError as exc:
+        _fail(call_id, ErrorType.BOLNA_API_FAILURE, str(exc))
+        error = CallflowError(
+            ErrorType.BOLNA_API_FAILURE, str(exc), call_id=call.id, user_id=call.user_id, agent_id=call.agent_id
+        )
+        error.problem_extras = {"callId": str(call.id)}  # the client can look the failed call up
+        raise error from exc
+    return link_execution(call_id, placed)
+
+
+def link_execution(call_id: uuid.UUID, placed: PlacedCall) -> Call:
+    with UnitOfWork() as uow:
+        call = _lock_call(uow, call_id)
+        call.execution_id = placed.execution_id
+        if statuses.moves_forward(call.status, placed.status):
+            call.status = placed.status
+        # Bolna can post webhooks before its answer reaches us: apply what was kept for this execution.
+        webhooks.apply_kept_events(uow, call)
+        uow.commit()
+    return call
+
+
+def _fail(call_id: uuid.UUID, error_type: ErrorType, detail: str) -> None:
+    with UnitOfWork() as uow:
+        call = _lock_call(uow, call_id)
+        slots.release(uow, call)
+        if not statuses.is_terminal(call.status):
+            call.status = statuses.FAILED
+            call.error_type = error_type
+            call.error_detail = detail[:2000]
+        uow.commit()
+
+
+def _lock_call(uow: UnitOfWork, call_id: uuid.UUID) -> Call:
+    return uow.session.execute(select(Call).where(Call.id == call_id).with_for_update()).scalar_one()
+
+
+def dispatch_pending(user_id: uuid.UUID) -> int:
+    """Places the user's pending calls, oldest first, while they have free slots. Returns how many."""
+    dispatched = 0
+    while (call_id := _reserve_next_pending(user_id)) is not None:
+        try:
+            initiate(call_id)
+        except CallflowError as exc:
+            report(CallflowError(ErrorType.DIRECT_CALL_QUEUE_FAILURE, exc.detail, **exc.context), cause=exc)
+        dispatched += 1
+    return dispatched
+
+
+def _reserve_next_pending(user_id: uuid.UUID) -> uuid.UUID | None:
+    while True:
+        with UnitOfWork() as uow:
+            user = slots.lock_user(uow.session, user_id)
+            call = uow.session.scalar(
+                select(Call)
+                .where(Call.user_id == user_id, Call.status == statuses.PENDING)
+                .order_by(Call.created_at, Call.id)
+                .limit(1)
+                .with_for_update()
+            )
+            if call is None:
+                return None
+            if user.credits <= 0:
+                # Credits ran out while it waited: it must not be placed, and it must not wait forever.
+                call.status = statuses.FAILED
+                call.error_type = ErrorType.INSUFFICIENT_CREDITS
+                call.error_detail = "The account ran out of credits while the call waited."
+                uow.commit()
+                continue
+            if not slots.try_reserve(uow.session, user, call, behind_queue=False):
+                return None
+            uow.commit()
+            return call.id
+
+
+def users_with_pending_calls() -> list[uuid.UUID]:
+    with UnitOfWork() as uow:
+        return list(uow.session.scalars(select(Call.user_id).where(Call.status == statuses.PENDING).distinct()))
+
+
+def get_call(user: User, call_id: str) -> Call:
+    try:
+        parsed = uuid.UUID(call_id)
+    except ValueError:
+        parsed = None
+    with UnitOfWork() as uow:
+        call = uow.session.get(Call, parsed) if parsed else None
+    # Another user's call is answered exactly like a missing one: its existence is not disclosed.
+    if call is None or call.user_id != user.id:
+        raise CallflowError(ErrorType.CALL_NOT_FOUND, f"No call {call_id}.", user_id=user.id)
+    return call
+
+
+def call_view(call: Call) -> dict[str, Any]:
+    return {
+        "callId": str(call.id),
+        "status": call.status,
+        "executionId": call.execution_id,
+        "agentId": str(call.agent_id),
+        "phoneNumber": call.phone_number,
+        "durationSeconds": call.duration_seconds,
+        "creditsCharged": call.credits_charged,
+        "transcript": call.transcript,
+        "recordingUrl": call.recording_url,
+        "errorType": call.error_type,
+        "createdAt": call.created_at.isoformat(),
+        "updatedAt": call.updated_at.isoformat(),
+    }

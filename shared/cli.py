@@ -1,0 +1,100 @@
+"""`callctl`: the operator's command line."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import click
+
+from shared import accounts, schema
+from shared.config import get_settings
+from shared.messaging import declare_topology_at
+
+
+@click.group()
+def main() -> None:
+    """Operate Callflow: schema, broker topology, users and agents."""
+
+
+@main.group()
+def db() -> None:
+    """The PostgreSQL schema."""
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Create the database if it is missing and apply every migration."""
+    schema.upgrade(get_settings().database_url)
+    click.echo("database is at the latest migration")
+
+
+@main.group()
+def mq() -> None:
+    """The RabbitMQ topology."""
+
+
+@mq.command("declare")
+def mq_declare() -> None:
+    """Declare the exchanges and queues (idempotent)."""
+    declare_topology_at(get_settings().rabbitmq_url)
+    click.echo("broker topology declared")
+
+
+@main.group()
+def users() -> None:
+    """Customer accounts."""
+
+
+@users.command("create")
+@click.option("--email", required=True)
+@click.option("--credits", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option("--max-concurrent-calls", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def users_create(email: str, credits: int, max_concurrent_calls: int, as_json: bool) -> None:
+    """Create a user and print its API token (shown this once only)."""
+    try:
+        created = accounts.create_user(email, credits, max_concurrent_calls)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    result = {
+        "id": str(created.user.id),
+        "email": created.user.email,
+        "api_token": created.api_token,
+        "credits": created.user.credits,
+        "max_concurrent_calls": created.user.max_concurrent_calls,
+    }
+    _print(result, as_json)
+
+
+@main.group()
+def agents() -> None:
+    """AI agents that place calls."""
+
+
+@agents.command("create")
+@click.option("--user-id", type=click.UUID, required=True)
+@click.option("--name", required=True)
+@click.option("--provider-agent-id", type=click.UUID, default=None, help="The agent's id at Bolna.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def agents_create(user_id: uuid.UUID, name: str, provider_agent_id: uuid.UUID | None, as_json: bool) -> None:
+    """Create an agent for a user."""
+    try:
+        agent = accounts.create_agent(user_id, name, str(provider_agent_id) if provider_agent_id else None)
+    except LookupError as exc:
+        raise click.UsageError(str(exc)) from exc
+    result = {
+        "id": str(agent.id),
+        "user_id": str(agent.user_id),
+        "name": agent.name,
+        "provider_agent_id": agent.provider_agent_id,
+    }
+    _print(result, as_json)
+
+
+def _print(result: dict[str, object], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        for key, value in result.items():
+            click.echo(f"{key}: {value}")

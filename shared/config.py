@@ -1,0 +1,78 @@
+"""The one settings object. Every service reads its configuration through `get_settings()`."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Literal
+
+from pydantic import Field, PostgresDsn, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+
+    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/callflow"
+    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    bolna_api_url: str = "http://127.0.0.1:8010"
+    bolna_api_key: str = ""
+    bolna_timeout_seconds: float = Field(10.0, gt=0)
+    webhook_secret: str = ""
+
+    sentry_dsn: str = ""
+    sentry_environment: str = "development"
+    sentry_release: str = ""
+    sentry_traces_sample_rate: float = Field(0.2, ge=0, le=1)
+    sentry_profiles_sample_rate: float = Field(0.1, ge=0, le=1)
+    sentry_enable_logs: bool = False
+    sentry_send_default_pii: bool = False
+    sentry_send_in_development: bool = False
+
+    host: str = "127.0.0.1"
+    port: int | None = Field(None, ge=1, le=65535)
+    web_concurrency: int = Field(2, ge=1)
+    web_threads: int = Field(8, ge=1)
+
+    slot_lease_seconds: int = Field(3600, gt=0)
+    sweep_interval_seconds: float = Field(5.0, gt=0)
+    rabbitmq_prefetch: int = Field(10, ge=1)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_only(cls, value: str) -> str:
+        PostgresDsn(value)
+        return value
+
+    @field_validator("rabbitmq_url")
+    @classmethod
+    def _amqp_only(cls, value: str) -> str:
+        if not value.startswith(("amqp://", "amqps://")):
+            raise ValueError("must be an amqp:// or amqps:// URL")
+        return value
+
+
+class ConfigurationError(SystemExit):
+    """Raised at start when the environment holds a missing or malformed value."""
+
+
+@functools.cache
+def get_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors())
+        print(f"callflow: invalid configuration: {problems}", file=sys.stderr)
+        raise ConfigurationError(2) from exc
+
+
+def require(*names: str) -> Settings:
+    """Fails at start, naming the variable, when a service needs a setting that is empty."""
+    settings = get_settings()
+    missing = [name.upper() for name in names if not getattr(settings, name)]
+    if missing:
+        print(f"callflow: invalid configuration: {', '.join(missing)} must be set", file=sys.stderr)
+        raise ConfigurationError(2)
+    return settings

@@ -1,0 +1,151 @@
+"""A RabbitMQ consumer that survives the broker: manual acks after the work commits, reconnects with backoff,
+and dead-letters what can never succeed, with the reason."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pika
+from pika.adapters.blocking_connection import BlockingChannel
+from pika.exceptions import AMQPError
+from sqlalchemy.exc import DBAPIError
+
+from shared.errors import CallflowError, ErrorType
+from shared.messaging import (
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_REASON_HEADER,
+    connection_parameters,
+    declare_topology,
+)
+from shared.observability import report
+
+log = logging.getLogger(__name__)
+
+
+class PoisonMessage(Exception):
+    """The message can never be processed (bad JSON, unknown type, missing fields): dead-letter it."""
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    message_id: str | None
+    message_type: str | None
+    body: bytes
+    headers: dict[str, Any]
+    queue: str
+    redelivered: bool
+
+    def json(self) -> dict[str, Any]:
+        try:
+            value = json.loads(self.body)
+        except ValueError as exc:
+            raise PoisonMessage(f"body is not JSON: {exc}") from exc
+        if not isinstance(value, dict):
+            raise PoisonMessage("body is not a JSON object")
+        return value
+
+
+Handler = Callable[[IncomingMessage], None]
+
+
+class Consumer:
+    def __init__(self, url: str, queue: str, handler: Handler, prefetch: int, stopping: threading.Event):
+        self._url = url
+        self._queue = queue
+        self._handler = handler
+        self._prefetch = prefetch
+        self._stopping = stopping
+        self.connected = False
+
+    def run(self) -> None:
+        """Consumes until `stopping` is set, reconnecting with backoff whenever the broker goes away."""
+        backoff = 0.5
+        while not self._stopping.is_set():
+            try:
+                self._consume()
+                backoff = 0.5
+            except (AMQPError, OSError) as exc:
+                self.connected = False
+                log.warning("broker connection lost (%r); reconnecting in %.1fs", exc, backoff)
+                self._stopping.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+    def _consume(self) -> None:
+        connection = pika.BlockingConnection(connection_parameters(self._url))
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            declare_topology(channel)
+            channel.basic_qos(prefetch_count=self._prefetch)
+            channel.basic_consume(self._queue, self._on_message)
+            self.connected = True
+            log.info("consuming %s", self._queue)
+            while not self._stopping.is_set():
+                connection.process_data_events(time_limit=1)
+        finally:
+            self.connected = False
+            if connection.is_open:
+                # Closing returns any unacknowledged message to the queue for another consumer.
+                connection.close()
+
+    def _on_message(self, channel: BlockingChannel, method, properties: pika.BasicProperties, body: bytes) -> None:
+        message = IncomingMessage(
+            message_id=properties.message_id,
+            message_type=properties.type,
+            body=body,
+            headers=dict(properties.headers or {}),
+            queue=self._queue,
+            redelivered=bool(method.redelivered),
+        )
+        try:
+            self._handler(message)
+        except PoisonMessage as exc:
+            self._dead_letter(channel, method, properties, body, str(exc))
+        except DBAPIError as exc:
+            # The database is away: the message is fine, try it again shortly.
+            log.warning("database error while handling %s; requeued: %r", message.message_id, exc)
+            time.sleep(1)
+            channel.basic_nack(method.delivery_tag, requeue=True)
+        except Exception as exc:
+            self._dead_letter(channel, method, properties, body, f"handler failed: {exc!r}", cause=exc)
+        else:
+            channel.basic_ack(method.delivery_tag)
+
+    def _dead_letter(
+        self,
+        channel: BlockingChannel,
+        method,
+        properties: pika.BasicProperties,
+        body: bytes,
+        reason: str,
+        cause: BaseException | None = None,
+    ) -> None:
+        headers = {
+            **(properties.headers or {}),
+            DEAD_LETTER_REASON_HEADER: reason[:1000],
+            "x-callflow-original-queue": self._queue,
+            "x-callflow-original-routing-key": method.routing_key,
+        }
+        dead = pika.BasicProperties(
+            content_type=properties.content_type,
+            delivery_mode=pika.DeliveryMode.Persistent,
+            message_id=properties.message_id,
+            type=properties.type,
+            headers=headers,
+        )
+        channel.basic_publish(DEAD_LETTER_EXCHANGE, method.routing_key, body, dead)
+        channel.basic_ack(method.delivery_tag)
+        report(
+            CallflowError(
+                ErrorType.MESSAGE_DEAD_LETTERED,
+                f"Message {properties.message_id} from {self._queue} dead-lettered: {reason}",
+                message_id=properties.message_id,
+            ),
+            cause=cause,
+        )

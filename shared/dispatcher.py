@@ -1,0 +1,64 @@
+"""The queue-processor's work: wake-up messages and the periodic jobs that catch whatever a message missed."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+
+from shared import calls, outbox, webhooks
+from shared.consumer import IncomingMessage, PoisonMessage
+from shared.errors import CallflowError, ErrorType
+from shared.messaging import DISPATCH_BINDINGS
+from shared.observability import report
+
+log = logging.getLogger(__name__)
+
+OUTBOX_MIN_AGE = timedelta(seconds=5)  # younger rows are still being published by the request that wrote them
+KEPT_WEBHOOK_MIN_AGE_SECONDS = 2.0
+
+
+def handle_dispatch_message(message: IncomingMessage) -> None:
+    if message.message_type not in DISPATCH_BINDINGS:
+        raise PoisonMessage(f"unknown message type {message.message_type!r}")
+    body = message.json()
+    try:
+        user_id = uuid.UUID(str(body["user_id"]))
+    except (KeyError, ValueError) as exc:
+        raise PoisonMessage("body has no valid user_id") from exc
+    calls.dispatch_pending(user_id)
+
+
+def relay_outbox() -> None:
+    outbox.publish_pending(outbox.get_publisher(), min_age=OUTBOX_MIN_AGE)
+
+
+def apply_kept_webhooks() -> None:
+    for event_id in webhooks.unapplied_event_ids(KEPT_WEBHOOK_MIN_AGE_SECONDS):
+        webhooks.apply_stored(event_id)
+
+
+def sweep_pending_calls() -> None:
+    """Dispatches for every user with waiting calls, in case their wake-up message was missed."""
+    for user_id in calls.users_with_pending_calls():
+        calls.dispatch_pending(user_id)
+
+
+PERIODIC_JOBS: tuple[Callable[[], None], ...] = (relay_outbox, apply_kept_webhooks, sweep_pending_calls)
+
+
+def run_periodically(jobs: tuple[Callable[[], None], ...], interval: float, stopping: threading.Event) -> None:
+    while not stopping.is_set():
+        for job in jobs:
+            if stopping.is_set():
+                return
+            try:
+                job()
+            except Exception as exc:  # a failing job must not stop the others, nor the next round
+                report(
+                    CallflowError(ErrorType.INTERNAL_ERROR, f"periodic job {job.__name__} failed: {exc!r}"),
+                    cause=exc,
+                )
+        stopping.wait(interval)

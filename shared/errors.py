@@ -1,0 +1,110 @@
+"""The error table: the single source of truth for every error Callflow reports.
+
+Each row says how bad it is, how it is answered over HTTP, and how it reaches Sentry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Severity(StrEnum):
+    CRITICAL = "critical"
+    HIGH = "high"
+    WARNING = "warning"
+    INFO = "info"
+
+
+class Capture(StrEnum):
+    EVENT = "event"  # sent to Sentry as an event
+    BREADCRUMB = "breadcrumb"  # recorded only as a breadcrumb on whatever event follows
+
+
+class ErrorType(StrEnum):
+    UNAUTHORIZED = "unauthorized"
+    VALIDATION_ERROR = "validation_error"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    CALL_NOT_FOUND = "call_not_found"
+    AGENT_NOT_FOUND = "agent_not_found"
+    UNAUTHORIZED_AGENT_ACCESS = "unauthorized_agent_access"
+    AGENT_NOT_CONFIGURED = "agent_not_configured"
+    INSUFFICIENT_CREDITS = "insufficient_credits"
+    CONCURRENCY_LIMIT = "concurrency_limit"
+    BOLNA_API_FAILURE = "bolna_api_failure"
+    CALL_INITIATION_FAILED = "call_initiation_failed"
+    EMPTY_WEBHOOK_PAYLOAD = "empty_webhook_payload"
+    MISSING_EXECUTION_ID = "missing_execution_id"
+    WEBHOOK_AUTH_FAILED = "webhook_auth_failed"
+    WEBHOOK_PROCESSING_FAILED = "webhook_processing_failed"
+    DIRECT_CALL_QUEUE_FAILURE = "direct_call_queue_failure"
+    CAMPAIGN_CALL_QUEUE_FAILURE = "campaign_call_queue_failure"
+    CREDIT_DEDUCTION_FAILED = "credit_deduction_failed"
+    DATABASE_ERROR = "database_error"
+    SLOT_LEASE_EXPIRED = "slot_lease_expired"
+    MESSAGE_DEAD_LETTERED = "message_dead_lettered"
+    INTERNAL_ERROR = "internal_error"
+
+
+@dataclass(frozen=True)
+class ErrorSpec:
+    title: str
+    severity: Severity
+    level: str  # the Sentry level
+    capture: Capture
+    category: str
+    http_status: int | None = None
+
+
+_W, _B = Capture.EVENT, Capture.BREADCRUMB
+_CRIT, _HIGH, _WARN, _INFO = Severity.CRITICAL, Severity.HIGH, Severity.WARNING, Severity.INFO
+
+ERROR_TABLE: dict[ErrorType, ErrorSpec] = {
+    ErrorType.UNAUTHORIZED: ErrorSpec("Unauthorized", _INFO, "info", _B, "security", 401),
+    ErrorType.VALIDATION_ERROR: ErrorSpec("Invalid request", _INFO, "info", _B, "validation", 400),
+    ErrorType.NOT_FOUND: ErrorSpec("Not found", _INFO, "info", _B, "validation", 404),
+    ErrorType.METHOD_NOT_ALLOWED: ErrorSpec("Method not allowed", _INFO, "info", _B, "validation", 405),
+    ErrorType.PAYLOAD_TOO_LARGE: ErrorSpec("Payload too large", _INFO, "info", _B, "validation", 413),
+    ErrorType.CALL_NOT_FOUND: ErrorSpec("Call not found", _INFO, "info", _B, "business", 404),
+    ErrorType.AGENT_NOT_FOUND: ErrorSpec("Agent not found", _CRIT, "error", _W, "configuration", 404),
+    ErrorType.UNAUTHORIZED_AGENT_ACCESS: ErrorSpec(
+        "Agent belongs to another user", _HIGH, "error", _W, "security", 403
+    ),
+    ErrorType.AGENT_NOT_CONFIGURED: ErrorSpec(
+        "Agent has no provider agent id", _HIGH, "error", _W, "configuration", 422
+    ),
+    ErrorType.INSUFFICIENT_CREDITS: ErrorSpec("Insufficient credits", _INFO, "info", _B, "business", 402),
+    ErrorType.CONCURRENCY_LIMIT: ErrorSpec(
+        "Concurrent-call limit reached; call queued", _WARN, "warning", _B, "business"
+    ),
+    ErrorType.BOLNA_API_FAILURE: ErrorSpec("Bolna API request failed", _CRIT, "error", _W, "provider", 502),
+    ErrorType.CALL_INITIATION_FAILED: ErrorSpec("Call initiation failed", _HIGH, "error", _W, "provider", 500),
+    ErrorType.EMPTY_WEBHOOK_PAYLOAD: ErrorSpec("Empty webhook payload", _WARN, "warning", _W, "validation", 400),
+    ErrorType.MISSING_EXECUTION_ID: ErrorSpec("Webhook without execution id", _WARN, "warning", _W, "validation", 400),
+    ErrorType.WEBHOOK_AUTH_FAILED: ErrorSpec("Webhook authentication failed", _HIGH, "error", _W, "security", 401),
+    ErrorType.WEBHOOK_PROCESSING_FAILED: ErrorSpec("Webhook processing failed", _HIGH, "error", _W, "webhook"),
+    ErrorType.DIRECT_CALL_QUEUE_FAILURE: ErrorSpec("Queued direct call failed", _HIGH, "error", _W, "queue"),
+    ErrorType.CAMPAIGN_CALL_QUEUE_FAILURE: ErrorSpec("Queued campaign call failed", _HIGH, "error", _W, "queue"),
+    ErrorType.CREDIT_DEDUCTION_FAILED: ErrorSpec("Credit deduction failed", _CRIT, "fatal", _W, "revenue"),
+    ErrorType.DATABASE_ERROR: ErrorSpec("Database unavailable", _CRIT, "fatal", _W, "infrastructure", 503),
+    ErrorType.SLOT_LEASE_EXPIRED: ErrorSpec("Call slot lease expired", _WARN, "warning", _W, "reliability"),
+    ErrorType.MESSAGE_DEAD_LETTERED: ErrorSpec("Message dead-lettered", _HIGH, "error", _W, "queue"),
+    ErrorType.INTERNAL_ERROR: ErrorSpec("Internal error", _HIGH, "error", _W, "bug", 500),
+}
+
+
+class CallflowError(Exception):
+    """An error of a known type; `context` holds ids (call_id, user_id, ...) for the report."""
+
+    def __init__(self, error_type: ErrorType, detail: str, **context: object):
+        super().__init__(detail)
+        self.error_type = error_type
+        self.detail = detail
+        self.context = {key: value for key, value in context.items() if value is not None}
+        self.problem_extras: dict[str, object] = {}  # extra members of the HTTP problem answer
+
+    @property
+    def spec(self) -> ErrorSpec:
+        return ERROR_TABLE[self.error_type]

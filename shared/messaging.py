@@ -1,0 +1,138 @@
+"""RabbitMQ: the topology, and a publisher with confirms and persistent messages.
+
+pika connections are not thread-safe, so each thread gets its own, opened on first use (after any fork).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import pika
+from pika.adapters.blocking_connection import BlockingChannel
+from pika.exceptions import AMQPError
+
+log = logging.getLogger(__name__)
+
+EVENTS_EXCHANGE = "callflow.events"
+DEAD_LETTER_EXCHANGE = "callflow.dead-letter"
+DISPATCH_QUEUE = "callflow.dispatch"
+DEAD_LETTER_QUEUE = "callflow.dead-letter"
+DEAD_LETTER_REASON_HEADER = "x-callflow-dead-letter-reason"
+
+
+class MessageType(StrEnum):
+    CALL_QUEUED = "call.queued"  # a call waits for a slot: wake the dispatcher for its user
+    SLOT_RELEASED = "slot.released"  # a slot came free: dispatch the user's next pending call
+
+
+DISPATCH_BINDINGS = (MessageType.CALL_QUEUED, MessageType.SLOT_RELEASED)
+
+
+@dataclass(frozen=True)
+class Envelope:
+    message_type: str
+    body: dict[str, Any]
+    message_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    headers: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        return json.dumps(self.body, separators=(",", ":")).encode()
+
+    def properties(self) -> pika.BasicProperties:
+        return pika.BasicProperties(
+            content_type="application/json",
+            delivery_mode=pika.DeliveryMode.Persistent,
+            message_id=self.message_id,
+            type=self.message_type,
+            headers=self.headers,
+        )
+
+
+def connection_parameters(url: str) -> pika.URLParameters:
+    params = pika.URLParameters(url)
+    params.heartbeat = 30
+    params.blocked_connection_timeout = 30
+    params.socket_timeout = 5
+    params.connection_attempts = 1
+    return params
+
+
+def declare_topology(channel: BlockingChannel) -> None:
+    """Idempotent: every service calls it at start, so it runs against an empty vhost."""
+    channel.exchange_declare(EVENTS_EXCHANGE, "topic", durable=True)
+    channel.exchange_declare(DEAD_LETTER_EXCHANGE, "fanout", durable=True)
+    channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+    channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
+    channel.queue_declare(
+        DISPATCH_QUEUE,
+        durable=True,
+        arguments={"x-queue-type": "quorum", "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE},
+    )
+    for message_type in DISPATCH_BINDINGS:
+        channel.queue_bind(DISPATCH_QUEUE, EVENTS_EXCHANGE, routing_key=message_type)
+
+
+def declare_topology_at(url: str) -> None:
+    connection = pika.BlockingConnection(connection_parameters(url))
+    try:
+        declare_topology(connection.channel())
+    finally:
+        connection.close()
+
+
+def ping(url: str) -> None:
+    pika.BlockingConnection(connection_parameters(url)).close()
+
+
+class Publisher:
+    """Publishes with publisher confirms, persistent and mandatory: a return means the broker has it."""
+
+    def __init__(self, url: str):
+        self._url = url
+        self._local = threading.local()
+
+    def _channel(self) -> BlockingChannel:
+        channel = getattr(self._local, "channel", None)
+        if channel is None or channel.is_closed:
+            self._close_thread_connection()
+            connection = pika.BlockingConnection(connection_parameters(self._url))
+            channel = connection.channel()
+            channel.confirm_delivery()
+            declare_topology(channel)
+            self._local.connection, self._local.channel = connection, channel
+        return channel
+
+    def publish(self, envelope: Envelope, exchange: str = EVENTS_EXCHANGE, routing_key: str | None = None) -> None:
+        # An idle connection may have been dropped by the broker (missed heartbeats): reconnect once.
+        for attempt in (1, 2):
+            try:
+                self._channel().basic_publish(
+                    exchange,
+                    routing_key or envelope.message_type,
+                    envelope.encode(),
+                    envelope.properties(),
+                    mandatory=True,
+                )
+                return
+            except AMQPError:
+                self._close_thread_connection()
+                if attempt == 2:
+                    raise
+
+    def _close_thread_connection(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        self._local.connection = self._local.channel = None
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except AMQPError:
+                log.debug("closing a broken broker connection failed", exc_info=True)
+
+    def close(self) -> None:
+        self._close_thread_connection()

@@ -1,0 +1,111 @@
+"""Validated shapes of what comes in from outside: API request bodies and Bolna's webhooks."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from typing import Annotated, Any
+
+import phonenumbers
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+MAX_METADATA_BYTES = 16 * 1024
+
+
+def _e164(value: str) -> str:
+    try:
+        number = phonenumbers.parse(value, None)
+    except phonenumbers.NumberParseException as exc:
+        raise ValueError("must be an E.164 phone number such as +14155550123") from exc
+    formatted = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    if formatted != value or not phonenumbers.is_valid_number(number):
+        raise ValueError("must be a valid E.164 phone number such as +14155550123")
+    return formatted
+
+
+E164 = Annotated[str, StringConstraints(max_length=16), AfterValidator(_e164)]
+
+
+def _bounded_metadata(value: dict[str, Any]) -> dict[str, Any]:
+    if len(json.dumps(value)) > MAX_METADATA_BYTES:
+        raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes of JSON")
+    return value
+
+
+class PlaceCallRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    agent_id: Annotated[uuid.UUID, Field(alias="agentId", strict=False)]
+    phone_number: Annotated[E164, Field(alias="phoneNumber")]
+    metadata: Annotated[dict[str, Any], AfterValidator(_bounded_metadata)] = Field(default_factory=dict)
+
+
+CONTEXT_CALL_ID_KEY = "callflow_call_id"  # our call id, sent to Bolna in user_data and echoed back
+
+
+class BolnaWebhook:
+    """Reads the fields Callflow needs from Bolna's AgentExecution object, tolerating its variants."""
+
+    def __init__(self, payload: dict[str, Any]):
+        self.payload = payload
+
+    @property
+    def execution_id(self) -> str | None:
+        value = self.payload.get("id") or self.payload.get("execution_id")
+        return str(value)[:64] if value else None
+
+    @property
+    def status(self) -> str | None:
+        value = self.payload.get("status")
+        return value[:32] if isinstance(value, str) and value else None
+
+    @property
+    def attempt(self) -> int:
+        """Bolna's auto-retry reuses the execution id; the retry count tells attempts apart."""
+        value = self.payload.get("retry_count")
+        return value if isinstance(value, int) and value >= 0 else 0
+
+    @property
+    def context_call_id(self) -> uuid.UUID | None:
+        context = self.payload.get("context_details")
+        if not isinstance(context, dict):
+            return None
+        recipient_data = context.get("recipient_data")
+        for source in (recipient_data if isinstance(recipient_data, dict) else {}, context):
+            try:
+                return uuid.UUID(str(source[CONTEXT_CALL_ID_KEY]))
+            except (KeyError, ValueError):
+                continue
+        return None
+
+    @property
+    def telephony(self) -> dict[str, Any]:
+        value = self.payload.get("telephony_data")
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def duration_seconds(self) -> int | None:
+        """`telephony_data.duration` (a string), else `conversation_duration` / `conversation_time`."""
+        for value in (
+            self.telephony.get("duration"),
+            self.payload.get("conversation_duration"),
+            self.payload.get("conversation_time"),
+        ):
+            try:
+                seconds = float(value)
+            except (TypeError, ValueError):
+                continue
+            if math.isfinite(seconds) and seconds >= 0:
+                return math.ceil(seconds)
+        return None
+
+    @property
+    def transcript(self) -> str | None:
+        value = self.payload.get("transcript")
+        return value if isinstance(value, str) and value else None
+
+    @property
+    def recording_url(self) -> str | None:
+        value = self.telephony.get("recording_url")
+        return value if isinstance(value, str) and value else None

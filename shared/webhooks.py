@@ -1,0 +1,151 @@
+"""Bolna's status webhooks: stored durably first, then applied to their call exactly once.
+
+Dedupe is by (execution id, status, attempt), never by execution id alone. An event whose call is not known
+yet (Bolna answered `POST /call` after its first webhook) is kept and applied when the call is linked.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from shared import slots, statuses
+from shared.errors import CallflowError, ErrorType
+from shared.models import Call, CreditLedgerEntry, User, WebhookEvent
+from shared.payloads import BolnaWebhook
+from shared.uow import UnitOfWork
+
+log = logging.getLogger(__name__)
+
+CALL_CHARGE = "call_charge"
+
+
+@dataclass(frozen=True)
+class Receipt:
+    event_id: int | None  # None: a duplicate of an event already stored
+    execution_id: str
+    status: str
+
+
+def store(payload: Any) -> Receipt:
+    """Validates and durably stores one webhook. Once this returns, the event cannot be lost."""
+    if not isinstance(payload, dict) or not payload:
+        raise CallflowError(ErrorType.EMPTY_WEBHOOK_PAYLOAD, "The webhook body is empty or not a JSON object.")
+    webhook = BolnaWebhook(payload)
+    if webhook.execution_id is None:
+        raise CallflowError(ErrorType.MISSING_EXECUTION_ID, "The webhook has no execution id ('id').")
+    if webhook.status is None:
+        raise CallflowError(ErrorType.VALIDATION_ERROR, "The webhook has no status.", execution_id=webhook.execution_id)
+    with UnitOfWork() as uow:
+        event_id = uow.session.scalar(
+            pg_insert(WebhookEvent)
+            .values(
+                execution_id=webhook.execution_id,
+                status=webhook.status,
+                attempt=webhook.attempt,
+                payload=payload,
+            )
+            .on_conflict_do_nothing(constraint="uq_webhook_events_execution_status")
+            .returning(WebhookEvent.id)
+        )
+        uow.commit()
+    return Receipt(event_id, webhook.execution_id, webhook.status)
+
+
+def apply_stored(event_id: int) -> bool:
+    """Applies one stored event to its call; False when its call is not known yet (kept for later)."""
+    with UnitOfWork() as uow:
+        event = uow.session.execute(
+            select(WebhookEvent).where(WebhookEvent.id == event_id).with_for_update(skip_locked=True)
+        ).scalar_one_or_none()
+        if event is None or event.applied_at is not None:
+            return event is not None
+        call = _find_call(uow, BolnaWebhook(event.payload))
+        if call is None:
+            return False
+        _apply(uow, call, event)
+        uow.commit()
+        return True
+
+
+def apply_kept_events(uow: UnitOfWork, call: Call) -> None:
+    """Applies the events kept for the call's execution (the caller holds the call's row lock)."""
+    kept = uow.session.scalars(
+        select(WebhookEvent)
+        .where(WebhookEvent.execution_id == call.execution_id, WebhookEvent.applied_at.is_(None))
+        .order_by(WebhookEvent.id)
+        .with_for_update(skip_locked=True)
+    ).all()
+    for event in sorted(kept, key=lambda e: statuses.rank(e.status) if e.status in statuses.PROVIDER_STATUSES else -1):
+        _apply(uow, call, event)
+
+
+def unapplied_event_ids(min_age_seconds: float, limit: int = 500) -> list[int]:
+    with UnitOfWork() as uow:
+        return list(
+            uow.session.scalars(
+                select(WebhookEvent.id)
+                .where(
+                    WebhookEvent.applied_at.is_(None),
+                    WebhookEvent.received_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, min_age_seconds),
+                )
+                .order_by(WebhookEvent.id)
+                .limit(limit)
+            )
+        )
+
+
+def _find_call(uow: UnitOfWork, webhook: BolnaWebhook) -> Call | None:
+    """The call for an execution: by execution id, else by our call id echoed back in context_details."""
+    query = select(Call).with_for_update()
+    call = uow.session.scalar(query.where(Call.execution_id == webhook.execution_id))
+    if call is None and webhook.context_call_id is not None:
+        call = uow.session.scalar(
+            query.where(
+                Call.id == webhook.context_call_id,
+                or_(Call.execution_id.is_(None), Call.execution_id == webhook.execution_id),
+            )
+        )
+        if call is not None:
+            call.execution_id = webhook.execution_id
+    return call
+
+
+def _apply(uow: UnitOfWork, call: Call, event: WebhookEvent) -> None:
+    event.call_id = call.id
+    event.applied_at = func.now()
+    webhook = BolnaWebhook(event.payload)
+    if event.status not in statuses.PROVIDER_STATUSES:
+        log.warning("webhook with unknown status %r for call %s kept, not applied", event.status, call.id)
+        return
+    if not statuses.moves_forward(call.status, event.status):
+        return  # a duplicate or a late event: statuses never move backwards
+    call.status = event.status
+    call.transcript = webhook.transcript or call.transcript
+    call.recording_url = webhook.recording_url or call.recording_url
+    if event.status in statuses.RELEASES_SLOT:
+        slots.release(uow, call)
+    if event.status == statuses.COMPLETED:
+        _charge(uow, call, webhook)
+
+
+def _charge(uow: UnitOfWork, call: Call, webhook: BolnaWebhook) -> None:
+    """Charges ceil(duration / 60) credits, once: the ledger's unique (call, reason) makes it a fact."""
+    seconds = webhook.duration_seconds or 0
+    credits = math.ceil(seconds / 60)
+    entry_id = uow.session.scalar(
+        pg_insert(CreditLedgerEntry)
+        .values(user_id=call.user_id, call_id=call.id, amount=-credits, reason=CALL_CHARGE)
+        .on_conflict_do_nothing(constraint="uq_credit_ledger_call_reason")
+        .returning(CreditLedgerEntry.id)
+    )
+    if entry_id is None:
+        return
+    uow.session.execute(update(User).where(User.id == call.user_id).values(credits=User.credits - credits))
+    call.duration_seconds = seconds
+    call.credits_charged = credits

@@ -1,0 +1,555 @@
+"""The Bolna simulator's API, lifecycles, webhook delivery and line accounting, against a local receiver."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from pydantic import ValidationError
+
+from services.bolna_simulator.app import SimulatorConfig, create_app
+
+AGENT_ID = "123e4567-e89b-12d3-a456-426655440000"
+OTHER_AGENT_ID = "9b2f4a8e-5c1d-4e7f-8a3b-6d0c2e1f4a5b"
+PHONE = "+14155552671"
+AUTH = {"Authorization": "Bearer test-key"}
+COMPLETED_STATUSES = ["queued", "initiated", "ringing", "in-progress", "call-disconnected", "completed"]
+
+
+class WebhookReceiver:
+    """A local HTTP server recording the webhooks it accepts; it can refuse the next N with a 500."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.paths: list[str] = []
+        self.attempts = 0
+        self.fail_next = 0
+        self.on_webhook: Callable[[dict[str, Any]], None] | None = None
+        self._changed = threading.Condition()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.url = f"http://127.0.0.1:{self._server.server_port}/webhooks/bolna?token=secret"
+        threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the name http.server dispatches to
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                self.send_response(receiver.record(self.path, body))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - overridden signature
+                pass
+
+        return Handler
+
+    def record(self, path: str, body: dict[str, Any]) -> int:
+        with self._changed:
+            self.attempts += 1
+            if self.fail_next:
+                self.fail_next -= 1
+                return 500
+        if self.on_webhook is not None:
+            self.on_webhook(body)
+        with self._changed:
+            self.bodies.append(body)
+            self.paths.append(path)
+            self._changed.notify_all()
+        return 200
+
+    def statuses(self, execution_id: str) -> list[str]:
+        with self._changed:
+            return [body["status"] for body in self.bodies if body["id"] == execution_id]
+
+    def wait_for(self, execution_id: str, status: str, timeout: float = 5.0) -> dict[str, Any]:
+        def found() -> dict[str, Any] | None:
+            matches = [b for b in self.bodies if b["id"] == execution_id and b["status"] == status]
+            return matches[-1] if matches else None
+
+        with self._changed:
+            body = self._changed.wait_for(found, timeout)
+        assert body is not None, f"no {status} webhook for {execution_id}; got {self.statuses(execution_id)}"
+        return body
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[WebhookReceiver]:
+    receiver = WebhookReceiver()
+    yield receiver
+    receiver.close()
+
+
+@pytest.fixture
+def make_app(receiver: WebhookReceiver) -> Iterator[Callable[..., Flask]]:
+    apps: list[Flask] = []
+
+    def make(**overrides: Any) -> Flask:
+        settings = {
+            "webhook_url": receiver.url,
+            "step_delay_seconds": 0.01,
+            "talk_seconds": 0.02,
+            "completed_delay_seconds": 0.02,
+            **overrides,
+        }
+        app = create_app(SimulatorConfig(**settings))
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.test_client().post("/_sim/reset")
+
+
+@pytest.fixture
+def make_client(make_app: Callable[..., Flask]) -> Callable[..., FlaskClient]:
+    return lambda **overrides: make_app(**overrides).test_client()
+
+
+def place(client: FlaskClient, **fields: Any) -> str:
+    response = client.post(
+        "/call", json={"agent_id": AGENT_ID, "recipient_phone_number": PHONE, **fields}, headers=AUTH
+    )
+    assert response.status_code == 200, response.json
+    return response.json["execution_id"]
+
+
+def stats(client: FlaskClient) -> dict[str, Any]:
+    return client.get("/_sim/stats").json
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Waits for the simulator's own bookkeeping, which lags the receiver by one HTTP answer."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def wait_until_ended(client: FlaskClient, execution_id: str, timeout: float = 5.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        body = client.get(f"/executions/{execution_id}", headers=AUTH).json
+        if body["status"] in ("completed", "busy", "no-answer", "failed", "stopped"):
+            return body
+        time.sleep(0.02)
+    raise AssertionError(f"call {execution_id} did not end within {timeout} s")
+
+
+def test_health(make_client: Callable[..., FlaskClient]) -> None:
+    response = make_client().get("/health")
+
+    assert response.status_code == 200
+    assert response.json == {"status": "ok", "service": "bolna-simulator"}
+
+
+def test_place_call_answers_queued_with_a_new_execution_id(make_client: Callable[..., FlaskClient]) -> None:
+    client = make_client()
+
+    response = client.post(
+        "/call",
+        json={
+            "agent_id": AGENT_ID,
+            "recipient_phone_number": PHONE,
+            "from_phone_number": "+919876543210",
+            "user_data": {"name": "Asha"},
+            "scheduled_at": "2025-08-21T10:35:00+00:00",
+            "retry_config": {"enabled": False},
+            "agent_data": {"voice_id": "Sam"},
+        },
+        headers=AUTH,
+    )
+
+    assert response.status_code == 200
+    assert response.json["message"] == "done"
+    assert response.json["status"] == "queued"
+    assert uuid.UUID(response.json["execution_id"]).version == 4
+    assert stats(client)["calls_accepted"] == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"agent_id": "not-a-uuid", "recipient_phone_number": PHONE}, "agent_id"),
+        ({"recipient_phone_number": PHONE}, "agent_id"),
+        ({"agent_id": AGENT_ID, "recipient_phone_number": "+10123456789"}, "recipient_phone_number"),
+        ({"agent_id": AGENT_ID, "recipient_phone_number": "4155552671"}, "recipient_phone_number"),
+        ({"agent_id": AGENT_ID}, "recipient_phone_number"),
+        (
+            {"agent_id": AGENT_ID, "recipient_phone_number": PHONE, "from_phone_number": "12"},
+            "from_phone_number",
+        ),
+        ({"agent_id": AGENT_ID, "recipient_phone_number": PHONE, "user_data": ["x"]}, "user_data"),
+    ],
+)
+def test_place_call_rejects_bad_input(
+    make_client: Callable[..., FlaskClient], body: dict[str, Any], field: str
+) -> None:
+    client = make_client()
+
+    response = client.post("/call", json=body, headers=AUTH)
+
+    assert response.status_code == 400
+    assert response.json["error"] == 400
+    assert field in response.json["message"]
+    assert stats(client)["calls_received"] == 1
+    assert stats(client)["calls_accepted"] == 0
+
+
+def test_place_call_rejects_a_body_that_is_not_an_object(make_client: Callable[..., FlaskClient]) -> None:
+    response = make_client().post("/call", data="[1]", content_type="application/json", headers=AUTH)
+
+    assert response.status_code == 400
+    assert response.json["error"] == 400
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Basic dXNlcjpwYXNz"}, {"Authorization": "Bearer "}])
+def test_api_requires_a_bearer_token(make_client: Callable[..., FlaskClient], headers: dict[str, str]) -> None:
+    client = make_client()
+
+    response = client.post("/call", json={"agent_id": AGENT_ID, "recipient_phone_number": PHONE}, headers=headers)
+
+    assert response.status_code == 401
+    assert response.json["error"] == 401
+    assert response.json["message"]
+    assert client.get(f"/executions/{uuid.uuid4()}", headers=headers).status_code == 401
+
+
+def test_a_configured_api_key_must_match(make_client: Callable[..., FlaskClient]) -> None:
+    client = make_client(api_key="sk-right")
+    body = {"agent_id": AGENT_ID, "recipient_phone_number": PHONE}
+
+    wrong = client.post("/call", json=body, headers={"Authorization": "Bearer sk-wrong"})
+    right = client.post("/call", json=body, headers={"Authorization": "Bearer sk-right"})
+
+    assert wrong.status_code == 403
+    assert wrong.json == {"detail": "Invalid API key"}
+    assert right.status_code == 200
+    assert stats(client)["calls_accepted"] == 1
+
+
+def test_completed_call_goes_through_every_status_with_full_bodies(
+    make_client: Callable[..., FlaskClient], receiver: WebhookReceiver
+) -> None:
+    client = make_client(duration_min_seconds=42, duration_max_seconds=42)
+    user_data = {"name": "Asha", "order_id": 7}
+
+    execution_id = place(client, user_data=user_data)
+    completed = receiver.wait_for(execution_id, "completed")
+
+    assert receiver.statuses(execution_id) == COMPLETED_STATUSES
+    assert all(path == "/webhooks/bolna?token=secret" for path in receiver.paths)
+    by_status = {body["status"]: body for body in receiver.bodies}
+    ringing, disconnected = by_status["ringing"], by_status["call-disconnected"]
+    assert ringing["transcript"] is None
+    assert ringing["telephony_data"]["recording_url"] is None
+    assert ringing["total_cost"] == 0
+    assert disconnected["telephony_data"]["duration"] == "42"
+    assert "user:" in disconnected["transcript"]
+
+    assert completed["id"] == execution_id
+    assert completed["agent_id"] == AGENT_ID
+    assert completed["batch_id"] is None
+    assert completed["telephony_data"]["duration"] == "42"
+    assert completed["conversation_duration"] == 42
+    assert completed["transcript"].startswith("assistant: ")
+    assert "\nuser: " in completed["transcript"]
+    assert completed["telephony_data"]["recording_url"].startswith("https://")
+    assert completed["telephony_data"]["to_number"] == PHONE
+    assert completed["telephony_data"]["hosted_telephony"] is True
+    assert completed["telephony_data"]["provider_call_id"]
+    assert completed["context_details"] == {"recipient_data": user_data, "recipient_phone_number": PHONE}
+    assert completed["total_cost"] > 0
+    assert completed["total_cost"] == pytest.approx(sum(completed["cost_breakdown"].values()))
+    assert set(completed["cost_breakdown"]) == {"llm", "network", "platform", "synthesizer", "transcriber"}
+    assert isinstance(completed["extracted_data"], dict)
+    assert completed["error_message"] is None
+    assert completed["answered_by_voice_mail"] is False
+    assert datetime.fromisoformat(completed["updated_at"]) >= datetime.fromisoformat(completed["created_at"])
+
+    assert client.get(f"/executions/{execution_id}", headers=AUTH).json == completed
+    eventually(lambda: stats(client)["webhooks_sent"] == len(COMPLETED_STATUSES))
+    final = stats(client)
+    assert final["webhook_failures"] == 0
+    assert final["executions_by_status"] == {"completed": 1}
+
+
+@pytest.mark.parametrize(
+    ("outcome", "expected"),
+    [
+        ("busy", ["queued", "initiated", "ringing", "busy"]),
+        ("no-answer", ["queued", "initiated", "ringing", "no-answer"]),
+        ("failed", ["queued", "initiated", "failed"]),
+    ],
+)
+def test_unanswered_outcomes(
+    make_client: Callable[..., FlaskClient], receiver: WebhookReceiver, outcome: str, expected: list[str]
+) -> None:
+    client = make_client(outcomes={outcome: 1})
+
+    execution_id = place(client)
+    final = receiver.wait_for(execution_id, outcome)
+
+    assert receiver.statuses(execution_id) == expected
+    assert final["conversation_duration"] == 0
+    assert final["telephony_data"]["duration"] == "0"
+    assert final["total_cost"] == 0
+    assert final["transcript"] is None
+    assert final["telephony_data"]["recording_url"] is None
+    assert (final["error_message"] is not None) == (outcome == "failed")
+    assert stats(client)["active_calls"] == {AGENT_ID: 0}
+
+
+def test_error_rate_answers_500_without_creating_a_call(make_client: Callable[..., FlaskClient]) -> None:
+    client = make_client(error_rate=1)
+
+    response = client.post("/call", json={"agent_id": AGENT_ID, "recipient_phone_number": PHONE}, headers=AUTH)
+
+    assert response.status_code == 500
+    assert response.json == {"error": 500, "message": "Internal Server Error"}
+    after = stats(client)
+    assert (after["calls_received"], after["calls_accepted"], after["api_errors"]) == (1, 0, 1)
+    assert after["active_calls"] == {}
+    assert after["executions_by_status"] == {}
+
+
+def test_timeout_rate_hangs_then_answers_504(make_client: Callable[..., FlaskClient]) -> None:
+    client = make_client(timeout_rate=1, timeout_seconds=0.2)
+
+    started = time.monotonic()
+    response = client.post("/call", json={"agent_id": AGENT_ID, "recipient_phone_number": PHONE}, headers=AUTH)
+
+    assert time.monotonic() - started >= 0.2
+    assert response.status_code == 504
+    assert response.json["error"] == 504
+    assert stats(client)["api_timeouts"] == 1
+    assert stats(client)["calls_accepted"] == 0
+
+
+def test_get_execution(make_client: Callable[..., FlaskClient], receiver: WebhookReceiver) -> None:
+    client = make_client(step_delay_seconds=5)
+    execution_id = place(client, user_data={"k": "v"})
+
+    found = client.get(f"/executions/{execution_id}", headers=AUTH)
+    missing = client.get(f"/executions/{uuid.uuid4()}", headers=AUTH)
+
+    assert found.status_code == 200
+    assert found.json["id"] == execution_id
+    assert found.json["status"] == "queued"
+    assert found.json["context_details"]["recipient_data"] == {"k": "v"}
+    assert missing.status_code == 404
+    assert missing.json["error"] == 404
+    assert missing.json["message"]
+
+
+def test_stop_a_queued_call(make_client: Callable[..., FlaskClient], receiver: WebhookReceiver) -> None:
+    client = make_client(step_delay_seconds=5)
+    execution_id = place(client)
+    receiver.wait_for(execution_id, "queued")
+
+    response = client.post(f"/call/{execution_id}/stop", headers=AUTH)
+
+    assert response.status_code == 200
+    assert response.json == {"message": "done", "status": "stopped", "execution_id": execution_id}
+    assert stats(client)["active_calls"] == {AGENT_ID: 0}
+    # The stop cuts the 5 s step short: the webhook arrives well before the next status would have.
+    receiver.wait_for(execution_id, "stopped", timeout=2)
+    assert receiver.statuses(execution_id) == ["queued", "stopped"]
+    assert client.get(f"/executions/{execution_id}", headers=AUTH).json["status"] == "stopped"
+    again = client.post(f"/call/{execution_id}/stop", headers=AUTH)
+    assert again.status_code == 400
+    assert again.json["error"] == 400
+    assert client.post(f"/call/{uuid.uuid4()}/stop", headers=AUTH).status_code == 404
+
+
+def test_a_ringing_call_cannot_be_stopped(make_client: Callable[..., FlaskClient], receiver: WebhookReceiver) -> None:
+    client = make_client(step_delay_seconds=0.3, outcomes={"no-answer": 1})
+    execution_id = place(client)
+    receiver.wait_for(execution_id, "ringing")
+
+    response = client.post(f"/call/{execution_id}/stop", headers=AUTH)
+
+    assert response.status_code == 400
+    assert "ringing" in response.json["message"]
+    receiver.wait_for(execution_id, "no-answer")
+    assert receiver.statuses(execution_id) == ["queued", "initiated", "ringing", "no-answer"]
+
+
+def test_sequential_calls_never_count_as_simultaneous(
+    make_client: Callable[..., FlaskClient], receiver: WebhookReceiver
+) -> None:
+    client = make_client()
+
+    receiver.wait_for(place(client), "completed")
+    receiver.wait_for(place(client), "completed")
+
+    after = stats(client)
+    assert after["max_active_calls"] == {AGENT_ID: 1}
+    assert after["active_calls"] == {AGENT_ID: 0}
+    assert after["executions_by_status"] == {"completed": 2}
+
+
+def test_overlapping_calls_count_per_agent(make_client: Callable[..., FlaskClient], receiver: WebhookReceiver) -> None:
+    client = make_client(talk_seconds=0.3)
+
+    first, second = place(client), place(client)
+    other = place(client, agent_id=OTHER_AGENT_ID)
+    during = stats(client)
+    for execution_id in (first, second, other):
+        receiver.wait_for(execution_id, "completed")
+
+    assert during["active_calls"] == {AGENT_ID: 2, OTHER_AGENT_ID: 1}
+    after = stats(client)
+    assert after["max_active_calls"] == {AGENT_ID: 2, OTHER_AGENT_ID: 1}
+    assert after["active_calls"] == {AGENT_ID: 0, OTHER_AGENT_ID: 0}
+
+
+@pytest.mark.parametrize("reorder_rate", [0, 1])
+def test_line_is_free_before_the_disconnect_webhook_arrives(
+    make_app: Callable[..., Flask], receiver: WebhookReceiver, reorder_rate: float
+) -> None:
+    app = make_app(reorder_rate=reorder_rate)
+    placed: list[str] = []
+    active_when_released: list[int] = []
+
+    def react(body: dict[str, Any]) -> None:
+        # Like the product: the moment the line is reported free, the same agent's next call is placed.
+        if body["status"] in ("call-disconnected", "completed") and len(placed) == 1 and body["id"] == placed[0]:
+            active_when_released.append(stats(app.test_client())["active_calls"][AGENT_ID])
+            placed.append(place(app.test_client()))
+
+    receiver.on_webhook = react
+    placed.append(place(app.test_client()))
+    receiver.wait_for(placed[0], "completed")
+    receiver.wait_for(placed[0], "call-disconnected")
+    receiver.wait_for(placed[1], "completed")
+
+    assert active_when_released == [0]
+    assert stats(app.test_client())["max_active_calls"] == {AGENT_ID: 1}
+
+
+def test_duplicate_rate_delivers_every_webhook_twice(
+    make_client: Callable[..., FlaskClient], receiver: WebhookReceiver
+) -> None:
+    client = make_client(duplicate_rate=1, outcomes={"failed": 1})
+
+    execution_id = place(client)
+    eventually(lambda: stats(client)["webhooks_sent"] == 6)
+
+    assert receiver.statuses(execution_id) == [
+        "queued",
+        "queued",
+        "initiated",
+        "initiated",
+        "failed",
+        "failed",
+    ]
+
+
+def test_reorder_rate_swaps_neighbouring_webhooks(
+    make_client: Callable[..., FlaskClient], receiver: WebhookReceiver
+) -> None:
+    client = make_client(reorder_rate=1)
+
+    execution_id = place(client)
+    receiver.wait_for(execution_id, "call-disconnected")
+
+    assert receiver.statuses(execution_id) == [
+        "initiated",
+        "queued",
+        "in-progress",
+        "ringing",
+        "completed",
+        "call-disconnected",
+    ]
+
+
+def test_a_refused_webhook_is_retried(make_client: Callable[..., FlaskClient], receiver: WebhookReceiver) -> None:
+    receiver.fail_next = 2
+    client = make_client(outcomes={"busy": 1})
+
+    execution_id = place(client)
+    receiver.wait_for(execution_id, "busy")
+
+    assert receiver.statuses(execution_id) == ["queued", "initiated", "ringing", "busy"]
+    assert receiver.attempts == 6
+    eventually(lambda: stats(client)["webhooks_sent"] == 4)
+    assert stats(client)["webhook_failures"] == 0
+
+
+def test_config_endpoint(make_client: Callable[..., FlaskClient]) -> None:
+    client = make_client()
+
+    unknown = client.post("/_sim/config", json={"error_rate": 1, "bogus": 2})
+    invalid = client.post("/_sim/config", json={"error_rate": 2})
+    updated = client.post("/_sim/config", json={"error_rate": 1, "outcomes": {"busy": 1}})
+
+    assert unknown.status_code == 400
+    assert "bogus" in unknown.json["message"]
+    assert invalid.status_code == 400
+    assert "error_rate" in invalid.json["message"]
+    assert updated.status_code == 200
+    assert updated.json["error_rate"] == 1
+    assert updated.json["outcomes"] == {"completed": 0, "busy": 1, "no-answer": 0, "failed": 0}
+    assert updated.json["step_delay_seconds"] == 0.01
+    assert client.get("/_sim/config").json == updated.json
+    refused = client.post("/call", json={"agent_id": AGENT_ID, "recipient_phone_number": PHONE}, headers=AUTH)
+    assert refused.status_code == 500
+
+
+def test_config_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIM_OUTCOMES", "completed=0.7,busy=0.1,no-answer=0.1,failed=0.1")
+    monkeypatch.setenv("SIM_ERROR_RATE", "0.25")
+    monkeypatch.setenv("SIM_SEED", "7")
+
+    config = SimulatorConfig()
+
+    assert config.outcomes == {"completed": 0.7, "busy": 0.1, "no-answer": 0.1, "failed": 0.1}
+    assert (config.error_rate, config.seed) == (0.25, 7)
+    monkeypatch.setenv("SIM_OUTCOMES", "completed=1,voicemail=1")
+    with pytest.raises(ValidationError, match="voicemail"):
+        SimulatorConfig()
+
+
+def test_a_seed_reproduces_the_outcomes(make_client: Callable[..., FlaskClient]) -> None:
+    def outcomes_of_eight_calls() -> list[str]:
+        client = make_client(seed=7, outcomes={"busy": 1, "no-answer": 1, "failed": 1})
+        execution_ids = [place(client) for _ in range(8)]
+        return [wait_until_ended(client, execution_id)["status"] for execution_id in execution_ids]
+
+    first, second = outcomes_of_eight_calls(), outcomes_of_eight_calls()
+
+    assert first == second
+    assert len(set(first)) > 1
+
+
+def test_reset_clears_calls_and_counters_but_keeps_config(
+    make_client: Callable[..., FlaskClient], receiver: WebhookReceiver
+) -> None:
+    client = make_client(step_delay_seconds=5, latency_ms=1)
+    execution_id = place(client)
+
+    response = client.post("/_sim/reset")
+
+    assert response.status_code == 200
+    after = stats(client)
+    assert (after["calls_received"], after["calls_accepted"], after["webhooks_sent"]) == (0, 0, 0)
+    assert after["active_calls"] == {}
+    assert after["max_active_calls"] == {}
+    assert after["executions_by_status"] == {}
+    assert client.get(f"/executions/{execution_id}", headers=AUTH).status_code == 404
+    assert client.get("/_sim/config").json["latency_ms"] == 1

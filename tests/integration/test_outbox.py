@@ -1,0 +1,66 @@
+"""Messages are written with the change that causes them and reach the broker once it is there."""
+
+import json
+import uuid
+
+from sqlalchemy import select
+
+from shared import outbox
+from shared.messaging import Publisher
+from shared.models import OutboxMessage
+from shared.uow import UnitOfWork
+from tests.support import broker
+
+
+def _unpublished(message_id: uuid.UUID) -> OutboxMessage:
+    with UnitOfWork() as uow:
+        return uow.session.scalar(select(OutboxMessage).where(OutboxMessage.message_id == message_id))
+
+
+def test_committed_message_is_published_right_away_with_confirms():
+    marker = str(uuid.uuid4())
+    with broker.channel() as ch:
+        queue = broker.tap(ch, "slot.released")
+        with UnitOfWork() as uow:
+            uow.emit("slot.released", {"user_id": marker})
+            uow.commit()
+        messages = broker.get_messages(ch, queue, expected=1)
+    assert len(messages) == 1
+    properties, body = messages[0]
+    assert json.loads(body) == {"user_id": marker}
+    assert properties.delivery_mode == 2
+    assert properties.type == "slot.released"
+    assert properties.message_id
+    with UnitOfWork() as uow:
+        row = uow.session.scalar(
+            select(OutboxMessage).where(OutboxMessage.message_id == uuid.UUID(properties.message_id))
+        )
+    assert row.published_at is not None
+
+
+def test_rolled_back_change_publishes_nothing():
+    marker = str(uuid.uuid4())
+    with UnitOfWork() as uow:
+        uow.emit("slot.released", {"user_id": marker})
+    with UnitOfWork() as uow:
+        assert uow.session.scalar(select(OutboxMessage).where(OutboxMessage.body["user_id"].astext == marker)) is None
+
+
+def test_message_written_while_broker_is_down_is_relayed_later():
+    marker = str(uuid.uuid4())
+    with UnitOfWork() as uow:
+        row = outbox.add(uow.session, "slot.released", {"user_id": marker})
+        uow.session.commit()
+    unreachable = Publisher("amqp://guest:guest@127.0.0.1:1/%2F")
+    assert outbox.publish_pending(unreachable, ids=[row.id]) == 0
+    failed = _unpublished(row.message_id)
+    assert failed.published_at is None
+    assert failed.attempts == 1
+    assert failed.last_error
+
+    with broker.channel() as ch:
+        queue = broker.tap(ch, "slot.released")
+        assert outbox.publish_pending(outbox.get_publisher(), ids=[row.id]) == 1
+        messages = broker.get_messages(ch, queue, expected=1)
+    assert [json.loads(body) for _, body in messages] == [{"user_id": marker}]
+    assert _unpublished(row.message_id).published_at is not None

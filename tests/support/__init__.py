@@ -1,0 +1,1 @@
+"""Test support: isolated broker/database per run, service processes, and small helpers."""

@@ -1,0 +1,41 @@
+"""Looking at what reached RabbitMQ, from a test."""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+
+import pika
+
+from shared.messaging import EVENTS_EXCHANGE, connection_parameters, declare_topology
+
+
+@contextmanager
+def channel():
+    connection = pika.BlockingConnection(connection_parameters(os.environ["RABBITMQ_URL"]))
+    try:
+        ch = connection.channel()
+        declare_topology(ch)
+        yield ch
+    finally:
+        connection.close()
+
+
+def tap(ch, routing_key: str) -> str:
+    """An exclusive queue that receives a copy of every event published with `routing_key`."""
+    queue = ch.queue_declare("", exclusive=True).method.queue
+    ch.queue_bind(queue, EVENTS_EXCHANGE, routing_key=routing_key)
+    return queue
+
+
+def get_messages(ch, queue: str, expected: int, timeout: float = 10.0) -> list[tuple[pika.BasicProperties, bytes]]:
+    found: list[tuple[pika.BasicProperties, bytes]] = []
+    deadline = time.monotonic() + timeout
+    while len(found) < expected and time.monotonic() < deadline:
+        method, properties, body = ch.basic_get(queue, auto_ack=True)
+        if method is None:
+            time.sleep(0.05)
+            continue
+        found.append((properties, body))
+    return found
