@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test lint bench clean
+.PHONY: install up test lint clean
 
 install: $(STAMP)
 
@@ -26,8 +26,8 @@ test: install
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check shared services tests bench
-	$(BIN)/ruff format --check shared services tests bench
+	$(BIN)/ruff check shared services tests
+	$(BIN)/ruff format --check shared services tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -68,9 +68,7 @@ def _now() -> str:
 
 
 def _describe(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(part) for part in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
-    )
+    return "; ".join(f"{'.'.join(str(part) for part in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors())
 
 
 class SimulatorConfig(BaseSettings):
@@ -191,9 +189,7 @@ class _Execution:
     created_at: str = field(default_factory=_now)
     updated_at: str = ""
     conversation_duration: int = 0
-    cost_breakdown: dict[str, float] = field(
-        default_factory=lambda: dict.fromkeys(COST_CENTS_PER_MINUTE, 0.0)
-    )
+    cost_breakdown: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COST_CENTS_PER_MINUTE, 0.0))
     transcript: str | None = None
     recording_url: str | None = None
     error_message: str | None = None
@@ -216,9 +212,7 @@ class _Execution:
         elif status == "completed":
             # Bolna's post-processing, which `completed` waits for, is what fills in cost and extraction.
             minutes = self.duration / 60
-            self.cost_breakdown = {
-                part: round(rate * minutes, 2) for part, rate in COST_CENTS_PER_MINUTE.items()
-            }
+            self.cost_breakdown = {part: round(rate * minutes, 2) for part, rate in COST_CENTS_PER_MINUTE.items()}
             self.extracted_data = self.extracted
         elif status == "failed":
             self.error_message = FAILURE_MESSAGE
@@ -483,9 +477,7 @@ class _CallRun:
                     log.info("call %s: webhook %s delivered", execution_id, status)
                     return True
                 problem = f"HTTP {response.status_code}"
-            log.warning(
-                "call %s: webhook %s attempt %d failed: %s", execution_id, status, attempt + 1, problem
-            )
+            log.warning("call %s: webhook %s attempt %d failed: %s", execution_id, status, attempt + 1, problem)
         log.error("call %s: webhook %s dropped after %d attempts", execution_id, status, WEBHOOK_RETRIES + 1)
         return False
 
