@@ -13,9 +13,12 @@ from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import HTTPException
 
+from pika.exceptions import AMQPError
+
 from shared import health
 from shared.config import get_settings
 from shared.errors import ERROR_TABLE, CallflowError, ErrorType
+from shared.messaging import declare_topology_at
 from shared.observability import init_sentry, report
 
 PROBLEM_JSON = "application/problem+json"
@@ -42,6 +45,10 @@ def create_service_app(service: str) -> Flask:
     settings = get_settings()
     configure_logging()
     init_sentry(service, settings)
+    try:
+        declare_topology_at(settings.rabbitmq_url)
+    except (AMQPError, OSError) as exc:  # a broker that is down must not stop the service from answering
+        log.warning("could not declare the broker topology at start (declared again on first publish): %r", exc)
     app = Flask(service)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
 

@@ -12,7 +12,7 @@ from werkzeug.serving import make_server
 from shared import dispatcher
 from shared.config import get_settings
 from shared.consumer import Consumer
-from shared.messaging import DISPATCH_QUEUE, declare_topology_at
+from shared.messaging import DISPATCH_QUEUE
 from shared.web import create_service_app
 
 SERVICE = "queue-processor"
@@ -35,7 +35,6 @@ def run() -> None:
     health = make_server(settings.host, settings.port or DEFAULT_HEALTH_PORT, app, threaded=True)
     threading.Thread(target=health.serve_forever, name="health", daemon=True).start()
 
-    declare_topology_at(settings.rabbitmq_url)
     jobs = threading.Thread(
         target=dispatcher.run_periodically,
         args=(dispatcher.PERIODIC_JOBS, settings.sweep_interval_seconds, stopping),

@@ -33,26 +33,27 @@ class ServiceProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 45.0) -> ServiceProcess:
+    def start(self, timeout: float = 45.0, expected_status: int = 200) -> ServiceProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", self.module], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
         )
-        self.wait_healthy(timeout)
+        self.wait_healthy(timeout, expected_status)
         return self
 
-    def wait_healthy(self, timeout: float = 45.0) -> None:
+    def wait_healthy(self, timeout: float = 45.0, expected_status: int = 200) -> httpx.Response:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(f"{self.module} exited with {self.process.returncode}:\n{self.logs()}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
+                response = httpx.get(f"{self.url}/health", timeout=10)
+                if response.status_code == expected_status:
+                    return response
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        raise RuntimeError(f"{self.module} not healthy after {timeout}s:\n{self.logs()}")
+        raise RuntimeError(f"{self.module} /health not {expected_status} after {timeout}s:\n{self.logs()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
         if self.process is None or self.process.poll() is not None:
