@@ -9,11 +9,10 @@ from typing import Any
 
 import sentry_sdk
 from flask import Flask, Response, g, jsonify, request
+from pika.exceptions import AMQPError
 from pydantic import ValidationError
 from sqlalchemy.exc import DBAPIError
 from werkzeug.exceptions import HTTPException
-
-from pika.exceptions import AMQPError
 
 from shared import health
 from shared.config import get_settings
