@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	cp .env.example .env
 
 up: install .env
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho run deploy/bugsink/setup.sh
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho run callctl db upgrade
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho run callctl mq declare
 	PATH="$(CURDIR)/$(BIN):$$PATH" exec $(BIN)/honcho start
@@ -30,4 +31,4 @@ lint: install
 	$(BIN)/ruff format --check shared services tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info .bugsink

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 
+import sentry_sdk
 from sqlalchemy import select
 
 from shared.errors import CallflowError, ErrorType
@@ -30,4 +31,6 @@ def authenticate(authorization: str | None) -> User:
         user = uow.session.scalar(select(User).where(User.api_token_hash == hash_token(token.strip())))
     if user is None:
         raise CallflowError(ErrorType.UNAUTHORIZED, "The API token is not valid.")
+    sentry_sdk.set_tag("user_id", str(user.id))
+    sentry_sdk.set_user({"id": str(user.id)})
     return user

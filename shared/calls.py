@@ -1,6 +1,7 @@
 """The call path: accepting a call, placing it with Bolna when a slot is free, and dispatching queued calls.
 
-The API and the queue-processor share `initiate`, so a call is placed the same way whichever path it took.
+The API and the queue-processor share `initiate`, so a call is placed (and reported) the same way whichever
+path it took.
 """
 
 from __future__ import annotations
@@ -10,18 +11,22 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import sentry_sdk
 from sqlalchemy import select
 
-from shared import slots, statuses, webhooks
+from shared import slots, statuses, tracing, webhooks
 from shared.bolna import BolnaError, PlacedCall, get_bolna_client
 from shared.errors import CallflowError, ErrorType
 from shared.messaging import MessageType
 from shared.models import Agent, Call, User
 from shared.observability import report
 from shared.payloads import CONTEXT_CALL_ID_KEY, PlaceCallRequest
+from shared.scrubbing import mask_phone
 from shared.uow import UnitOfWork
 
 log = logging.getLogger(__name__)
+
+DIRECT = "direct"
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ def place_call(user: User, request: PlaceCallRequest) -> AcceptedCall:
             phone_number=request.phone_number,
             call_metadata=request.metadata,
             status=statuses.PENDING,
+            trace_headers=tracing.current_trace_headers(),
         )
         uow.session.add(call)
         uow.session.flush()
@@ -67,17 +73,59 @@ def initiate(call_id: uuid.UUID) -> Call:
     with UnitOfWork() as uow:
         call = uow.session.get_one(Call, call_id)
         agent = uow.session.get_one(Agent, call.agent_id)
+    ids = {"call_id": call.id, "user_id": call.user_id, "agent_id": call.agent_id}
+    contexts: dict[str, dict[str, object]] = {"call_details": call_details(call)}
     user_data: dict[str, Any] = {**call.call_metadata, CONTEXT_CALL_ID_KEY: str(call.id)}
-    try:
-        placed = get_bolna_client().place_call(agent.provider_agent_id or "", call.phone_number, user_data)
-    except BolnaError as exc:
-        _fail(call_id, ErrorType.BOLNA_API_FAILURE, str(exc))
-        error = CallflowError(
-            ErrorType.BOLNA_API_FAILURE, str(exc), call_id=call.id, user_id=call.user_id, agent_id=call.agent_id
+    with sentry_sdk.start_span(op="call.initiate", name="Initiate Call") as span:
+        span.set_data("call_id", str(call.id))
+        sentry_sdk.add_breadcrumb(category="call", message="Starting call initiation", data={"call_id": str(call.id)})
+        sentry_sdk.add_breadcrumb(category="bolna", message="Calling Bolna.ai API", data={"endpoint": "/call"})
+        try:
+            placed = get_bolna_client().place_call(agent.provider_agent_id or "", call.phone_number, user_data)
+        except BolnaError as exc:
+            span.set_status("internal_error")
+            _fail(call_id, ErrorType.BOLNA_API_FAILURE, str(exc))
+            contexts["bolna_api"] = {
+                "endpoint": exc.endpoint,
+                "status_code": exc.status_code,
+                "error_message": exc.message,
+                "duration_ms": exc.duration_ms,
+            }
+            raise _with_call_id(CallflowError(ErrorType.BOLNA_API_FAILURE, str(exc), contexts=contexts, **ids)) from exc
+        sentry_sdk.add_breadcrumb(
+            category="bolna",
+            message="Bolna.ai call successful",
+            data={"execution_id": placed.execution_id, "duration_ms": placed.duration_ms},
         )
-        error.problem_extras = {"callId": str(call.id)}  # the client can look the failed call up
-        raise error from exc
-    return link_execution(call_id, placed)
+        try:
+            return link_execution(call_id, placed)
+        except Exception as exc:
+            # Bolna is calling, but Callflow could not record it: its webhooks still link it by our call id.
+            span.set_status("internal_error")
+            contexts["bolna_api"] = {"endpoint": "/call", "status_code": 200, "execution_id": placed.execution_id}
+            raise _with_call_id(
+                CallflowError(
+                    ErrorType.CALL_INITIATION_FAILED,
+                    f"Bolna accepted the call but recording it failed: {type(exc).__name__}",
+                    contexts=contexts,
+                    execution_id=placed.execution_id,
+                    **ids,
+                )
+            ) from exc
+
+
+def _with_call_id(error: CallflowError) -> CallflowError:
+    error.problem_extras = {"callId": str(error.context["call_id"])}  # the client can look the call up
+    return error
+
+
+def call_details(call: Call) -> dict[str, object]:
+    return {
+        "userId": str(call.user_id),
+        "agentId": str(call.agent_id),
+        "callId": str(call.id),
+        "phone": mask_phone(call.phone_number),
+    }
 
 
 def link_execution(call_id: uuid.UUID, placed: PlacedCall) -> Call:
@@ -110,16 +158,42 @@ def _lock_call(uow: UnitOfWork, call_id: uuid.UUID) -> Call:
 def dispatch_pending(user_id: uuid.UUID) -> int:
     """Places the user's pending calls, oldest first, while they have free slots. Returns how many."""
     dispatched = 0
-    while (call_id := _reserve_next_pending(user_id)) is not None:
-        try:
-            initiate(call_id)
-        except CallflowError as exc:
-            report(CallflowError(ErrorType.DIRECT_CALL_QUEUE_FAILURE, exc.detail, **exc.context), cause=exc)
+    while (call := _reserve_next_pending(user_id)) is not None:
+        _dispatch(call)
         dispatched += 1
     return dispatched
 
 
-def _reserve_next_pending(user_id: uuid.UUID) -> uuid.UUID | None:
+def _dispatch(call: Call) -> None:
+    """Places one queued call, in the trace its request started and a scope of its own."""
+    queue_details = {
+        "queue_id": str(call.id),
+        "user_id": str(call.user_id),
+        "call_type": DIRECT,
+        "campaign_id": None,
+        "priority": 0,
+    }
+    with (
+        sentry_sdk.isolation_scope(),
+        tracing.call_transaction(call.trace_headers, op="queue.initiate_call", name="Dispatch Queued Call") as span,
+    ):
+        for key, value in queue_details.items():
+            span.set_data(key, value)
+        sentry_sdk.add_breadcrumb(category="queue", message=f"Reserved {DIRECT} call slot", data=queue_details)
+        try:
+            initiate(call.id)
+        except CallflowError as exc:
+            span.set_status("internal_error")
+            failure = CallflowError(
+                ErrorType.DIRECT_CALL_QUEUE_FAILURE,
+                exc.detail,
+                contexts={**exc.contexts, "queue_details": queue_details},
+                **exc.context,
+            )
+            report(failure, cause=exc, place="queue.initiate_call")
+
+
+def _reserve_next_pending(user_id: uuid.UUID) -> Call | None:
     while True:
         with UnitOfWork() as uow:
             user = slots.lock_user(uow.session, user_id)
@@ -142,7 +216,7 @@ def _reserve_next_pending(user_id: uuid.UUID) -> uuid.UUID | None:
             if not slots.try_reserve(uow.session, user, call, behind_queue=False):
                 return None
             uow.commit()
-            return call.id
+            return call
 
 
 def users_with_pending_calls() -> list[uuid.UUID]:
@@ -175,6 +249,7 @@ def call_view(call: Call) -> dict[str, Any]:
         "transcript": call.transcript,
         "recordingUrl": call.recording_url,
         "errorType": call.error_type,
+        "traceId": tracing.trace_id_of(call.trace_headers),
         "createdAt": call.created_at.isoformat(),
         "updatedAt": call.updated_at.isoformat(),
     }

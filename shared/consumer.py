@@ -16,6 +16,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import AMQPError
 from sqlalchemy.exc import DBAPIError
 
+from shared import tracing
 from shared.errors import CallflowError, ErrorType
 from shared.messaging import (
     DEAD_LETTER_EXCHANGE,
@@ -23,7 +24,7 @@ from shared.messaging import (
     connection_parameters,
     declare_topology,
 )
-from shared.observability import report
+from shared.observability import report, report_database_error
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,13 @@ class Consumer:
             queue=self._queue,
             redelivered=bool(method.redelivered),
         )
+        with tracing.process_transaction(
+            message.headers, self._queue, message.message_id, len(body), message.redelivered
+        ):
+            self._handle(channel, method, properties, message)
+
+    def _handle(self, channel: BlockingChannel, method, properties: pika.BasicProperties, message: IncomingMessage):
+        body = message.body
         try:
             self._handler(message)
         except PoisonMessage as exc:
@@ -110,6 +118,7 @@ class Consumer:
         except DBAPIError as exc:
             # The database is away: the message is fine, try it again shortly.
             log.warning("database error while handling %s; requeued: %r", message.message_id, exc)
+            report_database_error(exc, place=self._queue)
             time.sleep(1)
             channel.basic_nack(method.delivery_tag, requeue=True)
         except Exception as exc:
@@ -148,4 +157,5 @@ class Consumer:
                 message_id=properties.message_id,
             ),
             cause=cause,
+            place=self._queue,
         )

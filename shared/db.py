@@ -19,6 +19,7 @@ def get_engine() -> Engine:
         pool_size=max(5, settings.web_threads),
         max_overflow=10,
         connect_args={"connect_timeout": 5},
+        hide_parameters=True,  # error messages (and so Sentry events) never carry phone numbers or transcripts
     )
 
 

@@ -8,11 +8,13 @@ import uuid
 from collections.abc import Callable
 from datetime import timedelta
 
+import sentry_sdk
+
 from shared import calls, outbox, webhooks
 from shared.consumer import IncomingMessage, PoisonMessage
 from shared.errors import CallflowError, ErrorType
 from shared.messaging import DISPATCH_BINDINGS
-from shared.observability import report
+from shared.observability import cron, report
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ def relay_outbox() -> None:
 
 def apply_kept_webhooks() -> None:
     for event_id in webhooks.unapplied_event_ids(KEPT_WEBHOOK_MIN_AGE_SECONDS):
-        webhooks.apply_stored(event_id)
+        webhooks.process(event_id)
 
 
 def sweep_pending_calls() -> None:
@@ -55,7 +57,8 @@ def run_periodically(jobs: tuple[Callable[[], None], ...], interval: float, stop
             if stopping.is_set():
                 return
             try:
-                job()
+                with sentry_sdk.isolation_scope(), cron(f"callflow-{job.__name__.replace('_', '-')}", interval):
+                    job()
             except Exception as exc:  # a failing job must not stop the others, nor the next round
                 report(
                     CallflowError(ErrorType.INTERNAL_ERROR, f"periodic job {job.__name__} failed: {exc!r}"),

@@ -96,13 +96,21 @@ ERROR_TABLE: dict[ErrorType, ErrorSpec] = {
 
 
 class CallflowError(Exception):
-    """An error of a known type; `context` holds ids (call_id, user_id, ...) for the report."""
+    """An error of a known type; `context` holds ids (call_id, user_id, ...) that become tags of its report."""
 
-    def __init__(self, error_type: ErrorType, detail: str, **context: object):
+    def __init__(
+        self,
+        error_type: ErrorType,
+        detail: str,
+        *,
+        contexts: dict[str, dict[str, object]] | None = None,
+        **context: object,
+    ):
         super().__init__(detail)
         self.error_type = error_type
         self.detail = detail
         self.context = {key: value for key, value in context.items() if value is not None}
+        self.contexts = contexts or {}  # Sentry contexts (call_details, bolna_api, ...) for the report
         self.problem_extras: dict[str, object] = {}  # extra members of the HTTP problem answer
 
     @property

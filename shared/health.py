@@ -7,6 +7,7 @@ from typing import Any
 
 from shared import db, messaging
 from shared.config import Settings
+from shared.observability import database_recovered, sentry_status
 
 log = logging.getLogger(__name__)
 
@@ -17,10 +18,12 @@ def check(service: str, settings: Settings) -> tuple[dict[str, Any], int]:
         "rabbitmq": _probe(lambda: messaging.ping(settings.rabbitmq_url)),
     }
     healthy = all(result == "ok" for result in checks.values())
+    if checks["database"] == "ok":
+        database_recovered()
     body = {
         "status": "ok" if healthy else "unavailable",
         "service": service,
-        "sentry": {"configured": bool(settings.sentry_dsn), "environment": settings.sentry_environment},
+        "sentry": sentry_status(settings),
         "checks": checks,
     }
     return body, 200 if healthy else 503

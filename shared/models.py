@@ -71,6 +71,8 @@ class Call(Base):
     credits_charged: Mapped[int | None] = mapped_column(Integer)
     transcript: Mapped[str | None] = mapped_column(Text)
     recording_url: Mapped[str | None] = mapped_column(Text)
+    # The trace POST /api/calls started: dispatch, the Bolna request and every webhook continue it.
+    trace_headers: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
 
@@ -107,6 +109,10 @@ class WebhookEvent(Base):
     call_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("calls.id"), index=True)
     received_at: Mapped[datetime] = mapped_column(server_default=func.now())
     applied_at: Mapped[datetime | None]
+    # A failed apply is retried with growing delay; only the first failure is reported as an event.
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime | None]
 
     __table_args__ = (
         UniqueConstraint("execution_id", "status", "attempt", name="uq_webhook_events_execution_status"),

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from shared import tracing
 from shared.config import get_settings
 from shared.db import session_factory
-from shared.messaging import Envelope, Publisher
+from shared.messaging import EVENTS_EXCHANGE, Envelope, Publisher
 from shared.models import OutboxMessage
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,12 @@ def publish_pending(
     published = 0
     with session_factory()() as session:
         for row in session.scalars(query):
-            envelope = Envelope(row.message_type, row.body, str(row.message_id), row.headers)
+            body_size = len(Envelope(row.message_type, row.body).encode())
             try:
-                publisher.publish(envelope)
+                with tracing.publish_span(
+                    row.headers, f"{EVENTS_EXCHANGE}/{row.message_type}", str(row.message_id), body_size
+                ) as headers:
+                    publisher.publish(Envelope(row.message_type, row.body, str(row.message_id), headers))
             except Exception as exc:  # the broker is away: leave the rest for the relay
                 row.attempts += 1
                 row.last_error = repr(exc)[:1000]

@@ -1,12 +1,25 @@
-"""Trace propagation over AMQP: the `sentry-trace` and `baggage` headers that carry a trace between services."""
+"""Trace propagation over AMQP, and the spans of the messaging path.
+
+Every publish is a `queue.publish` span whose `sentry-trace` and `baggage` travel in the AMQP headers; every
+consume runs in a fresh isolation scope, continues that trace and opens a `queue.process` transaction with the
+data Sentry's Queues view reads. A call keeps the trace its request started, and work done later for that call
+(dispatch, webhooks) continues it.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
 
 import sentry_sdk
+from sentry_sdk.tracing import Span
 
 TRACE_HEADERS = ("sentry-trace", "baggage")
+PUBLISHED_AT_HEADER = "x-callflow-published-at-ms"  # AMQP's own timestamp has only second resolution
+DELIVERY_COUNT_HEADER = "x-delivery-count"  # set by quorum queues on redelivery
+MESSAGING_SYSTEM = "rabbitmq"
 
 
 def current_trace_headers() -> dict[str, str]:
@@ -26,3 +39,80 @@ def trace_headers_from(headers: Mapping[str, object] | None) -> dict[str, str]:
     if not headers:
         return {}
     return {name: str(headers[name]) for name in TRACE_HEADERS if headers.get(name)}
+
+
+def trace_id_of(headers: Mapping[str, object] | None) -> str | None:
+    traceparent = trace_headers_from(headers).get("sentry-trace", "")
+    trace_id = traceparent.split("-", 1)[0]
+    return trace_id if len(trace_id) == 32 else None
+
+
+@contextmanager
+def publish_span(
+    stored_headers: Mapping[str, Any], destination: str, message_id: str, body_size: int
+) -> Iterator[dict[str, Any]]:
+    """A `queue.publish` span; yields the AMQP headers to send with the message.
+
+    Inside a request the span is a child of it. The outbox relay has no request: it continues the trace the
+    message was written in, so the message still belongs to the trace of the change that caused it.
+    """
+    if sentry_sdk.get_current_span() is not None:
+        with sentry_sdk.start_span(op="queue.publish", name=destination) as span:
+            yield _publish_headers(span, stored_headers, destination, message_id, body_size)
+        return
+    with sentry_sdk.isolation_scope():
+        transaction = sentry_sdk.continue_trace(
+            trace_headers_from(stored_headers), op="queue.publish", name=destination, source="task"
+        )
+        with sentry_sdk.start_transaction(transaction) as span:
+            yield _publish_headers(span, stored_headers, destination, message_id, body_size)
+
+
+def _publish_headers(
+    span: Span, stored_headers: Mapping[str, Any], destination: str, message_id: str, body_size: int
+) -> dict[str, Any]:
+    span.set_data("messaging.system", MESSAGING_SYSTEM)
+    span.set_data("messaging.destination.name", destination)
+    span.set_data("messaging.message.id", message_id)
+    span.set_data("messaging.message.body.size", body_size)
+    return {
+        **stored_headers,
+        **current_trace_headers(),
+        PUBLISHED_AT_HEADER: int(time.time() * 1000),
+    }
+
+
+@contextmanager
+def process_transaction(
+    headers: Mapping[str, Any], queue: str, message_id: str | None, body_size: int, redelivered: bool
+) -> Iterator[Span]:
+    """A fresh isolation scope per message (nothing leaks between messages), continuing the publisher's trace."""
+    with sentry_sdk.isolation_scope():
+        transaction = sentry_sdk.continue_trace(
+            trace_headers_from(headers), op="queue.process", name=queue, source="task"
+        )
+        with sentry_sdk.start_transaction(transaction) as span:
+            span.set_data("messaging.system", MESSAGING_SYSTEM)
+            span.set_data("messaging.destination.name", queue)
+            span.set_data("messaging.message.id", message_id)
+            span.set_data("messaging.message.body.size", body_size)
+            span.set_data("messaging.message.retry.count", _retry_count(headers, redelivered))
+            published_at = headers.get(PUBLISHED_AT_HEADER)
+            if isinstance(published_at, int):
+                span.set_data("messaging.message.receive.latency", max(0, int(time.time() * 1000) - published_at))
+            yield span
+
+
+def _retry_count(headers: Mapping[str, Any], redelivered: bool) -> int:
+    count = headers.get(DELIVERY_COUNT_HEADER)
+    if isinstance(count, int):
+        return count
+    return 1 if redelivered else 0
+
+
+@contextmanager
+def call_transaction(call_trace_headers: Mapping[str, Any] | None, op: str, name: str) -> Iterator[Span]:
+    """Runs the block as a transaction in the call's own trace: one trace per call, whatever service works on it."""
+    transaction = sentry_sdk.continue_trace(trace_headers_from(call_trace_headers), op=op, name=name, source="task")
+    with sentry_sdk.start_transaction(transaction) as span:
+        yield span

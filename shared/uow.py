@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from shared import outbox
 from shared.db import session_factory
 from shared.models import OutboxMessage
+from shared.observability import database_recovered
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class UnitOfWork:
 
     def commit(self) -> None:
         self.session.commit()
+        database_recovered()
         ids = [row.id for row in self._emitted]
         self._emitted = []
         if ids:

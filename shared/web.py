@@ -18,7 +18,7 @@ from shared import health
 from shared.config import get_settings
 from shared.errors import ERROR_TABLE, CallflowError, ErrorType
 from shared.messaging import declare_topology_at
-from shared.observability import init_sentry, report
+from shared.observability import init_sentry, report, report_database_error
 
 PROBLEM_JSON = "application/problem+json"
 MAX_BODY_BYTES = 256 * 1024
@@ -79,7 +79,7 @@ def create_service_app(service: str) -> Flask:
 
     @app.errorhandler(DBAPIError)
     def _database_error(error: DBAPIError):
-        report(CallflowError(ErrorType.DATABASE_ERROR, "The database is unavailable."), cause=error)
+        report_database_error(error, place=request.path)
         return problem(ErrorType.DATABASE_ERROR, "The database is unavailable; retry later.")
 
     @app.errorhandler(Exception)

@@ -8,21 +8,26 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
+import sentry_sdk
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import DBAPIError
 
-from shared import slots, statuses
+from shared import slots, statuses, tracing
 from shared.errors import CallflowError, ErrorType
 from shared.models import Call, CreditLedgerEntry, User, WebhookEvent
+from shared.observability import report, report_database_error
 from shared.payloads import BolnaWebhook
 from shared.uow import UnitOfWork
 
 log = logging.getLogger(__name__)
 
 CALL_CHARGE = "call_charge"
+MAX_RETRY_DELAY_SECONDS = 600
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,74 @@ def store(payload: Any) -> Receipt:
     return Receipt(event_id, webhook.execution_id, webhook.status)
 
 
+def process(event_id: int) -> None:
+    """Applies a stored event in its call's trace. A failure leaves the event for a later retry and is reported
+    as an event the first time only (later attempts are breadcrumbs), so a stuck event cannot flood Sentry."""
+    started = time.monotonic()
+    with UnitOfWork() as uow:
+        event = uow.session.get_one(WebhookEvent, event_id)
+        webhook = BolnaWebhook(event.payload)
+        call_trace = uow.session.scalar(
+            select(Call.trace_headers).where(
+                or_(Call.execution_id == webhook.execution_id, Call.id == webhook.context_call_id)
+            )
+        )
+    with tracing.call_transaction(call_trace, op="webhook.process", name="Process Bolna Webhook") as span:
+        span.set_data("status", event.status)
+        span.set_data("execution_id", event.execution_id)
+        sentry_sdk.add_breadcrumb(category="webhook", message=f"Webhook received: {event.status}")
+        try:
+            apply_stored(event_id)
+        except Exception as exc:
+            span.set_status("internal_error")
+            try:
+                attempts = _record_failure(event_id, exc)
+            except DBAPIError as db_exc:  # the event stays stored and unapplied; the sweep retries it
+                report_database_error(db_exc, place="webhook.process")
+                return
+            error = (
+                exc
+                if isinstance(exc, CallflowError)
+                else CallflowError(
+                    ErrorType.WEBHOOK_PROCESSING_FAILED,
+                    f"Applying webhook {event.status} failed: {type(exc).__name__}",
+                    execution_id=event.execution_id,
+                )
+            )
+            error.contexts["webhook_details"] = {
+                "status": event.status,
+                "execution_id": event.execution_id,
+                "agent_id": event.payload.get("agent_id"),
+                "has_transcript": webhook.transcript is not None,
+                "has_recording": webhook.recording_url is not None,
+                "processing_time_ms": round((time.monotonic() - started) * 1000, 1),
+                "attempts": attempts,
+            }
+            if attempts == 1:
+                report(error, cause=exc if error is not exc else None, place="webhook.process")
+            else:
+                log.warning("webhook %s still failing after %d attempts: %r", event_id, attempts, exc)
+
+
+def _record_failure(event_id: int, exc: Exception) -> int:
+    with UnitOfWork() as uow:
+        attempts = uow.session.scalar(
+            update(WebhookEvent)
+            .where(WebhookEvent.id == event_id)
+            .values(
+                attempts=WebhookEvent.attempts + 1,
+                last_error=repr(exc)[:2000],
+                next_attempt_at=func.now()
+                + func.make_interval(
+                    0, 0, 0, 0, 0, 0, func.least(func.power(2, WebhookEvent.attempts + 1), MAX_RETRY_DELAY_SECONDS)
+                ),
+            )
+            .returning(WebhookEvent.attempts)
+        )
+        uow.commit()
+    return attempts or 0
+
+
 def apply_stored(event_id: int) -> bool:
     """Applies one stored event to its call; False when its call is not known yet (kept for later)."""
     with UnitOfWork() as uow:
@@ -86,6 +159,7 @@ def apply_kept_events(uow: UnitOfWork, call: Call) -> None:
 
 
 def unapplied_event_ids(min_age_seconds: float, limit: int = 500) -> list[int]:
+    """Events not applied yet, old enough that their own request is done with them, and due for a retry."""
     with UnitOfWork() as uow:
         return list(
             uow.session.scalars(
@@ -93,6 +167,7 @@ def unapplied_event_ids(min_age_seconds: float, limit: int = 500) -> list[int]:
                 .where(
                     WebhookEvent.applied_at.is_(None),
                     WebhookEvent.received_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, min_age_seconds),
+                    or_(WebhookEvent.next_attempt_at.is_(None), WebhookEvent.next_attempt_at <= func.now()),
                 )
                 .order_by(WebhookEvent.id)
                 .limit(limit)
@@ -138,14 +213,27 @@ def _charge(uow: UnitOfWork, call: Call, webhook: BolnaWebhook) -> None:
     """Charges ceil(duration / 60) credits, once: the ledger's unique (call, reason) makes it a fact."""
     seconds = webhook.duration_seconds or 0
     credits = math.ceil(seconds / 60)
-    entry_id = uow.session.scalar(
-        pg_insert(CreditLedgerEntry)
-        .values(user_id=call.user_id, call_id=call.id, amount=-credits, reason=CALL_CHARGE)
-        .on_conflict_do_nothing(constraint="uq_credit_ledger_call_reason")
-        .returning(CreditLedgerEntry.id)
-    )
+    try:
+        with uow.session.begin_nested():
+            entry_id = uow.session.scalar(
+                pg_insert(CreditLedgerEntry)
+                .values(user_id=call.user_id, call_id=call.id, amount=-credits, reason=CALL_CHARGE)
+                .on_conflict_do_nothing(constraint="uq_credit_ledger_call_reason")
+                .returning(CreditLedgerEntry.id)
+            )
+            if entry_id is not None:
+                uow.session.execute(update(User).where(User.id == call.user_id).values(credits=User.credits - credits))
+    except DBAPIError as exc:
+        raise CallflowError(
+            ErrorType.CREDIT_DEDUCTION_FAILED,
+            f"Charging {credits} credits for a completed call failed: {type(exc).__name__}",
+            contexts={"credit_details": {"credits": credits, "duration_seconds": seconds}},
+            call_id=call.id,
+            user_id=call.user_id,
+            agent_id=call.agent_id,
+            execution_id=call.execution_id,
+        ) from exc
     if entry_id is None:
         return
-    uow.session.execute(update(User).where(User.id == call.user_id).values(credits=User.credits - credits))
     call.duration_seconds = seconds
     call.credits_charged = credits

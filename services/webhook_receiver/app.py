@@ -9,7 +9,6 @@ from flask import Blueprint, Flask, jsonify, request
 from shared import webhooks
 from shared.config import get_settings, require
 from shared.errors import CallflowError, ErrorType
-from shared.observability import report
 from shared.web import create_service_app, json_body
 
 SERVICE = "webhook-receiver"
@@ -24,17 +23,7 @@ def bolna_webhook():
         raise CallflowError(ErrorType.WEBHOOK_AUTH_FAILED, "Missing or wrong webhook token.")
     receipt = webhooks.store(json_body())
     if receipt.event_id is not None:
-        try:
-            webhooks.apply_stored(receipt.event_id)
-        except Exception as exc:  # the event is stored: the periodic sweep applies it later
-            report(
-                CallflowError(
-                    ErrorType.WEBHOOK_PROCESSING_FAILED,
-                    f"Applying webhook {receipt.status} failed: {exc!r}",
-                    execution_id=receipt.execution_id,
-                ),
-                cause=exc,
-            )
+        webhooks.process(receipt.event_id)
     return jsonify(
         {
             "status": "accepted" if receipt.event_id is not None else "duplicate",

@@ -13,6 +13,7 @@ import pytest
 from tests.conftest import WEBHOOK_SECRET
 from tests.support.isolation import Isolation
 from tests.support.processes import ServiceProcess, free_port
+from tests.support.sentry_sink import SentrySink
 
 BOLNA_API_KEY = "test-bolna-key"
 FAST_CALLS = {
@@ -30,6 +31,7 @@ FAST_CALLS = {
 
 @dataclass
 class Stack:
+    sentry: SentrySink
     simulator: ServiceProcess
     webhook_receiver: ServiceProcess
     queue_processor: ServiceProcess
@@ -72,7 +74,25 @@ def wait_until(predicate: Callable[[], Any], timeout: float, message: str) -> An
 
 
 @pytest.fixture(scope="package")
-def stack(isolation: Isolation, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def sentry() -> Iterator[SentrySink]:
+    sink = SentrySink().start()
+    yield sink
+    sink.stop()
+
+
+def sentry_env(sink: SentrySink) -> dict[str, str]:
+    """Services that send every event and trace to the sink, although the environment is not production."""
+    return {
+        "SENTRY_DSN": sink.dsn,
+        "SENTRY_SEND_IN_DEVELOPMENT": "true",
+        "SENTRY_TRACES_SAMPLE_RATE": "1.0",
+        "SENTRY_PROFILES_SAMPLE_RATE": "0",
+        "SENTRY_RELEASE": "callflow@test",
+    }
+
+
+@pytest.fixture(scope="package")
+def stack(isolation: Isolation, sentry: SentrySink, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     logs = tmp_path_factory.mktemp("service-logs")
     sim_port, receiver_port = free_port(), free_port()
     common = {
@@ -80,6 +100,7 @@ def stack(isolation: Isolation, tmp_path_factory: pytest.TempPathFactory) -> Ite
         "BOLNA_API_KEY": BOLNA_API_KEY,
         "BOLNA_TIMEOUT_SECONDS": "3",
         "WEB_CONCURRENCY": "2",
+        **sentry_env(sentry),
     }
     simulator = ServiceProcess(
         "services.bolna_simulator",
@@ -91,6 +112,7 @@ def stack(isolation: Isolation, tmp_path_factory: pytest.TempPathFactory) -> Ite
         logs,
     )
     stack = Stack(
+        sentry=sentry,
         simulator=simulator,
         webhook_receiver=ServiceProcess("services.webhook_receiver", receiver_port, common, logs),
         queue_processor=ServiceProcess("services.queue_processor", free_port(), common, logs),

@@ -1,4 +1,4 @@
-"""`make up` from a clean clone brings all four processes to healthy, and Ctrl-C stops them all."""
+"""`make up` from a clean clone brings all four processes (and the local Bugsink) to healthy; Ctrl-C stops all."""
 
 from __future__ import annotations
 
@@ -13,14 +13,18 @@ from sqlalchemy import create_engine, text
 
 from tests.conftest import WEBHOOK_SECRET
 from tests.support.isolation import POSTGRES_ADMIN_URL, Isolation
-from tests.support.processes import REPO
+from tests.support.processes import REPO, free_port
 
 PORTS = {"call-initiator": 8001, "webhook-receiver": 8002, "queue-processor": 8003, "bolna-simulator": 8010}
 
 
 def _healthy(port: int) -> bool:
+    return _answers(f"http://127.0.0.1:{port}/health")
+
+
+def _answers(url: str) -> bool:
     try:
-        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+        return httpx.get(url, timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -42,10 +46,13 @@ def test_make_up_from_a_clean_clone(tmp_path, isolation, fresh_database):
 
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True, timeout=120)
+    bugsink_port = free_port()
     (clone / ".env").write_text(
         f"DATABASE_URL={fresh_database}\nRABBITMQ_URL={isolation.rabbitmq_url}\n"
         f"WEBHOOK_SECRET={WEBHOOK_SECRET}\nBOLNA_API_KEY=dev-bolna-key\n"
+        f"SENTRY_SEND_IN_DEVELOPMENT=true\nBUGSINK_PORT={bugsink_port}\n"
     )
+    bugsink_ready = f"http://127.0.0.1:{bugsink_port}/health/ready"
     log_path = tmp_path / "make-up.log"
     env = {key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "RABBITMQ_URL")}
     with log_path.open("wb") as log:
@@ -54,12 +61,13 @@ def test_make_up_from_a_clean_clone(tmp_path, isolation, fresh_database):
         )
         try:
             deadline = time.monotonic() + 600
-            while not all(_healthy(port) for port in PORTS.values()):
+            while not (all(_healthy(port) for port in PORTS.values()) and _answers(bugsink_ready)):
                 assert make.poll() is None, f"make up exited early:\n{log_path.read_text()[-4000:]}"
                 assert time.monotonic() < deadline, f"not all healthy in time:\n{log_path.read_text()[-4000:]}"
                 time.sleep(1)
             health = httpx.get("http://127.0.0.1:8001/health").json()
             assert health["checks"] == {"database": "ok", "rabbitmq": "ok"}
+            assert health["sentry"]["enabled"] is True, "make up points the services at its Bugsink"
         finally:
             os.killpg(make.pid, signal.SIGINT)
             try:
@@ -68,3 +76,4 @@ def test_make_up_from_a_clean_clone(tmp_path, isolation, fresh_database):
                 os.killpg(make.pid, signal.SIGKILL)
                 make.wait(10)
     assert not any(_healthy(port) for port in PORTS.values()), "Ctrl-C must stop every process"
+    assert not _answers(bugsink_ready), "Ctrl-C must stop Bugsink too"

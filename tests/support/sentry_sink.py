@@ -1,0 +1,113 @@
+"""A stand-in for Sentry's ingest endpoint: it receives the real envelopes the services' SDKs send over HTTP."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Item:
+    type: str
+    payload: Any  # parsed JSON where the item is JSON, else raw bytes
+
+    @property
+    def tags(self) -> dict[str, str]:
+        tags = self.payload.get("tags") or {}
+        return dict(tags) if isinstance(tags, dict) else {key: value for key, value in tags}
+
+    @property
+    def trace_id(self) -> str | None:
+        return ((self.payload.get("contexts") or {}).get("trace") or {}).get("trace_id")
+
+
+def parse_envelope(body: bytes) -> list[Item]:
+    lines = body.split(b"\n", 1)
+    rest = lines[1] if len(lines) > 1 else b""
+    items: list[Item] = []
+    while rest.strip():
+        header_line, _, rest = rest.partition(b"\n")
+        if not header_line.strip():
+            continue
+        header = json.loads(header_line)
+        if "length" in header:
+            payload, rest = rest[: header["length"]], rest[header["length"] :]
+            rest = rest[1:] if rest.startswith(b"\n") else rest
+        else:
+            payload, _, rest = rest.partition(b"\n")
+        try:
+            parsed: Any = json.loads(payload)
+        except ValueError:
+            parsed = payload
+        items.append(Item(header.get("type", ""), parsed))
+    return items
+
+
+class SentrySink:
+    def __init__(self) -> None:
+        self.raw: list[bytes] = []
+        self.items: list[Item] = []
+        self._lock = threading.Lock()
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                encoding = (self.headers.get("Content-Encoding") or "").lower()
+                if encoding == "gzip":
+                    body = gzip.decompress(body)
+                elif encoding == "deflate":
+                    body = zlib.decompress(body)
+                with sink._lock:
+                    sink.raw.append(body)
+                    sink.items.extend(parse_envelope(body))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def dsn(self) -> str:
+        return f"http://public@127.0.0.1:{self._server.server_port}/1"
+
+    def start(self) -> SentrySink:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+
+    def of_type(self, item_type: str, where: Callable[[Item], bool] = lambda item: True) -> list[Item]:
+        with self._lock:
+            return [item for item in self.items if item.type == item_type and where(item)]
+
+    def events(self, **tags: str) -> list[Item]:
+        return self.of_type("event", lambda item: all(item.tags.get(k) == v for k, v in tags.items()))
+
+    def transactions(self, where: Callable[[Item], bool] = lambda item: True) -> list[Item]:
+        return self.of_type("transaction", where)
+
+    def wait_for_events(self, expected: int = 1, timeout: float = 30.0, settle: float = 1.5, **tags: str) -> list[Item]:
+        """Waits until `expected` events with these tags arrived, then a little longer to catch any extra one."""
+        deadline = time.monotonic() + timeout
+        while len(self.events(**tags)) < expected and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(settle)
+        return self.events(**tags)
+
+    def everything(self) -> bytes:
+        with self._lock:
+            return b"\n".join(self.raw)
