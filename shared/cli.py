@@ -7,14 +7,14 @@ import uuid
 
 import click
 
-from shared import accounts, schema
+from shared import accounts, dlq, schema
 from shared.config import get_settings
 from shared.messaging import declare_topology_at
 
 
 @click.group()
 def main() -> None:
-    """Operate Callflow: schema, broker topology, users and agents."""
+    """Operate Callflow: schema, broker topology, dead letters, users and agents."""
 
 
 @main.group()
@@ -39,6 +39,39 @@ def mq_declare() -> None:
     """Declare the exchanges and queues (idempotent)."""
     declare_topology_at(get_settings().rabbitmq_url)
     click.echo("broker topology declared")
+
+
+@main.group("dlq")
+def dead_letters() -> None:
+    """The dead-letter queue: messages that could not be processed, with the reason."""
+
+
+@dead_letters.command("list")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line.")
+def dlq_list(limit: int, as_json: bool) -> None:
+    """Show dead letters (they stay in the queue)."""
+    letters = dlq.list_dead_letters(get_settings().rabbitmq_url, limit)
+    for letter in letters:
+        if as_json:
+            click.echo(json.dumps(letter.as_dict()))
+        else:
+            click.echo(f"{letter.message_id}  {letter.message_type}  from {letter.original_queue}: {letter.reason}")
+    if not as_json:
+        click.echo(f"{len(letters)} dead letter(s)")
+
+
+@dead_letters.command("replay")
+@click.option("--id", "message_ids", multiple=True, help="Message id to replay (repeatable).")
+@click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter.")
+def dlq_replay(message_ids: tuple[str, ...], replay_all: bool) -> None:
+    """Send dead letters back to the queue they failed in."""
+    if not message_ids and not replay_all:
+        raise click.UsageError("name messages with --id, or pass --all")
+    replayed = dlq.replay(get_settings().rabbitmq_url, None if replay_all else set(message_ids))
+    for letter in replayed:
+        click.echo(f"replayed {letter.message_id} to {letter.original_queue}")
+    click.echo(f"{len(replayed)} message(s) replayed")
 
 
 @main.group()

@@ -1,28 +1,34 @@
 """A RabbitMQ consumer that survives the broker: manual acks after the work commits, reconnects with backoff,
-and dead-letters what can never succeed, with the reason."""
+retries failures after growing delays, and dead-letters what can never succeed, with the reason."""
 
 from __future__ import annotations
 
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
-from pika.exceptions import AMQPError
+from pika.exceptions import AMQPError, UnroutableError
 from sqlalchemy.exc import DBAPIError
 
 from shared import tracing
 from shared.errors import CallflowError, ErrorType
 from shared.messaging import (
+    ATTEMPT_HEADER,
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_REASON_HEADER,
+    ORIGINAL_QUEUE_HEADER,
+    ORIGINAL_ROUTING_KEY_HEADER,
+    RETRY_DELAYS_SECONDS,
+    RETRY_EXCHANGE,
     connection_parameters,
+    declare_retry_queues,
     declare_topology,
+    retry_queue,
 )
 from shared.observability import report, report_database_error
 
@@ -41,6 +47,11 @@ class IncomingMessage:
     headers: dict[str, Any]
     queue: str
     redelivered: bool
+
+    @property
+    def attempt(self) -> int:
+        value = self.headers.get(ATTEMPT_HEADER)
+        return value if isinstance(value, int) and value >= 0 else 0
 
     def json(self) -> dict[str, Any]:
         try:
@@ -83,6 +94,7 @@ class Consumer:
             channel = connection.channel()
             channel.confirm_delivery()
             declare_topology(channel)
+            declare_retry_queues(channel, self._queue)
             channel.basic_qos(prefetch_count=self._prefetch)
             channel.basic_consume(self._queue, self._on_message)
             self.connected = True
@@ -110,21 +122,40 @@ class Consumer:
             self._handle(channel, method, properties, message)
 
     def _handle(self, channel: BlockingChannel, method, properties: pika.BasicProperties, message: IncomingMessage):
-        body = message.body
         try:
             self._handler(message)
         except PoisonMessage as exc:
-            self._dead_letter(channel, method, properties, body, str(exc))
-        except DBAPIError as exc:
-            # The database is away: the message is fine, try it again shortly.
-            log.warning("database error while handling %s; requeued: %r", message.message_id, exc)
-            report_database_error(exc, place=self._queue)
-            time.sleep(1)
-            channel.basic_nack(method.delivery_tag, requeue=True)
+            self._dead_letter(channel, method, properties, message.body, str(exc))
         except Exception as exc:
-            self._dead_letter(channel, method, properties, body, f"handler failed: {exc!r}", cause=exc)
+            if isinstance(exc, DBAPIError):
+                report_database_error(exc, place=self._queue)
+            self._retry_or_dead_letter(channel, method, properties, message, exc)
         else:
             channel.basic_ack(method.delivery_tag)
+
+    def _retry_or_dead_letter(
+        self,
+        channel: BlockingChannel,
+        method,
+        properties: pika.BasicProperties,
+        message: IncomingMessage,
+        exc: Exception,
+    ) -> None:
+        """A failure that may pass (database away, a bug hit by bad timing) is retried after a growing delay."""
+        attempt = message.attempt
+        if attempt >= len(RETRY_DELAYS_SECONDS):
+            reason = f"gave up after {attempt + 1} attempts: {exc!r}"
+            self._dead_letter(channel, method, properties, message.body, reason, cause=exc)
+            return
+        delay = RETRY_DELAYS_SECONDS[attempt]
+        log.warning("message %s failed (%r); retry %d in %ds", message.message_id, exc, attempt + 1, delay)
+        retry = _copy(properties, {ATTEMPT_HEADER: attempt + 1})
+        try:
+            channel.basic_publish(RETRY_EXCHANGE, retry_queue(self._queue, delay), message.body, retry, mandatory=True)
+        except UnroutableError:
+            self._dead_letter(channel, method, properties, message.body, f"no retry queue; {exc!r}", cause=exc)
+            return
+        channel.basic_ack(method.delivery_tag)
 
     def _dead_letter(
         self,
@@ -135,18 +166,13 @@ class Consumer:
         reason: str,
         cause: BaseException | None = None,
     ) -> None:
-        headers = {
-            **(properties.headers or {}),
-            DEAD_LETTER_REASON_HEADER: reason[:1000],
-            "x-callflow-original-queue": self._queue,
-            "x-callflow-original-routing-key": method.routing_key,
-        }
-        dead = pika.BasicProperties(
-            content_type=properties.content_type,
-            delivery_mode=pika.DeliveryMode.Persistent,
-            message_id=properties.message_id,
-            type=properties.type,
-            headers=headers,
+        dead = _copy(
+            properties,
+            {
+                DEAD_LETTER_REASON_HEADER: reason[:1000],
+                ORIGINAL_QUEUE_HEADER: self._queue,
+                ORIGINAL_ROUTING_KEY_HEADER: method.routing_key,
+            },
         )
         channel.basic_publish(DEAD_LETTER_EXCHANGE, method.routing_key, body, dead)
         channel.basic_ack(method.delivery_tag)
@@ -159,3 +185,13 @@ class Consumer:
             cause=cause,
             place=self._queue,
         )
+
+
+def _copy(properties: pika.BasicProperties, extra_headers: dict[str, Any]) -> pika.BasicProperties:
+    return pika.BasicProperties(
+        content_type=properties.content_type,
+        delivery_mode=pika.DeliveryMode.Persistent,
+        message_id=properties.message_id,
+        type=properties.type,
+        headers={**(properties.headers or {}), **extra_headers},
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -21,9 +22,16 @@ log = logging.getLogger(__name__)
 
 EVENTS_EXCHANGE = "callflow.events"
 DEAD_LETTER_EXCHANGE = "callflow.dead-letter"
+RETRY_EXCHANGE = "callflow.retry"
 DISPATCH_QUEUE = "callflow.dispatch"
 DEAD_LETTER_QUEUE = "callflow.dead-letter"
 DEAD_LETTER_REASON_HEADER = "x-callflow-dead-letter-reason"
+ORIGINAL_QUEUE_HEADER = "x-callflow-original-queue"
+ORIGINAL_ROUTING_KEY_HEADER = "x-callflow-original-routing-key"
+ATTEMPT_HEADER = "x-callflow-attempt"  # how many times the message has failed and been retried
+HEARTBEAT_SECONDS = 30
+# A message that keeps failing is retried after each of these delays, then dead-lettered.
+RETRY_DELAYS_SECONDS = (1, 5, 30)
 
 
 class MessageType(StrEnum):
@@ -56,8 +64,8 @@ class Envelope:
 
 def connection_parameters(url: str) -> pika.URLParameters:
     params = pika.URLParameters(url)
-    params.heartbeat = 30
-    params.blocked_connection_timeout = 30
+    params.heartbeat = HEARTBEAT_SECONDS
+    params.blocked_connection_timeout = 10  # a broker out of memory or disk must not hang a request for long
     params.socket_timeout = 5
     params.connection_attempts = 1
     return params
@@ -76,6 +84,28 @@ def declare_topology(channel: BlockingChannel) -> None:
     )
     for message_type in DISPATCH_BINDINGS:
         channel.queue_bind(DISPATCH_QUEUE, EVENTS_EXCHANGE, routing_key=message_type)
+    declare_retry_queues(channel, DISPATCH_QUEUE)
+
+
+def retry_queue(queue: str, delay_seconds: int) -> str:
+    return f"{queue}.retry.{delay_seconds}s"
+
+
+def declare_retry_queues(channel: BlockingChannel, queue: str) -> None:
+    """Delay queues for `queue`: a message waits out its TTL there, then returns to `queue` by dead-lettering."""
+    channel.exchange_declare(RETRY_EXCHANGE, "direct", durable=True)
+    for delay in RETRY_DELAYS_SECONDS:
+        name = retry_queue(queue, delay)
+        channel.queue_declare(
+            name,
+            durable=True,
+            arguments={
+                "x-message-ttl": delay * 1000,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": queue,
+            },
+        )
+        channel.queue_bind(name, RETRY_EXCHANGE, routing_key=name)
 
 
 def declare_topology_at(url: str) -> None:
@@ -93,19 +123,25 @@ def ping(url: str) -> None:
 class Publisher:
     """Publishes with publisher confirms, persistent and mandatory: a return means the broker has it."""
 
+    # A blocking connection answers heartbeats only while it is used: one idle longer than this may already
+    # have been dropped by the broker, so it is replaced rather than trusted.
+    MAX_IDLE_SECONDS = HEARTBEAT_SECONDS / 2
+
     def __init__(self, url: str):
         self._url = url
         self._local = threading.local()
 
     def _channel(self) -> BlockingChannel:
         channel = getattr(self._local, "channel", None)
-        if channel is None or channel.is_closed:
+        idle = time.monotonic() - getattr(self._local, "last_used", 0.0)
+        if channel is None or channel.is_closed or idle > self.MAX_IDLE_SECONDS:
             self._close_thread_connection()
             connection = pika.BlockingConnection(connection_parameters(self._url))
             channel = connection.channel()
             channel.confirm_delivery()
             declare_topology(channel)
             self._local.connection, self._local.channel = connection, channel
+        self._local.last_used = time.monotonic()
         return channel
 
     def publish(self, envelope: Envelope, exchange: str = EVENTS_EXCHANGE, routing_key: str | None = None) -> None:

@@ -21,9 +21,11 @@ from shared.config import Settings
 from shared.errors import ERROR_TABLE, CallflowError, Capture, ErrorType
 
 log = logging.getLogger(__name__)
-# report() logs each error it sends; that log line must not become a second event.
+# report() logs each error it sends; that log line must not become a second event. pika logs a dropped
+# connection at ERROR although the publisher and the consumer reconnect by themselves.
 report_log = logging.getLogger("callflow.report")
-ignore_logger(report_log.name)
+for _logger in (report_log.name, "pika", "pika.*"):
+    ignore_logger(_logger)
 
 # Tags every event may carry, when the error knows them.
 ID_TAGS = ("user_id", "call_id", "campaign_id", "agent_id", "execution_id", "message_id")

@@ -16,6 +16,8 @@ from typing import Any
 import sentry_sdk
 from sentry_sdk.tracing import Span
 
+from shared.messaging import ATTEMPT_HEADER
+
 TRACE_HEADERS = ("sentry-trace", "baggage")
 PUBLISHED_AT_HEADER = "x-callflow-published-at-ms"  # AMQP's own timestamp has only second resolution
 DELIVERY_COUNT_HEADER = "x-delivery-count"  # set by quorum queues on redelivery
@@ -104,10 +106,9 @@ def process_transaction(
 
 
 def _retry_count(headers: Mapping[str, Any], redelivered: bool) -> int:
-    count = headers.get(DELIVERY_COUNT_HEADER)
-    if isinstance(count, int):
-        return count
-    return 1 if redelivered else 0
+    counts = (headers.get(ATTEMPT_HEADER), headers.get(DELIVERY_COUNT_HEADER))
+    retries = sum(count for count in counts if isinstance(count, int))
+    return retries or (1 if redelivered else 0)
 
 
 @contextmanager

@@ -8,8 +8,17 @@ import uuid
 import pika
 import pytest
 
+from shared import dlq
 from shared.consumer import Consumer, IncomingMessage, PoisonMessage
-from shared.messaging import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, DEAD_LETTER_REASON_HEADER, Envelope
+from shared.messaging import (
+    ATTEMPT_HEADER,
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    DEAD_LETTER_REASON_HEADER,
+    RETRY_DELAYS_SECONDS,
+    Envelope,
+    retry_queue,
+)
 from tests.support import broker
 
 
@@ -22,7 +31,8 @@ def work_queue():
         )
     yield name
     with broker.channel() as ch:
-        ch.queue_delete(name)
+        for queue in [name, *(retry_queue(name, delay) for delay in RETRY_DELAYS_SECONDS)]:
+            ch.queue_delete(queue)
 
 
 def _run_consumer(queue: str, handler) -> tuple[threading.Event, threading.Thread]:
@@ -49,34 +59,43 @@ def _dead_letters(ch, message_ids: set[str], timeout: float = 10.0) -> dict[str,
     return found
 
 
-def test_good_messages_are_handled_and_poison_is_dead_lettered_with_reason(work_queue):
-    handled: list[dict] = []
+def test_good_messages_are_handled_poison_dead_lettered_and_failures_retried(work_queue):
+    handled: list[tuple[dict, int]] = []
+    failed_once: set[str] = set()
 
     def handler(message: IncomingMessage) -> None:
         body = message.json()
-        if "boom" in body:
+        if body.get("flaky") and message.message_id not in failed_once:
+            failed_once.add(message.message_id)
+            raise RuntimeError("passing trouble")
+        if body.get("always_fails"):
             raise RuntimeError("handler bug")
-        handled.append(body)
+        handled.append((body, message.attempt))
 
     good = Envelope("test.good", {"n": 1})
     bad_json = Envelope("test.bad", {})
-    crashing = Envelope("test.crash", {"boom": True})
+    flaky = Envelope("test.flaky", {"flaky": True})
+    exhausted = Envelope("test.crash", {"always_fails": True}, headers={ATTEMPT_HEADER: len(RETRY_DELAYS_SECONDS)})
     with broker.channel() as ch:
-        ch.basic_publish("", work_queue, good.encode(), good.properties())
+        for envelope in (good, flaky, exhausted):
+            ch.basic_publish("", work_queue, envelope.encode(), envelope.properties())
         ch.basic_publish("", work_queue, b"{not json", bad_json.properties())
-        ch.basic_publish("", work_queue, crashing.encode(), crashing.properties())
         stopping, thread = _run_consumer(work_queue, handler)
         try:
-            dead = _dead_letters(ch, {bad_json.message_id, crashing.message_id})
+            dead = _dead_letters(ch, {bad_json.message_id, exhausted.message_id})
+            deadline = time.monotonic() + 15
+            while len(handled) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
         finally:
             stopping.set()
             thread.join(10)
         remaining = ch.queue_declare(work_queue, passive=True).method.message_count
 
-    assert handled == [{"n": 1}]
+    assert sorted(handled, key=repr) == sorted([({"n": 1}, 0), ({"flaky": True}, 1)], key=repr)
     assert "not JSON" in dead[bad_json.message_id].headers[DEAD_LETTER_REASON_HEADER]
-    assert "handler bug" in dead[crashing.message_id].headers[DEAD_LETTER_REASON_HEADER]
-    assert dead[crashing.message_id].headers["x-callflow-original-queue"] == work_queue
+    reason = dead[exhausted.message_id].headers[DEAD_LETTER_REASON_HEADER]
+    assert reason.startswith(f"gave up after {len(RETRY_DELAYS_SECONDS) + 1} attempts") and "handler bug" in reason
+    assert dead[exhausted.message_id].headers["x-callflow-original-queue"] == work_queue
     assert remaining == 0
     assert not thread.is_alive()
 
@@ -95,3 +114,38 @@ def test_poison_message_exception_is_dead_lettered(work_queue):
             stopping.set()
             thread.join(10)
     assert dead[envelope.message_id].headers[DEAD_LETTER_REASON_HEADER] == "unknown message type 'x'"
+
+
+def test_dead_letters_can_be_listed_and_replayed_into_their_queue(work_queue):
+    attempts: list[str] = []
+
+    def handler(message: IncomingMessage) -> None:
+        attempts.append(message.message_id)
+        if len(attempts) == 1:
+            raise PoisonMessage("first delivery refused")
+
+    envelope = Envelope("test.replay", {"n": 7})
+    url = os.environ["RABBITMQ_URL"]
+    with broker.channel() as ch:
+        ch.basic_publish("", work_queue, envelope.encode(), envelope.properties())
+        stopping, thread = _run_consumer(work_queue, handler)
+        try:
+            deadline = time.monotonic() + 10
+            while envelope.message_id not in {d.message_id for d in dlq.list_dead_letters(url, 1000)}:
+                assert time.monotonic() < deadline, "the message never reached the dead-letter queue"
+                time.sleep(0.1)
+            listed = next(d for d in dlq.list_dead_letters(url, 1000) if d.message_id == envelope.message_id)
+            assert listed.reason == "first delivery refused"
+            assert listed.original_queue == work_queue
+            assert listed.as_dict()["body"] == '{"n":7}'
+
+            replayed = dlq.replay(url, {envelope.message_id})
+            assert [letter.message_id for letter in replayed] == [envelope.message_id]
+            deadline = time.monotonic() + 10
+            while len(attempts) < 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            stopping.set()
+            thread.join(10)
+    assert attempts == [envelope.message_id, envelope.message_id]
+    assert envelope.message_id not in {d.message_id for d in dlq.list_dead_letters(url, 1000)}
