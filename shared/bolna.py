@@ -9,22 +9,29 @@ from typing import Any
 
 import httpx
 
+from shared.breaker import CircuitBreaker
 from shared.config import get_settings
 
 
 @dataclass
 class BolnaError(Exception):
-    """A failed Bolna request. `status_code` is None when no answer came (timeout, connection error)."""
+    """A failed Bolna request. `status_code` is None when no answer came (timeout, connection, open breaker)."""
 
     endpoint: str
     message: str
     status_code: int | None = None
     duration_ms: float = 0.0
     retry_after_seconds: float | None = None
+    sent: bool = True  # False: the breaker held the request back, Bolna never saw it
 
     def __str__(self) -> str:
         answer = f"HTTP {self.status_code}" if self.status_code else "no answer"
         return f"Bolna {self.endpoint}: {answer}: {self.message}"
+
+    @property
+    def transient(self) -> bool:
+        """May succeed later: no answer, a 5xx, or 429. Any other 4xx will fail the same way again."""
+        return self.status_code is None or self.status_code >= 500 or self.status_code == 429
 
 
 @dataclass(frozen=True)
@@ -35,7 +42,8 @@ class PlacedCall:
 
 
 class BolnaClient:
-    def __init__(self, base_url: str, api_key: str, timeout_seconds: float):
+    def __init__(self, base_url: str, api_key: str, timeout_seconds: float, breaker: CircuitBreaker):
+        self.breaker = breaker
         self._http = httpx.Client(
             base_url=base_url,
             timeout=httpx.Timeout(timeout_seconds, connect=min(5.0, timeout_seconds)),
@@ -43,7 +51,13 @@ class BolnaClient:
         )
 
     def place_call(self, agent_id: str, phone_number: str, user_data: dict[str, Any]) -> PlacedCall:
-        body = {"agent_id": agent_id, "recipient_phone_number": phone_number, "user_data": user_data}
+        body = {
+            "agent_id": agent_id,
+            "recipient_phone_number": phone_number,
+            "user_data": user_data,
+            # Every dial must go through Callflow's concurrency limit: Bolna must not redial on its own.
+            "retry_config": {"enabled": False},
+        }
         answer, duration_ms = self._request("POST", "/call", json=body)
         execution_id = answer.get("execution_id") if isinstance(answer, dict) else None
         if not execution_id:
@@ -51,12 +65,29 @@ class BolnaClient:
         return PlacedCall(str(execution_id), str(answer.get("status") or "queued"), duration_ms)
 
     def get_execution(self, execution_id: str) -> dict[str, Any]:
-        answer, _ = self._request("GET", f"/executions/{execution_id}")
-        return answer
+        answer, _ = self._request("GET", f"/executions/{execution_id}", "/executions/{id}")
+        return answer if isinstance(answer, dict) else {}
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> tuple[Any, float]:
-        endpoint = path if not path.startswith("/executions/") else "/executions/{id}"
+    def stop_execution(self, execution_id: str) -> None:
+        self._request("POST", f"/call/{execution_id}/stop", "/call/{id}/stop")
+
+    def _request(self, method: str, path: str, endpoint: str | None = None, **kwargs: Any) -> tuple[Any, float]:
+        endpoint = endpoint or path
+        if not self.breaker.allow():
+            raise BolnaError(endpoint, "circuit open: Bolna failed repeatedly, requests are held back", sent=False)
         started = time.monotonic()
+        try:
+            answer, duration_ms = self._send(method, path, endpoint, started, **kwargs)
+        except BolnaError as exc:
+            if exc.transient:
+                self.breaker.record_failure()
+            else:
+                self.breaker.record_success()  # Bolna answered: it is up, the request was wrong
+            raise
+        self.breaker.record_success()
+        return answer, duration_ms
+
+    def _send(self, method: str, path: str, endpoint: str, started: float, **kwargs: Any) -> tuple[Any, float]:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TimeoutException as exc:
@@ -103,4 +134,5 @@ def _retry_after(value: str | None) -> float | None:
 @functools.cache
 def get_bolna_client() -> BolnaClient:
     settings = get_settings()
-    return BolnaClient(settings.bolna_api_url, settings.bolna_api_key, settings.bolna_timeout_seconds)
+    breaker = CircuitBreaker(settings.bolna_breaker_threshold, settings.bolna_breaker_cooldown_seconds)
+    return BolnaClient(settings.bolna_api_url, settings.bolna_api_key, settings.bolna_timeout_seconds, breaker)

@@ -7,16 +7,21 @@ path it took.
 from __future__ import annotations
 
 import logging
+import random
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import sentry_sdk
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from shared import slots, statuses, tracing, webhooks
 from shared.bolna import BolnaError, PlacedCall, get_bolna_client
+from shared.config import get_settings
 from shared.errors import CallflowError, ErrorType
+from shared.idempotency import Claim
+from shared.idempotency import claim as claim_key
 from shared.messaging import MessageType
 from shared.models import Agent, Call, User
 from shared.observability import report
@@ -27,6 +32,7 @@ from shared.uow import UnitOfWork
 log = logging.getLogger(__name__)
 
 DIRECT = "direct"
+MAX_RETRY_DELAY_SECONDS = 300
 
 
 @dataclass(frozen=True)
@@ -35,7 +41,7 @@ class AcceptedCall:
     placed: bool  # True: the provider has it (201); False: it waits in Callflow's queue (202)
 
 
-def place_call(user: User, request: PlaceCallRequest) -> AcceptedCall:
+def place_call(user: User, request: PlaceCallRequest, idempotency: Claim | None = None) -> AcceptedCall:
     with UnitOfWork() as uow:
         agent = uow.session.get(Agent, request.agent_id)
         ids = {"user_id": user.id, "agent_id": request.agent_id}
@@ -58,18 +64,28 @@ def place_call(user: User, request: PlaceCallRequest) -> AcceptedCall:
         )
         uow.session.add(call)
         uow.session.flush()
-        reserved = slots.try_reserve(uow.session, locked_user, call, behind_queue=True)
+        if idempotency is not None:
+            claim_key(uow.session, idempotency, call.id)
+        # While Bolna is known to be down, new calls wait in the queue instead of failing.
+        provider_down = get_bolna_client().breaker.is_open
+        reserved = not provider_down and slots.try_reserve(uow.session, locked_user, call, behind_queue=True)
         if not reserved:
             uow.emit(MessageType.CALL_QUEUED, {"user_id": str(user.id), "call_id": str(call.id)})
         uow.commit()
     if not reserved:
         report(CallflowError(ErrorType.CONCURRENCY_LIMIT, "Call queued until a slot frees.", call_id=call.id, **ids))
         return AcceptedCall(call, placed=False)
-    return AcceptedCall(initiate(call.id), placed=True)
+    placed = initiate(call.id, retry_transient=False)
+    return AcceptedCall(placed, placed=True) if placed else AcceptedCall(call, placed=False)
 
 
-def initiate(call_id: uuid.UUID) -> Call:
-    """Asks Bolna to place a call that holds a slot. On failure the slot is released and the call failed."""
+def initiate(call_id: uuid.UUID, retry_transient: bool) -> Call | None:
+    """Asks Bolna to place a call that holds a slot; returns the call, or None when it went back to the queue.
+
+    The slot is always released on failure. A request the breaker held back puts the call back to pending; so
+    does a transient failure when `retry_transient` (the queue path), until the attempts run out. Any other
+    failure fails the call.
+    """
     with UnitOfWork() as uow:
         call = uow.session.get_one(Call, call_id)
         agent = uow.session.get_one(Agent, call.agent_id)
@@ -84,6 +100,9 @@ def initiate(call_id: uuid.UUID) -> Call:
             placed = get_bolna_client().place_call(agent.provider_agent_id or "", call.phone_number, user_data)
         except BolnaError as exc:
             span.set_status("internal_error")
+            if not exc.sent or (retry_transient and exc.transient and _requeue(call_id, exc)):
+                sentry_sdk.add_breadcrumb(category="bolna", message="Bolna unavailable; call back in the queue")
+                return None
             _fail(call_id, ErrorType.BOLNA_API_FAILURE, str(exc))
             contexts["bolna_api"] = {
                 "endpoint": exc.endpoint,
@@ -140,6 +159,26 @@ def link_execution(call_id: uuid.UUID, placed: PlacedCall) -> Call:
     return call
 
 
+def _requeue(call_id: uuid.UUID, error: BolnaError) -> bool:
+    """Puts the call back to pending with a growing delay; False once its attempts are used up."""
+    with UnitOfWork() as uow:
+        call = _lock_call(uow, call_id)
+        if error.sent:
+            if call.dispatch_attempts + 1 >= get_settings().dispatch_max_attempts:
+                return False
+            call.dispatch_attempts += 1
+        delay = error.retry_after_seconds
+        if delay is None:
+            delay = min(MAX_RETRY_DELAY_SECONDS, 2**call.dispatch_attempts) + random.uniform(0, 1)
+        slots.release(uow, call)
+        call.status = statuses.PENDING
+        call.next_attempt_at = func.now() + timedelta(seconds=delay)
+        call.error_detail = str(error)[:2000]
+        uow.commit()
+    log.warning("call %s back in the queue for %.1fs: %s", call_id, delay, error)
+    return True
+
+
 def _fail(call_id: uuid.UUID, error_type: ErrorType, detail: str) -> None:
     with UnitOfWork() as uow:
         call = _lock_call(uow, call_id)
@@ -181,7 +220,7 @@ def _dispatch(call: Call) -> None:
             span.set_data(key, value)
         sentry_sdk.add_breadcrumb(category="queue", message=f"Reserved {DIRECT} call slot", data=queue_details)
         try:
-            initiate(call.id)
+            initiate(call.id, retry_transient=True)
         except CallflowError as exc:
             span.set_status("internal_error")
             failure = CallflowError(
@@ -194,12 +233,12 @@ def _dispatch(call: Call) -> None:
 
 
 def _reserve_next_pending(user_id: uuid.UUID) -> Call | None:
-    while True:
+    while not get_bolna_client().breaker.is_open:
         with UnitOfWork() as uow:
             user = slots.lock_user(uow.session, user_id)
             call = uow.session.scalar(
                 select(Call)
-                .where(Call.user_id == user_id, Call.status == statuses.PENDING)
+                .where(Call.user_id == user_id, slots.due_pending())
                 .order_by(Call.created_at, Call.id)
                 .limit(1)
                 .with_for_update()
@@ -217,11 +256,13 @@ def _reserve_next_pending(user_id: uuid.UUID) -> Call | None:
                 return None
             uow.commit()
             return call
+    return None
 
 
 def users_with_pending_calls() -> list[uuid.UUID]:
+    """Users with a call waiting whose retry delay, if any, has passed."""
     with UnitOfWork() as uow:
-        return list(uow.session.scalars(select(Call.user_id).where(Call.status == statuses.PENDING).distinct()))
+        return list(uow.session.scalars(select(Call.user_id).where(slots.due_pending()).distinct()))
 
 
 def get_call(user: User, call_id: str) -> Call:
@@ -231,8 +272,18 @@ def get_call(user: User, call_id: str) -> Call:
         parsed = None
     with UnitOfWork() as uow:
         call = uow.session.get(Call, parsed) if parsed else None
-    # Another user's call is answered exactly like a missing one: its existence is not disclosed.
-    if call is None or call.user_id != user.id:
+    if call is not None and call.user_id != user.id:
+        # Reported as a security event, but answered exactly like a missing call: its existence is not disclosed.
+        report(
+            CallflowError(
+                ErrorType.UNAUTHORIZED_CALL_ACCESS,
+                "A user asked for another user's call.",
+                user_id=user.id,
+                call_id=call.id,
+            )
+        )
+        call = None
+    if call is None:
         raise CallflowError(ErrorType.CALL_NOT_FOUND, f"No call {call_id}.", user_id=user.id)
     return call
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import functools
+import ipaddress
 import sys
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, PostgresDsn, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class Settings(BaseSettings):
@@ -18,7 +21,16 @@ class Settings(BaseSettings):
     bolna_api_url: str = "http://127.0.0.1:8010"
     bolna_api_key: str = ""
     bolna_timeout_seconds: float = Field(10.0, gt=0)
+    bolna_breaker_threshold: int = Field(5, ge=1)
+    bolna_breaker_cooldown_seconds: float = Field(30.0, gt=0)
+    dispatch_max_attempts: int = Field(5, ge=1)
     webhook_secret: str = ""
+    # Standard Webhooks signing secret (whsec_...): requests that carry webhook-signature are verified with it.
+    webhook_signing_secret: str = ""
+    # Comma-separated addresses or networks allowed to post webhooks; empty allows any source.
+    webhook_allowed_ips: Annotated[tuple[IPNetwork, ...], NoDecode] = ()
+    # Reverse proxies in front of the service whose X-Forwarded-For is trusted to name the client.
+    trusted_proxy_count: int = Field(0, ge=0)
 
     sentry_dsn: str = ""
     sentry_environment: str = "development"
@@ -44,6 +56,13 @@ class Settings(BaseSettings):
     @classmethod
     def _postgres_only(cls, value: str) -> str:
         PostgresDsn(value)
+        return value
+
+    @field_validator("webhook_allowed_ips", mode="before")
+    @classmethod
+    def _networks(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in value.split(",") if part.strip())
         return value
 
     @field_validator("rabbitmq_url")

@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import sentry_sdk
 
-from shared import calls, outbox, webhooks
+from shared import calls, idempotency, leases, outbox, webhooks
 from shared.consumer import IncomingMessage, PoisonMessage
 from shared.errors import CallflowError, ErrorType
 from shared.messaging import DISPATCH_BINDINGS
@@ -48,7 +48,21 @@ def sweep_pending_calls() -> None:
         calls.dispatch_pending(user_id)
 
 
-PERIODIC_JOBS: tuple[Callable[[], None], ...] = (relay_outbox, apply_kept_webhooks, sweep_pending_calls)
+def reconcile_expired_leases() -> None:
+    leases.reconcile_expired_leases()
+
+
+def purge_idempotency_keys() -> None:
+    idempotency.purge_expired()
+
+
+PERIODIC_JOBS: tuple[Callable[[], None], ...] = (
+    relay_outbox,
+    apply_kept_webhooks,
+    sweep_pending_calls,
+    reconcile_expired_leases,
+    purge_idempotency_keys,
+)
 
 
 def run_periodically(jobs: tuple[Callable[[], None], ...], interval: float, stopping: threading.Event) -> None:

@@ -32,6 +32,10 @@ class ErrorType(StrEnum):
     UNAUTHORIZED_AGENT_ACCESS = "unauthorized_agent_access"
     AGENT_NOT_CONFIGURED = "agent_not_configured"
     INSUFFICIENT_CREDITS = "insufficient_credits"
+    IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
+    IDEMPOTENCY_KEY_IN_PROGRESS = "idempotency_key_in_progress"
+    UNAUTHORIZED_CALL_ACCESS = "unauthorized_call_access"
+    WEBHOOK_SOURCE_FORBIDDEN = "webhook_source_forbidden"
     CONCURRENCY_LIMIT = "concurrency_limit"
     BOLNA_API_FAILURE = "bolna_api_failure"
     CALL_INITIATION_FAILED = "call_initiation_failed"
@@ -76,6 +80,16 @@ ERROR_TABLE: dict[ErrorType, ErrorSpec] = {
         "Agent has no provider agent id", _HIGH, "error", _W, "configuration", 422
     ),
     ErrorType.INSUFFICIENT_CREDITS: ErrorSpec("Insufficient credits", _INFO, "info", _B, "business", 402),
+    ErrorType.IDEMPOTENCY_KEY_REUSED: ErrorSpec(
+        "Idempotency key reused with another body", _INFO, "info", _B, "validation", 422
+    ),
+    ErrorType.IDEMPOTENCY_KEY_IN_PROGRESS: ErrorSpec(
+        "Request with this idempotency key in progress", _INFO, "info", _B, "validation", 409
+    ),
+    ErrorType.UNAUTHORIZED_CALL_ACCESS: ErrorSpec("Call belongs to another user", _HIGH, "error", _W, "security", 404),
+    ErrorType.WEBHOOK_SOURCE_FORBIDDEN: ErrorSpec(
+        "Webhook from an address not allowed", _HIGH, "error", _W, "security", 403
+    ),
     ErrorType.CONCURRENCY_LIMIT: ErrorSpec(
         "Concurrent-call limit reached; call queued", _WARN, "warning", _B, "business"
     ),

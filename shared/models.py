@@ -67,6 +67,9 @@ class Call(Base):
     # A held slot counts against the user's concurrent-call limit until released; the lease bounds a leak.
     slot_held: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
     slot_lease_expires_at: Mapped[datetime | None]
+    # Provider failures on the queue path put the call back to pending until next_attempt_at, a bounded number of times.
+    dispatch_attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    next_attempt_at: Mapped[datetime | None]
     duration_seconds: Mapped[int | None] = mapped_column(Integer)
     credits_charged: Mapped[int | None] = mapped_column(Integer)
     transcript: Mapped[str | None] = mapped_column(Text)
@@ -79,9 +82,24 @@ class Call(Base):
     __table_args__ = (
         Index("ix_calls_user_pending", "user_id", "created_at", postgresql_where=text("status = 'pending'")),
         Index("ix_calls_user_slot_held", "user_id", postgresql_where=text("slot_held")),
+        Index("ix_calls_slot_lease", "slot_lease_expires_at", postgresql_where=text("slot_held")),
     )
     # Read back server-set timestamps with RETURNING, so a call can be shown after its session closed.
     __mapper_args__ = {"eager_defaults": True}
+
+
+class IdempotencyKey(Base):
+    """An `Idempotency-Key` seen on POST /api/calls: at most one call per key, and its first answer replayed."""
+
+    __tablename__ = "idempotency_keys"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    call_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("calls.id"))
+    response_status: Mapped[int | None] = mapped_column(Integer)
+    response_body: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)
 
 
 class CreditLedgerEntry(Base):

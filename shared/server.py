@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import sentry_sdk
 from flask import Flask
 from gunicorn.app.base import BaseApplication
+
+FLUSH_SECONDS = 5.0
+
+
+def _flush_sentry(server: object, worker: object) -> None:
+    """On SIGTERM a worker finishes its requests, then sends what Sentry still holds before it exits."""
+    sentry_sdk.flush(timeout=FLUSH_SECONDS)
 
 
 class _Gunicorn(BaseApplication):
@@ -44,6 +52,7 @@ def run_http(
             "errorlog": "-",
             "loglevel": "info",
             "control_socket_disable": True,  # several services share a host: no shared control socket path
+            "worker_exit": _flush_sentry,
         },
     ).run()
 

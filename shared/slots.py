@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, or_, select
 from sqlalchemy.orm import Session
 
 from shared import statuses
@@ -26,12 +26,17 @@ def held_slots(session: Session, user_id: uuid.UUID) -> int:
     return session.scalar(select(func.count()).where(Call.user_id == user_id, Call.slot_held.is_(True))) or 0
 
 
+def due_pending() -> ColumnElement[bool]:
+    """Calls waiting in the queue whose retry delay, if any, has passed."""
+    return (Call.status == statuses.PENDING) & or_(Call.next_attempt_at.is_(None), Call.next_attempt_at <= func.now())
+
+
 def has_older_pending(session: Session, call: Call) -> bool:
     return (
         session.scalar(
             select(func.count()).where(
                 Call.user_id == call.user_id,
-                Call.status == statuses.PENDING,
+                due_pending(),
                 Call.id != call.id,
                 Call.created_at <= call.created_at,
             )

@@ -62,6 +62,24 @@ def store(payload: Any) -> Receipt:
     return Receipt(event_id, webhook.execution_id, webhook.status)
 
 
+def ingest(payload: Any) -> Receipt:
+    """Stores one execution object (a webhook, or Bolna's answer to GET /executions/{id}) and applies it."""
+    receipt = store(payload)
+    event_id = receipt.event_id
+    if event_id is None:  # already stored: apply it now if it is still waiting
+        with UnitOfWork() as uow:
+            event_id = uow.session.scalar(
+                select(WebhookEvent.id).where(
+                    WebhookEvent.execution_id == receipt.execution_id,
+                    WebhookEvent.status == receipt.status,
+                    WebhookEvent.applied_at.is_(None),
+                )
+            )
+    if event_id is not None:
+        process(event_id)
+    return receipt
+
+
 def process(event_id: int) -> None:
     """Applies a stored event in its call's trace. A failure leaves the event for a later retry and is reported
     as an event the first time only (later attempts are breadcrumbs), so a stuck event cannot flood Sentry."""
@@ -198,8 +216,11 @@ def _apply(uow: UnitOfWork, call: Call, event: WebhookEvent) -> None:
     if event.status not in statuses.PROVIDER_STATUSES:
         log.warning("webhook with unknown status %r for call %s kept, not applied", event.status, call.id)
         return
-    if not statuses.moves_forward(call.status, event.status):
+    overruled = _provider_overrules_lease_expiry(call, event)
+    if not (overruled or statuses.moves_forward(call.status, event.status)):
         return  # a duplicate or a late event: statuses never move backwards
+    if overruled:
+        call.error_type = call.error_detail = None
     call.status = event.status
     call.transcript = webhook.transcript or call.transcript
     call.recording_url = webhook.recording_url or call.recording_url
@@ -207,6 +228,16 @@ def _apply(uow: UnitOfWork, call: Call, event: WebhookEvent) -> None:
         slots.release(uow, call)
     if event.status == statuses.COMPLETED:
         _charge(uow, call, webhook)
+
+
+def _provider_overrules_lease_expiry(call: Call, event: WebhookEvent) -> bool:
+    """Callflow failed the call only because its lease ran out; Bolna's final word on it is the truth (and bills)."""
+    return (
+        call.status == statuses.FAILED
+        and call.error_type == ErrorType.SLOT_LEASE_EXPIRED
+        and event.status in statuses.TERMINAL
+        and event.status != statuses.FAILED
+    )
 
 
 def _charge(uow: UnitOfWork, call: Call, webhook: BolnaWebhook) -> None:

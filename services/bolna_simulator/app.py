@@ -90,6 +90,8 @@ class SimulatorConfig(BaseSettings):
     latency_ms: int = Field(0, ge=0)
     duplicate_rate: float = Field(0.0, ge=0, le=1)
     reorder_rate: float = Field(0.0, ge=0, le=1)
+    # Share of calls whose webhooks are never delivered (the call still runs; GET /executions/{id} shows it).
+    webhook_drop_rate: float = Field(0.0, ge=0, le=1)
     seed: int | None = None
 
     @field_validator("webhook_url")
@@ -411,6 +413,7 @@ class _CallRun:
         self._config = config
         self._rng = rng
         self._held: dict[str, Any] | None = None
+        self._silent = rng.random() < config.webhook_drop_rate
 
     def start(self) -> None:
         threading.Thread(target=self._run, name=f"call-{self._execution.id[:8]}", daemon=True).start()
@@ -456,6 +459,8 @@ class _CallRun:
             self._deliver(client, body)
 
     def _deliver(self, client: httpx.Client, body: dict[str, Any]) -> None:
+        if self._silent:
+            return
         copies = 2 if self._rng.random() < self._config.duplicate_rate else 1
         for _ in range(copies):
             self._simulator.record_delivery(self._execution, self._post(client, body))

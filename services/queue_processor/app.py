@@ -6,6 +6,7 @@ import logging
 import signal
 import threading
 
+import sentry_sdk
 from flask import Flask
 from werkzeug.serving import make_server
 
@@ -52,4 +53,5 @@ def run() -> None:
     consumer.run()  # returns once SIGTERM/SIGINT set `stopping` and the message in hand is acknowledged
     jobs.join()
     health.shutdown()
+    sentry_sdk.flush(timeout=5)
     log.info("queue-processor stopped")

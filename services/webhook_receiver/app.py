@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 
 from flask import Blueprint, Flask, jsonify, request
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from shared import webhooks
 from shared.config import get_settings, require
@@ -17,13 +20,9 @@ hooks = Blueprint("webhooks", __name__, url_prefix="/webhooks")
 
 @hooks.post("/bolna")
 def bolna_webhook():
-    # Bolna does not sign webhooks: a long secret in the URL, compared in constant time, is the defence.
-    token = request.args.get("token", "")
-    if not hmac.compare_digest(token.encode(), get_settings().webhook_secret.encode()):
-        raise CallflowError(ErrorType.WEBHOOK_AUTH_FAILED, "Missing or wrong webhook token.")
-    receipt = webhooks.store(json_body())
-    if receipt.event_id is not None:
-        webhooks.process(receipt.event_id)
+    _check_source()
+    _authenticate()
+    receipt = webhooks.ingest(json_body())
     return jsonify(
         {
             "status": "accepted" if receipt.event_id is not None else "duplicate",
@@ -33,8 +32,39 @@ def bolna_webhook():
     )
 
 
+def _check_source() -> None:
+    allowed = get_settings().webhook_allowed_ips
+    if not allowed:
+        return
+    try:
+        source = ipaddress.ip_address(request.remote_addr or "")
+    except ValueError:
+        source = None
+    if source is None or not any(source in network for network in allowed):
+        raise CallflowError(ErrorType.WEBHOOK_SOURCE_FORBIDDEN, f"Webhooks are not accepted from {source}.")
+
+
+def _authenticate() -> None:
+    """A Standard Webhooks signature over the raw body when the sender signs; else the secret in the URL.
+
+    Bolna does not sign: a long secret in the URL, compared in constant time, is its documented defence.
+    """
+    settings = get_settings()
+    if settings.webhook_signing_secret and "webhook-signature" in request.headers:
+        try:
+            Webhook(settings.webhook_signing_secret).verify(request.get_data(cache=True), dict(request.headers))
+        except (WebhookVerificationError, ValueError) as exc:
+            raise CallflowError(ErrorType.WEBHOOK_AUTH_FAILED, f"Webhook signature rejected: {exc}") from exc
+        return
+    token = request.args.get("token", "")
+    if not hmac.compare_digest(token.encode(), settings.webhook_secret.encode()):
+        raise CallflowError(ErrorType.WEBHOOK_AUTH_FAILED, "Missing or wrong webhook token.")
+
+
 def create_app() -> Flask:
-    require("webhook_secret")
+    settings = require("webhook_secret")
     app = create_service_app(SERVICE)
+    if settings.trusted_proxy_count:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_count)
     app.register_blueprint(hooks)
     return app

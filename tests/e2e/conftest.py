@@ -99,6 +99,9 @@ def stack(isolation: Isolation, sentry: SentrySink, tmp_path_factory: pytest.Tem
         "BOLNA_API_URL": f"http://127.0.0.1:{sim_port}",
         "BOLNA_API_KEY": BOLNA_API_KEY,
         "BOLNA_TIMEOUT_SECONDS": "3",
+        # Tests make Bolna fail on purpose, often: the breaker has its own test, with its own process.
+        "BOLNA_BREAKER_THRESHOLD": "1000000",
+        "DISPATCH_MAX_ATTEMPTS": "2",
         "WEB_CONCURRENCY": "2",
         **sentry_env(sentry),
     }

@@ -330,7 +330,7 @@ def test_health_reports_sentry_and_start_logs_say_enabled(stack):
             "traces_sample_rate": 1.0,
             "profiles_sample_rate": 0.0,
         }
-        assert "Sentry initialized: enabled: True" in process.logs()
+        assert "Sentry initialized: enabled: True" in process.logs(tail=None)
 
 
 def test_no_envelope_holds_a_token_a_secret_a_full_phone_number_or_a_transcript(sim):

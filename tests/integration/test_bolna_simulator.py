@@ -460,6 +460,18 @@ def test_duplicate_rate_delivers_every_webhook_twice(
     ]
 
 
+def test_webhook_drop_rate_runs_the_call_without_telling_anyone(
+    make_client: Callable[..., FlaskClient], receiver: WebhookReceiver
+) -> None:
+    client = make_client(webhook_drop_rate=1, outcomes={"failed": 1})
+
+    execution_id = place(client)
+    eventually(lambda: client.get(f"/executions/{execution_id}", headers=AUTH).json["status"] == "failed")
+
+    assert receiver.statuses(execution_id) == []
+    assert stats(client)["webhooks_sent"] == 0
+
+
 def test_reorder_rate_swaps_neighbouring_webhooks(
     make_client: Callable[..., FlaskClient], receiver: WebhookReceiver
 ) -> None:

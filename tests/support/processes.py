@@ -65,5 +65,6 @@ class ServiceProcess:
             self.process.kill()
             return self.process.wait(10)
 
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")[-8000:] if self.log_path.exists() else ""
+    def logs(self, tail: int | None = 8000) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return text[-tail:] if tail else text
