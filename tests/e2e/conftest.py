@@ -1,76 +1,20 @@
-"""The whole stack as real processes: the three services and the Bolna simulator, on this run's db and vhost."""
+"""The e2e suite shares one stack of real processes, reporting to one Sentry sink."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterator
 
-import httpx
 import pytest
 
-from tests.conftest import WEBHOOK_SECRET
 from tests.support.isolation import Isolation
-from tests.support.processes import ServiceProcess, free_port
 from tests.support.sentry_sink import SentrySink
+from tests.support.stack import FAST_CALLS, Stack, running_stack
 
-BOLNA_API_KEY = "test-bolna-key"
-FAST_CALLS = {
-    "step_delay_seconds": 0.1,
-    "talk_seconds": 0.4,
-    "completed_delay_seconds": 0.2,
-    "error_rate": 0.0,
-    "timeout_rate": 0.0,
-    "latency_ms": 0,
-    "duplicate_rate": 0.0,
-    "reorder_rate": 0.0,
-    "outcomes": {"completed": 1.0, "busy": 0.0, "no-answer": 0.0, "failed": 0.0},
+E2E_ENV = {
+    # Tests make Bolna fail on purpose, often: the breaker has its own test, with its own process.
+    "BOLNA_BREAKER_THRESHOLD": "1000000",
+    "DISPATCH_MAX_ATTEMPTS": "2",
 }
-
-
-@dataclass
-class Stack:
-    sentry: SentrySink
-    simulator: ServiceProcess
-    webhook_receiver: ServiceProcess
-    queue_processor: ServiceProcess
-    call_initiator: ServiceProcess
-    http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=30))
-
-    def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        return self.http.request(method, f"{self.call_initiator.url}{path}", **kwargs)
-
-    def webhook(self, payload: Any, token: str | None = WEBHOOK_SECRET, **kwargs: Any) -> httpx.Response:
-        params = {"token": token} if token is not None else {}
-        return self.http.post(f"{self.webhook_receiver.url}/webhooks/bolna", params=params, json=payload, **kwargs)
-
-    def sim_config(self, **changes: Any) -> dict[str, Any]:
-        response = self.http.post(f"{self.simulator.url}/_sim/config", json=changes)
-        response.raise_for_status()
-        return response.json()
-
-    def sim_stats(self) -> dict[str, Any]:
-        return self.http.get(f"{self.simulator.url}/_sim/stats").json()
-
-    def call(self, auth: dict[str, str], call_id: str) -> dict[str, Any]:
-        response = self.api("GET", f"/api/calls/{call_id}", headers=auth)
-        response.raise_for_status()
-        return response.json()
-
-    @property
-    def processes(self) -> list[ServiceProcess]:
-        return [self.call_initiator, self.queue_processor, self.webhook_receiver, self.simulator]
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, message: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s: {message}")
 
 
 @pytest.fixture(scope="package")
@@ -80,55 +24,10 @@ def sentry() -> Iterator[SentrySink]:
     sink.stop()
 
 
-def sentry_env(sink: SentrySink) -> dict[str, str]:
-    """Services that send every event and trace to the sink, although the environment is not production."""
-    return {
-        "SENTRY_DSN": sink.dsn,
-        "SENTRY_SEND_IN_DEVELOPMENT": "true",
-        "SENTRY_TRACES_SAMPLE_RATE": "1.0",
-        "SENTRY_PROFILES_SAMPLE_RATE": "0",
-        "SENTRY_RELEASE": "callflow@test",
-    }
-
-
 @pytest.fixture(scope="package")
 def stack(isolation: Isolation, sentry: SentrySink, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    logs = tmp_path_factory.mktemp("service-logs")
-    sim_port, receiver_port = free_port(), free_port()
-    common = {
-        "BOLNA_API_URL": f"http://127.0.0.1:{sim_port}",
-        "BOLNA_API_KEY": BOLNA_API_KEY,
-        "BOLNA_TIMEOUT_SECONDS": "3",
-        # Tests make Bolna fail on purpose, often: the breaker has its own test, with its own process.
-        "BOLNA_BREAKER_THRESHOLD": "1000000",
-        "DISPATCH_MAX_ATTEMPTS": "2",
-        "WEB_CONCURRENCY": "2",
-        **sentry_env(sentry),
-    }
-    simulator = ServiceProcess(
-        "services.bolna_simulator",
-        sim_port,
-        {
-            "SIM_API_KEY": BOLNA_API_KEY,
-            "SIM_WEBHOOK_URL": f"http://127.0.0.1:{receiver_port}/webhooks/bolna?token={WEBHOOK_SECRET}",
-        },
-        logs,
-    )
-    stack = Stack(
-        sentry=sentry,
-        simulator=simulator,
-        webhook_receiver=ServiceProcess("services.webhook_receiver", receiver_port, common, logs),
-        queue_processor=ServiceProcess("services.queue_processor", free_port(), common, logs),
-        call_initiator=ServiceProcess("services.call_initiator", free_port(), common, logs),
-    )
-    try:
-        for process in reversed(stack.processes):
-            process.start()
-        stack.sim_config(**FAST_CALLS)
+    with running_stack(sentry, tmp_path_factory.mktemp("service-logs"), E2E_ENV, FAST_CALLS) as stack:
         yield stack
-    finally:
-        for process in stack.processes:
-            process.stop()
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import wait_until
 from tests.support import bugsink
 from tests.support.bugsink import BugsinkServer
 from tests.support.factories import customer
 from tests.support.processes import ServiceProcess, free_port
+from tests.support.stack import wait_until
 
 # A cold setup installs Bugsink into its own venv first.
 pytestmark = pytest.mark.timeout(900)

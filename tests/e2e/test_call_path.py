@@ -8,8 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from shared import statuses
-from tests.e2e.conftest import Stack, wait_until
 from tests.support.factories import Customer, call_row, credits_of, customer, ledger_total, load_call
+from tests.support.stack import Stack, wait_until
 
 PHONE = "+14155550123"
 

@@ -4,8 +4,8 @@ import uuid
 
 import pytest
 
-from tests.e2e.conftest import wait_until
 from tests.support.factories import customer
+from tests.support.stack import wait_until
 
 PHONE = "+14155550123"
 

@@ -13,12 +13,12 @@ import pytest
 from shared.errors import ERROR_TABLE, ErrorType
 from shared.messaging import EVENTS_EXCHANGE, Envelope, MessageType
 from tests.conftest import WEBHOOK_SECRET
-from tests.e2e.conftest import BOLNA_API_KEY, Stack, sentry_env, wait_until
 from tests.support import broker
 from tests.support.factories import Customer, call_row, credits_of, customer, ledger_total, load_call
 from tests.support.faults import failing_writes
 from tests.support.processes import ServiceProcess, free_port
 from tests.support.sentry_sink import Item, SentrySink
+from tests.support.stack import BOLNA_API_KEY, Stack, sentry_env, wait_until
 
 PHONE = "+14155550123"
 MASKED_PHONE = "+*******0123"

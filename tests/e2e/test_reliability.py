@@ -1,0 +1,261 @@
+"""Reliability against the real processes: idempotency, provider retries and breaker, leases, webhook security."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+
+import httpx
+from sqlalchemy import func, select, update
+from standardwebhooks.webhooks import Webhook
+
+from shared.errors import ErrorType
+from shared.messaging import EVENTS_EXCHANGE, Envelope, MessageType
+from shared.models import Call
+from shared.uow import UnitOfWork
+from tests.conftest import WEBHOOK_SECRET
+from tests.support import broker
+from tests.support.factories import call_row, credits_of, customer, ledger_total, load_call
+from tests.support.processes import ServiceProcess, free_port
+from tests.support.stack import Stack, wait_until
+
+PHONE = "+14155550123"
+
+
+def _body(owner, **overrides) -> dict:
+    return {"agentId": str(owner.agent_id), "phoneNumber": PHONE, **overrides}
+
+
+def _calls_of(user_id: uuid.UUID) -> int:
+    with UnitOfWork() as uow:
+        return uow.session.scalar(select(func.count()).where(Call.user_id == user_id))
+
+
+def _wake_dispatcher(user_id: uuid.UUID, message_id: str | None = None) -> None:
+    envelope = Envelope(MessageType.CALL_QUEUED, {"user_id": str(user_id)}, message_id or str(uuid.uuid4()))
+    with broker.channel() as ch:
+        ch.basic_publish(EVENTS_EXCHANGE, envelope.message_type, envelope.encode(), envelope.properties())
+
+
+def _expire_lease(call_id: uuid.UUID) -> None:
+    with UnitOfWork() as uow:
+        uow.session.execute(
+            update(Call).where(Call.id == call_id).values(slot_lease_expires_at=func.now() - timedelta(seconds=1))
+        )
+        uow.commit()
+
+
+class TestIdempotencyKey:
+    def test_same_key_and_body_replays_the_first_answer_and_makes_one_call(self, stack: Stack):
+        owner = customer()
+        headers = {**owner.auth, "Idempotency-Key": f"order-{uuid.uuid4()}"}
+        first = stack.api("POST", "/api/calls", headers=headers, json=_body(owner))
+        again = stack.api("POST", "/api/calls", headers=headers, json=_body(owner))
+        assert first.status_code == 201
+        assert (again.status_code, again.json()) == (201, first.json())
+        assert again.headers["Idempotent-Replayed"] == "true"
+        assert _calls_of(owner.user_id) == 1
+
+    def test_same_key_with_another_body_is_422(self, stack: Stack):
+        owner = customer()
+        headers = {**owner.auth, "Idempotency-Key": "k-1"}
+        assert stack.api("POST", "/api/calls", headers=headers, json=_body(owner)).status_code == 201
+        reused = stack.api("POST", "/api/calls", headers=headers, json=_body(owner, metadata={"x": 1}))
+        assert reused.status_code == 422
+        assert reused.json()["error_type"] == "idempotency_key_reused"
+        assert _calls_of(owner.user_id) == 1
+
+    def test_concurrent_requests_with_one_key_make_exactly_one_call(self, stack: Stack):
+        owner = customer(max_concurrent_calls=5)
+        headers = {**owner.auth, "Idempotency-Key": "burst"}
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(
+                pool.map(lambda _: stack.api("POST", "/api/calls", headers=headers, json=_body(owner)), range(8))
+            )
+        created = [a for a in answers if a.status_code in (201, 202) and "Idempotent-Replayed" not in a.headers]
+        assert len(created) == 1
+        for answer in answers:
+            assert answer.status_code in (201, 202, 409), answer.text
+            if answer.status_code == 409:
+                assert answer.json()["error_type"] == "idempotency_key_in_progress"
+            else:
+                assert answer.json()["callId"] == created[0].json()["callId"]
+        assert _calls_of(owner.user_id) == 1
+
+    def test_a_failed_call_is_replayed_not_retried(self, sim: Stack):
+        owner = customer()
+        headers = {**owner.auth, "Idempotency-Key": "fails"}
+        sim.sim_config(error_rate=1.0)
+        first = sim.api("POST", "/api/calls", headers=headers, json=_body(owner))
+        sim.sim_config(error_rate=0.0)
+        again = sim.api("POST", "/api/calls", headers=headers, json=_body(owner))
+        assert first.status_code == again.status_code == 502
+        assert again.json() == first.json()
+        assert again.headers["content-type"] == "application/problem+json"
+        assert _calls_of(owner.user_id) == 1
+
+    def test_malformed_key_is_400(self, stack: Stack):
+        owner = customer()
+        answer = stack.api(
+            "POST", "/api/calls", headers={**owner.auth, "Idempotency-Key": "x" * 256}, json=_body(owner)
+        )
+        assert answer.status_code == 400
+        assert answer.json()["error_type"] == "validation_error"
+
+
+class TestProviderFailures:
+    def test_queued_call_is_retried_after_a_transient_failure_then_placed(self, sim: Stack):
+        owner = customer()
+        call = call_row(owner)
+        sim.sim_config(error_rate=1.0)
+        _wake_dispatcher(owner.user_id)
+        wait_until(lambda: load_call(call.id).dispatch_attempts == 1, 20, "a first attempt fails")
+        requeued = load_call(call.id)
+        assert (requeued.status, requeued.slot_held) == ("pending", False)
+        assert requeued.next_attempt_at is not None
+        sim.sim_config(error_rate=0.0)
+        wait_until(lambda: load_call(call.id).status == "completed", 30, "the retry is placed and completes")
+        assert load_call(call.id).dispatch_attempts == 1
+
+    def test_queued_call_fails_at_once_on_a_permanent_4xx(self, sim: Stack):
+        owner = customer()
+        call = call_row(owner)
+        sim.sim_config(api_key="a-key-callflow-does-not-have")
+        _wake_dispatcher(owner.user_id)
+        wait_until(lambda: load_call(call.id).status == "failed", 20, "the call fails")
+        failed = load_call(call.id)
+        assert failed.error_type == "bolna_api_failure"
+        assert failed.dispatch_attempts == 0
+        assert "403" in failed.error_detail
+        assert not failed.slot_held
+
+    def test_open_breaker_queues_calls_instead_of_failing_them(self, stack: Stack, tmp_path):
+        """An API process whose Bolna is down; the stack's queue-processor, whose Bolna works, places them later."""
+        owner = customer(max_concurrent_calls=5)
+        down = {"BOLNA_API_URL": f"http://127.0.0.1:{free_port()}", "BOLNA_BREAKER_THRESHOLD": "2"}
+        process = ServiceProcess("services.call_initiator", free_port(), {**down, "WEB_CONCURRENCY": "1"}, tmp_path)
+        try:
+            process.start()
+            answers = [httpx.post(f"{process.url}/api/calls", headers=owner.auth, json=_body(owner)) for _ in range(4)]
+        finally:
+            assert process.stop() == 0
+        assert [a.status_code for a in answers] == [502, 502, 202, 202]
+        assert {a.json()["status"] for a in answers[2:]} == {"pending"}
+        queued = [answer.json()["callId"] for answer in answers[2:]]
+        wait_until(
+            lambda: all(stack.call(owner.auth, call_id)["status"] == "completed" for call_id in queued),
+            30,
+            "queued, then placed",
+        )
+
+    def test_redelivered_wake_up_places_nothing_twice(self, stack: Stack):
+        owner = customer(max_concurrent_calls=3)
+        call = call_row(owner)
+        message_id = str(uuid.uuid4())
+        for _ in range(3):
+            _wake_dispatcher(owner.user_id, message_id)
+        wait_until(lambda: load_call(call.id).status == "completed", 30, "the call completes")
+        assert stack.sim_stats()["max_active_calls"][owner.provider_agent_id] == 1
+        assert ledger_total(owner.user_id)[0] == 1
+
+
+class TestLeases:
+    def test_call_whose_webhooks_never_come_is_reconciled_from_bolna(self, sim: Stack):
+        owner = customer(credits=50, max_concurrent_calls=1)
+        sim.sim_config(webhook_drop_rate=1.0)
+        placed = sim.api("POST", "/api/calls", headers=owner.auth, json=_body(owner))
+        assert placed.status_code == 201
+        call_id, execution_id = uuid.UUID(placed.json()["callId"]), placed.json()["executionId"]
+        wait_until(lambda: sim.sim_execution(execution_id)["status"] == "completed", 30, "Bolna finishes the call")
+        assert load_call(call_id).slot_held, "no webhook came: the slot is still held"
+
+        _expire_lease(call_id)
+        wait_until(lambda: load_call(call_id).status == "completed", 30, "the lease job applies Bolna's final state")
+        final = load_call(call_id)
+        assert not final.slot_held
+        assert final.credits_charged == ledger_total(owner.user_id)[1] * -1 > 0
+        assert credits_of(owner.user_id) == 50 - final.credits_charged
+
+    def test_call_bolna_does_not_know_is_failed_with_slot_lease_expired(self, stack: Stack):
+        owner = customer(max_concurrent_calls=1)
+        call = call_row(owner, status="ringing", execution_id=str(uuid.uuid4()), slot_held=True)
+        _expire_lease(call.id)
+        wait_until(lambda: load_call(call.id).status == "failed", 30, "the lease job fails the call")
+        expired = load_call(call.id)
+        assert (expired.error_type, expired.slot_held) == ("slot_lease_expired", False)
+        events = stack.sentry.wait_for_events(error_type=str(ErrorType.SLOT_LEASE_EXPIRED), call_id=str(call.id))
+        assert len(events) == 1
+        assert events[0].payload["level"] == "warning"
+        assert events[0].payload["fingerprint"] == ["slot_lease_expired", "slot.reconcile"]
+        assert events[0].tags["service"] == "queue-processor"
+        assert stack.api("POST", "/api/calls", headers=owner.auth, json=_body(owner)).status_code == 201
+
+
+class TestWebhookSecurity:
+    SIGNING_SECRET = "whsec_" + base64.b64encode(b"callflow-test-signing-key-32byte").decode()
+
+    def _receiver(self, tmp_path, **env) -> ServiceProcess:
+        return ServiceProcess("services.webhook_receiver", free_port(), env, tmp_path).start()
+
+    def test_allow_list_honours_the_trusted_proxy(self, tmp_path):
+        receiver = self._receiver(tmp_path, WEBHOOK_ALLOWED_IPS="10.0.0.0/8", TRUSTED_PROXY_COUNT="1")
+        url = f"{receiver.url}/webhooks/bolna?token={WEBHOOK_SECRET}"
+        payload = {"id": str(uuid.uuid4()), "status": "queued"}
+        try:
+            direct = httpx.post(url, json=payload)
+            proxied = httpx.post(url, json=payload, headers={"X-Forwarded-For": "10.1.2.3"})
+            spoofed = httpx.post(url, json=payload, headers={"X-Forwarded-For": "10.1.2.3, 192.0.2.9"})
+        finally:
+            assert receiver.stop() == 0
+        assert direct.status_code == 403 and direct.json()["error_type"] == "webhook_source_forbidden"
+        assert proxied.status_code == 200
+        assert spoofed.status_code == 403, "only the address the trusted proxy saw counts"
+
+    def test_signed_webhooks_are_verified_over_the_raw_body(self, tmp_path):
+        receiver = self._receiver(tmp_path, WEBHOOK_SIGNING_SECRET=self.SIGNING_SECRET)
+        url = f"{receiver.url}/webhooks/bolna"
+        body = json.dumps({"id": str(uuid.uuid4()), "status": "queued"})
+
+        def headers(at: datetime, content: str) -> dict[str, str]:
+            message_id = f"msg_{uuid.uuid4().hex}"
+            signature = Webhook(self.SIGNING_SECRET).sign(message_id, at, content)
+            return {
+                "webhook-id": message_id,
+                "webhook-timestamp": str(int(at.timestamp())),
+                "webhook-signature": signature,
+                "Content-Type": "application/json",
+            }
+
+        now = datetime.now(UTC)
+        try:
+            signed = httpx.post(url, content=body, headers=headers(now, body))
+            tampered = httpx.post(url, content=body.replace("queued", "completed"), headers=headers(now, body))
+            stale = httpx.post(url, content=body, headers=headers(now - timedelta(minutes=6), body))
+            unsigned = httpx.post(url, content=body, headers={"Content-Type": "application/json"})
+        finally:
+            assert receiver.stop() == 0
+        assert signed.status_code == 200
+        assert [a.status_code for a in (tampered, stale, unsigned)] == [401, 401, 401]
+        assert {a.json()["error_type"] for a in (tampered, stale, unsigned)} == {"webhook_auth_failed"}
+
+
+def test_oversized_body_is_413_problem_json(stack: Stack):
+    owner = customer()
+    answer = stack.api("POST", "/api/calls", headers=owner.auth, content=b"{" + b" " * 300_000 + b"}")
+    assert answer.status_code == 413
+    assert answer.headers["content-type"] == "application/problem+json"
+    assert answer.json()["error_type"] == "payload_too_large"
+
+
+def test_another_users_call_is_404_and_a_security_event(stack: Stack):
+    owner, intruder = customer(), customer()
+    placed = stack.api("POST", "/api/calls", headers=owner.auth, json=_body(owner))
+    answer = stack.api("GET", f"/api/calls/{placed.json()['callId']}", headers=intruder.auth)
+    assert answer.status_code == 404 and answer.json()["error_type"] == "call_not_found"
+    assert "phoneNumber" not in answer.text
+    events = stack.sentry.wait_for_events(error_type="unauthorized_call_access", user_id=str(intruder.user_id))
+    assert len(events) == 1
+    assert events[0].tags["call_id"] == placed.json()["callId"]
