@@ -11,6 +11,8 @@ import phonenumbers
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 MAX_METADATA_BYTES = 16 * 1024
+MAX_CALL_SECONDS = 24 * 3600  # a longer duration is garbage, not a call to bill
+MAX_ATTEMPT = 100
 
 
 def _e164(value: str) -> str:
@@ -64,7 +66,7 @@ class BolnaWebhook:
     def attempt(self) -> int:
         """Bolna's auto-retry reuses the execution id; the retry count tells attempts apart."""
         value = self.payload.get("retry_count")
-        return value if isinstance(value, int) and value >= 0 else 0
+        return value if isinstance(value, int) and 0 <= value <= MAX_ATTEMPT else 0
 
     @property
     def context_call_id(self) -> uuid.UUID | None:
@@ -96,7 +98,7 @@ class BolnaWebhook:
                 seconds = float(value)
             except (TypeError, ValueError):
                 continue
-            if math.isfinite(seconds) and seconds >= 0:
+            if 0 <= seconds <= MAX_CALL_SECONDS:
                 return math.ceil(seconds)
         return None
 

@@ -22,6 +22,7 @@ from shared.observability import init_sentry, report, report_database_error
 
 PROBLEM_JSON = "application/problem+json"
 MAX_BODY_BYTES = 256 * 1024
+MAX_JSON_DEPTH = 32
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _HTTP_ERROR_TYPES = {
     400: ErrorType.VALIDATION_ERROR,
@@ -109,14 +110,39 @@ def problem(error_type: ErrorType, detail: str, status: int | None = None, **ext
 
 
 def json_body() -> Any:
-    """The request's JSON body; a body that is not JSON is a validation error."""
+    """The request's JSON body, as PostgreSQL can store it; anything else is a validation error."""
     raw = request.get_data(cache=True)
     if not raw.strip():
         return None
     try:
-        return request.get_json(force=True)
-    except HTTPException as exc:
+        body = request.get_json(force=True)
+    except (HTTPException, RecursionError) as exc:
         raise CallflowError(ErrorType.VALIDATION_ERROR, "The body is not valid JSON.") from exc
+    if _depth(body) > MAX_JSON_DEPTH:
+        raise CallflowError(ErrorType.VALIDATION_ERROR, f"The body is nested deeper than {MAX_JSON_DEPTH} levels.")
+    return _without_nul(body)
+
+
+def _depth(value: Any) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth <= MAX_JSON_DEPTH:
+            children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _without_nul(value: Any) -> Any:
+    """PostgreSQL text and jsonb cannot hold U+0000: it is dropped rather than the whole request refused."""
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, list):
+        return [_without_nul(item) for item in value]
+    if isinstance(value, dict):
+        return {_without_nul(key): _without_nul(item) for key, item in value.items()}
+    return value
 
 
 def validation_error(exc: ValidationError) -> CallflowError:

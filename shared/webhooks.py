@@ -10,6 +10,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import sentry_sdk
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 
 CALL_CHARGE = "call_charge"
 MAX_RETRY_DELAY_SECONDS = 600
+KEPT_EVENT_RETENTION = timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,8 @@ def ingest(payload: Any) -> Receipt:
 
 
 def process(event_id: int) -> None:
-    """Applies a stored event in its call's trace. A failure leaves the event for a later retry and is reported
-    as an event the first time only (later attempts are breadcrumbs), so a stuck event cannot flood Sentry."""
+    """Applies a stored event in its call's trace. A failure leaves the event for a later retry; it is reported when
+    it first appears and only logged when a retry fails the same way, so a stuck event cannot flood Sentry."""
     started = time.monotonic()
     with UnitOfWork() as uow:
         event = uow.session.get_one(WebhookEvent, event_id)
@@ -97,11 +99,13 @@ def process(event_id: int) -> None:
         span.set_data("execution_id", event.execution_id)
         sentry_sdk.add_breadcrumb(category="webhook", message=f"Webhook received: {event.status}")
         try:
-            apply_stored(event_id)
+            if not apply_stored(event_id):
+                # Its call is not known (yet): look again later, less and less often.
+                _defer(event_id, "no call for this execution yet")
         except Exception as exc:
             span.set_status("internal_error")
             try:
-                attempts = _record_failure(event_id, exc)
+                attempts, previous = _defer(event_id, repr(exc))
             except DBAPIError as db_exc:  # the event stays stored and unapplied; the sweep retries it
                 report_database_error(db_exc, place="webhook.process")
                 return
@@ -123,20 +127,27 @@ def process(event_id: int) -> None:
                 "processing_time_ms": round((time.monotonic() - started) * 1000, 1),
                 "attempts": attempts,
             }
-            if attempts == 1:
+            if previous != repr(exc)[:2000]:  # a failure is reported when it first appears, not at every retry
                 report(error, cause=exc if error is not exc else None, place="webhook.process")
             else:
                 log.warning("webhook %s still failing after %d attempts: %r", event_id, attempts, exc)
 
 
-def _record_failure(event_id: int, exc: Exception) -> int:
+def _defer(event_id: int, reason: str) -> tuple[int, str | None]:
+    """Counts one more attempt at an event and sets when the sweep tries it next.
+
+    Returns the attempts so far and the reason the previous attempt failed.
+    """
     with UnitOfWork() as uow:
+        previous = uow.session.scalar(
+            select(WebhookEvent.last_error).where(WebhookEvent.id == event_id).with_for_update()
+        )
         attempts = uow.session.scalar(
             update(WebhookEvent)
-            .where(WebhookEvent.id == event_id)
+            .where(WebhookEvent.id == event_id, WebhookEvent.applied_at.is_(None))
             .values(
                 attempts=WebhookEvent.attempts + 1,
-                last_error=repr(exc)[:2000],
+                last_error=reason[:2000],
                 next_attempt_at=func.now()
                 + func.make_interval(
                     0, 0, 0, 0, 0, 0, func.least(func.power(2, WebhookEvent.attempts + 1), MAX_RETRY_DELAY_SECONDS)
@@ -145,7 +156,7 @@ def _record_failure(event_id: int, exc: Exception) -> int:
             .returning(WebhookEvent.attempts)
         )
         uow.commit()
-    return attempts or 0
+    return attempts or 0, previous
 
 
 def apply_stored(event_id: int) -> bool:
@@ -177,7 +188,8 @@ def apply_kept_events(uow: UnitOfWork, call: Call) -> None:
 
 
 def unapplied_event_ids(min_age_seconds: float, limit: int = 500) -> list[int]:
-    """Events not applied yet, old enough that their own request is done with them, and due for a retry."""
+    """Events not applied yet, old enough that their own request is done with them, due for a retry, and not so
+    old that their call can no longer appear (those stay stored, for the record)."""
     with UnitOfWork() as uow:
         return list(
             uow.session.scalars(
@@ -186,6 +198,7 @@ def unapplied_event_ids(min_age_seconds: float, limit: int = 500) -> list[int]:
                     WebhookEvent.applied_at.is_(None),
                     WebhookEvent.received_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, min_age_seconds),
                     or_(WebhookEvent.next_attempt_at.is_(None), WebhookEvent.next_attempt_at <= func.now()),
+                    WebhookEvent.received_at > func.now() - KEPT_EVENT_RETENTION,
                 )
                 .order_by(WebhookEvent.id)
                 .limit(limit)

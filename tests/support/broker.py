@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from contextlib import contextmanager
 
@@ -39,3 +40,13 @@ def get_messages(ch, queue: str, expected: int, timeout: float = 10.0) -> list[t
             continue
         found.append((properties, body))
     return found
+
+
+def stop_broker() -> None:
+    """Stops RabbitMQ's application (the node stays up to be started again), as a broker outage would."""
+    subprocess.run(["rabbitmqctl", "-q", "stop_app"], check=True, capture_output=True, timeout=120)
+
+
+def start_broker() -> None:
+    subprocess.run(["rabbitmqctl", "-q", "start_app"], check=True, capture_output=True, timeout=120)
+    subprocess.run(["rabbitmqctl", "-q", "await_startup", "--timeout", "120"], check=True, capture_output=True)

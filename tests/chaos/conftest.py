@@ -1,0 +1,45 @@
+"""A stack under faults: a flaky, slow provider with duplicated and reordered webhooks, short slot leases."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support import broker
+from tests.support.isolation import Isolation
+from tests.support.sentry_sink import SentrySink
+from tests.support.stack import FAST_CALLS, Stack, running_stack
+
+CHAOS_ENV = {
+    "BOLNA_TIMEOUT_SECONDS": "1.5",
+    "BOLNA_BREAKER_COOLDOWN_SECONDS": "3",
+    "SLOT_LEASE_SECONDS": "20",
+    "DISPATCH_MAX_ATTEMPTS": "5",
+}
+FLAKY_PROVIDER = {
+    **FAST_CALLS,
+    "error_rate": 0.20,
+    "timeout_rate": 0.05,
+    "timeout_seconds": 2.5,
+    "duplicate_rate": 0.30,
+    "reorder_rate": 0.20,
+    "outcomes": {"completed": 0.7, "busy": 0.1, "no-answer": 0.1, "failed": 0.1},
+}
+
+
+@pytest.fixture(scope="package")
+def chaos_stack(isolation: Isolation, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    sink = SentrySink().start()
+    try:
+        with running_stack(sink, tmp_path_factory.mktemp("chaos-logs"), CHAOS_ENV, FLAKY_PROVIDER) as stack:
+            yield stack
+    finally:
+        sink.stop()
+
+
+@pytest.fixture
+def broker_restored() -> Iterator[None]:
+    """Whatever a test does to RabbitMQ, it is running again afterwards."""
+    yield
+    broker.start_broker()

@@ -1,0 +1,42 @@
+"""What must hold in the database whatever happened: checked after chaos and after fuzzing."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+
+from shared import statuses
+from shared.db import get_engine
+
+_TERMINAL = sorted(statuses.TERMINAL)
+
+# Each query returns the rows that break the rule; every list must be empty.
+RULES = {
+    "a terminal call still holds a slot": "SELECT id FROM calls WHERE slot_held AND status = ANY(:terminal)",
+    "a user holds more slots than allowed": (
+        "SELECT u.id FROM users u JOIN calls c ON c.user_id = u.id AND c.slot_held "
+        "GROUP BY u.id, u.max_concurrent_calls HAVING count(*) > u.max_concurrent_calls"
+    ),
+    "a charge for a call that did not complete": (
+        "SELECT l.id FROM credit_ledger l JOIN calls c ON c.id = l.call_id WHERE c.status <> 'completed'"
+    ),
+    "a call charged more than once": "SELECT call_id FROM credit_ledger GROUP BY call_id HAVING count(*) > 1",
+    "a charge that differs from the call's": (
+        "SELECT c.id FROM calls c JOIN credit_ledger l ON l.call_id = c.id WHERE l.amount <> -c.credits_charged"
+    ),
+    "a completed call without its charge": (
+        "SELECT c.id FROM calls c LEFT JOIN credit_ledger l ON l.call_id = c.id "
+        "WHERE c.status = 'completed' AND l.id IS NULL"
+    ),
+    "a slot without a lease": "SELECT id FROM calls WHERE slot_held AND slot_lease_expires_at IS NULL",
+}
+
+
+def violations() -> dict[str, list[object]]:
+    found: dict[str, list[object]] = {}
+    with get_engine().connect() as conn:
+        for rule, query in RULES.items():
+            params = {"terminal": _TERMINAL} if ":terminal" in query else {}
+            rows = [row[0] for row in conn.execute(text(query), params)]
+            if rows:
+                found[rule] = rows[:10]
+    return found
