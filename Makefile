@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test lint clean
+.PHONY: install up test bench lint clean
 
 install: $(STAMP)
 
@@ -26,9 +26,12 @@ up: install .env
 test: install
 	$(BIN)/python -m pytest
 
+bench: install
+	$(BIN)/python bench/call_path.py
+
 lint: install
-	$(BIN)/ruff check shared services tests
-	$(BIN)/ruff format --check shared services tests
+	$(BIN)/ruff check shared services tests bench
+	$(BIN)/ruff format --check shared services tests bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info .bugsink

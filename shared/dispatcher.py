@@ -11,9 +11,10 @@ from datetime import timedelta
 import sentry_sdk
 
 from shared import calls, idempotency, leases, outbox, webhooks
+from shared.bolna import BolnaError, get_bolna_client
 from shared.consumer import IncomingMessage, PoisonMessage
 from shared.errors import CallflowError, ErrorType
-from shared.messaging import DISPATCH_BINDINGS
+from shared.messaging import DISPATCH_BINDINGS, MessageType
 from shared.observability import cron, report
 
 log = logging.getLogger(__name__)
@@ -23,14 +24,32 @@ KEPT_WEBHOOK_MIN_AGE_SECONDS = 2.0
 
 
 def handle_dispatch_message(message: IncomingMessage) -> None:
-    if message.message_type not in DISPATCH_BINDINGS:
-        raise PoisonMessage(f"unknown message type {message.message_type!r}")
     body = message.json()
+    if message.message_type == MessageType.EXECUTION_STOP:
+        _stop_execution(body)
+    elif message.message_type in DISPATCH_BINDINGS:
+        calls.dispatch_pending(_user_id(body))
+    else:
+        raise PoisonMessage(f"unknown message type {message.message_type!r}")
+
+
+def _user_id(body: dict) -> uuid.UUID:
     try:
-        user_id = uuid.UUID(str(body["user_id"]))
+        return uuid.UUID(str(body["user_id"]))
     except (KeyError, ValueError) as exc:
         raise PoisonMessage("body has no valid user_id") from exc
-    calls.dispatch_pending(user_id)
+
+
+def _stop_execution(body: dict) -> None:
+    execution_id = body.get("execution_id")
+    if not isinstance(execution_id, str) or not execution_id:
+        raise PoisonMessage("body has no execution_id")
+    try:
+        get_bolna_client().stop_execution(execution_id)
+    except BolnaError as exc:
+        if exc.transient:
+            raise  # retried after a delay
+        log.warning("Bolna would not stop execution %s (it may have ended): %s", execution_id, exc)
 
 
 def relay_outbox() -> None:

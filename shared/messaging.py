@@ -37,9 +37,10 @@ RETRY_DELAYS_SECONDS = (1, 5, 30)
 class MessageType(StrEnum):
     CALL_QUEUED = "call.queued"  # a call waits for a slot: wake the dispatcher for its user
     SLOT_RELEASED = "slot.released"  # a slot came free: dispatch the user's next pending call
+    EXECUTION_STOP = "execution.stop"  # ask Bolna to stop an execution it redialled on its own
 
 
-DISPATCH_BINDINGS = (MessageType.CALL_QUEUED, MessageType.SLOT_RELEASED)
+DISPATCH_BINDINGS = (MessageType.CALL_QUEUED, MessageType.SLOT_RELEASED, MessageType.EXECUTION_STOP)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from sqlalchemy.exc import DBAPIError
 
 from shared import slots, statuses, tracing
 from shared.errors import CallflowError, ErrorType
+from shared.messaging import MessageType
 from shared.models import Call, CreditLedgerEntry, User, WebhookEvent
 from shared.observability import report, report_database_error
 from shared.payloads import BolnaWebhook
@@ -228,6 +229,11 @@ def _apply(uow: UnitOfWork, call: Call, event: WebhookEvent) -> None:
     webhook = BolnaWebhook(event.payload)
     if event.status not in statuses.PROVIDER_STATUSES:
         log.warning("webhook with unknown status %r for call %s kept, not applied", event.status, call.id)
+        return
+    if event.status in statuses.SCHEDULED_AGAIN and event.attempt > 0 and statuses.is_terminal(call.status):
+        # Bolna redials on its own (an agent with auto-retry on): stop it, so every dial goes through the limit.
+        log.warning("Bolna scheduled call %s again (attempt %d): asking it to stop", call.id, event.attempt)
+        uow.emit(MessageType.EXECUTION_STOP, {"execution_id": event.execution_id, "call_id": str(call.id)})
         return
     overruled = _provider_overrules_lease_expiry(call, event)
     if not (overruled or statuses.moves_forward(call.status, event.status)):

@@ -60,7 +60,7 @@ FAILURE_MESSAGE = "Call failed: the carrier rejected the call (SIP 503 Service U
 
 _E164 = re.compile(r"\+[1-9]\d{1,14}")
 
-Fault = Literal["error", "timeout"]
+Fault = Literal["error", "timeout", "rate_limited"]
 
 
 def _now() -> str:
@@ -85,6 +85,9 @@ class SimulatorConfig(BaseSettings):
         default_factory=lambda: {"completed": 1.0, "busy": 0.0, "no-answer": 0.0, "failed": 0.0}
     )
     error_rate: float = Field(0.0, ge=0, le=1)
+    # Share of POST /call answered 429, with `Retry-After: retry_after_seconds` when that is set.
+    rate_limit_rate: float = Field(0.0, ge=0, le=1)
+    retry_after_seconds: int | None = Field(2, ge=0)
     timeout_rate: float = Field(0.0, ge=0, le=1)
     timeout_seconds: float = Field(30.0, ge=0)
     latency_ms: int = Field(0, ge=0)
@@ -154,8 +157,11 @@ class CallRequest(BaseModel):
 class ApiError(Exception):
     """Ends a request with an error answer, by default in Bolna's `{"error", "message"}` shape."""
 
-    def __init__(self, status: int, message: str, body: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
+        self.headers = headers or {}
         self.status = status
         self.body = body if body is not None else {"error": status, "message": message}
 
@@ -166,6 +172,8 @@ class _Stats:
     calls_accepted: int = 0
     api_errors: int = 0
     api_timeouts: int = 0
+    rate_limited: int = 0
+    stop_requests: int = 0
     webhooks_sent: int = 0
     webhook_failures: int = 0
     active_calls: dict[str, int] = field(default_factory=dict)
@@ -298,6 +306,8 @@ class Simulator:
                 "calls_accepted": stats.calls_accepted,
                 "api_errors": stats.api_errors,
                 "api_timeouts": stats.api_timeouts,
+                "rate_limited": stats.rate_limited,
+                "stop_requests": stats.stop_requests,
                 "active_calls": dict(stats.active_calls),
                 "max_active_calls": dict(stats.max_active_calls),
                 "webhooks_sent": stats.webhooks_sent,
@@ -319,6 +329,9 @@ class Simulator:
             if self._rng.random() < config.error_rate:
                 self._stats.api_errors += 1
                 return "error"
+            if self._rng.random() < config.rate_limit_rate:
+                self._stats.rate_limited += 1
+                return "rate_limited"
             return None
 
     def place_call(self, call: CallRequest) -> str:
@@ -361,6 +374,7 @@ class Simulator:
 
     def stop(self, execution_id: str) -> None:
         with self._lock:
+            self._stats.stop_requests += 1
             execution = self._find(execution_id)
             if execution.status not in STOPPABLE_STATUSES:
                 raise ApiError(400, f"Call cannot be stopped: its status is {execution.status}")
@@ -526,6 +540,10 @@ def _bolna_api(simulator: Simulator) -> Blueprint:
             raise ApiError(504, "Gateway Timeout")
         if fault == "error":
             raise ApiError(500, "Internal Server Error")
+        if fault == "rate_limited":
+            retry_after = config.retry_after_seconds
+            headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
+            raise ApiError(429, "Too Many Requests", headers=headers)
         return jsonify(message="done", status="queued", execution_id=simulator.place_call(call))
 
     @api.get("/executions/<execution_id>")
@@ -577,8 +595,8 @@ def create_app(config: SimulatorConfig | None = None) -> Flask:
     app.register_blueprint(_control_api(simulator))
 
     @app.errorhandler(ApiError)
-    def api_error(exc: ApiError) -> tuple[Response, int]:
-        return jsonify(exc.body), exc.status
+    def api_error(exc: ApiError) -> tuple[Response, int, dict[str, str]]:
+        return jsonify(exc.body), exc.status, exc.headers
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> tuple[Response, int]:

@@ -120,6 +120,31 @@ class TestProviderFailures:
         wait_until(lambda: load_call(call.id).status == "completed", 30, "the retry is placed and completes")
         assert load_call(call.id).dispatch_attempts == 1
 
+    def test_429_is_retried_after_bolnas_retry_after(self, sim: Stack):
+        owner = customer()
+        call = call_row(owner)
+        sim.sim_config(rate_limit_rate=1.0, retry_after_seconds=3)
+        _wake_dispatcher(owner.user_id)
+        wait_until(lambda: load_call(call.id).dispatch_attempts == 1, 20, "the first attempt is rate-limited")
+        requeued = load_call(call.id)
+        assert requeued.status == "pending"
+        assert requeued.next_attempt_at - requeued.updated_at == timedelta(seconds=3)
+        sim.sim_config(rate_limit_rate=0.0)
+        wait_until(lambda: load_call(call.id).status == "completed", 30, "placed once Bolna allows it")
+
+    def test_bolna_redialling_an_ended_call_on_its_own_is_stopped(self, sim: Stack):
+        owner = customer()
+        sim.sim_config(outcomes={"no-answer": 1.0})
+        placed = sim.api("POST", "/api/calls", headers=owner.auth, json=_body(owner))
+        call_id, execution_id = placed.json()["callId"], placed.json()["executionId"]
+        wait_until(lambda: sim.call(owner.auth, call_id)["status"] == "no-answer", 30, "the call ends unanswered")
+        stops = sim.sim_stats()["stop_requests"]
+
+        again = {"id": execution_id, "status": "scheduled", "retry_count": 1, "agent_id": owner.provider_agent_id}
+        assert sim.webhook(again).status_code == 200
+        wait_until(lambda: sim.sim_stats()["stop_requests"] == stops + 1, 20, "Callflow asks Bolna to stop it")
+        assert sim.call(owner.auth, call_id)["status"] == "no-answer"
+
     def test_queued_call_fails_at_once_on_a_permanent_4xx(self, sim: Stack):
         owner = customer()
         call = call_row(owner)

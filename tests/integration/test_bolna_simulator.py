@@ -327,6 +327,17 @@ def test_error_rate_answers_500_without_creating_a_call(make_client: Callable[..
     assert after["executions_by_status"] == {}
 
 
+def test_rate_limit_rate_answers_429_with_retry_after(make_client: Callable[..., FlaskClient]) -> None:
+    client = make_client(rate_limit_rate=1, retry_after_seconds=7)
+
+    response = client.post("/call", json={"agent_id": str(uuid.uuid4()), "recipient_phone_number": PHONE}, headers=AUTH)
+
+    assert response.status_code == 429
+    assert response.headers["Retry-After"] == "7"
+    assert stats(client)["rate_limited"] == 1
+    assert stats(client)["calls_accepted"] == 0
+
+
 def test_timeout_rate_hangs_then_answers_504(make_client: Callable[..., FlaskClient]) -> None:
     client = make_client(timeout_rate=1, timeout_seconds=0.2)
 
@@ -374,6 +385,7 @@ def test_stop_a_queued_call(make_client: Callable[..., FlaskClient], receiver: W
     assert again.status_code == 400
     assert again.json["error"] == 400
     assert client.post(f"/call/{uuid.uuid4()}/stop", headers=AUTH).status_code == 404
+    assert stats(client)["stop_requests"] == 3
 
 
 def test_a_ringing_call_cannot_be_stopped(make_client: Callable[..., FlaskClient], receiver: WebhookReceiver) -> None:

@@ -1,9 +1,13 @@
 """The consumer acknowledges work, and dead-letters what can never succeed with the reason."""
 
+import json
 import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pika
 import pytest
@@ -138,6 +142,9 @@ def test_dead_letters_can_be_listed_and_replayed_into_their_queue(work_queue):
             assert listed.reason == "first delivery refused"
             assert listed.original_queue == work_queue
             assert listed.as_dict()["body"] == '{"n":7}'
+            callctl = Path(sys.executable).parent / "callctl"
+            shown = subprocess.run([callctl, "dlq", "list", "--json"], capture_output=True, text=True, check=True)
+            assert listed.as_dict() in [json.loads(line) for line in shown.stdout.splitlines()]
 
             replayed = dlq.replay(url, {envelope.message_id})
             assert [letter.message_id for letter in replayed] == [envelope.message_id]
