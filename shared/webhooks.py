@@ -90,11 +90,11 @@ def process(event_id: int) -> None:
     with UnitOfWork() as uow:
         event = uow.session.get_one(WebhookEvent, event_id)
         webhook = BolnaWebhook(event.payload)
-        call_trace = uow.session.scalar(
-            select(Call.trace_headers).where(
-                or_(Call.execution_id == webhook.execution_id, Call.id == webhook.context_call_id)
-            )
+        call = uow.session.scalar(
+            select(Call).where(or_(Call.execution_id == webhook.execution_id, Call.id == webhook.context_call_id))
         )
+    ids = {"call_id": call.id, "user_id": call.user_id, "agent_id": call.agent_id} if call else {}
+    call_trace = call.trace_headers if call else None
     with tracing.call_transaction(call_trace, op="webhook.process", name="Process Bolna Webhook") as span:
         span.set_data("status", event.status)
         span.set_data("execution_id", event.execution_id)
@@ -117,6 +117,7 @@ def process(event_id: int) -> None:
                     ErrorType.WEBHOOK_PROCESSING_FAILED,
                     f"Applying webhook {event.status} failed: {type(exc).__name__}",
                     execution_id=event.execution_id,
+                    **ids,
                 )
             )
             error.contexts["webhook_details"] = {

@@ -20,7 +20,8 @@ from tests.conftest import WEBHOOK_SECRET
 from tests.support import broker
 from tests.support.factories import call_row, credits_of, customer, ledger_total, load_call
 from tests.support.processes import ServiceProcess, free_port
-from tests.support.stack import Stack, wait_until
+from tests.support.sentry_sink import SentrySink
+from tests.support.stack import Stack, sentry_env, wait_until
 
 PHONE = "+14155550123"
 
@@ -222,11 +223,11 @@ class TestLeases:
 class TestWebhookSecurity:
     SIGNING_SECRET = "whsec_" + base64.b64encode(b"callflow-test-signing-key-32byte").decode()
 
-    def _receiver(self, tmp_path, **env) -> ServiceProcess:
-        return ServiceProcess("services.webhook_receiver", free_port(), env, tmp_path).start()
+    def _receiver(self, tmp_path, sentry: SentrySink, **env) -> ServiceProcess:
+        return ServiceProcess("services.webhook_receiver", free_port(), {**sentry_env(sentry), **env}, tmp_path).start()
 
-    def test_allow_list_honours_the_trusted_proxy(self, tmp_path):
-        receiver = self._receiver(tmp_path, WEBHOOK_ALLOWED_IPS="10.0.0.0/8", TRUSTED_PROXY_COUNT="1")
+    def test_allow_list_honours_the_trusted_proxy(self, tmp_path, sentry):
+        receiver = self._receiver(tmp_path, sentry, WEBHOOK_ALLOWED_IPS="10.0.0.0/8", TRUSTED_PROXY_COUNT="1")
         url = f"{receiver.url}/webhooks/bolna?token={WEBHOOK_SECRET}"
         payload = {"id": str(uuid.uuid4()), "status": "queued"}
         try:
@@ -238,9 +239,15 @@ class TestWebhookSecurity:
         assert direct.status_code == 403 and direct.json()["error_type"] == "webhook_source_forbidden"
         assert proxied.status_code == 200
         assert spoofed.status_code == 403, "only the address the trusted proxy saw counts"
+        reported = sentry.wait_for_events(expected=2, error_type="webhook_source_forbidden")
+        assert {event.tags["request_id"] for event in reported} == {
+            direct.headers["X-Request-ID"],
+            spoofed.headers["X-Request-ID"],
+        }
+        assert {event.payload["fingerprint"][1] for event in reported} == {"/webhooks/bolna"}
 
-    def test_signed_webhooks_are_verified_over_the_raw_body(self, tmp_path):
-        receiver = self._receiver(tmp_path, WEBHOOK_SIGNING_SECRET=self.SIGNING_SECRET)
+    def test_signed_webhooks_are_verified_over_the_raw_body(self, tmp_path, sentry):
+        receiver = self._receiver(tmp_path, sentry, WEBHOOK_SIGNING_SECRET=self.SIGNING_SECRET)
         url = f"{receiver.url}/webhooks/bolna"
         body = json.dumps({"id": str(uuid.uuid4()), "status": "queued"})
 

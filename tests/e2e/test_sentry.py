@@ -153,6 +153,7 @@ def test_webhook_that_cannot_be_applied_is_reported_once_and_applied_later(stack
         time.sleep(4)  # the sweep retries meanwhile: still one event
         assert len(stack.sentry.events(error_type="webhook_processing_failed", execution_id=execution_id)) == 1
     contexts = _assert_reported(event, ErrorType.WEBHOOK_PROCESSING_FAILED, "webhook-receiver", "webhook.process")
+    assert (event.tags["call_id"], event.tags["user_id"]) == (str(call.id), str(owner.user_id))
     assert contexts["webhook_details"]["status"] == "ringing"
     assert contexts["webhook_details"]["execution_id"] == execution_id
     wait_until(lambda: load_call(call.id).status == "ringing", 30, "the kept webhook is applied once the fault is gone")

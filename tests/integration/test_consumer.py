@@ -7,6 +7,8 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pika
@@ -39,12 +41,18 @@ def work_queue():
             ch.queue_delete(queue)
 
 
-def _run_consumer(queue: str, handler) -> tuple[threading.Event, threading.Thread]:
+@contextmanager
+def _consuming(queue: str, handler) -> Iterator[threading.Thread]:
+    """Runs a consumer on its own thread for the block, then stops it as SIGTERM would."""
     stopping = threading.Event()
     consumer = Consumer(os.environ["RABBITMQ_URL"], queue, handler, prefetch=5, stopping=stopping)
     thread = threading.Thread(target=consumer.run, daemon=True)
     thread.start()
-    return stopping, thread
+    try:
+        yield thread
+    finally:
+        stopping.set()
+        thread.join(10)
 
 
 def _dead_letters(ch, message_ids: set[str], timeout: float = 10.0) -> dict[str, pika.BasicProperties]:
@@ -84,15 +92,11 @@ def test_good_messages_are_handled_poison_dead_lettered_and_failures_retried(wor
         for envelope in (good, flaky, exhausted):
             ch.basic_publish("", work_queue, envelope.encode(), envelope.properties())
         ch.basic_publish("", work_queue, b"{not json", bad_json.properties())
-        stopping, thread = _run_consumer(work_queue, handler)
-        try:
+        with _consuming(work_queue, handler) as thread:
             dead = _dead_letters(ch, {bad_json.message_id, exhausted.message_id})
             deadline = time.monotonic() + 15
             while len(handled) < 2 and time.monotonic() < deadline:
                 time.sleep(0.1)
-        finally:
-            stopping.set()
-            thread.join(10)
         remaining = ch.queue_declare(work_queue, passive=True).method.message_count
 
     assert sorted(handled, key=repr) == sorted([({"n": 1}, 0), ({"flaky": True}, 1)], key=repr)
@@ -111,12 +115,8 @@ def test_poison_message_exception_is_dead_lettered(work_queue):
     envelope = Envelope("x", {})
     with broker.channel() as ch:
         ch.basic_publish("", work_queue, envelope.encode(), envelope.properties())
-        stopping, thread = _run_consumer(work_queue, handler)
-        try:
+        with _consuming(work_queue, handler):
             dead = _dead_letters(ch, {envelope.message_id})
-        finally:
-            stopping.set()
-            thread.join(10)
     assert dead[envelope.message_id].headers[DEAD_LETTER_REASON_HEADER] == "unknown message type 'x'"
 
 
@@ -132,8 +132,7 @@ def test_dead_letters_can_be_listed_and_replayed_into_their_queue(work_queue):
     url = os.environ["RABBITMQ_URL"]
     with broker.channel() as ch:
         ch.basic_publish("", work_queue, envelope.encode(), envelope.properties())
-        stopping, thread = _run_consumer(work_queue, handler)
-        try:
+        with _consuming(work_queue, handler):
             deadline = time.monotonic() + 10
             while envelope.message_id not in {d.message_id for d in dlq.list_dead_letters(url, 1000)}:
                 assert time.monotonic() < deadline, "the message never reached the dead-letter queue"
@@ -151,8 +150,5 @@ def test_dead_letters_can_be_listed_and_replayed_into_their_queue(work_queue):
             deadline = time.monotonic() + 10
             while len(attempts) < 2 and time.monotonic() < deadline:
                 time.sleep(0.1)
-        finally:
-            stopping.set()
-            thread.join(10)
     assert attempts == [envelope.message_id, envelope.message_id]
     assert envelope.message_id not in {d.message_id for d in dlq.list_dead_letters(url, 1000)}
