@@ -76,7 +76,10 @@ def place_call(user: User, request: PlaceCallRequest, idempotency: Claim | None 
         report(CallflowError(ErrorType.CONCURRENCY_LIMIT, "Call queued until a slot frees.", call_id=call.id, **ids))
         return AcceptedCall(call, placed=False)
     placed = initiate(call.id, retry_transient=False)
-    return AcceptedCall(placed, placed=True) if placed else AcceptedCall(call, placed=False)
+    if placed is None:  # the breaker held the request back: the call went back to the queue
+        with UnitOfWork() as uow:
+            return AcceptedCall(uow.session.get_one(Call, call.id), placed=False)
+    return AcceptedCall(placed, placed=True)
 
 
 def initiate(call_id: uuid.UUID, retry_transient: bool) -> Call | None:
@@ -100,7 +103,7 @@ def initiate(call_id: uuid.UUID, retry_transient: bool) -> Call | None:
             placed = get_bolna_client().place_call(agent.provider_agent_id or "", call.phone_number, user_data)
         except BolnaError as exc:
             span.set_status("internal_error")
-            if not exc.sent or (retry_transient and exc.transient and _requeue(call_id, exc)):
+            if (not exc.sent or (retry_transient and exc.transient)) and _requeue(call_id, exc):
                 sentry_sdk.add_breadcrumb(category="bolna", message="Bolna unavailable; call back in the queue")
                 return None
             _fail(call_id, ErrorType.BOLNA_API_FAILURE, str(exc))
@@ -149,7 +152,7 @@ def call_details(call: Call) -> dict[str, object]:
 
 def link_execution(call_id: uuid.UUID, placed: PlacedCall) -> Call:
     with UnitOfWork() as uow:
-        call = _lock_call(uow, call_id)
+        call = slots.lock_call(uow.session, call_id)
         call.execution_id = placed.execution_id
         if statuses.moves_forward(call.status, placed.status):
             call.status = placed.status
@@ -162,7 +165,7 @@ def link_execution(call_id: uuid.UUID, placed: PlacedCall) -> Call:
 def _requeue(call_id: uuid.UUID, error: BolnaError) -> bool:
     """Puts the call back to pending with a growing delay; False once its attempts are used up."""
     with UnitOfWork() as uow:
-        call = _lock_call(uow, call_id)
+        call = slots.lock_call(uow.session, call_id)
         if error.sent:
             if call.dispatch_attempts + 1 >= get_settings().dispatch_max_attempts:
                 return False
@@ -181,17 +184,8 @@ def _requeue(call_id: uuid.UUID, error: BolnaError) -> bool:
 
 def _fail(call_id: uuid.UUID, error_type: ErrorType, detail: str) -> None:
     with UnitOfWork() as uow:
-        call = _lock_call(uow, call_id)
-        slots.release(uow, call)
-        if not statuses.is_terminal(call.status):
-            call.status = statuses.FAILED
-            call.error_type = error_type
-            call.error_detail = detail[:2000]
+        slots.fail_call(uow, slots.lock_call(uow.session, call_id), error_type, detail)
         uow.commit()
-
-
-def _lock_call(uow: UnitOfWork, call_id: uuid.UUID) -> Call:
-    return uow.session.execute(select(Call).where(Call.id == call_id).with_for_update()).scalar_one()
 
 
 def dispatch_pending(user_id: uuid.UUID) -> int:
@@ -212,10 +206,7 @@ def _dispatch(call: Call) -> None:
         "campaign_id": None,
         "priority": 0,
     }
-    with (
-        sentry_sdk.isolation_scope(),
-        tracing.call_transaction(call.trace_headers, op="queue.initiate_call", name="Dispatch Queued Call") as span,
-    ):
+    with tracing.call_transaction(call.trace_headers, op="queue.initiate_call", name="Dispatch Queued Call") as span:
         for key, value in queue_details.items():
             span.set_data(key, value)
         sentry_sdk.add_breadcrumb(category="queue", message=f"Reserved {DIRECT} call slot", data=queue_details)
@@ -247,9 +238,8 @@ def _reserve_next_pending(user_id: uuid.UUID) -> Call | None:
                 return None
             if user.credits <= 0:
                 # Credits ran out while it waited: it must not be placed, and it must not wait forever.
-                call.status = statuses.FAILED
-                call.error_type = ErrorType.INSUFFICIENT_CREDITS
-                call.error_detail = "The account ran out of credits while the call waited."
+                detail = "The account ran out of credits while the call waited."
+                slots.fail_call(uow, call, ErrorType.INSUFFICIENT_CREDITS, detail)
                 uow.commit()
                 continue
             if not slots.try_reserve(uow.session, user, call, behind_queue=False):

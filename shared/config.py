@@ -83,8 +83,13 @@ def get_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors())
-        print(f"callflow: invalid configuration: {problems}", file=sys.stderr)
-        raise ConfigurationError(2) from exc
+        raise invalid(problems) from exc
+
+
+def invalid(problem: str) -> ConfigurationError:
+    """The error that stops a service at start; `problem` names the variable."""
+    print(f"callflow: invalid configuration: {problem}", file=sys.stderr)
+    return ConfigurationError(2)
 
 
 def require(*names: str) -> Settings:
@@ -92,6 +97,5 @@ def require(*names: str) -> Settings:
     settings = get_settings()
     missing = [name.upper() for name in names if not getattr(settings, name)]
     if missing:
-        print(f"callflow: invalid configuration: {', '.join(missing)} must be set", file=sys.stderr)
-        raise ConfigurationError(2)
+        raise invalid(f"{', '.join(missing)} must be set")
     return settings

@@ -13,7 +13,7 @@ from typing import Any
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import AMQPError, UnroutableError
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from shared import tracing
 from shared.errors import CallflowError, ErrorType
@@ -73,7 +73,6 @@ class Consumer:
         self._handler = handler
         self._prefetch = prefetch
         self._stopping = stopping
-        self.connected = False
 
     def run(self) -> None:
         """Consumes until `stopping` is set, reconnecting with backoff whenever the broker goes away."""
@@ -83,7 +82,6 @@ class Consumer:
                 self._consume()
                 backoff = 0.5
             except (AMQPError, OSError) as exc:
-                self.connected = False
                 log.warning("broker connection lost (%r); reconnecting in %.1fs", exc, backoff)
                 self._stopping.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
@@ -97,12 +95,10 @@ class Consumer:
             declare_retry_queues(channel, self._queue)
             channel.basic_qos(prefetch_count=self._prefetch)
             channel.basic_consume(self._queue, self._on_message)
-            self.connected = True
             log.info("consuming %s", self._queue)
             while not self._stopping.is_set():
                 connection.process_data_events(time_limit=1)
         finally:
-            self.connected = False
             if connection.is_open:
                 # Closing returns any unacknowledged message to the queue for another consumer.
                 connection.close()
@@ -127,7 +123,7 @@ class Consumer:
         except PoisonMessage as exc:
             self._dead_letter(channel, method, properties, message.body, str(exc))
         except Exception as exc:
-            if isinstance(exc, DBAPIError):
+            if isinstance(exc, OperationalError | InterfaceError):
                 report_database_error(exc, place=self._queue)
             self._retry_or_dead_letter(channel, method, properties, message, exc)
         else:

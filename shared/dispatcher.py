@@ -14,7 +14,7 @@ from shared import calls, idempotency, leases, outbox, webhooks
 from shared.bolna import BolnaError, get_bolna_client
 from shared.consumer import IncomingMessage, PoisonMessage
 from shared.errors import CallflowError, ErrorType
-from shared.messaging import DISPATCH_BINDINGS, MessageType
+from shared.messaging import MessageType
 from shared.observability import cron, report
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def handle_dispatch_message(message: IncomingMessage) -> None:
     body = message.json()
     if message.message_type == MessageType.EXECUTION_STOP:
         _stop_execution(body)
-    elif message.message_type in DISPATCH_BINDINGS:
+    elif message.message_type in (MessageType.CALL_QUEUED, MessageType.SLOT_RELEASED):
         calls.dispatch_pending(_user_id(body))
     else:
         raise PoisonMessage(f"unknown message type {message.message_type!r}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-import sentry_sdk
 from sqlalchemy import func, select
 
 from shared import slots, statuses, tracing, webhooks
@@ -36,10 +35,7 @@ def reconcile_expired_leases(limit: int = 100) -> int:
             .limit(limit)
         ).all()
     for call in expired:
-        with (
-            sentry_sdk.isolation_scope(),
-            tracing.call_transaction(call.trace_headers, op="slot.reconcile", name="Reconcile Expired Slot"),
-        ):
+        with tracing.call_transaction(call.trace_headers, op="slot.reconcile", name="Reconcile Expired Slot"):
             _reconcile(call)
     return len(expired)
 
@@ -66,7 +62,7 @@ def _reconcile(call: Call) -> None:
 
 def _extend_lease(call: Call, lease: timedelta) -> bool:
     with UnitOfWork() as uow:
-        locked = uow.session.get_one(Call, call.id, with_for_update=True)
+        locked = slots.lock_call(uow.session, call.id)
         if not locked.slot_held or locked.created_at < uow.session.scalar(select(func.now())) - MAX_LEASES * lease:
             return False
         locked.slot_lease_expires_at = func.now() + lease
@@ -77,14 +73,11 @@ def _extend_lease(call: Call, lease: timedelta) -> bool:
 
 def _expire(call: Call, provider_status: str | None) -> None:
     with UnitOfWork() as uow:
-        locked = uow.session.get_one(Call, call.id, with_for_update=True)
+        locked = slots.lock_call(uow.session, call.id)
         if not locked.slot_held:
             return
-        slots.release(uow, locked)
-        if not statuses.is_terminal(locked.status):
-            locked.status = statuses.FAILED
-            locked.error_type = ErrorType.SLOT_LEASE_EXPIRED
-            locked.error_detail = f"Slot lease expired; Bolna reports {provider_status or 'nothing'} for the call."
+        detail = f"Slot lease expired; Bolna reports {provider_status or 'nothing'} for the call."
+        slots.fail_call(uow, locked, ErrorType.SLOT_LEASE_EXPIRED, detail)
         uow.commit()
     report(
         CallflowError(

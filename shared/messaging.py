@@ -131,6 +131,7 @@ class Publisher:
     def __init__(self, url: str):
         self._url = url
         self._local = threading.local()
+        self._declared = False
 
     def _channel(self) -> BlockingChannel:
         channel = getattr(self._local, "channel", None)
@@ -140,7 +141,9 @@ class Publisher:
             connection = pika.BlockingConnection(connection_parameters(self._url))
             channel = connection.channel()
             channel.confirm_delivery()
-            declare_topology(channel)
+            if not self._declared:  # once per process: the topology is durable, reconnects need not redo it
+                declare_topology(channel)
+                self._declared = True
             self._local.connection, self._local.channel = connection, channel
         self._local.last_used = time.monotonic()
         return channel
@@ -170,6 +173,3 @@ class Publisher:
                 connection.close()
             except AMQPError:
                 log.debug("closing a broken broker connection failed", exc_info=True)
-
-    def close(self) -> None:
-        self._close_thread_connection()

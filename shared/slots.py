@@ -22,6 +22,10 @@ def lock_user(session: Session, user_id: uuid.UUID) -> User:
     return session.execute(select(User).where(User.id == user_id).with_for_update()).scalar_one()
 
 
+def lock_call(session: Session, call_id: uuid.UUID) -> Call:
+    return session.execute(select(Call).where(Call.id == call_id).with_for_update()).scalar_one()
+
+
 def held_slots(session: Session, user_id: uuid.UUID) -> int:
     return session.scalar(select(func.count()).where(Call.user_id == user_id, Call.slot_held.is_(True))) or 0
 
@@ -58,6 +62,15 @@ def try_reserve(session: Session, locked_user: User, call: Call, *, behind_queue
     call.status = statuses.INITIATING
     call.slot_lease_expires_at = func.now() + timedelta(seconds=get_settings().slot_lease_seconds)
     return True
+
+
+def fail_call(uow: UnitOfWork, call: Call, error_type: str, detail: str) -> None:
+    """Releases the call's slot and fails it, unless it already ended (the caller holds the call's row lock)."""
+    release(uow, call)
+    if not statuses.is_terminal(call.status):
+        call.status = statuses.FAILED
+        call.error_type = error_type
+        call.error_detail = detail[:2000]
 
 
 def release(uow: UnitOfWork, call: Call) -> None:

@@ -113,7 +113,12 @@ def _retry_count(headers: Mapping[str, Any], redelivered: bool) -> int:
 
 @contextmanager
 def call_transaction(call_trace_headers: Mapping[str, Any] | None, op: str, name: str) -> Iterator[Span]:
-    """Runs the block as a transaction in the call's own trace: one trace per call, whatever service works on it."""
-    transaction = sentry_sdk.continue_trace(trace_headers_from(call_trace_headers), op=op, name=name, source="task")
-    with sentry_sdk.start_transaction(transaction) as span:
-        yield span
+    """Runs the block as a transaction in the call's own trace: one trace per call, whatever service works on it.
+
+    It gets an isolation scope of its own: continuing a trace changes the scope, and nothing of one call's work
+    (trace, tags, breadcrumbs) may leak into the next piece of work in the same process.
+    """
+    with sentry_sdk.isolation_scope():
+        transaction = sentry_sdk.continue_trace(trace_headers_from(call_trace_headers), op=op, name=name, source="task")
+        with sentry_sdk.start_transaction(transaction) as span:
+            yield span

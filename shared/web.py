@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 import uuid
 from typing import Any
@@ -11,7 +12,7 @@ import sentry_sdk
 from flask import Flask, Response, g, jsonify, request
 from pika.exceptions import AMQPError
 from pydantic import ValidationError
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException
 
 from shared import health
@@ -78,7 +79,8 @@ def create_service_app(service: str) -> Flask:
         error_type = _HTTP_ERROR_TYPES.get(error.code or 500, ErrorType.INTERNAL_ERROR)
         return problem(error_type, error.description or "", status=error.code)
 
-    @app.errorhandler(DBAPIError)
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(InterfaceError)
     def _database_error(error: DBAPIError):
         report_database_error(error, place=request.path)
         return problem(ErrorType.DATABASE_ERROR, "The database is unavailable; retry later.")
@@ -120,7 +122,7 @@ def json_body() -> Any:
         raise CallflowError(ErrorType.VALIDATION_ERROR, "The body is not valid JSON.") from exc
     if _depth(body) > MAX_JSON_DEPTH:
         raise CallflowError(ErrorType.VALIDATION_ERROR, f"The body is nested deeper than {MAX_JSON_DEPTH} levels.")
-    return _without_nul(body)
+    return _storable(body)
 
 
 def _depth(value: Any) -> int:
@@ -134,14 +136,21 @@ def _depth(value: Any) -> int:
     return deepest
 
 
-def _without_nul(value: Any) -> Any:
-    """PostgreSQL text and jsonb cannot hold U+0000: it is dropped rather than the whole request refused."""
+def _storable(value: Any) -> Any:
+    """The body as PostgreSQL's jsonb can hold it. U+0000 is dropped rather than the request refused (it is
+    harmless noise); NaN, Infinity and lone surrogates, which JSON parsers accept and jsonb refuses, are refused."""
     if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise CallflowError(ErrorType.VALIDATION_ERROR, "The body holds text that is not valid Unicode.") from exc
         return value.replace("\x00", "")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CallflowError(ErrorType.VALIDATION_ERROR, "The body holds NaN or Infinity, which JSON does not allow.")
     if isinstance(value, list):
-        return [_without_nul(item) for item in value]
+        return [_storable(item) for item in value]
     if isinstance(value, dict):
-        return {_without_nul(key): _without_nul(item) for key, item in value.items()}
+        return {_storable(key): _storable(item) for key, item in value.items()}
     return value
 
 

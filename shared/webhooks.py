@@ -168,7 +168,7 @@ def apply_stored(event_id: int) -> bool:
             select(WebhookEvent).where(WebhookEvent.id == event_id).with_for_update(skip_locked=True)
         ).scalar_one_or_none()
         if event is None or event.applied_at is not None:
-            return event is not None
+            return True  # applied already, or being applied by another process right now
         call = _find_call(uow, BolnaWebhook(event.payload))
         if call is None:
             return False
@@ -231,7 +231,7 @@ def _apply(uow: UnitOfWork, call: Call, event: WebhookEvent) -> None:
     if event.status not in statuses.PROVIDER_STATUSES:
         log.warning("webhook with unknown status %r for call %s kept, not applied", event.status, call.id)
         return
-    if event.status in statuses.SCHEDULED_AGAIN and event.attempt > 0 and statuses.is_terminal(call.status):
+    if event.status in statuses.SCHEDULED_AGAIN and event.attempt > 0 and call.status in statuses.RELEASES_SLOT:
         # Bolna redials on its own (an agent with auto-retry on): stop it, so every dial goes through the limit.
         log.warning("Bolna scheduled call %s again (attempt %d): asking it to stop", call.id, event.attempt)
         uow.emit(MessageType.EXECUTION_STOP, {"execution_id": event.execution_id, "call_id": str(call.id)})
@@ -265,16 +265,15 @@ def _charge(uow: UnitOfWork, call: Call, webhook: BolnaWebhook) -> None:
     seconds = webhook.duration_seconds or 0
     credits = math.ceil(seconds / 60)
     try:
-        with uow.session.begin_nested():
-            entry_id = uow.session.scalar(
-                pg_insert(CreditLedgerEntry)
-                .values(user_id=call.user_id, call_id=call.id, amount=-credits, reason=CALL_CHARGE)
-                .on_conflict_do_nothing(constraint="uq_credit_ledger_call_reason")
-                .returning(CreditLedgerEntry.id)
-            )
-            if entry_id is not None:
-                uow.session.execute(update(User).where(User.id == call.user_id).values(credits=User.credits - credits))
-    except DBAPIError as exc:
+        entry_id = uow.session.scalar(
+            pg_insert(CreditLedgerEntry)
+            .values(user_id=call.user_id, call_id=call.id, amount=-credits, reason=CALL_CHARGE)
+            .on_conflict_do_nothing(constraint="uq_credit_ledger_call_reason")
+            .returning(CreditLedgerEntry.id)
+        )
+        if entry_id is not None:
+            uow.session.execute(update(User).where(User.id == call.user_id).values(credits=User.credits - credits))
+    except DBAPIError as exc:  # the whole transaction rolls back: the completion waits until it can be billed
         raise CallflowError(
             ErrorType.CREDIT_DEDUCTION_FAILED,
             f"Charging {credits} credits for a completed call failed: {type(exc).__name__}",

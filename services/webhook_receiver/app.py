@@ -5,16 +5,17 @@ from __future__ import annotations
 import hmac
 import ipaddress
 
-from flask import Blueprint, Flask, jsonify, request
-from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+from flask import Blueprint, Flask, current_app, jsonify, request
+from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook, WebhookVerificationError
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from shared import webhooks
-from shared.config import get_settings, require
+from shared.config import get_settings, invalid, require
 from shared.errors import CallflowError, ErrorType
 from shared.web import create_service_app, json_body
 
 SERVICE = "webhook-receiver"
+VERIFIER = "callflow.webhook_verifier"
 hooks = Blueprint("webhooks", __name__, url_prefix="/webhooks")
 
 
@@ -50,9 +51,10 @@ def _authenticate() -> None:
     Bolna does not sign: a long secret in the URL, compared in constant time, is its documented defence.
     """
     settings = get_settings()
-    if settings.webhook_signing_secret and "webhook-signature" in request.headers:
+    verifier: Webhook | None = current_app.extensions[VERIFIER]
+    if verifier is not None and "webhook-signature" in request.headers:
         try:
-            Webhook(settings.webhook_signing_secret).verify(request.get_data(cache=True), dict(request.headers))
+            verifier.verify(request.get_data(cache=True), dict(request.headers))
         except (WebhookVerificationError, ValueError) as exc:
             raise CallflowError(ErrorType.WEBHOOK_AUTH_FAILED, f"Webhook signature rejected: {exc}") from exc
         return
@@ -63,7 +65,12 @@ def _authenticate() -> None:
 
 def create_app() -> Flask:
     settings = require("webhook_secret")
+    try:
+        verifier = Webhook(settings.webhook_signing_secret) if settings.webhook_signing_secret else None
+    except (ValueError, EmptyWebhookSecretError) as exc:
+        raise invalid(f"WEBHOOK_SIGNING_SECRET: not a Standard Webhooks secret ({exc})") from exc
     app = create_service_app(SERVICE)
+    app.extensions[VERIFIER] = verifier
     if settings.trusted_proxy_count:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_count)
     app.register_blueprint(hooks)

@@ -4,6 +4,7 @@ import uuid
 
 import pytest
 
+from tests.conftest import WEBHOOK_SECRET
 from tests.support.factories import customer
 from tests.support.stack import wait_until
 
@@ -46,6 +47,16 @@ def test_body_that_is_not_json_is_400(stack):
 def test_phone_that_is_not_e164_is_400(stack, phone):
     body = _assert_problem(_place(stack, customer(), phoneNumber=phone), 400, "validation_error")
     assert body["errors"][0]["field"] == "phoneNumber"
+
+
+@pytest.mark.parametrize("raw", [b'{"agentId": NaN}', b'{"phoneNumber": Infinity}', b'{"agentId": "\\ud800"}'])
+def test_json_postgresql_cannot_store_is_400(stack, raw):
+    owner = customer()
+    _assert_problem(stack.api("POST", "/api/calls", headers=owner.auth, content=raw), 400, "validation_error")
+    hook = stack.http.post(
+        f"{stack.webhook_receiver.url}/webhooks/bolna", params={"token": WEBHOOK_SECRET}, content=raw
+    )
+    _assert_problem(hook, 400, "validation_error")
 
 
 def test_unknown_field_is_400(stack):

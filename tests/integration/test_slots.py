@@ -4,7 +4,9 @@ import threading
 
 from sqlalchemy import select
 
-from shared import slots, statuses
+from shared import calls, slots, statuses
+from shared.bolna import get_bolna_client
+from shared.config import get_settings
 from shared.models import OutboxMessage
 from shared.uow import UnitOfWork
 from tests.support.factories import call_row, customer, load_call
@@ -64,3 +66,18 @@ def test_release_is_idempotent_and_announces_the_free_slot_once():
             select(OutboxMessage).where(OutboxMessage.body["user_id"].astext == str(owner.user_id))
         ).all()
     assert [row.message_type for row in announced] == ["slot.released"]
+
+
+def test_a_request_the_breaker_holds_back_gives_the_slot_back_and_requeues_the_call():
+    owner = customer(max_concurrent_calls=1)
+    call = call_row(owner, status=statuses.INITIATING, slot_held=True)
+    breaker = get_bolna_client().breaker
+    for _ in range(get_settings().bolna_breaker_threshold):
+        breaker.record_failure()
+    try:
+        assert calls.initiate(call.id, retry_transient=False) is None
+    finally:
+        breaker.record_success()
+    requeued = load_call(call.id)
+    assert (requeued.status, requeued.slot_held, requeued.dispatch_attempts) == ("pending", False, 0)
+    assert "circuit open" in requeued.error_detail

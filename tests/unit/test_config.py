@@ -33,3 +33,11 @@ def test_webhook_receiver_refuses_to_start_without_a_secret():
     )
     assert result.returncode == 2
     assert "WEBHOOK_SECRET" in result.stderr
+
+
+def test_webhook_receiver_refuses_a_malformed_signing_secret():
+    code = "from services.webhook_receiver.app import create_app; create_app()"
+    env = {"PATH": "/usr/bin", "WEBHOOK_SECRET": "s", "WEBHOOK_SIGNING_SECRET": "whsec_!!!"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "WEBHOOK_SIGNING_SECRET" in result.stderr
