@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -54,12 +55,12 @@ def publish_pending(
     published = 0
     with session_factory()() as session:
         for row in session.scalars(query):
-            body_size = len(Envelope(row.message_type, row.body).encode())
+            envelope = Envelope(row.message_type, row.body, str(row.message_id))
             try:
                 with tracing.publish_span(
-                    row.headers, f"{EVENTS_EXCHANGE}/{row.message_type}", str(row.message_id), body_size
+                    row.headers, f"{EVENTS_EXCHANGE}/{row.message_type}", envelope.message_id, len(envelope.encode())
                 ) as headers:
-                    publisher.publish(Envelope(row.message_type, row.body, str(row.message_id), headers))
+                    publisher.publish(replace(envelope, headers=headers))
             except Exception as exc:  # the broker is away: leave the rest for the relay
                 row.attempts += 1
                 row.last_error = repr(exc)[:1000]

@@ -38,6 +38,7 @@ class Receipt:
     event_id: int | None  # None: a duplicate of an event already stored
     execution_id: str
     status: str
+    attempt: int
 
 
 def store(payload: Any) -> Receipt:
@@ -62,7 +63,7 @@ def store(payload: Any) -> Receipt:
             .returning(WebhookEvent.id)
         )
         uow.commit()
-    return Receipt(event_id, webhook.execution_id, webhook.status)
+    return Receipt(event_id, webhook.execution_id, webhook.status, webhook.attempt)
 
 
 def ingest(payload: Any) -> Receipt:
@@ -75,6 +76,7 @@ def ingest(payload: Any) -> Receipt:
                 select(WebhookEvent.id).where(
                     WebhookEvent.execution_id == receipt.execution_id,
                     WebhookEvent.status == receipt.status,
+                    WebhookEvent.attempt == receipt.attempt,
                     WebhookEvent.applied_at.is_(None),
                 )
             )
