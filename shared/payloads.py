@@ -66,7 +66,9 @@ class BolnaWebhook:
     def attempt(self) -> int:
         """Bolna's auto-retry reuses the execution id; the retry count tells attempts apart."""
         value = self.payload.get("retry_count")
-        return value if isinstance(value, int) and 0 <= value <= MAX_ATTEMPT else 0
+        if isinstance(value, bool) or not isinstance(value, int):  # JSON true/false parse as int subclasses
+            return 0
+        return value if 0 <= value <= MAX_ATTEMPT else 0
 
     @property
     def context_call_id(self) -> uuid.UUID | None:

@@ -127,5 +127,12 @@ def test_empty_webhook_is_400(stack):
     _assert_problem(stack.webhook({}), 400, "empty_webhook_payload")
 
 
+def test_repeated_webhook_with_a_boolean_retry_count_is_a_duplicate_not_a_500(stack):
+    payload = {"id": str(uuid.uuid4()), "status": "balance-low", "retry_count": False}
+    answers = [stack.webhook(payload) for _ in range(2)]
+    assert [answer.status_code for answer in answers] == [200, 200]
+    assert [answer.json()["status"] for answer in answers] == ["accepted", "duplicate"]
+
+
 def test_webhook_without_execution_id_is_400(stack):
     _assert_problem(stack.webhook({"status": "completed"}), 400, "missing_execution_id")

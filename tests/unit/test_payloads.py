@@ -66,4 +66,6 @@ def test_webhook_finds_our_call_id_in_context_details():
 
 def test_webhook_attempt_comes_from_retry_count():
     assert BolnaWebhook({"retry_count": 2}).attempt == 2
-    assert BolnaWebhook({"retry_count": "2"}).attempt == 0
+    for garbage in ("2", True, False, -1, 10**12, None):
+        attempt = BolnaWebhook({"retry_count": garbage}).attempt
+        assert attempt == 0 and type(attempt) is int, garbage
