@@ -28,6 +28,7 @@ from shared.messaging import (
     connection_parameters,
     declare_retry_queues,
     declare_topology,
+    persistent_copy,
     retry_queue,
 )
 from shared.observability import report, report_database_error
@@ -145,7 +146,7 @@ class Consumer:
             return
         delay = RETRY_DELAYS_SECONDS[attempt]
         log.warning("message %s failed (%r); retry %d in %ds", message.message_id, exc, attempt + 1, delay)
-        retry = _copy(properties, {ATTEMPT_HEADER: attempt + 1})
+        retry = persistent_copy(properties, {**(properties.headers or {}), ATTEMPT_HEADER: attempt + 1})
         try:
             channel.basic_publish(RETRY_EXCHANGE, retry_queue(self._queue, delay), message.body, retry, mandatory=True)
         except UnroutableError:
@@ -162,9 +163,10 @@ class Consumer:
         reason: str,
         cause: BaseException | None = None,
     ) -> None:
-        dead = _copy(
+        dead = persistent_copy(
             properties,
             {
+                **(properties.headers or {}),
                 DEAD_LETTER_REASON_HEADER: reason[:1000],
                 ORIGINAL_QUEUE_HEADER: self._queue,
                 ORIGINAL_ROUTING_KEY_HEADER: method.routing_key,
@@ -181,13 +183,3 @@ class Consumer:
             cause=cause,
             place=self._queue,
         )
-
-
-def _copy(properties: pika.BasicProperties, extra_headers: dict[str, Any]) -> pika.BasicProperties:
-    return pika.BasicProperties(
-        content_type=properties.content_type,
-        delivery_mode=pika.DeliveryMode.Persistent,
-        message_id=properties.message_id,
-        type=properties.type,
-        headers={**(properties.headers or {}), **extra_headers},
-    )

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import pika
-from pika.adapters.blocking_connection import BlockingChannel
 
 from shared.messaging import (
     ATTEMPT_HEADER,
@@ -16,8 +13,8 @@ from shared.messaging import (
     DEAD_LETTER_REASON_HEADER,
     ORIGINAL_QUEUE_HEADER,
     ORIGINAL_ROUTING_KEY_HEADER,
-    connection_parameters,
-    declare_topology,
+    open_channel,
+    persistent_copy,
 )
 
 _DEAD_LETTER_HEADERS = (
@@ -46,19 +43,6 @@ class DeadLetter:
         }
 
 
-@contextmanager
-def _channel(url: str) -> Iterator[BlockingChannel]:
-    connection = pika.BlockingConnection(connection_parameters(url))
-    try:
-        channel = connection.channel()
-        channel.confirm_delivery()
-        declare_topology(channel)
-        yield channel
-    finally:
-        # Closing returns every message fetched and not acknowledged to the queue, in place.
-        connection.close()
-
-
 def _dead_letter(properties: pika.BasicProperties, body: bytes) -> DeadLetter:
     headers = properties.headers or {}
     return DeadLetter(
@@ -73,7 +57,7 @@ def _dead_letter(properties: pika.BasicProperties, body: bytes) -> DeadLetter:
 def list_dead_letters(url: str, limit: int = 100) -> list[DeadLetter]:
     """Reads up to `limit` dead letters without removing them."""
     found: list[DeadLetter] = []
-    with _channel(url) as channel:
+    with open_channel(url) as channel:
         while len(found) < limit:
             method, properties, body = channel.basic_get(DEAD_LETTER_QUEUE, auto_ack=False)
             if method is None:
@@ -88,7 +72,7 @@ def replay(url: str, message_ids: set[str] | None = None, limit: int = 1000) -> 
     Each is removed from the dead-letter queue only once the broker has confirmed the copy sent back.
     """
     replayed: list[DeadLetter] = []
-    with _channel(url) as channel:
+    with open_channel(url) as channel:
         for _ in range(limit):
             method, properties, body = channel.basic_get(DEAD_LETTER_QUEUE, auto_ack=False)
             if method is None:
@@ -97,13 +81,7 @@ def replay(url: str, message_ids: set[str] | None = None, limit: int = 1000) -> 
             if not letter.original_queue or (message_ids is not None and letter.message_id not in message_ids):
                 continue
             headers = {k: v for k, v in (properties.headers or {}).items() if k not in _DEAD_LETTER_HEADERS}
-            fresh = pika.BasicProperties(
-                content_type=properties.content_type,
-                delivery_mode=pika.DeliveryMode.Persistent,
-                message_id=properties.message_id,
-                type=properties.type,
-                headers=headers,
-            )
+            fresh = persistent_copy(properties, headers)
             channel.basic_publish("", letter.original_queue, body, fresh, mandatory=True)
             channel.basic_ack(method.delivery_tag)
             replayed.append(letter)

@@ -10,6 +10,8 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -109,12 +111,33 @@ def declare_retry_queues(channel: BlockingChannel, queue: str) -> None:
         channel.queue_bind(name, RETRY_EXCHANGE, routing_key=name)
 
 
-def declare_topology_at(url: str) -> None:
+@contextmanager
+def open_channel(url: str) -> Iterator[BlockingChannel]:
+    """A confirmed channel on a fresh connection, the topology declared; closing it returns unacked messages."""
     connection = pika.BlockingConnection(connection_parameters(url))
     try:
-        declare_topology(connection.channel())
+        channel = connection.channel()
+        channel.confirm_delivery()
+        declare_topology(channel)
+        yield channel
     finally:
         connection.close()
+
+
+def declare_topology_at(url: str) -> None:
+    with open_channel(url):
+        pass
+
+
+def persistent_copy(properties: pika.BasicProperties, headers: dict[str, Any]) -> pika.BasicProperties:
+    """The message's properties with other headers, for sending it on (to a retry, the dead letters, back)."""
+    return pika.BasicProperties(
+        content_type=properties.content_type,
+        delivery_mode=pika.DeliveryMode.Persistent,
+        message_id=properties.message_id,
+        type=properties.type,
+        headers=headers,
+    )
 
 
 def ping(url: str) -> None:

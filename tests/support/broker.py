@@ -5,22 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from contextlib import contextmanager
 
 import pika
 
-from shared.messaging import EVENTS_EXCHANGE, connection_parameters, declare_topology
+from shared.messaging import EVENTS_EXCHANGE, open_channel
 
 
-@contextmanager
 def channel():
-    connection = pika.BlockingConnection(connection_parameters(os.environ["RABBITMQ_URL"]))
-    try:
-        ch = connection.channel()
-        declare_topology(ch)
-        yield ch
-    finally:
-        connection.close()
+    return open_channel(os.environ["RABBITMQ_URL"])
 
 
 def tap(ch, routing_key: str) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from tests.support.processes import REPO
+from tests.support.processes import REPO, stop_process
 
 SCRIPTS = REPO / "deploy" / "bugsink"
 API = "/api/canonical/0"
@@ -80,14 +79,7 @@ class BugsinkServer:
 
     def stop(self, timeout: float = 30.0) -> int | None:
         self.http.close()
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait(10)
+        return stop_process(self.process, timeout=timeout)
 
     def __enter__(self) -> BugsinkServer:
         return self.start()

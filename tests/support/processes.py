@@ -21,6 +21,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def stop_process(
+    process: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM, timeout: float = 30.0
+) -> int | None:
+    """Signals a process and returns its exit code; one that ignores the signal is killed."""
+    if process is None or process.poll() is not None:
+        return process.returncode if process else None
+    process.send_signal(sig)
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait(10)
+
+
 class ServiceProcess:
     def __init__(self, module: str, port: int, env: dict[str, str], log_dir: Path):
         self.module = module
@@ -56,14 +70,7 @@ class ServiceProcess:
         raise RuntimeError(f"{self.module} /health not {expected_status} after {timeout}s:\n{self.logs()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait(10)
+        return stop_process(self.process, sig, timeout)
 
     def logs(self, tail: int | None = 8000) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
