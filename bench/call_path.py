@@ -46,9 +46,9 @@ def main() -> None:
     try:
         _run()
     finally:
-        from shared.db import get_engine
+        from tests.support.components import components
 
-        get_engine().dispose()
+        components().engine.dispose()
         isolation.destroy()
 
 
@@ -56,12 +56,12 @@ def _run() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from shared import schema
+    from shared.core import migrate
     from tests.support.factories import customer
     from tests.support.sentry_sink import SentrySink
     from tests.support.stack import FAST_CALLS, running_stack
 
-    schema.upgrade(os.environ["DATABASE_URL"])
+    migrate.upgrade(os.environ["DATABASE_URL"])
     sink = SentrySink().start()
     with tempfile.TemporaryDirectory() as logs, running_stack(sink, Path(logs), BENCH_ENV, FAST_CALLS) as stack:
         placed_owner = customer(credits=1_000_000, max_concurrent_calls=ROUNDS)

@@ -21,15 +21,15 @@ def pytest_configure(config: pytest.Config) -> None:
         SWEEP_INTERVAL_SECONDS="1",
     )
     _isolation.create()
-    from shared import schema
+    from shared.core import migrate
 
-    schema.upgrade(_isolation.database_url)
+    migrate.upgrade(_isolation.database_url)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    from shared.db import get_engine
+    from tests.support.components import components
 
-    get_engine().dispose()
+    components().engine.dispose()
     _isolation.destroy()
 
 

@@ -7,8 +7,9 @@ import os
 
 from pydantic import ValidationError
 
-from services.bolna_simulator.app import SimulatorConfig, create_app
-from shared.server import run_http
+from services.bolna_simulator.api import create_app
+from services.bolna_simulator.config import SimulatorConfig
+from shared.http.server import run_http
 
 
 def main() -> None:

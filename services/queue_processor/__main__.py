@@ -1,3 +1,6 @@
-from services.queue_processor.app import run
+"""`python -m services.queue_processor`: the dispatch consumer, the periodic jobs, and health on $PORT (8003)."""
 
-run()
+from services.queue_processor.bootstrap import bootstrap
+from shared.core.config import load_settings
+
+bootstrap(load_settings()).run()

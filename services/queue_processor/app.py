@@ -1,20 +1,19 @@
-"""The queue-processor: its health app, and the process that runs the consumer and the periodic jobs."""
+"""The queue-processor process: a health endpoint, the dispatch-queue consumer and the periodic jobs."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+from dataclasses import dataclass
 
 import sentry_sdk
 from flask import Flask
 from werkzeug.serving import make_server
 
-from shared import dispatcher
-from shared.config import get_settings
-from shared.consumer import Consumer
-from shared.messaging import DISPATCH_QUEUE
-from shared.web import create_service_app
+from services.queue_processor.consumer import Consumer
+from services.queue_processor.jobs import PeriodicJobs, run_periodically
+from shared.core.config import Settings
 
 SERVICE = "queue-processor"
 DEFAULT_HEALTH_PORT = 8003
@@ -22,36 +21,32 @@ DEFAULT_HEALTH_PORT = 8003
 log = logging.getLogger(__name__)
 
 
-def create_app() -> Flask:
-    return create_service_app(SERVICE)
+@dataclass(frozen=True)
+class QueueProcessor:
+    """What the composition root hands the process: its health app, its consumer and its jobs."""
 
+    settings: Settings
+    health_app: Flask
+    consumer: Consumer
+    jobs: PeriodicJobs
+    stopping: threading.Event
 
-def run() -> None:
-    settings = get_settings()
-    app = create_app()
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: stopping.set())
-
-    health = make_server(settings.host, settings.port or DEFAULT_HEALTH_PORT, app, threaded=True)
-    threading.Thread(target=health.serve_forever, name="health", daemon=True).start()
-
-    jobs = threading.Thread(
-        target=dispatcher.run_periodically,
-        args=(dispatcher.PERIODIC_JOBS, settings.sweep_interval_seconds, stopping),
-        name="periodic-jobs",
-    )
-    jobs.start()
-    consumer = Consumer(
-        settings.rabbitmq_url,
-        DISPATCH_QUEUE,
-        dispatcher.handle_dispatch_message,
-        settings.rabbitmq_prefetch,
-        stopping,
-    )
-    log.info("queue-processor started; health on %s:%s", settings.host, settings.port or DEFAULT_HEALTH_PORT)
-    consumer.run()  # returns once SIGTERM/SIGINT set `stopping` and the message in hand is acknowledged
-    jobs.join()
-    health.shutdown()
-    sentry_sdk.flush(timeout=5)
-    log.info("queue-processor stopped")
+    def run(self) -> None:
+        """Runs until SIGTERM or SIGINT, then finishes the message in hand and flushes Sentry."""
+        signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
+        port = self.settings.port or DEFAULT_HEALTH_PORT
+        health = make_server(self.settings.host, port, self.health_app, threaded=True)
+        threading.Thread(target=health.serve_forever, name="health", daemon=True).start()
+        jobs = threading.Thread(
+            target=run_periodically,
+            args=(self.jobs.all(), self.settings.sweep_interval_seconds, self.stopping),
+            name="periodic-jobs",
+        )
+        jobs.start()
+        log.info("queue-processor started; health on %s:%s", self.settings.host, port)
+        self.consumer.run()  # returns once `stopping` is set and the message in hand is acknowledged
+        jobs.join()
+        health.shutdown()
+        sentry_sdk.flush(timeout=5)
+        log.info("queue-processor stopped")

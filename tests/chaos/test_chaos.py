@@ -13,10 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 from sqlalchemy import func, select
 
-from shared import statuses
-from shared.models import Call, CreditLedgerEntry, OutboxMessage, User
-from shared.uow import UnitOfWork
+from shared.calls import statuses
+from shared.core.models import Call, CreditLedgerEntry, OutboxMessage, User
 from tests.support import broker
+from tests.support.components import components
 from tests.support.factories import Customer, call_row, customer, load_call
 from tests.support.invariants import violations
 from tests.support.stack import Stack, wait_until
@@ -33,12 +33,12 @@ def _place(stack: Stack, owner: Customer) -> httpx.Response:
 
 
 def _calls(user_ids: list[uuid.UUID]) -> list[Call]:
-    with UnitOfWork() as uow:
+    with components().uow() as uow:
         return list(uow.session.scalars(select(Call).where(Call.user_id.in_(user_ids))))
 
 
 def _unpublished() -> int:
-    with UnitOfWork() as uow:
+    with components().uow() as uow:
         return uow.session.scalar(select(func.count()).where(OutboxMessage.published_at.is_(None)))
 
 
@@ -90,7 +90,7 @@ def test_500_calls_survive_broker_outage_flaky_provider_and_a_killed_consumer(
     assert all(statuses.is_terminal(call.status) and not call.slot_held for call in calls)
 
     # Each completed call charged exactly once, and the ledger is the credits' whole story.
-    with UnitOfWork() as uow:
+    with components().uow() as uow:
         ledger = dict(
             uow.session.execute(
                 select(CreditLedgerEntry.call_id, func.count())

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shared import statuses
+from shared.calls import statuses
 from tests.conftest import WEBHOOK_SECRET
 from tests.support.factories import customer
 from tests.support.invariants import violations

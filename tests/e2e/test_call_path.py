@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from shared import statuses
+from shared.calls import statuses
 from tests.support.factories import Customer, call_row, credits_of, customer, ledger_total, load_call
 from tests.support.stack import Stack, wait_until
 

@@ -12,12 +12,13 @@ import httpx
 from sqlalchemy import func, select, update
 from standardwebhooks.webhooks import Webhook
 
-from shared.errors import ErrorType
-from shared.messaging import EVENTS_EXCHANGE, Envelope, MessageType
-from shared.models import Call
-from shared.uow import UnitOfWork
+from shared.core.errors import ErrorType
+from shared.core.models import Call
+from shared.messaging.publisher import Envelope
+from shared.messaging.topology import EVENTS_EXCHANGE, MessageType
 from tests.conftest import WEBHOOK_SECRET
 from tests.support import broker
+from tests.support.components import components
 from tests.support.factories import call_row, credits_of, customer, ledger_total, load_call
 from tests.support.processes import ServiceProcess, free_port
 from tests.support.sentry_sink import SentrySink
@@ -31,7 +32,7 @@ def _body(owner, **overrides) -> dict:
 
 
 def _calls_of(user_id: uuid.UUID) -> int:
-    with UnitOfWork() as uow:
+    with components().uow() as uow:
         return uow.session.scalar(select(func.count()).where(Call.user_id == user_id))
 
 
@@ -42,7 +43,7 @@ def _wake_dispatcher(user_id: uuid.UUID, message_id: str | None = None) -> None:
 
 
 def _expire_lease(call_id: uuid.UUID) -> None:
-    with UnitOfWork() as uow:
+    with components().uow() as uow:
         uow.session.execute(
             update(Call).where(Call.id == call_id).values(slot_lease_expires_at=func.now() - timedelta(seconds=1))
         )

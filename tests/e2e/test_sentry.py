@@ -10,8 +10,9 @@ import httpx
 import pika
 import pytest
 
-from shared.errors import ERROR_TABLE, ErrorType
-from shared.messaging import EVENTS_EXCHANGE, Envelope, MessageType
+from shared.core.errors import ERROR_TABLE, ErrorType
+from shared.messaging.publisher import Envelope
+from shared.messaging.topology import EVENTS_EXCHANGE, MessageType
 from tests.conftest import WEBHOOK_SECRET
 from tests.support import broker
 from tests.support.factories import Customer, call_row, credits_of, customer, ledger_total, load_call

@@ -16,7 +16,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from pydantic import ValidationError
 
-from services.bolna_simulator.app import SimulatorConfig, create_app
+from services.bolna_simulator.api import create_app
+from services.bolna_simulator.config import SimulatorConfig
 
 AGENT_ID = "123e4567-e89b-12d3-a456-426655440000"
 OTHER_AGENT_ID = "9b2f4a8e-5c1d-4e7f-8a3b-6d0c2e1f4a5b"

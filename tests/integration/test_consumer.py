@@ -14,15 +14,15 @@ from pathlib import Path
 import pika
 import pytest
 
-from shared import dlq
-from shared.consumer import Consumer, IncomingMessage, PoisonMessage
-from shared.messaging import (
+from services.queue_processor.consumer import Consumer, IncomingMessage, PoisonMessage
+from shared.messaging import dead_letters
+from shared.messaging.publisher import Envelope
+from shared.messaging.topology import (
     ATTEMPT_HEADER,
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
     DEAD_LETTER_REASON_HEADER,
     RETRY_DELAYS_SECONDS,
-    Envelope,
     retry_queue,
 )
 from tests.support import broker
@@ -134,10 +134,10 @@ def test_dead_letters_can_be_listed_and_replayed_into_their_queue(work_queue):
         ch.basic_publish("", work_queue, envelope.encode(), envelope.properties())
         with _consuming(work_queue, handler):
             deadline = time.monotonic() + 10
-            while envelope.message_id not in {d.message_id for d in dlq.list_dead_letters(url, 1000)}:
+            while envelope.message_id not in {d.message_id for d in dead_letters.list_dead_letters(url, 1000)}:
                 assert time.monotonic() < deadline, "the message never reached the dead-letter queue"
                 time.sleep(0.1)
-            listed = next(d for d in dlq.list_dead_letters(url, 1000) if d.message_id == envelope.message_id)
+            listed = next(d for d in dead_letters.list_dead_letters(url, 1000) if d.message_id == envelope.message_id)
             assert listed.reason == "first delivery refused"
             assert listed.original_queue == work_queue
             assert listed.as_dict()["body"] == '{"n":7}'
@@ -145,10 +145,10 @@ def test_dead_letters_can_be_listed_and_replayed_into_their_queue(work_queue):
             shown = subprocess.run([callctl, "dlq", "list", "--json"], capture_output=True, text=True, check=True)
             assert listed.as_dict() in [json.loads(line) for line in shown.stdout.splitlines()]
 
-            replayed = dlq.replay(url, {envelope.message_id})
+            replayed = dead_letters.replay(url, {envelope.message_id})
             assert [letter.message_id for letter in replayed] == [envelope.message_id]
             deadline = time.monotonic() + 10
             while len(attempts) < 2 and time.monotonic() < deadline:
                 time.sleep(0.1)
     assert attempts == [envelope.message_id, envelope.message_id]
-    assert envelope.message_id not in {d.message_id for d in dlq.list_dead_letters(url, 1000)}
+    assert envelope.message_id not in {d.message_id for d in dead_letters.list_dead_letters(url, 1000)}

@@ -5,15 +5,15 @@ import uuid
 
 from sqlalchemy import select
 
-from shared import outbox
-from shared.messaging import Publisher
-from shared.models import OutboxMessage
-from shared.uow import UnitOfWork
+from shared.core.models import OutboxMessage
+from shared.messaging import outbox
+from shared.messaging.publisher import Publisher
 from tests.support import broker
+from tests.support.components import components
 
 
 def _unpublished(message_id: uuid.UUID) -> OutboxMessage:
-    with UnitOfWork() as uow:
+    with components().uow() as uow:
         return uow.session.scalar(select(OutboxMessage).where(OutboxMessage.message_id == message_id))
 
 
@@ -21,7 +21,7 @@ def test_committed_message_is_published_right_away_with_confirms():
     marker = str(uuid.uuid4())
     with broker.channel() as ch:
         queue = broker.tap(ch, "slot.released")
-        with UnitOfWork() as uow:
+        with components().uow() as uow:
             uow.emit("slot.released", {"user_id": marker})
             uow.commit()
         messages = broker.get_messages(ch, queue, expected=1)
@@ -31,7 +31,7 @@ def test_committed_message_is_published_right_away_with_confirms():
     assert properties.delivery_mode == 2
     assert properties.type == "slot.released"
     assert properties.message_id
-    with UnitOfWork() as uow:
+    with components().uow() as uow:
         row = uow.session.scalar(
             select(OutboxMessage).where(OutboxMessage.message_id == uuid.UUID(properties.message_id))
         )
@@ -40,19 +40,19 @@ def test_committed_message_is_published_right_away_with_confirms():
 
 def test_rolled_back_change_publishes_nothing():
     marker = str(uuid.uuid4())
-    with UnitOfWork() as uow:
+    with components().uow() as uow:
         uow.emit("slot.released", {"user_id": marker})
-    with UnitOfWork() as uow:
+    with components().uow() as uow:
         assert uow.session.scalar(select(OutboxMessage).where(OutboxMessage.body["user_id"].astext == marker)) is None
 
 
 def test_message_written_while_broker_is_down_is_relayed_later():
     marker = str(uuid.uuid4())
-    with UnitOfWork() as uow:
+    with components().uow() as uow:
         row = outbox.add(uow.session, "slot.released", {"user_id": marker})
         uow.session.commit()
     unreachable = Publisher("amqp://guest:guest@127.0.0.1:1/%2F")
-    assert outbox.publish_pending(unreachable, ids=[row.id]) == 0
+    assert outbox.publish_pending(components().sessions, unreachable, ids=[row.id]) == 0
     failed = _unpublished(row.message_id)
     assert failed.published_at is None
     assert failed.attempts == 1
@@ -60,7 +60,7 @@ def test_message_written_while_broker_is_down_is_relayed_later():
 
     with broker.channel() as ch:
         queue = broker.tap(ch, "slot.released")
-        assert outbox.publish_pending(outbox.get_publisher(), ids=[row.id]) == 1
+        assert outbox.publish_pending(components().sessions, components().publisher, ids=[row.id]) == 1
         messages = broker.get_messages(ch, queue, expected=1)
     assert [json.loads(body) for _, body in messages] == [{"user_id": marker}]
     assert _unpublished(row.message_id).published_at is not None

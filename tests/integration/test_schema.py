@@ -3,10 +3,10 @@
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from shared.db import get_engine
-from shared.models import Base
+from shared.core.models import Base
+from tests.support.components import components
 
 
 def test_migrated_database_matches_the_models():
-    with get_engine().connect() as connection:
+    with components().engine.connect() as connection:
         assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []

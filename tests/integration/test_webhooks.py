@@ -4,9 +4,10 @@ import uuid
 
 import pytest
 
-from shared import calls, statuses, webhooks
-from shared.bolna import PlacedCall
-from shared.errors import CallflowError, ErrorType
+from shared.bolna.client import PlacedCall
+from shared.calls import provider_events, statuses
+from shared.core.errors import CallflowError, ErrorType
+from tests.support.components import components
 from tests.support.factories import call_row, credits_of, customer, ledger_total, load_call
 
 
@@ -14,10 +15,10 @@ def _event(execution_id: str, status: str, **fields) -> dict:
     return {"id": execution_id, "status": status, **fields}
 
 
-def _deliver(payload: dict) -> webhooks.Receipt:
-    receipt = webhooks.store(payload)
+def _deliver(payload: dict) -> provider_events.Receipt:
+    receipt = provider_events.store(components().uow, payload)
     if receipt.event_id is not None:
-        webhooks.apply_stored(receipt.event_id)
+        provider_events.apply_stored(components().uow, receipt.event_id)
     return receipt
 
 
@@ -33,15 +34,16 @@ def _deliver(payload: dict) -> webhooks.Receipt:
 )
 def test_invalid_webhooks_are_refused(payload, error_type):
     with pytest.raises(CallflowError) as raised:
-        webhooks.store(payload)
+        provider_events.store(components().uow, payload)
     assert raised.value.error_type is error_type
 
 
 def test_duplicate_is_stored_once():
     execution_id = str(uuid.uuid4())
-    assert webhooks.store(_event(execution_id, "ringing")).event_id is not None
-    assert webhooks.store(_event(execution_id, "ringing")).event_id is None
-    assert webhooks.store(_event(execution_id, "ringing", retry_count=1)).event_id is not None
+    uow = components().uow
+    assert provider_events.store(uow, _event(execution_id, "ringing")).event_id is not None
+    assert provider_events.store(uow, _event(execution_id, "ringing")).event_id is None
+    assert provider_events.store(uow, _event(execution_id, "ringing", retry_count=1)).event_id is not None
 
 
 def test_out_of_order_and_duplicate_events_leave_one_final_state_and_one_charge():
@@ -79,15 +81,16 @@ def test_event_for_an_unknown_execution_is_kept_and_applied_when_the_call_is_lin
     owner = customer()
     execution_id = str(uuid.uuid4())
     call = call_row(owner, status=statuses.INITIATING, slot_held=True)
-    receipt = webhooks.store(_event(execution_id, "ringing"))
-    assert webhooks.apply_stored(receipt.event_id) is False
+    uow = components().uow
+    receipt = provider_events.store(uow, _event(execution_id, "ringing"))
+    assert provider_events.apply_stored(uow, receipt.event_id) is False
     assert load_call(call.id).status == statuses.INITIATING
 
-    calls.link_execution(call.id, PlacedCall(execution_id, "queued", 1.0))
+    components().placer.link_execution(call.id, PlacedCall(execution_id, "queued", 1.0))
     linked = load_call(call.id)
     assert linked.execution_id == execution_id
     assert linked.status == "ringing"
-    assert receipt.event_id not in webhooks.unapplied_event_ids(min_age_seconds=0)
+    assert receipt.event_id not in provider_events.unapplied_event_ids(uow, min_age_seconds=0)
 
 
 def test_event_links_its_call_through_our_id_in_context_details():

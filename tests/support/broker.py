@@ -8,7 +8,7 @@ import time
 
 import pika
 
-from shared.messaging import EVENTS_EXCHANGE, open_channel
+from shared.messaging.topology import EVENTS_EXCHANGE, open_channel
 
 
 def channel():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from sqlalchemy import text
 
-from shared import statuses
-from shared.db import get_engine
+from shared.calls import statuses
+from tests.support.components import components
 
 _TERMINAL = sorted(statuses.TERMINAL)
 
@@ -33,7 +33,7 @@ RULES = {
 
 def violations() -> dict[str, list[object]]:
     found: dict[str, list[object]] = {}
-    with get_engine().connect() as conn:
+    with components().engine.connect() as conn:
         for rule, query in RULES.items():
             params = {"terminal": _TERMINAL} if ":terminal" in query else {}
             rows = [row[0] for row in conn.execute(text(query), params)]

@@ -1,6 +1,6 @@
 import time
 
-from shared.breaker import CircuitBreaker
+from shared.bolna.breaker import CircuitBreaker
 
 
 def test_opens_after_consecutive_failures_and_lets_one_trial_through_after_the_cooldown():

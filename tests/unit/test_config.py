@@ -5,7 +5,7 @@ from tests.support.processes import REPO
 
 
 def _start_with(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    code = "from shared.config import get_settings; get_settings()"
+    code = "from shared.core.config import load_settings; load_settings()"
     return subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
 
 
@@ -22,9 +22,8 @@ def test_wrong_scheme_fails_at_start_naming_it():
 
 
 def test_webhook_receiver_refuses_to_start_without_a_secret():
-    code = "from services.webhook_receiver.app import create_app; create_app()"
     result = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-m", "services.webhook_receiver"],
         env={"PATH": "/usr/bin", "WEBHOOK_SECRET": ""},
         cwd=REPO,
         capture_output=True,
@@ -36,8 +35,8 @@ def test_webhook_receiver_refuses_to_start_without_a_secret():
 
 
 def test_webhook_receiver_refuses_a_malformed_signing_secret():
-    code = "from services.webhook_receiver.app import create_app; create_app()"
     env = {"PATH": "/usr/bin", "WEBHOOK_SECRET": "s", "WEBHOOK_SIGNING_SECRET": "whsec_!!!"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
+    command = [sys.executable, "-m", "services.webhook_receiver"]
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "WEBHOOK_SIGNING_SECRET" in result.stderr

@@ -2,8 +2,8 @@
 
 import re
 
-from shared.config import Settings
-from shared.errors import ERROR_TABLE
+from shared.core.config import Settings
+from shared.core.errors import ERROR_TABLE
 from tests.support.processes import REPO
 
 

@@ -1,4 +1,4 @@
-from shared.errors import ERROR_TABLE, CallflowError, Capture, ErrorType, Severity
+from shared.core.errors import ERROR_TABLE, CallflowError, Capture, ErrorType, Severity
 
 
 def test_every_error_type_has_exactly_one_row():
@@ -30,5 +30,5 @@ def test_issue_taxonomy_severities():
 
 def test_error_keeps_only_known_context():
     error = CallflowError(ErrorType.AGENT_NOT_FOUND, "gone", user_id="u", call_id=None)
-    assert error.context == {"user_id": "u"}
+    assert error.tags == {"user_id": "u"}
     assert error.spec.http_status == 404

@@ -3,7 +3,8 @@ import uuid
 import pytest
 from pydantic import ValidationError
 
-from shared.payloads import BolnaWebhook, PlaceCallRequest
+from services.call_initiator.request_models import PlaceCallRequest
+from shared.bolna.execution import AgentExecution
 
 AGENT = str(uuid.uuid4())
 
@@ -37,9 +38,9 @@ def test_place_call_bounds_metadata():
 
 
 def test_webhook_reads_execution_id_from_id_or_execution_id():
-    assert BolnaWebhook({"id": "a"}).execution_id == "a"
-    assert BolnaWebhook({"execution_id": "b"}).execution_id == "b"
-    assert BolnaWebhook({"status": "queued"}).execution_id is None
+    assert AgentExecution({"id": "a"}).execution_id == "a"
+    assert AgentExecution({"execution_id": "b"}).execution_id == "b"
+    assert AgentExecution({"status": "queued"}).execution_id is None
 
 
 @pytest.mark.parametrize(
@@ -53,19 +54,19 @@ def test_webhook_reads_execution_id_from_id_or_execution_id():
     ],
 )
 def test_webhook_duration_prefers_telephony_then_conversation(payload, seconds):
-    assert BolnaWebhook(payload).duration_seconds == seconds
+    assert AgentExecution(payload).duration_seconds == seconds
 
 
 def test_webhook_finds_our_call_id_in_context_details():
     call_id = uuid.uuid4()
     payload = {"context_details": {"recipient_data": {"callflow_call_id": str(call_id)}}}
-    assert BolnaWebhook(payload).context_call_id == call_id
-    assert BolnaWebhook({"context_details": {"recipient_data": {"callflow_call_id": "junk"}}}).context_call_id is None
-    assert BolnaWebhook({"context_details": "junk"}).context_call_id is None
+    assert AgentExecution(payload).context_call_id == call_id
+    assert AgentExecution({"context_details": {"recipient_data": {"callflow_call_id": "junk"}}}).context_call_id is None
+    assert AgentExecution({"context_details": "junk"}).context_call_id is None
 
 
 def test_webhook_attempt_comes_from_retry_count():
-    assert BolnaWebhook({"retry_count": 2}).attempt == 2
+    assert AgentExecution({"retry_count": 2}).attempt == 2
     for garbage in ("2", True, False, -1, 10**12, None):
-        attempt = BolnaWebhook({"retry_count": garbage}).attempt
+        attempt = AgentExecution({"retry_count": garbage}).attempt
         assert attempt == 0 and type(attempt) is int, garbage

@@ -1,4 +1,4 @@
-from shared.scrubbing import FILTERED, mask_phone, scrub
+from shared.observability.scrubbing import FILTERED, mask_phone, scrub
 
 SECRET = "s3cret-webhook-token-value"
 

@@ -1,6 +1,6 @@
 import pytest
 
-from shared import statuses
+from shared.calls import statuses
 
 
 def test_statuses_only_move_forward():

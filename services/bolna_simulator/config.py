@@ -1,0 +1,120 @@
+"""The simulator's `SIM_*` settings, the fixed facts of a simulated call, and the body of `POST /call`."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime
+from typing import Annotated, Any
+
+import phonenumbers
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+OUTCOMES = ("completed", "busy", "no-answer", "failed")
+TERMINAL_STATUSES = frozenset(
+    {"completed", "busy", "no-answer", "failed", "canceled", "stopped", "error", "balance-low"}
+)
+# The line is free once the callee hangs up, minutes before Bolna's post-processing sends `completed`.
+LINE_RELEASING_STATUSES = TERMINAL_STATUSES | {"call-disconnected"}
+STOPPABLE_STATUSES = frozenset({"scheduled", "queued", "initiated"})
+
+WEBHOOK_TIMEOUT_SECONDS = 10.0
+WEBHOOK_RETRIES = 5
+WEBHOOK_BACKOFF_SECONDS = 0.2
+
+SIMULATED_FROM_NUMBER = "+918035735888"
+COST_CENTS_PER_MINUTE = {"llm": 1.2, "network": 1.5, "platform": 2.0, "synthesizer": 3.0, "transcriber": 0.8}
+TRANSCRIPT = (
+    "assistant: Hello! This is Maya calling from Callflow. Is this a good time to talk?\n"
+    "user: Yes, go ahead.\n"
+    "assistant: I am calling to confirm your appointment for tomorrow at 11 am. Does that still work?\n"
+    "user: Yes, that works for me.\n"
+    "assistant: Great, you are all set. Thank you and have a nice day!\n"
+)
+FAILURE_MESSAGE = "Call failed: the carrier rejected the call (SIP 503 Service Unavailable)"
+
+_E164 = re.compile(r"\+[1-9]\d{1,14}")
+
+
+class SimulatorConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SIM_", extra="forbid", case_sensitive=False)
+
+    webhook_url: str = "http://127.0.0.1:8002/webhooks/bolna"
+    api_key: str = ""
+    step_delay_seconds: float = Field(0.5, ge=0)
+    talk_seconds: float = Field(2.0, ge=0)
+    completed_delay_seconds: float = Field(1.0, ge=0)
+    duration_min_seconds: int = Field(20, ge=0)
+    duration_max_seconds: int = Field(180, ge=0)
+    outcomes: Annotated[dict[str, Annotated[float, Field(ge=0)]], NoDecode] = Field(
+        default_factory=lambda: {"completed": 1.0, "busy": 0.0, "no-answer": 0.0, "failed": 0.0}
+    )
+    error_rate: float = Field(0.0, ge=0, le=1)
+    # Share of POST /call answered 429, with `Retry-After: retry_after_seconds` when that is set.
+    rate_limit_rate: float = Field(0.0, ge=0, le=1)
+    retry_after_seconds: int | None = Field(2, ge=0)
+    timeout_rate: float = Field(0.0, ge=0, le=1)
+    timeout_seconds: float = Field(30.0, ge=0)
+    latency_ms: int = Field(0, ge=0)
+    duplicate_rate: float = Field(0.0, ge=0, le=1)
+    reorder_rate: float = Field(0.0, ge=0, le=1)
+    # Share of calls whose webhooks are never delivered (the call still runs; GET /executions/{id} shows it).
+    webhook_drop_rate: float = Field(0.0, ge=0, le=1)
+    seed: int | None = None
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("outcomes", mode="before")
+    @classmethod
+    def _outcomes_from_text(cls, value: Any) -> Any:
+        """Reads the environment's `completed=0.7,busy=0.3` form; mappings pass through."""
+        if not isinstance(value, str):
+            return value
+        pairs = (item.partition("=") for item in value.split(",") if item.strip())
+        return {name.strip(): weight.strip() for name, _, weight in pairs}
+
+    @field_validator("outcomes")
+    @classmethod
+    def _known_outcomes(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(OUTCOMES))
+        if unknown:
+            raise ValueError(f"unknown outcomes {unknown}, expected some of {list(OUTCOMES)}")
+        if sum(value.values()) <= 0:
+            raise ValueError("at least one outcome needs a positive weight")
+        return {outcome: value.get(outcome, 0.0) for outcome in OUTCOMES}
+
+    @model_validator(mode="after")
+    def _duration_range(self) -> SimulatorConfig:
+        if self.duration_min_seconds > self.duration_max_seconds:
+            raise ValueError("duration_min_seconds must not exceed duration_max_seconds")
+        return self
+
+
+def _e164(value: str) -> str:
+    if not _E164.fullmatch(value):
+        raise ValueError("must be an E.164 number such as +14155550123")
+    if not phonenumbers.is_valid_number(phonenumbers.parse(value, None)):
+        raise ValueError("is not a valid phone number")
+    return value
+
+
+PhoneNumber = Annotated[str, AfterValidator(_e164)]
+
+
+class CallRequest(BaseModel):
+    """The body of `POST /call`; Bolna's other options (agent_data, bypass_call_guardrails) pass unchecked."""
+
+    model_config = ConfigDict(extra="allow")
+
+    agent_id: uuid.UUID
+    recipient_phone_number: PhoneNumber
+    from_phone_number: PhoneNumber | None = None
+    user_data: dict[str, Any] = Field(default_factory=dict)
+    scheduled_at: datetime | None = None
+    retry_config: dict[str, Any] | None = None

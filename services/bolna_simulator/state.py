@@ -1,0 +1,283 @@
+"""The simulated Bolna account in memory: its calls, its counters, its config and the chance draws behind them."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from services.bolna_simulator.config import (
+    COST_CENTS_PER_MINUTE,
+    FAILURE_MESSAGE,
+    LINE_RELEASING_STATUSES,
+    OUTCOMES,
+    SIMULATED_FROM_NUMBER,
+    STOPPABLE_STATUSES,
+    TRANSCRIPT,
+    CallRequest,
+    SimulatorConfig,
+)
+from services.bolna_simulator.errors import ApiError
+from services.bolna_simulator.playback import CallPlayback
+
+log = logging.getLogger(__name__)
+
+Fault = Literal["error", "timeout", "rate_limited"]
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Stats:
+    calls_received: int = 0
+    calls_accepted: int = 0
+    api_errors: int = 0
+    api_timeouts: int = 0
+    rate_limited: int = 0
+    stop_requests: int = 0
+    webhooks_sent: int = 0
+    webhook_failures: int = 0
+    active_calls: dict[str, int] = field(default_factory=dict)
+    max_active_calls: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Execution:
+    """One call's record, changed only under the simulator's lock; its thread polls `abandoned` without it."""
+
+    id: str
+    agent_id: str
+    to_number: str
+    from_number: str
+    user_data: dict[str, Any]
+    outcome: str
+    duration: int
+    extracted: dict[str, Any]
+    # The counters of the generation the call was placed in, so a call outliving a reset cannot skew new ones.
+    stats: Stats
+    provider_call_id: str = field(default_factory=lambda: f"CA{uuid.uuid4().hex}")
+    status: str = "queued"
+    created_at: str = field(default_factory=_now)
+    updated_at: str = ""
+    conversation_duration: int = 0
+    cost_breakdown: dict[str, float] = field(default_factory=lambda: dict.fromkeys(COST_CENTS_PER_MINUTE, 0.0))
+    transcript: str | None = None
+    recording_url: str | None = None
+    error_message: str | None = None
+    extracted_data: dict[str, Any] | None = None
+    line_released: bool = False
+    abandoned: bool = False
+    # Set by a stop or a reset to cut the lifecycle thread's current wait short.
+    wake: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.updated_at = self.created_at
+
+    def move_to(self, status: str) -> None:
+        self.status = status
+        self.updated_at = _now()
+        if status == "call-disconnected":
+            self.conversation_duration = self.duration
+            self.transcript = TRANSCRIPT
+            self.recording_url = f"https://recordings.bolna-simulator.invalid/{self.provider_call_id}.mp3"
+        elif status == "completed":
+            # Bolna's post-processing, which `completed` waits for, is what fills in cost and extraction.
+            minutes = self.duration / 60
+            self.cost_breakdown = {part: round(rate * minutes, 2) for part, rate in COST_CENTS_PER_MINUTE.items()}
+            self.extracted_data = self.extracted
+        elif status == "failed":
+            self.error_message = FAILURE_MESSAGE
+
+    def to_json(self) -> dict[str, Any]:
+        """The AgentExecution object, as `GET /executions/{id}` returns it and every webhook carries it."""
+        return {
+            "id": self.id,
+            "agent_id": self.agent_id,
+            "batch_id": None,
+            "status": self.status,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "conversation_duration": float(self.conversation_duration),
+            "total_cost": round(sum(self.cost_breakdown.values()), 2),
+            "cost_breakdown": dict(self.cost_breakdown),
+            "transcript": self.transcript,
+            "answered_by_voice_mail": False,
+            "error_message": self.error_message,
+            "extracted_data": self.extracted_data,
+            "telephony_data": {
+                "duration": str(self.conversation_duration),
+                "to_number": self.to_number,
+                "from_number": self.from_number,
+                "recording_url": self.recording_url,
+                "hosted_telephony": True,
+                "provider_call_id": self.provider_call_id,
+                "call_type": "outbound",
+                "provider": "twilio",
+            },
+            "context_details": {
+                "recipient_data": self.user_data,
+                "recipient_phone_number": self.to_number,
+            },
+        }
+
+
+class Simulator:
+    """The in-memory state of the simulated Bolna account, all of it guarded by one lock."""
+
+    def __init__(self, config: SimulatorConfig) -> None:
+        self._lock = threading.Lock()
+        self._config = config
+        self._rng = random.Random(config.seed)
+        self._executions: dict[str, Execution] = {}
+        self._stats = Stats()
+
+    @property
+    def config(self) -> SimulatorConfig:
+        with self._lock:
+            return self._config
+
+    def update_config(self, changes: dict[str, Any]) -> SimulatorConfig:
+        unknown = sorted(set(changes) - set(SimulatorConfig.model_fields))
+        if unknown:
+            raise ApiError(400, f"Unknown config keys: {', '.join(unknown)}")
+        with self._lock:
+            try:
+                self._config = SimulatorConfig(**{**self._config.model_dump(), **changes})
+            except ValidationError as exc:
+                raise ApiError.invalid(exc) from exc
+            if "seed" in changes:
+                self._rng.seed(self._config.seed)
+            return self._config
+
+    def reset(self) -> None:
+        with self._lock:
+            for execution in self._executions.values():
+                execution.abandoned = True
+                execution.wake.set()
+            self._executions.clear()
+            self._stats = Stats()
+            # Restarting the sequence makes a seeded run after a reset repeat the outcomes of the first one.
+            self._rng.seed(self._config.seed)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            stats = self._stats
+            return {
+                "calls_received": stats.calls_received,
+                "calls_accepted": stats.calls_accepted,
+                "api_errors": stats.api_errors,
+                "api_timeouts": stats.api_timeouts,
+                "rate_limited": stats.rate_limited,
+                "stop_requests": stats.stop_requests,
+                "active_calls": dict(stats.active_calls),
+                "max_active_calls": dict(stats.max_active_calls),
+                "webhooks_sent": stats.webhooks_sent,
+                "webhook_failures": stats.webhook_failures,
+                "executions_by_status": dict(Counter(e.status for e in self._executions.values())),
+            }
+
+    def receive_call(self) -> SimulatorConfig:
+        """Counts a `POST /call` request and returns the config it is answered under."""
+        with self._lock:
+            self._stats.calls_received += 1
+            return self._config
+
+    def draw_fault(self, config: SimulatorConfig) -> Fault | None:
+        with self._lock:
+            if self._rng.random() < config.timeout_rate:
+                self._stats.api_timeouts += 1
+                return "timeout"
+            if self._rng.random() < config.error_rate:
+                self._stats.api_errors += 1
+                return "error"
+            if self._rng.random() < config.rate_limit_rate:
+                self._stats.rate_limited += 1
+                return "rate_limited"
+            return None
+
+    def place_call(self, call: CallRequest) -> str:
+        with self._lock:
+            config = self._config
+            execution = Execution(
+                # uuid4 rather than the seeded generator: ids must stay unique across runs with one seed.
+                id=str(uuid.uuid4()),
+                agent_id=str(call.agent_id),
+                to_number=call.recipient_phone_number,
+                from_number=call.from_phone_number or SIMULATED_FROM_NUMBER,
+                user_data=call.user_data,
+                outcome=self._rng.choices(OUTCOMES, weights=[config.outcomes[o] for o in OUTCOMES])[0],
+                duration=self._rng.randint(config.duration_min_seconds, config.duration_max_seconds),
+                extracted={"interested": self._rng.random() < 0.5, "callback_requested": False},
+                stats=self._stats,
+            )
+            # Each call draws its delivery chaos from its own generator: the call threads interleave
+            # unpredictably, so sharing one would make a seeded run unrepeatable.
+            call_rng = random.Random(self._rng.getrandbits(64))
+            self._executions[execution.id] = execution
+            self._stats.calls_accepted += 1
+            active = self._stats.active_calls.get(execution.agent_id, 0) + 1
+            self._stats.active_calls[execution.agent_id] = active
+            maximum = self._stats.max_active_calls.get(execution.agent_id, 0)
+            self._stats.max_active_calls[execution.agent_id] = max(maximum, active)
+        log.info(
+            "call %s accepted for agent %s: outcome %s, %ss",
+            execution.id,
+            execution.agent_id,
+            execution.outcome,
+            execution.duration,
+        )
+        CallPlayback(self, execution, config, call_rng).start()
+        return execution.id
+
+    def execution(self, execution_id: str) -> dict[str, Any]:
+        with self._lock:
+            return self._find(execution_id).to_json()
+
+    def stop(self, execution_id: str) -> None:
+        with self._lock:
+            self._stats.stop_requests += 1
+            execution = self._find(execution_id)
+            if execution.status not in STOPPABLE_STATUSES:
+                raise ApiError(400, f"Call cannot be stopped: its status is {execution.status}")
+            execution.move_to("stopped")
+            self._release_line(execution)
+        execution.wake.set()
+        log.info("call %s stopped", execution_id)
+
+    def advance(self, execution: Execution, status: str) -> dict[str, Any] | None:
+        """Moves a call to `status`, returning its webhook body; a stopped call stays so, a reset one ends."""
+        with self._lock:
+            if execution.abandoned:
+                return None
+            if execution.status != "stopped":
+                execution.move_to(status)
+                if status in LINE_RELEASING_STATUSES:
+                    self._release_line(execution)
+            return execution.to_json()
+
+    def record_delivery(self, execution: Execution, delivered: bool) -> None:
+        with self._lock:
+            if delivered:
+                execution.stats.webhooks_sent += 1
+            else:
+                execution.stats.webhook_failures += 1
+
+    def _find(self, execution_id: str) -> Execution:
+        execution = self._executions.get(execution_id)
+        if execution is None:
+            raise ApiError(404, f"Execution {execution_id} not found")
+        return execution
+
+    def _release_line(self, execution: Execution) -> None:
+        if not execution.line_released:
+            execution.line_released = True
+            execution.stats.active_calls[execution.agent_id] -= 1

@@ -1,0 +1,138 @@
+"""`Idempotency-Key` on POST /api/calls, with Stripe's semantics: claiming a key, replaying its answer, and
+recording the answer.
+
+The same key and the same body replay the first answer (status and body) for 24 hours; the same key with another
+body is refused (422); the same key while its first request still runs is refused (409). The key is claimed in
+the transaction that creates the call, so one key can never make two calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Response, jsonify
+from sqlalchemy import delete, func, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from shared.core.errors import CallflowError, ErrorType
+from shared.core.models import IDEMPOTENCY_KEY_RETENTION, IdempotencyKey
+from shared.core.uow import UnitOfWorkFactory
+from shared.http.app import PROBLEM_JSON
+
+log = logging.getLogger(__name__)
+
+HEADER = "Idempotency-Key"
+_VALID_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, as the IETF draft's examples
+
+
+@dataclass(frozen=True)
+class Claim:
+    user_id: uuid.UUID
+    key: str
+    request_hash: str
+
+
+@dataclass(frozen=True)
+class Replay:
+    status: int
+    body: dict[str, Any]
+
+
+def claim_for(user_id: uuid.UUID, key: str, body: Any) -> Claim:
+    if not _VALID_KEY.match(key):
+        raise CallflowError(ErrorType.VALIDATION_ERROR, f"{HEADER} must be 1 to 255 printable ASCII characters.")
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return Claim(user_id, key, hashlib.sha256(canonical.encode()).hexdigest())
+
+
+def replay_of(uow_factory: UnitOfWorkFactory, claim: Claim) -> Replay | None:
+    """The stored answer for this key, or None when the request should run. Refuses reuse and overlap."""
+    with uow_factory() as uow:
+        uow.session.execute(_expired(claim))
+        row = uow.session.get(IdempotencyKey, (claim.user_id, claim.key))
+        uow.commit()
+    if row is None:
+        return None
+    if row.request_hash != claim.request_hash:
+        raise CallflowError(
+            ErrorType.IDEMPOTENCY_KEY_REUSED,
+            f"{HEADER} {claim.key!r} was used with a different request body.",
+            user_id=claim.user_id,
+        )
+    if row.response_status is None or row.response_body is None:
+        raise _in_progress(claim, row.call_id)
+    return Replay(row.response_status, row.response_body)
+
+
+def replayed(replay: Replay) -> Response:
+    response = jsonify(replay.body)
+    response.status_code = replay.status
+    if replay.status >= 400:
+        response.content_type = PROBLEM_JSON
+    response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+def claim_key(session: Session, claim: Claim, call_id: uuid.UUID) -> None:
+    """Claims the key in the caller's transaction; a concurrent request with the same key waits, then gets 409."""
+    claimed = session.execute(
+        pg_insert(IdempotencyKey)
+        .values(user_id=claim.user_id, key=claim.key, request_hash=claim.request_hash, call_id=call_id)
+        .on_conflict_do_nothing()
+        .returning(IdempotencyKey.key)
+    ).first()
+    if claimed is None:
+        raise _in_progress(claim, None)
+
+
+def record(uow_factory: UnitOfWorkFactory, claim: Claim, response: Response) -> None:
+    """Stores the answer of a request that made a call, errors included.
+
+    Recording must never change the answer: a call Bolna has placed still answers 201 when this fails. Its key
+    then answers 409 with the callId until it expires, so a retry cannot make a second call.
+    """
+    body = response.get_json(silent=True) if response.is_json else None
+    if response.status_code == 409 or not isinstance(body, dict) or "callId" not in body:
+        return
+    try:
+        _store_answer(uow_factory, claim, response.status_code, body)
+    except Exception:  # the call is placed and the client gets its answer; only the replay is lost
+        log.warning("recording the answer for %s %r failed", HEADER, claim.key, exc_info=True)
+
+
+def _store_answer(uow_factory: UnitOfWorkFactory, claim: Claim, status: int, body: dict[str, Any]) -> None:
+    with uow_factory() as uow:
+        uow.session.execute(
+            update(IdempotencyKey)
+            .where(
+                IdempotencyKey.user_id == claim.user_id,
+                IdempotencyKey.key == claim.key,
+                IdempotencyKey.response_status.is_(None),
+            )
+            .values(response_status=status, response_body=body)
+        )
+        uow.commit()
+
+
+def _expired(claim: Claim):
+    return delete(IdempotencyKey).where(
+        IdempotencyKey.user_id == claim.user_id,
+        IdempotencyKey.key == claim.key,
+        IdempotencyKey.created_at < func.now() - IDEMPOTENCY_KEY_RETENTION,
+    )
+
+
+def _in_progress(claim: Claim, call_id: uuid.UUID | None) -> CallflowError:
+    return CallflowError(
+        ErrorType.IDEMPOTENCY_KEY_IN_PROGRESS,
+        f"A request with {HEADER} {claim.key!r} is still being processed; retry shortly.",
+        problem_fields={"callId": str(call_id)} if call_id is not None else None,
+        user_id=claim.user_id,
+    )

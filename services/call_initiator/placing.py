@@ -1,0 +1,66 @@
+"""Accepting a call on the API: checked, recorded, and placed at once when a slot is free (201), else queued (202)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.call_initiator.idempotency import Claim, claim_key
+from services.call_initiator.request_models import PlaceCallRequest
+from shared.calls import lifecycle, statuses
+from shared.calls.initiation import CallPlacer
+from shared.core.errors import CallflowError, ErrorType
+from shared.core.models import Agent, Call, User
+from shared.observability import tracing
+from shared.observability.sentry import report
+
+
+@dataclass(frozen=True)
+class AcceptedCall:
+    call: Call
+    placed: bool  # True: the provider has it (201); False: it waits in Callflow's queue (202)
+
+
+def place_call(
+    placer: CallPlacer, lease_seconds: int, user: User, request: PlaceCallRequest, idempotency: Claim | None = None
+) -> AcceptedCall:
+    with placer.uow_factory() as uow:
+        agent = uow.session.get(Agent, request.agent_id)
+        tags = {"user_id": user.id, "agent_id": request.agent_id}
+        if agent is None:
+            raise CallflowError(ErrorType.AGENT_NOT_FOUND, f"Agent {request.agent_id} does not exist.", **tags)
+        if agent.user_id != user.id:
+            raise CallflowError(ErrorType.UNAUTHORIZED_AGENT_ACCESS, "The agent belongs to another user.", **tags)
+        if not agent.provider_agent_id:
+            raise CallflowError(
+                ErrorType.AGENT_NOT_CONFIGURED, "The agent has no provider agent id configured.", **tags
+            )
+        locked_user = uow.calls.lock_user(user.id)
+        if locked_user.credits <= 0:
+            raise CallflowError(ErrorType.INSUFFICIENT_CREDITS, "The account has no credits left.", **tags)
+        call = Call(
+            user_id=user.id,
+            agent_id=agent.id,
+            phone_number=request.phone_number,
+            call_metadata=request.metadata,
+            status=statuses.PENDING,
+            trace_headers=tracing.current_trace_headers(),
+        )
+        uow.session.add(call)
+        uow.session.flush()
+        if idempotency is not None:
+            claim_key(uow.session, idempotency, call.id)
+        # While Bolna is known to be down, new calls wait in the queue instead of failing.
+        reserved = not placer.bolna.breaker.is_open and lifecycle.reserve_slot(
+            uow.calls, locked_user, call, behind_queue=True, lease_seconds=lease_seconds
+        )
+        if not reserved:
+            lifecycle.queue(call)
+        uow.commit()
+    if not reserved:
+        report(CallflowError(ErrorType.CONCURRENCY_LIMIT, "Call queued until a slot frees.", call_id=call.id, **tags))
+        return AcceptedCall(call, placed=False)
+    placed = placer.initiate(call.id, retry_transient=False)
+    if placed is None:  # the breaker held the request back: the call went back to the queue
+        with placer.uow_factory() as uow:
+            return AcceptedCall(uow.session.get_one(Call, call.id), placed=False)
+    return AcceptedCall(placed, placed=True)

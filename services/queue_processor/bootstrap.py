@@ -1,0 +1,36 @@
+"""The queue-processor's composition root: its consumer, handlers and jobs are built and wired here."""
+
+from __future__ import annotations
+
+import threading
+
+from services.queue_processor.app import SERVICE, QueueProcessor
+from services.queue_processor.consumer import Consumer
+from services.queue_processor.dispatch import Dispatcher
+from services.queue_processor.handlers import DispatchQueueHandler
+from services.queue_processor.jobs import PeriodicJobs
+from services.queue_processor.leases import LeaseReconciler
+from shared.bootstrap import start_service
+from shared.core.config import Settings
+from shared.http.app import create_http_app
+from shared.messaging.topology import DISPATCH_QUEUE
+
+
+def bootstrap(settings: Settings) -> QueueProcessor:
+    components = start_service(SERVICE, settings)
+    dispatcher = Dispatcher(components.placer, settings.slot_lease_seconds)
+    leases = LeaseReconciler(components.uow, components.bolna, settings.slot_lease_seconds)
+    stopping = threading.Event()
+    return QueueProcessor(
+        settings=settings,
+        health_app=create_http_app(SERVICE, components.health(SERVICE)),
+        consumer=Consumer(
+            settings.rabbitmq_url,
+            DISPATCH_QUEUE,
+            DispatchQueueHandler(dispatcher, components.bolna),
+            settings.rabbitmq_prefetch,
+            stopping,
+        ),
+        jobs=PeriodicJobs(components, dispatcher, leases),
+        stopping=stopping,
+    )

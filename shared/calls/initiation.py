@@ -1,0 +1,134 @@
+"""Placing a call that holds a slot with Bolna: shared by the API (a free slot at once) and the queue-processor
+(a queued call whose turn came), so a call is placed, and reported, the same way whichever path it took."""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from typing import Any
+
+import sentry_sdk
+
+from shared.bolna.client import BolnaClient, BolnaError, PlacedCall
+from shared.bolna.execution import CONTEXT_CALL_ID_KEY
+from shared.calls import lifecycle, provider_events
+from shared.core.errors import CallflowError, ErrorType
+from shared.core.models import Agent, Call
+from shared.core.uow import UnitOfWorkFactory
+from shared.observability.scrubbing import mask_phone
+
+log = logging.getLogger(__name__)
+
+MAX_RETRY_DELAY_SECONDS = 300
+
+
+class CallPlacer:
+    """Asks Bolna to place calls; built once per process by its composition root."""
+
+    def __init__(self, uow_factory: UnitOfWorkFactory, bolna: BolnaClient, max_attempts: int):
+        self.uow_factory = uow_factory
+        self.bolna = bolna
+        self._max_attempts = max_attempts
+
+    def initiate(self, call_id: uuid.UUID, retry_transient: bool) -> Call | None:
+        """Asks Bolna to place a call that holds a slot; returns the call, or None when it went back to the queue.
+
+        The slot is always released on failure. A request the breaker held back puts the call back to pending; so
+        does a transient failure when `retry_transient` (the queue path), until the attempts run out. Any other
+        failure fails the call.
+        """
+        with self.uow_factory() as uow:
+            call = uow.session.get_one(Call, call_id)
+            agent = uow.session.get_one(Agent, call.agent_id)
+        tags = {"call_id": call.id, "user_id": call.user_id, "agent_id": call.agent_id}
+        contexts: dict[str, dict[str, object]] = {"call_details": call_details(call)}
+        user_data: dict[str, Any] = {**call.call_metadata, CONTEXT_CALL_ID_KEY: str(call.id)}
+        with sentry_sdk.start_span(op="call.initiate", name="Initiate Call") as span:
+            span.set_data("call_id", str(call.id))
+            sentry_sdk.add_breadcrumb(
+                category="call", message="Starting call initiation", data={"call_id": str(call.id)}
+            )
+            sentry_sdk.add_breadcrumb(category="bolna", message="Calling Bolna.ai API", data={"endpoint": "/call"})
+            try:
+                placed = self.bolna.place_call(agent.provider_agent_id or "", call.phone_number, user_data)
+            except BolnaError as exc:
+                span.set_status("internal_error")
+                if (not exc.sent or (retry_transient and exc.transient)) and self._requeue(call_id, exc):
+                    sentry_sdk.add_breadcrumb(category="bolna", message="Bolna unavailable; call back in the queue")
+                    return None
+                self.fail(call_id, ErrorType.BOLNA_API_FAILURE, str(exc))
+                contexts["bolna_api"] = {
+                    "endpoint": exc.endpoint,
+                    "status_code": exc.status_code,
+                    "error_message": exc.message,
+                    "duration_ms": exc.duration_ms,
+                }
+                raise CallflowError(
+                    ErrorType.BOLNA_API_FAILURE,
+                    str(exc),
+                    sentry_contexts=contexts,
+                    problem_fields=_look_up(call),
+                    **tags,
+                ) from exc
+            sentry_sdk.add_breadcrumb(
+                category="bolna",
+                message="Bolna.ai call successful",
+                data={"execution_id": placed.execution_id, "duration_ms": placed.duration_ms},
+            )
+            try:
+                return self.link_execution(call_id, placed)
+            except Exception as exc:
+                # Bolna is calling, but Callflow could not record it: its webhooks still link it by our call id.
+                span.set_status("internal_error")
+                contexts["bolna_api"] = {"endpoint": "/call", "status_code": 200, "execution_id": placed.execution_id}
+                raise CallflowError(
+                    ErrorType.CALL_INITIATION_FAILED,
+                    f"Bolna accepted the call but recording it failed: {type(exc).__name__}",
+                    sentry_contexts=contexts,
+                    problem_fields=_look_up(call),
+                    execution_id=placed.execution_id,
+                    **tags,
+                ) from exc
+
+    def link_execution(self, call_id: uuid.UUID, placed: PlacedCall) -> Call:
+        with self.uow_factory() as uow:
+            call = uow.calls.lock_call(call_id)
+            lifecycle.link_execution(call, placed.execution_id, placed.status)
+            # Bolna can post webhooks before its answer reaches us: apply what was kept for this execution.
+            provider_events.apply_kept_events(uow, call)
+            uow.commit()
+        return call
+
+    def fail(self, call_id: uuid.UUID, error_type: ErrorType, detail: str) -> None:
+        with self.uow_factory() as uow:
+            lifecycle.fail(uow.calls.lock_call(call_id), error_type, detail)
+            uow.commit()
+
+    def _requeue(self, call_id: uuid.UUID, error: BolnaError) -> bool:
+        """Puts the call back to pending with a growing delay; False once its attempts are used up."""
+        with self.uow_factory() as uow:
+            call = uow.calls.lock_call(call_id)
+            if error.sent and not lifecycle.count_dispatch_attempt(call, self._max_attempts):
+                return False
+            delay = error.retry_after_seconds
+            if delay is None:
+                delay = min(MAX_RETRY_DELAY_SECONDS, 2**call.dispatch_attempts) + random.uniform(0, 1)
+            lifecycle.requeue(uow.calls, call, delay, str(error))
+            uow.commit()
+        log.warning("call %s back in the queue for %.1fs: %s", call_id, delay, error)
+        return True
+
+
+def call_details(call: Call) -> dict[str, object]:
+    return {
+        "userId": str(call.user_id),
+        "agentId": str(call.agent_id),
+        "callId": str(call.id),
+        "phone": mask_phone(call.phone_number),
+    }
+
+
+def _look_up(call: Call) -> dict[str, object]:
+    """The problem answer names the call, so the client can look it up."""
+    return {"callId": str(call.id)}

@@ -1,0 +1,152 @@
+"""The one place where a call's state changes: slots taken and released, statuses moved, charges made.
+
+Every function here changes a call its caller has locked (through the `CallStore`) and records the messages the
+change announces on `call.messages`; the unit of work writes them to the outbox in the same transaction. A slot
+is taken only under the user's row lock, so two transactions can never both take the last one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from datetime import timedelta
+
+from sqlalchemy.exc import DBAPIError
+
+from shared.bolna.execution import AgentExecution
+from shared.calls import statuses
+from shared.calls.store import CallStore
+from shared.core.errors import CallflowError, ErrorType
+from shared.core.models import Call, Message, User, WebhookEvent
+from shared.messaging.topology import MessageType
+
+log = logging.getLogger(__name__)
+
+
+def reserve_slot(store: CallStore, locked_user: User, call: Call, *, behind_queue: bool, lease_seconds: int) -> bool:
+    """Takes a slot for `call` if one is free; the caller holds the lock on `locked_user`.
+
+    With `behind_queue`, calls already waiting go first: a new call does not jump the queue.
+    """
+    if store.held_slots(locked_user.id) >= locked_user.max_concurrent_calls:
+        return False
+    if behind_queue and store.has_older_pending(call):
+        return False
+    call.slot_held = True
+    call.status = statuses.INITIATING
+    call.slot_lease_expires_at = store.seconds_from_now(lease_seconds)
+    return True
+
+
+def queue(call: Call) -> None:
+    """The call waits for a slot: the dispatcher of its user is woken."""
+    call.messages.append(Message(MessageType.CALL_QUEUED, {"user_id": str(call.user_id), "call_id": str(call.id)}))
+
+
+def release_slot(call: Call) -> None:
+    """Gives the call's slot back and wakes the dispatcher; a slot already given back changes nothing."""
+    if not call.slot_held:
+        return
+    call.slot_held = False
+    call.slot_lease_expires_at = None
+    call.messages.append(Message(MessageType.SLOT_RELEASED, {"user_id": str(call.user_id)}))
+
+
+def fail(call: Call, error_type: str, detail: str) -> None:
+    """Releases the call's slot and fails it, unless it already ended."""
+    release_slot(call)
+    if not statuses.is_terminal(call.status):
+        call.status = statuses.FAILED
+        call.error_type = error_type
+        call.error_detail = detail[:2000]
+
+
+def requeue(store: CallStore, call: Call, delay_seconds: float, detail: str) -> None:
+    """Puts the call back in the queue, due again after `delay_seconds`."""
+    release_slot(call)
+    call.status = statuses.PENDING
+    call.next_attempt_at = store.seconds_from_now(delay_seconds)
+    call.error_detail = detail[:2000]
+
+
+def count_dispatch_attempt(call: Call, max_attempts: int) -> bool:
+    """Counts one more provider attempt that reached Bolna; False once the call has used up its attempts."""
+    if call.dispatch_attempts + 1 >= max_attempts:
+        return False
+    call.dispatch_attempts += 1
+    return True
+
+
+def link_execution(call: Call, execution_id: str, status: str | None = None) -> None:
+    """Bolna has the call under `execution_id` (its answer to POST /call, or a webhook naming our call id)."""
+    call.execution_id = execution_id
+    if status is not None and statuses.moves_forward(call.status, status):
+        call.status = status
+
+
+def extend_lease(store: CallStore, call: Call, now: object, lease_seconds: int, max_leases: int) -> bool:
+    """Gives a call Bolna still reports as live another lease, up to `max_leases` since it was created."""
+    lease = timedelta(seconds=lease_seconds)
+    if not call.slot_held or call.created_at < now - max_leases * lease:
+        return False
+    call.slot_lease_expires_at = store.seconds_from_now(lease_seconds)
+    return True
+
+
+def apply_provider_event(store: CallStore, call: Call, event: WebhookEvent) -> None:
+    """Applies one of Bolna's status events to its call: statuses only move forward, the line's end frees the
+    slot, and `completed` charges the call once."""
+    event.call_id = call.id
+    event.applied_at = store.now()
+    if event.status not in statuses.PROVIDER_STATUSES:
+        log.warning("webhook with unknown status %r for call %s kept, not applied", event.status, call.id)
+        return
+    if event.status in statuses.SCHEDULED_AGAIN and event.attempt > 0 and call.status in statuses.RELEASES_SLOT:
+        # Bolna redials on its own (an agent with auto-retry on): stop it, so every dial goes through the limit.
+        log.warning("Bolna scheduled call %s again (attempt %d): asking it to stop", call.id, event.attempt)
+        stop = {"execution_id": event.execution_id, "call_id": str(call.id)}
+        call.messages.append(Message(MessageType.EXECUTION_STOP, stop))
+        return
+    overruled = _provider_overrules_lease_expiry(call, event)
+    if not (overruled or statuses.moves_forward(call.status, event.status)):
+        return  # a duplicate or a late event: statuses never move backwards
+    execution = AgentExecution(event.payload)
+    if overruled:
+        call.error_type = call.error_detail = None
+    call.status = event.status
+    call.transcript = execution.transcript or call.transcript
+    call.recording_url = execution.recording_url or call.recording_url
+    if event.status in statuses.RELEASES_SLOT:
+        release_slot(call)
+    if event.status == statuses.COMPLETED:
+        charge(store, call, execution.duration_seconds or 0)
+
+
+def _provider_overrules_lease_expiry(call: Call, event: WebhookEvent) -> bool:
+    """Callflow failed the call only because its lease ran out; Bolna's final word on it is the truth (and bills)."""
+    return (
+        call.status == statuses.FAILED
+        and call.error_type == ErrorType.SLOT_LEASE_EXPIRED
+        and event.status in statuses.TERMINAL
+        and event.status != statuses.FAILED
+    )
+
+
+def charge(store: CallStore, call: Call, seconds: int) -> None:
+    """Charges ceil(duration / 60) credits, once: the ledger's unique (call, reason) makes it a fact."""
+    credits = math.ceil(seconds / 60)
+    try:
+        charged = store.add_charge(call, credits)
+    except DBAPIError as exc:  # the whole transaction rolls back: the completion waits until it can be billed
+        raise CallflowError(
+            ErrorType.CREDIT_DEDUCTION_FAILED,
+            f"Charging {credits} credits for a completed call failed: {type(exc).__name__}",
+            sentry_contexts={"credit_details": {"credits": credits, "duration_seconds": seconds}},
+            call_id=call.id,
+            user_id=call.user_id,
+            agent_id=call.agent_id,
+            execution_id=call.execution_id,
+        ) from exc
+    if charged:
+        call.duration_seconds = seconds
+        call.credits_charged = credits

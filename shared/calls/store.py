@@ -1,0 +1,98 @@
+"""Where the call lifecycle reads and locks rows: one protocol, one PostgreSQL implementation.
+
+The lifecycle rules only talk to a `CallStore`, so they run against an in-memory fake in unit tests and against
+PostgreSQL everywhere else.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any, Protocol
+
+from sqlalchemy import ColumnElement, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session
+
+from shared.calls import statuses
+from shared.core.models import Call, CreditLedgerEntry, User
+
+CALL_CHARGE = "call_charge"
+
+
+class CallStore(Protocol):
+    def lock_user(self, user_id: uuid.UUID) -> User: ...
+
+    def lock_call(self, call_id: uuid.UUID) -> Call: ...
+
+    def held_slots(self, user_id: uuid.UUID) -> int: ...
+
+    def has_older_pending(self, call: Call) -> bool:
+        """Whether another of the user's calls, created no later than `call`, is waiting and due."""
+        ...
+
+    def add_charge(self, call: Call, credits: int) -> bool:
+        """Writes the call's charge to the ledger and takes it from the user's credits, once; False if it was."""
+        ...
+
+    def now(self) -> Any:
+        """The database's clock (so every process agrees on it)."""
+        ...
+
+    def seconds_from_now(self, seconds: float) -> Any: ...
+
+
+def due_pending() -> ColumnElement[bool]:
+    """Calls waiting in the queue whose retry delay, if any, has passed."""
+    return (Call.status == statuses.PENDING) & or_(Call.next_attempt_at.is_(None), Call.next_attempt_at <= func.now())
+
+
+class SqlCallStore:
+    def __init__(self, session: Session):
+        self.session = session
+
+    def lock_user(self, user_id: uuid.UUID) -> User:
+        return self.session.execute(select(User).where(User.id == user_id).with_for_update()).scalar_one()
+
+    def lock_call(self, call_id: uuid.UUID) -> Call:
+        return self.session.execute(select(Call).where(Call.id == call_id).with_for_update()).scalar_one()
+
+    def held_slots(self, user_id: uuid.UUID) -> int:
+        return self.session.scalar(select(func.count()).where(Call.user_id == user_id, Call.slot_held.is_(True))) or 0
+
+    def has_older_pending(self, call: Call) -> bool:
+        older = select(func.count()).where(
+            Call.user_id == call.user_id, due_pending(), Call.id != call.id, Call.created_at <= call.created_at
+        )
+        return (self.session.scalar(older) or 0) > 0
+
+    def add_charge(self, call: Call, credits: int) -> bool:
+        entry_id = self.session.scalar(
+            pg_insert(CreditLedgerEntry)
+            .values(user_id=call.user_id, call_id=call.id, amount=-credits, reason=CALL_CHARGE)
+            .on_conflict_do_nothing(constraint="uq_credit_ledger_call_reason")
+            .returning(CreditLedgerEntry.id)
+        )
+        if entry_id is None:
+            return False
+        self.session.execute(update(User).where(User.id == call.user_id).values(credits=User.credits - credits))
+        return True
+
+    def now(self) -> Any:
+        return func.now()
+
+    def seconds_from_now(self, seconds: float) -> Any:
+        return func.now() + timedelta(seconds=seconds)
+
+    def next_due_pending(self, user_id: uuid.UUID) -> Call | None:
+        """The user's oldest call waiting in the queue, locked."""
+        return self.session.scalar(
+            select(Call)
+            .where(Call.user_id == user_id, due_pending())
+            .order_by(Call.created_at, Call.id)
+            .limit(1)
+            .with_for_update()
+        )
+
+    def users_with_pending_calls(self) -> list[uuid.UUID]:
+        return list(self.session.scalars(select(Call.user_id).where(due_pending()).distinct()))

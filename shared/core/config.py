@@ -1,0 +1,99 @@
+"""The one settings object. Each process reads it once, in its composition root, through `load_settings()`."""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from typing import Annotated, Literal
+
+from pydantic import Field, PostgresDsn, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+
+    database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/callflow"
+    rabbitmq_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    bolna_api_url: str = "http://127.0.0.1:8010"
+    bolna_api_key: str = ""
+    bolna_timeout_seconds: float = Field(10.0, gt=0)
+    bolna_breaker_threshold: int = Field(5, ge=1)
+    bolna_breaker_cooldown_seconds: float = Field(30.0, gt=0)
+    dispatch_max_attempts: int = Field(5, ge=1)
+    webhook_secret: str = ""
+    # Standard Webhooks signing secret (whsec_...): requests that carry webhook-signature are verified with it.
+    webhook_signing_secret: str = ""
+    # Comma-separated addresses or networks allowed to post webhooks; empty allows any source.
+    webhook_allowed_ips: Annotated[tuple[IPNetwork, ...], NoDecode] = ()
+    # Reverse proxies in front of the service whose X-Forwarded-For is trusted to name the client.
+    trusted_proxy_count: int = Field(0, ge=0)
+
+    sentry_dsn: str = ""
+    sentry_environment: str = "development"
+    sentry_release: str = ""
+    sentry_traces_sample_rate: float = Field(0.2, ge=0, le=1)
+    sentry_profiles_sample_rate: float = Field(0.1, ge=0, le=1)
+    sentry_enable_logs: bool = False
+    sentry_send_default_pii: bool = False
+    sentry_send_in_development: bool = False
+
+    host: str = "127.0.0.1"
+    port: int | None = Field(None, ge=1, le=65535)
+    web_concurrency: int = Field(2, ge=1)
+    web_threads: int = Field(8, ge=1)
+
+    slot_lease_seconds: int = Field(3600, gt=0)
+    sweep_interval_seconds: float = Field(5.0, gt=0)
+    rabbitmq_prefetch: int = Field(10, ge=1)
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_only(cls, value: str) -> str:
+        PostgresDsn(value)
+        return value
+
+    @field_validator("webhook_allowed_ips", mode="before")
+    @classmethod
+    def _networks(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in value.split(",") if part.strip())
+        return value
+
+    @field_validator("rabbitmq_url")
+    @classmethod
+    def _amqp_only(cls, value: str) -> str:
+        if not value.startswith(("amqp://", "amqps://")):
+            raise ValueError("must be an amqp:// or amqps:// URL")
+        return value
+
+
+class ConfigurationError(SystemExit):
+    """Raised at start when the environment holds a missing or malformed value."""
+
+
+def load_settings() -> Settings:
+    """Reads the environment; a missing or malformed value stops the process, naming the variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors())
+        raise invalid(problems) from exc
+
+
+def invalid(problem: str) -> ConfigurationError:
+    """The error that stops a service at start; `problem` names the variable."""
+    print(f"callflow: invalid configuration: {problem}", file=sys.stderr)
+    return ConfigurationError(2)
+
+
+def require(settings: Settings, *names: str) -> Settings:
+    """Fails at start, naming the variable, when a service needs a setting that is empty."""
+    missing = [name.upper() for name in names if not getattr(settings, name)]
+    if missing:
+        raise invalid(f"{', '.join(missing)} must be set")
+    return settings

@@ -1,0 +1,142 @@
+"""The error table: the single source of truth for every error Callflow reports.
+
+Each row says how bad it is, how it is answered over HTTP, and how it reaches Sentry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Severity(StrEnum):
+    CRITICAL = "critical"
+    HIGH = "high"
+    WARNING = "warning"
+    INFO = "info"
+
+
+class Capture(StrEnum):
+    EVENT = "event"  # sent to Sentry as an event
+    BREADCRUMB = "breadcrumb"  # recorded only as a breadcrumb on whatever event follows
+
+
+class ErrorType(StrEnum):
+    UNAUTHORIZED = "unauthorized"
+    VALIDATION_ERROR = "validation_error"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    CALL_NOT_FOUND = "call_not_found"
+    AGENT_NOT_FOUND = "agent_not_found"
+    UNAUTHORIZED_AGENT_ACCESS = "unauthorized_agent_access"
+    AGENT_NOT_CONFIGURED = "agent_not_configured"
+    INSUFFICIENT_CREDITS = "insufficient_credits"
+    IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
+    IDEMPOTENCY_KEY_IN_PROGRESS = "idempotency_key_in_progress"
+    UNAUTHORIZED_CALL_ACCESS = "unauthorized_call_access"
+    WEBHOOK_SOURCE_FORBIDDEN = "webhook_source_forbidden"
+    CONCURRENCY_LIMIT = "concurrency_limit"
+    BOLNA_API_FAILURE = "bolna_api_failure"
+    CALL_INITIATION_FAILED = "call_initiation_failed"
+    EMPTY_WEBHOOK_PAYLOAD = "empty_webhook_payload"
+    MISSING_EXECUTION_ID = "missing_execution_id"
+    WEBHOOK_AUTH_FAILED = "webhook_auth_failed"
+    WEBHOOK_PROCESSING_FAILED = "webhook_processing_failed"
+    DIRECT_CALL_QUEUE_FAILURE = "direct_call_queue_failure"
+    CAMPAIGN_CALL_QUEUE_FAILURE = "campaign_call_queue_failure"
+    CREDIT_DEDUCTION_FAILED = "credit_deduction_failed"
+    DATABASE_ERROR = "database_error"
+    SLOT_LEASE_EXPIRED = "slot_lease_expired"
+    MESSAGE_DEAD_LETTERED = "message_dead_lettered"
+    INTERNAL_ERROR = "internal_error"
+
+
+@dataclass(frozen=True)
+class ErrorSpec:
+    title: str
+    severity: Severity
+    level: str  # the Sentry level
+    capture: Capture
+    category: str
+    http_status: int | None = None
+
+
+EVENT, BREADCRUMB = Capture.EVENT, Capture.BREADCRUMB
+CRITICAL, HIGH, WARNING, INFO = Severity.CRITICAL, Severity.HIGH, Severity.WARNING, Severity.INFO
+
+ERROR_TABLE: dict[ErrorType, ErrorSpec] = {
+    ErrorType.UNAUTHORIZED: ErrorSpec("Unauthorized", INFO, "info", BREADCRUMB, "security", 401),
+    ErrorType.VALIDATION_ERROR: ErrorSpec("Invalid request", INFO, "info", BREADCRUMB, "validation", 400),
+    ErrorType.NOT_FOUND: ErrorSpec("Not found", INFO, "info", BREADCRUMB, "validation", 404),
+    ErrorType.METHOD_NOT_ALLOWED: ErrorSpec("Method not allowed", INFO, "info", BREADCRUMB, "validation", 405),
+    ErrorType.PAYLOAD_TOO_LARGE: ErrorSpec("Payload too large", INFO, "info", BREADCRUMB, "validation", 413),
+    ErrorType.CALL_NOT_FOUND: ErrorSpec("Call not found", INFO, "info", BREADCRUMB, "business", 404),
+    ErrorType.AGENT_NOT_FOUND: ErrorSpec("Agent not found", CRITICAL, "error", EVENT, "configuration", 404),
+    ErrorType.UNAUTHORIZED_AGENT_ACCESS: ErrorSpec(
+        "Agent belongs to another user", HIGH, "error", EVENT, "security", 403
+    ),
+    ErrorType.AGENT_NOT_CONFIGURED: ErrorSpec(
+        "Agent has no provider agent id", HIGH, "error", EVENT, "configuration", 422
+    ),
+    ErrorType.INSUFFICIENT_CREDITS: ErrorSpec("Insufficient credits", INFO, "info", BREADCRUMB, "business", 402),
+    ErrorType.IDEMPOTENCY_KEY_REUSED: ErrorSpec(
+        "Idempotency key reused with another body", INFO, "info", BREADCRUMB, "validation", 422
+    ),
+    ErrorType.IDEMPOTENCY_KEY_IN_PROGRESS: ErrorSpec(
+        "Request with this idempotency key in progress", INFO, "info", BREADCRUMB, "validation", 409
+    ),
+    ErrorType.UNAUTHORIZED_CALL_ACCESS: ErrorSpec(
+        "Call belongs to another user", HIGH, "error", EVENT, "security", 404
+    ),
+    ErrorType.WEBHOOK_SOURCE_FORBIDDEN: ErrorSpec(
+        "Webhook from an address not allowed", HIGH, "error", EVENT, "security", 403
+    ),
+    ErrorType.CONCURRENCY_LIMIT: ErrorSpec(
+        "Concurrent-call limit reached; call queued", WARNING, "warning", BREADCRUMB, "business"
+    ),
+    ErrorType.BOLNA_API_FAILURE: ErrorSpec("Bolna API request failed", CRITICAL, "error", EVENT, "provider", 502),
+    ErrorType.CALL_INITIATION_FAILED: ErrorSpec("Call initiation failed", HIGH, "error", EVENT, "provider", 500),
+    ErrorType.EMPTY_WEBHOOK_PAYLOAD: ErrorSpec("Empty webhook payload", WARNING, "warning", EVENT, "validation", 400),
+    ErrorType.MISSING_EXECUTION_ID: ErrorSpec(
+        "Webhook without execution id", WARNING, "warning", EVENT, "validation", 400
+    ),
+    ErrorType.WEBHOOK_AUTH_FAILED: ErrorSpec("Webhook authentication failed", HIGH, "error", EVENT, "security", 401),
+    ErrorType.WEBHOOK_PROCESSING_FAILED: ErrorSpec("Webhook processing failed", HIGH, "error", EVENT, "webhook"),
+    ErrorType.DIRECT_CALL_QUEUE_FAILURE: ErrorSpec("Queued direct call failed", HIGH, "error", EVENT, "queue"),
+    ErrorType.CAMPAIGN_CALL_QUEUE_FAILURE: ErrorSpec("Queued campaign call failed", HIGH, "error", EVENT, "queue"),
+    ErrorType.CREDIT_DEDUCTION_FAILED: ErrorSpec("Credit deduction failed", CRITICAL, "fatal", EVENT, "revenue"),
+    ErrorType.DATABASE_ERROR: ErrorSpec("Database unavailable", CRITICAL, "fatal", EVENT, "infrastructure", 503),
+    ErrorType.SLOT_LEASE_EXPIRED: ErrorSpec("Call slot lease expired", WARNING, "warning", EVENT, "reliability"),
+    ErrorType.MESSAGE_DEAD_LETTERED: ErrorSpec("Message dead-lettered", HIGH, "error", EVENT, "queue"),
+    ErrorType.INTERNAL_ERROR: ErrorSpec("Internal error", HIGH, "error", EVENT, "bug", 500),
+}
+
+
+class CallflowError(Exception):
+    """An error of a known type.
+
+    `tags` hold ids (call_id, user_id, ...) that become tags of its Sentry report; `sentry_contexts` are the
+    report's structured contexts (call_details, bolna_api, ...); `problem_fields` are extra members of the HTTP
+    problem answer (such as the callId a client can look up).
+    """
+
+    def __init__(
+        self,
+        error_type: ErrorType,
+        detail: str,
+        *,
+        sentry_contexts: dict[str, dict[str, object]] | None = None,
+        problem_fields: dict[str, object] | None = None,
+        **tags: object,
+    ):
+        super().__init__(detail)
+        self.error_type = error_type
+        self.detail = detail
+        self.tags = {key: value for key, value in tags.items() if value is not None}
+        self.sentry_contexts = sentry_contexts or {}
+        self.problem_fields = problem_fields or {}
+
+    @property
+    def spec(self) -> ErrorSpec:
+        return ERROR_TABLE[self.error_type]

@@ -1,0 +1,171 @@
+"""The system of record: users, agents, calls, the credit ledger, stored webhooks and the outbox."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+@dataclass(frozen=True)
+class Message:
+    """A message a change announces; the unit of work writes it to the outbox in the change's own transaction."""
+
+    message_type: str
+    body: dict[str, Any]
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {
+        dict[str, Any]: JSONB,
+        uuid.UUID: UUID(as_uuid=True),
+        datetime: DateTime(timezone=True),
+    }
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    api_token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    credits: Mapped[int] = mapped_column(Integer)
+    max_concurrent_calls: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class Agent(Base):
+    __tablename__ = "agents"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    provider_agent_id: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+class Call(Base):
+    __tablename__ = "calls"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"))
+    agent_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("agents.id"))
+    phone_number: Mapped[str] = mapped_column(String(16))
+    call_metadata: Mapped[dict[str, Any]] = mapped_column("metadata", server_default=text("'{}'::jsonb"))
+    status: Mapped[str] = mapped_column(String(32))
+    execution_id: Mapped[str | None] = mapped_column(String(64), unique=True)
+    error_type: Mapped[str | None] = mapped_column(String(64))
+    error_detail: Mapped[str | None] = mapped_column(Text)
+    # A held slot counts against the user's concurrent-call limit until released; the lease bounds a leak.
+    slot_held: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    slot_lease_expires_at: Mapped[datetime | None]
+    # Provider failures on the queue path put the call back to pending until next_attempt_at, a bounded number of times.
+    dispatch_attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    next_attempt_at: Mapped[datetime | None]
+    duration_seconds: Mapped[int | None] = mapped_column(Integer)
+    credits_charged: Mapped[int | None] = mapped_column(Integer)
+    transcript: Mapped[str | None] = mapped_column(Text)
+    recording_url: Mapped[str | None] = mapped_column(Text)
+    # The trace POST /api/calls started: dispatch, the Bolna request and every webhook continue it.
+    trace_headers: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
+
+    __table_args__ = (
+        Index("ix_calls_user_pending", "user_id", "created_at", postgresql_where=text("status = 'pending'")),
+        Index("ix_calls_user_slot_held", "user_id", postgresql_where=text("slot_held")),
+        Index("ix_calls_slot_lease", "slot_lease_expires_at", postgresql_where=text("slot_held")),
+    )
+    # Read back server-set timestamps with RETURNING, so a call can be shown after its session closed.
+    __mapper_args__ = {"eager_defaults": True}
+
+    @property
+    def messages(self) -> list[Message]:
+        """What the call's changes announce, collected by the unit of work when it commits (not a column)."""
+        return self.__dict__.setdefault("_messages", [])
+
+
+IDEMPOTENCY_KEY_RETENTION = timedelta(hours=24)  # a key replays its first answer this long, then is purged
+
+
+class IdempotencyKey(Base):
+    """An `Idempotency-Key` seen on POST /api/calls: at most one call per key, and its first answer replayed."""
+
+    __tablename__ = "idempotency_keys"
+
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    call_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("calls.id"))
+    response_status: Mapped[int | None] = mapped_column(Integer)
+    response_body: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)
+
+
+class CreditLedgerEntry(Base):
+    __tablename__ = "credit_ledger"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"), index=True)
+    call_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("calls.id"))
+    amount: Mapped[int] = mapped_column(Integer)  # negative for a charge
+    reason: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+    # The constraint that makes "charged once" a database fact, not a hope.
+    __table_args__ = (UniqueConstraint("call_id", "reason", name="uq_credit_ledger_call_reason"),)
+
+
+class WebhookEvent(Base):
+    __tablename__ = "webhook_events"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    execution_id: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(32))
+    attempt: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    payload: Mapped[dict[str, Any]]
+    call_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("calls.id"), index=True)
+    received_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    applied_at: Mapped[datetime | None]
+    # A failed apply is retried with growing delay; only the first failure is reported as an event.
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    last_error: Mapped[str | None] = mapped_column(Text)
+    next_attempt_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        UniqueConstraint("execution_id", "status", "attempt", name="uq_webhook_events_execution_status"),
+        Index("ix_webhook_events_unapplied", "received_at", postgresql_where=text("applied_at IS NULL")),
+    )
+
+
+class OutboxMessage(Base):
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    message_id: Mapped[uuid.UUID] = mapped_column(unique=True, default=uuid.uuid4)
+    message_type: Mapped[str] = mapped_column(String(64))
+    body: Mapped[dict[str, Any]]
+    headers: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    published_at: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+    __table_args__ = (Index("ix_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")),)

@@ -1,0 +1,66 @@
+"""Unit of work: one database transaction, plus the messages it announces, published once it has committed.
+
+Messages are outbox rows written in the same transaction as the change that causes them: a committed change
+always has its message, a rolled-back one never does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, Self
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.calls.store import SqlCallStore
+from shared.core.models import Call, OutboxMessage
+from shared.messaging import outbox
+from shared.messaging.publisher import Publisher
+from shared.observability.sentry import database_recovered
+
+log = logging.getLogger(__name__)
+
+
+class UnitOfWork:
+    session: Session
+    calls: SqlCallStore
+
+    def __init__(self, sessions: sessionmaker[Session], publisher: Publisher | None):
+        self._sessions = sessions
+        self._publisher = publisher  # None: committed messages wait for the outbox relay
+
+    def __enter__(self) -> Self:
+        self.session = self._sessions()
+        self.calls = SqlCallStore(self.session)
+        self._emitted: list[OutboxMessage] = []
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None):
+        # close() rolls back whatever was not committed, and unlike rollback() leaves loaded objects readable.
+        self.session.close()
+
+    def emit(self, message_type: str, body: dict[str, Any]) -> None:
+        self._emitted.append(outbox.add(self.session, message_type, body))
+
+    def commit(self) -> None:
+        self._collect_call_messages()
+        self.session.commit()
+        database_recovered()
+        ids = [row.id for row in self._emitted]
+        self._emitted = []
+        if ids and self._publisher is not None:
+            try:
+                outbox.publish_pending(self._sessions, self._publisher, ids=ids)
+            except Exception:  # committed rows are safe in the outbox; the relay publishes them
+                log.warning("publishing after commit failed; left to the outbox relay", exc_info=True)
+
+    def _collect_call_messages(self) -> None:
+        for instance in [*self.session.new, *self.session.identity_map.values()]:
+            if isinstance(instance, Call):
+                while instance.messages:
+                    message = instance.messages.pop(0)
+                    self.emit(message.message_type, message.body)
+
+
+UnitOfWorkFactory = Callable[[], UnitOfWork]

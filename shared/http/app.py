@@ -1,0 +1,93 @@
+"""What every HTTP service has in common: the app skeleton, RFC 9457 problem answers, request ids, /health.
+
+Building an app has no side effects: logging, Sentry and the broker topology are set up by each service's
+composition root.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+import sentry_sdk
+from flask import Flask, Response, g, jsonify, request
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from werkzeug.exceptions import HTTPException
+
+from shared.core.errors import ERROR_TABLE, CallflowError, ErrorType
+from shared.http.health import HealthCheck
+from shared.observability.sentry import report, report_database_error
+
+PROBLEM_JSON = "application/problem+json"
+MAX_BODY_BYTES = 256 * 1024
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_HTTP_ERROR_TYPES = {
+    400: ErrorType.VALIDATION_ERROR,
+    404: ErrorType.NOT_FOUND,
+    405: ErrorType.METHOD_NOT_ALLOWED,
+    413: ErrorType.PAYLOAD_TOO_LARGE,
+}
+
+
+def create_http_app(service: str, health: HealthCheck) -> Flask:
+    """A Flask app with request ids, problem+json errors and `GET /health`; the service adds its routes."""
+    app = Flask(service)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
+
+    @app.before_request
+    def _assign_request_id() -> None:
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        sentry_sdk.set_tag("request_id", g.request_id)
+
+    @app.after_request
+    def _echo_request_id(response: Response) -> Response:
+        response.headers["X-Request-ID"] = g.get("request_id", "")
+        return response
+
+    @app.get("/health")
+    def _health():
+        body, status = health.check()
+        return jsonify(body), status
+
+    @app.errorhandler(CallflowError)
+    def _callflow_error(error: CallflowError):
+        report(error)
+        return problem(error.error_type, error.detail, **error.problem_fields)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException):
+        error_type = _HTTP_ERROR_TYPES.get(error.code or 500, ErrorType.INTERNAL_ERROR)
+        return problem(error_type, error.description or "", status=error.code)
+
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(InterfaceError)
+    def _database_error(error: DBAPIError):
+        report_database_error(error, place=request.path)
+        return problem(ErrorType.DATABASE_ERROR, "The database is unavailable; retry later.")
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception):
+        report(CallflowError(ErrorType.INTERNAL_ERROR, f"Unexpected {type(error).__name__}"), cause=error)
+        return problem(ErrorType.INTERNAL_ERROR, "An unexpected error occurred; it has been reported.")
+
+    return app
+
+
+def problem(error_type: ErrorType, detail: str, status: int | None = None, **extras: Any) -> Response:
+    spec = ERROR_TABLE[error_type]
+    status = status or spec.http_status or 500
+    body = {
+        "type": f"urn:callflow:problem:{error_type}",
+        "title": spec.title,
+        "status": status,
+        "detail": detail,
+        "error_type": str(error_type),
+        "request_id": g.get("request_id"),
+        **extras,
+    }
+    response = jsonify(body)
+    response.status_code = status
+    response.content_type = PROBLEM_JSON
+    return response

@@ -1,0 +1,223 @@
+"""Sentry: the one setup every service calls at start, and `report` for the errors of the error table."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import sentry_sdk
+from sentry_sdk.crons import monitor
+from sentry_sdk.integrations.flask import FlaskIntegration
+from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
+from sentry_sdk.integrations.sqlalchemy import SqlalchemyIntegration
+from sentry_sdk.types import Event, Hint
+from sentry_sdk.utils import capture_internal_exceptions
+from werkzeug.exceptions import HTTPException
+
+from shared.core.config import Settings
+from shared.core.errors import ERROR_TABLE, CallflowError, Capture, ErrorType
+from shared.observability import scrubbing
+
+log = logging.getLogger(__name__)
+# report() logs each error it sends; that log line must not become a second event. pika logs a dropped
+# connection at ERROR although the publisher and the consumer reconnect by themselves.
+report_log = logging.getLogger("callflow.report")
+for _logger in (report_log.name, "pika", "pika.*"):
+    ignore_logger(_logger)
+
+# Tags every event may carry, when the error knows them.
+ID_TAGS = ("user_id", "call_id", "campaign_id", "agent_id", "execution_id", "message_id")
+HEALTH_PATH = "/health"
+
+
+class _ProcessIdentity:
+    """Set once by `init_sentry`: the service this process runs, and the secrets its events must never carry."""
+
+    service = "callflow"
+    secrets: tuple[str, ...] = ()
+
+
+class _DatabaseOutage:
+    """Whether this process has already reported the database as down (reported once per outage)."""
+
+    down = False
+    lock = threading.Lock()
+
+
+def sending_enabled(settings: Settings) -> bool:
+    return bool(settings.sentry_dsn) and (
+        settings.sentry_environment == "production" or settings.sentry_send_in_development
+    )
+
+
+def init_sentry(service: str, settings: Settings) -> bool:
+    """Initialises the SDK for `service`; returns whether events are sent."""
+    _ProcessIdentity.service = service
+    _ProcessIdentity.secrets = tuple(s for s in (settings.webhook_secret, settings.bolna_api_key) if len(s) >= 6)
+    enabled = sending_enabled(settings)
+    sentry_sdk.init(
+        dsn=settings.sentry_dsn if enabled else None,
+        environment=settings.sentry_environment,
+        release=settings.sentry_release or None,  # None: the SDK takes the git commit when it can find one
+        traces_sampler=lambda context: _sample(context, settings.sentry_traces_sample_rate),
+        profiles_sample_rate=settings.sentry_profiles_sample_rate,
+        enable_logs=settings.sentry_enable_logs,
+        send_default_pii=settings.sentry_send_default_pii,
+        max_request_body_size="never",  # request bodies hold phone numbers and user data
+        include_local_variables=False,  # locals hold tokens and payloads
+        before_send=_before_send,
+        before_send_transaction=_before_send_transaction,
+        before_breadcrumb=_before_breadcrumb,
+        integrations=[
+            FlaskIntegration(transaction_style="url"),
+            SqlalchemyIntegration(),
+            LoggingIntegration(level=logging.INFO, event_level=logging.ERROR),
+        ],
+    )
+    sentry_sdk.get_global_scope().set_tag("service", service)
+    why = (
+        ""
+        if enabled
+        else (
+            " (no SENTRY_DSN)"
+            if not settings.sentry_dsn
+            else f" (environment {settings.sentry_environment!r}; set SENTRY_SEND_IN_DEVELOPMENT=true to send)"
+        )
+    )
+    log.info("Sentry initialized: enabled: %s%s", enabled, why)
+    return enabled
+
+
+def sentry_status(settings: Settings) -> dict[str, Any]:
+    """What /health says about Sentry."""
+    options = sentry_sdk.get_client().options
+    return {
+        "configured": bool(settings.sentry_dsn),
+        "enabled": bool(sentry_sdk.get_client().dsn),
+        "environment": settings.sentry_environment,
+        "release": options.get("release"),
+        "traces_sample_rate": settings.sentry_traces_sample_rate,
+        "profiles_sample_rate": settings.sentry_profiles_sample_rate,
+    }
+
+
+def report(error: CallflowError, cause: BaseException | None = None, place: str | None = None) -> None:
+    """Reports an error of the table: as an event, or as a breadcrumb on whatever event follows.
+
+    The fingerprint is the error type and the place it happened, so each failure groups into one issue per place.
+    Like the SDK's own integrations, a fault in reporting is logged by the SDK and never breaks the caller.
+    """
+    with capture_internal_exceptions():
+        _report(error, cause, place)
+
+
+def _report(error: CallflowError, cause: BaseException | None, place: str | None) -> None:
+    spec = error.spec
+    if cause is not None and error.__cause__ is None:
+        error.__cause__ = cause
+    if spec.capture is Capture.BREADCRUMB:
+        sentry_sdk.add_breadcrumb(
+            category="callflow.error", message=f"{error.error_type}: {error.detail}", level=spec.level
+        )
+        return
+    where = place or _current_place()
+    with sentry_sdk.new_scope() as scope:
+        scope.level = spec.level
+        scope.set_tag("error_type", error.error_type)
+        scope.set_tag("severity", spec.severity)
+        scope.set_tag("category", spec.category)
+        for key in ID_TAGS:
+            if key in error.tags:
+                scope.set_tag(key, str(error.tags[key]))
+        for name, context in error.sentry_contexts.items():
+            scope.set_context(name, context)
+        scope.fingerprint = [str(error.error_type), where]
+        sentry_sdk.capture_exception(error)
+    report_log.log(
+        logging.ERROR if spec.level in ("error", "fatal") else logging.WARNING,
+        "%s at %s: %s",
+        error.error_type,
+        where,
+        error.detail,
+    )
+
+
+def report_database_error(cause: BaseException, place: str | None = None) -> None:
+    """Reports a database outage once: the first failure is an event, the rest breadcrumbs until it recovers."""
+    with _DatabaseOutage.lock:
+        first = not _DatabaseOutage.down
+        _DatabaseOutage.down = True
+    error = CallflowError(ErrorType.DATABASE_ERROR, f"The database is unavailable: {type(cause).__name__}")
+    if first:
+        report(error, cause=cause, place=place)
+    else:
+        sentry_sdk.add_breadcrumb(category="callflow.error", message=str(error), level="error")
+
+
+def database_recovered() -> None:
+    if _DatabaseOutage.down:
+        with _DatabaseOutage.lock:
+            _DatabaseOutage.down = False
+        log.info("the database is reachable again")
+
+
+@contextmanager
+def cron(slug: str, interval_seconds: float) -> Iterator[None]:
+    """A Sentry Crons check-in around one run of a periodic job."""
+    minutes = max(1, round(interval_seconds / 60))
+    config = {
+        "schedule": {"type": "interval", "value": minutes, "unit": "minute"},
+        "checkin_margin": 5,
+        "max_runtime": 10,
+    }
+    with monitor(monitor_slug=slug, monitor_config=config):
+        yield
+
+
+def _current_place() -> str:
+    transaction = sentry_sdk.get_current_scope().transaction
+    return transaction.name if transaction is not None and transaction.name else _ProcessIdentity.service
+
+
+def _sample(context: dict[str, Any], rate: float) -> float:
+    environ = context.get("wsgi_environ") or {}
+    if environ.get("PATH_INFO") == HEALTH_PATH:
+        return 0.0
+    parent = context.get("parent_sampled")
+    return float(parent) if parent is not None else rate
+
+
+def _expected(hint: Hint) -> bool:
+    """Errors that are part of normal operation: client errors and the table's breadcrumb-only types."""
+    exc_info = hint.get("exc_info")
+    exc = exc_info[1] if exc_info else None
+    if isinstance(exc, HTTPException):
+        return (exc.code or 500) < 500
+    if isinstance(exc, CallflowError):
+        return ERROR_TABLE[exc.error_type].capture is Capture.BREADCRUMB
+    return False
+
+
+def _before_send(event: Event, hint: Hint) -> Event | None:
+    if _expected(hint):
+        return None
+    return _scrubbed(event)
+
+
+def _before_send_transaction(event: Event, hint: Hint) -> Event | None:
+    if event.get("transaction") == HEALTH_PATH:
+        return None
+    return _scrubbed(event)
+
+
+def _before_breadcrumb(crumb: dict[str, Any], hint: Hint) -> dict[str, Any] | None:
+    return _scrubbed(crumb)
+
+
+def _scrubbed(value: Any) -> Any:
+    with capture_internal_exceptions():
+        return scrubbing.scrub(value, _ProcessIdentity.secrets)
+    return None  # scrubbing failed: better to send nothing than something unscrubbed

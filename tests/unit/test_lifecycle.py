@@ -1,0 +1,197 @@
+"""The call lifecycle's rules, on an in-memory store: slots taken and released, statuses only forward, one charge."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+import pytest
+
+from shared.calls import lifecycle, statuses
+from shared.core.errors import CallflowError, ErrorType
+from shared.core.models import Call, Message, WebhookEvent
+from shared.messaging.topology import MessageType
+from tests.unit.fakes import FakeCallStore
+
+LEASE = 3600
+
+
+@pytest.fixture
+def store() -> FakeCallStore:
+    return FakeCallStore()
+
+
+def _event(call: Call, status: str, attempt: int = 0, **payload: object) -> WebhookEvent:
+    execution_id = call.execution_id or str(uuid.uuid4())
+    body = {"id": execution_id, "status": status, **payload}
+    return WebhookEvent(execution_id=execution_id, status=status, attempt=attempt, payload=body)
+
+
+def _reserve(store: FakeCallStore, call: Call, behind_queue: bool = False) -> bool:
+    user = store.lock_user(call.user_id)
+    return lifecycle.reserve_slot(store, user, call, behind_queue=behind_queue, lease_seconds=LEASE)
+
+
+def _live(store: FakeCallStore, status: str = "in-progress", **fields: object) -> Call:
+    defaults: dict[str, object] = {"slot_held": True, "execution_id": str(uuid.uuid4())}
+    return store.add_call(store.add_user(), status=status, **{**defaults, **fields})
+
+
+def test_slots_are_taken_up_to_the_limit_and_never_beyond(store):
+    user = store.add_user(max_concurrent_calls=2)
+    calls = [store.add_call(user) for _ in range(3)]
+    assert [_reserve(store, call) for call in calls] == [True, True, False]
+    assert store.held_slots(user.id) == 2
+    for call in calls[:2]:
+        assert call.status == statuses.INITIATING
+        assert call.slot_lease_expires_at == store.clock + timedelta(seconds=LEASE)
+    assert (calls[2].status, calls[2].slot_held) == (statuses.PENDING, False)
+
+
+def test_a_new_call_does_not_jump_the_queue(store):
+    user = store.add_user(max_concurrent_calls=1)
+    waiting = store.add_call(user)
+    newcomer = store.add_call(user)
+    assert not _reserve(store, newcomer, behind_queue=True)
+    assert _reserve(store, waiting, behind_queue=True)
+
+
+def test_a_call_waiting_out_a_retry_delay_does_not_hold_newcomers_back(store):
+    user = store.add_user(max_concurrent_calls=1)
+    store.add_call(user, next_attempt_at=store.clock + timedelta(seconds=30))
+    newcomer = store.add_call(user)
+    assert _reserve(store, newcomer, behind_queue=True)
+
+
+def test_a_released_slot_is_free_again_and_announced_once(store):
+    call = _live(store)
+    lifecycle.release_slot(call)
+    lifecycle.release_slot(call)
+    assert (call.slot_held, call.slot_lease_expires_at) == (False, None)
+    assert call.messages == [Message(MessageType.SLOT_RELEASED, {"user_id": str(call.user_id)})]
+
+
+def test_a_queued_call_wakes_its_dispatcher(store):
+    call = store.add_call(store.add_user())
+    lifecycle.queue(call)
+    assert [m.message_type for m in call.messages] == [MessageType.CALL_QUEUED]
+    assert call.messages[0].body == {"user_id": str(call.user_id), "call_id": str(call.id)}
+
+
+def test_failing_a_call_releases_its_slot_but_never_rewrites_an_ended_call(store):
+    live = _live(store)
+    lifecycle.fail(live, ErrorType.BOLNA_API_FAILURE, "HTTP 500")
+    assert (live.status, live.error_type, live.slot_held) == (statuses.FAILED, ErrorType.BOLNA_API_FAILURE, False)
+
+    ended = _live(store, status=statuses.COMPLETED)
+    lifecycle.fail(ended, ErrorType.SLOT_LEASE_EXPIRED, "late")
+    assert (ended.status, ended.error_type, ended.slot_held) == (statuses.COMPLETED, None, False)
+
+
+def test_a_requeued_call_gives_its_slot_back_and_waits_its_delay(store):
+    call = _live(store, status=statuses.INITIATING)
+    lifecycle.requeue(store, call, 8.0, "Bolna /call: HTTP 503")
+    assert (call.status, call.slot_held) == (statuses.PENDING, False)
+    assert call.next_attempt_at == store.clock + timedelta(seconds=8)
+    assert [m.message_type for m in call.messages] == [MessageType.SLOT_RELEASED]
+
+
+def test_dispatch_attempts_run_out(store):
+    call = store.add_call(store.add_user())
+    assert [lifecycle.count_dispatch_attempt(call, max_attempts=3) for _ in range(3)] == [True, True, False]
+    assert call.dispatch_attempts == 2
+
+
+@pytest.mark.parametrize(
+    ("sequence", "final"),
+    [
+        (["ringing", "in-progress", "ringing", "queued"], "in-progress"),
+        (["completed", "in-progress", "call-disconnected"], "completed"),
+        (["busy", "completed", "failed"], "busy"),
+    ],
+)
+def test_statuses_only_move_forward(store, sequence, final):
+    call = _live(store, status="queued")
+    for status in sequence:
+        lifecycle.apply_provider_event(store, call, _event(call, status, telephony_data={"duration": "30"}))
+    assert call.status == final
+
+
+def test_the_line_ending_frees_the_slot_before_completed_arrives(store):
+    call = _live(store)
+    lifecycle.apply_provider_event(store, call, _event(call, statuses.CALL_DISCONNECTED))
+    assert (call.status, call.slot_held) == (statuses.CALL_DISCONNECTED, False)
+    assert store.ledger == {}
+
+
+def test_completed_charges_once_however_often_it_arrives(store):
+    call = _live(store)
+    credits_before = store.users[call.user_id].credits
+    completed = {"telephony_data": {"duration": "61", "recording_url": "https://rec.example/1"}, "transcript": "hi"}
+    for _ in range(3):
+        lifecycle.apply_provider_event(store, call, _event(call, statuses.COMPLETED, **completed))
+    assert store.ledger == {call.id: -2}
+    assert store.users[call.user_id].credits == credits_before - 2
+    assert (call.credits_charged, call.duration_seconds) == (2, 61)
+    assert (call.transcript, call.recording_url) == ("hi", "https://rec.example/1")
+
+
+def test_an_unbillable_duration_charges_nothing_but_is_still_one_charge(store):
+    call = _live(store)
+    lifecycle.apply_provider_event(store, call, _event(call, statuses.COMPLETED, conversation_duration=10**9))
+    assert store.ledger == {call.id: 0}
+
+
+def test_a_failed_charge_stops_the_completion_with_credit_deduction_failed(store):
+    call = _live(store)
+    store.ledger_down = True
+    with pytest.raises(CallflowError) as raised:
+        lifecycle.apply_provider_event(store, call, _event(call, statuses.COMPLETED, conversation_duration=90))
+    assert raised.value.error_type is ErrorType.CREDIT_DEDUCTION_FAILED
+    assert raised.value.tags["call_id"] == call.id
+    assert call.credits_charged is None
+
+
+def test_bolnas_final_word_overrules_an_expired_lease_and_bills(store):
+    call = _live(store, status=statuses.FAILED, error_type=ErrorType.SLOT_LEASE_EXPIRED, error_detail="expired")
+    call.slot_held = False
+    lifecycle.apply_provider_event(store, call, _event(call, statuses.COMPLETED, conversation_duration=120))
+    assert (call.status, call.error_type, call.error_detail) == (statuses.COMPLETED, None, None)
+    assert store.ledger == {call.id: -2}
+
+
+def test_a_provider_failure_does_not_overrule_an_expired_lease(store):
+    call = _live(store, status=statuses.FAILED, error_type=ErrorType.SLOT_LEASE_EXPIRED)
+    lifecycle.apply_provider_event(store, call, _event(call, statuses.FAILED))
+    assert call.error_type == ErrorType.SLOT_LEASE_EXPIRED
+
+
+def test_bolna_redialling_an_ended_call_is_stopped(store):
+    call = _live(store, status="no-answer")
+    call.slot_held = False
+    lifecycle.apply_provider_event(store, call, _event(call, "scheduled", attempt=1))
+    assert call.status == "no-answer"
+    assert call.messages == [
+        Message(MessageType.EXECUTION_STOP, {"execution_id": call.execution_id, "call_id": str(call.id)})
+    ]
+
+
+def test_an_unknown_status_is_marked_applied_and_changes_nothing(store):
+    call = _live(store, status="ringing")
+    event = _event(call, "teleported")
+    lifecycle.apply_provider_event(store, call, event)
+    assert (call.status, event.applied_at, event.call_id) == ("ringing", store.clock, call.id)
+
+
+def test_linking_an_execution_never_moves_the_status_back(store):
+    call = _live(store, status="ringing", execution_id=None)
+    lifecycle.link_execution(call, "exec-1", "queued")
+    assert (call.execution_id, call.status) == ("exec-1", "ringing")
+
+
+def test_a_live_call_keeps_its_slot_for_a_bounded_number_of_leases(store):
+    call = _live(store)
+    assert lifecycle.extend_lease(store, call, store.clock + timedelta(seconds=2 * LEASE), LEASE, max_leases=3)
+    assert call.slot_lease_expires_at == store.clock + timedelta(seconds=LEASE)
+    later = store.clock + timedelta(seconds=3 * LEASE + 1)
+    assert not lifecycle.extend_lease(store, call, later, LEASE, max_leases=3)
