@@ -1,8 +1,11 @@
-"""Every run gets its own database and vhost, created here before any Callflow code reads its settings."""
+"""Every run gets its own database and vhost. Their names go into the environment before any Callflow code reads
+its settings; they are created only when a test needs them, so `pytest tests/unit` needs neither PostgreSQL nor
+RabbitMQ."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -20,19 +23,18 @@ def pytest_configure(config: pytest.Config) -> None:
         SENTRY_DSN="",
         SWEEP_INTERVAL_SECONDS="1",
     )
-    _isolation.create()
-    from shared.core import migrate
-
-    migrate.upgrade(_isolation.database_url)
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    from tests.support.components import components
-
-    components().engine.dispose()
-    _isolation.destroy()
 
 
 @pytest.fixture(scope="session")
-def isolation() -> Isolation:
-    return _isolation
+def isolation() -> Iterator[Isolation]:
+    """This run's database (migrated) and vhost, dropped at the end of the run."""
+    from shared.core import migrate
+    from tests.support.components import components
+
+    _isolation.create()
+    try:
+        migrate.upgrade(_isolation.database_url)
+        yield _isolation
+    finally:
+        components().engine.dispose()
+        _isolation.destroy()

@@ -19,12 +19,14 @@ from typing import Any
 from flask import Response, jsonify
 from sqlalchemy import delete, func, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from shared.core.errors import CallflowError, ErrorType
 from shared.core.models import IDEMPOTENCY_KEY_RETENTION, IdempotencyKey
 from shared.core.uow import UnitOfWorkFactory
 from shared.http.app import PROBLEM_JSON
+from shared.observability.sentry import report_database_error
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +105,10 @@ def record(uow_factory: UnitOfWorkFactory, claim: Claim, response: Response) -> 
         return
     try:
         _store_answer(uow_factory, claim, response.status_code, body)
-    except Exception:  # the call is placed and the client gets its answer; only the replay is lost
-        log.warning("recording the answer for %s %r failed", HEADER, claim.key, exc_info=True)
+    except (OperationalError, InterfaceError) as exc:  # the call is placed and answered; only the replay is lost
+        report_database_error(exc, place="idempotency.record")
+    except Exception:
+        log.exception("recording the answer for %s %r failed", HEADER, claim.key)
 
 
 def _store_answer(uow_factory: UnitOfWorkFactory, claim: Claim, status: int, body: dict[str, Any]) -> None:

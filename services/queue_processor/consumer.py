@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ import pika
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import AMQPError, UnroutableError
 from sqlalchemy.exc import InterfaceError, OperationalError
-from tenacity import RetryCallState, retry, retry_if_exception_type, wait_exponential
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
 from shared.core.errors import CallflowError, ErrorType
 from shared.messaging.topology import (
@@ -35,6 +36,8 @@ from shared.observability import tracing
 from shared.observability.sentry import report, report_database_error
 
 log = logging.getLogger(__name__)
+
+HEALTHY_SECONDS = 30.0  # a connection lost after this long is a new outage: reconnecting starts at 0.5 s again
 
 
 class PoisonMessage(Exception):
@@ -77,32 +80,35 @@ class Consumer:
         self._stopping = stopping
 
     def run(self) -> None:
-        """Consumes until `stopping` is set, reconnecting with backoff whenever the broker goes away."""
+        """Consumes until `stopping` is set, reconnecting with growing delays (0.5 s to 30 s) whenever the broker
+        goes away. A connection that stayed up for HEALTHY_SECONDS starts the delays over."""
         while not self._stopping.is_set():
-            connection = self._connect()
-            if connection is None:
-                return  # stopped while the broker was away
-            try:
-                while not self._stopping.is_set():
-                    connection.process_data_events(time_limit=1)
-            except (AMQPError, OSError) as exc:
-                log.warning("broker connection lost (%r); reconnecting", exc)
-            finally:
-                if connection.is_open:
-                    # Closing returns any unacknowledged message to the queue for another consumer.
-                    connection.close()
+            outage = Retrying(
+                retry=retry_if_exception_type((AMQPError, OSError)),
+                wait=wait_exponential(multiplier=0.5, max=30.0),
+                sleep=self._stopping.wait,  # a stop cuts the wait short
+                stop=lambda _: self._stopping.is_set(),
+                before_sleep=_log_reconnect,
+                retry_error_callback=lambda _: None,  # stopped while the broker was away
+            )
+            outage(self._consume_until_lost)
 
-    def _connect(self) -> pika.BlockingConnection | None:
-        """A connection consuming the queue, retried with growing delays (each outage starts again at 0.5 s)."""
-        connecting = retry(
-            retry=retry_if_exception_type((AMQPError, OSError)),
-            wait=wait_exponential(multiplier=0.5, max=30.0),
-            sleep=self._stopping.wait,  # a stop cuts the wait short
-            stop=lambda _: self._stopping.is_set(),
-            before_sleep=_log_reconnect,
-            retry_error_callback=lambda _: None,
-        )
-        return connecting(self._open_consuming_connection)()
+    def _consume_until_lost(self) -> None:
+        """One connection's life. Raises when it was lost early (the outage goes on); returns when stopping, or
+        when a connection that had been healthy is lost (a new outage begins)."""
+        if self._stopping.is_set():
+            return
+        connection = self._open_consuming_connection()
+        opened = time.monotonic()
+        try:
+            while not self._stopping.is_set():
+                connection.process_data_events(time_limit=1)
+        except (AMQPError, OSError) as exc:
+            if time.monotonic() - opened < HEALTHY_SECONDS:
+                raise
+            log.warning("broker connection lost (%r); reconnecting", exc)
+        finally:
+            _close(connection)
 
     def _open_consuming_connection(self) -> pika.BlockingConnection:
         connection = pika.BlockingConnection(connection_parameters(self._url))
@@ -114,8 +120,7 @@ class Consumer:
             channel.basic_qos(prefetch_count=self._prefetch)
             channel.basic_consume(self._queue, self._on_message)
         except BaseException:
-            if connection.is_open:
-                connection.close()
+            _close(connection)
             raise
         log.info("consuming %s", self._queue)
         return connection
@@ -205,3 +210,12 @@ def _log_reconnect(state: RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
     delay = state.next_action.sleep if state.next_action else 0.0
     log.warning("broker unreachable (%r); reconnecting in %.1fs", exc, delay)
+
+
+def _close(connection: pika.BlockingConnection) -> None:
+    """Closing returns any unacknowledged message to the queue for another consumer; a broken one may refuse."""
+    if connection.is_open:
+        try:
+            connection.close()
+        except (AMQPError, OSError):
+            log.debug("closing a broken broker connection failed", exc_info=True)

@@ -8,6 +8,7 @@ from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
+from requests.auth import AuthBase
 
 from shared.bolna.breaker import CircuitBreaker
 from shared.core.config import Settings
@@ -49,7 +50,7 @@ class BolnaClient:
         self._base_url = base_url.rstrip("/")
         self._timeout = (min(CONNECT_TIMEOUT_SECONDS, timeout_seconds), timeout_seconds)  # (connect, read)
         self._http = requests.Session()
-        self._http.headers["Authorization"] = f"Bearer {api_key}"
+        self._http.auth = _BearerToken(api_key)  # an explicit auth also keeps ~/.netrc from replacing the key
         # One pooled connection per thread that may call Bolna at once; no retries here: every retry of a
         # request that may have placed a call is Callflow's decision, never the transport's.
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
@@ -106,7 +107,9 @@ class BolnaClient:
 
     def _send(self, method: str, path: str, endpoint: str, started: float, **kwargs: Any) -> tuple[Any, float]:
         try:
-            response = self._http.request(method, self._base_url + path, timeout=self._timeout, **kwargs)
+            response = self._http.request(
+                method, self._base_url + path, timeout=self._timeout, allow_redirects=False, **kwargs
+            )
         except requests.Timeout as exc:
             raise BolnaError(endpoint, f"timed out: {exc!r}", None, _ms_since(started)) from exc
         except requests.RequestException as exc:
@@ -124,6 +127,15 @@ class BolnaClient:
             duration_ms,
             _retry_after(response.headers.get("Retry-After")),
         )
+
+
+class _BearerToken(AuthBase):
+    def __init__(self, token: str):
+        self._header = f"Bearer {token}"
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = self._header
+        return request
 
 
 def _ms_since(started: float) -> float:

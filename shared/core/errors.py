@@ -62,54 +62,54 @@ class ErrorSpec:
     http_status: int | None = None
 
 
-EVENT, BREADCRUMB = Capture.EVENT, Capture.BREADCRUMB
-CRITICAL, HIGH, WARNING, INFO = Severity.CRITICAL, Severity.HIGH, Severity.WARNING, Severity.INFO
+_EVENT, _BREADCRUMB = Capture.EVENT, Capture.BREADCRUMB
+_CRITICAL, _HIGH, _WARNING, _INFO = Severity.CRITICAL, Severity.HIGH, Severity.WARNING, Severity.INFO
 
 ERROR_TABLE: dict[ErrorType, ErrorSpec] = {
-    ErrorType.UNAUTHORIZED: ErrorSpec("Unauthorized", INFO, "info", BREADCRUMB, "security", 401),
-    ErrorType.VALIDATION_ERROR: ErrorSpec("Invalid request", INFO, "info", BREADCRUMB, "validation", 400),
-    ErrorType.NOT_FOUND: ErrorSpec("Not found", INFO, "info", BREADCRUMB, "validation", 404),
-    ErrorType.METHOD_NOT_ALLOWED: ErrorSpec("Method not allowed", INFO, "info", BREADCRUMB, "validation", 405),
-    ErrorType.PAYLOAD_TOO_LARGE: ErrorSpec("Payload too large", INFO, "info", BREADCRUMB, "validation", 413),
-    ErrorType.CALL_NOT_FOUND: ErrorSpec("Call not found", INFO, "info", BREADCRUMB, "business", 404),
-    ErrorType.AGENT_NOT_FOUND: ErrorSpec("Agent not found", CRITICAL, "error", EVENT, "configuration", 404),
+    ErrorType.UNAUTHORIZED: ErrorSpec("Unauthorized", _INFO, "info", _BREADCRUMB, "security", 401),
+    ErrorType.VALIDATION_ERROR: ErrorSpec("Invalid request", _INFO, "info", _BREADCRUMB, "validation", 400),
+    ErrorType.NOT_FOUND: ErrorSpec("Not found", _INFO, "info", _BREADCRUMB, "validation", 404),
+    ErrorType.METHOD_NOT_ALLOWED: ErrorSpec("Method not allowed", _INFO, "info", _BREADCRUMB, "validation", 405),
+    ErrorType.PAYLOAD_TOO_LARGE: ErrorSpec("Payload too large", _INFO, "info", _BREADCRUMB, "validation", 413),
+    ErrorType.CALL_NOT_FOUND: ErrorSpec("Call not found", _INFO, "info", _BREADCRUMB, "business", 404),
+    ErrorType.AGENT_NOT_FOUND: ErrorSpec("Agent not found", _CRITICAL, "error", _EVENT, "configuration", 404),
     ErrorType.UNAUTHORIZED_AGENT_ACCESS: ErrorSpec(
-        "Agent belongs to another user", HIGH, "error", EVENT, "security", 403
+        "Agent belongs to another user", _HIGH, "error", _EVENT, "security", 403
     ),
     ErrorType.AGENT_NOT_CONFIGURED: ErrorSpec(
-        "Agent has no provider agent id", HIGH, "error", EVENT, "configuration", 422
+        "Agent has no provider agent id", _HIGH, "error", _EVENT, "configuration", 422
     ),
-    ErrorType.INSUFFICIENT_CREDITS: ErrorSpec("Insufficient credits", INFO, "info", BREADCRUMB, "business", 402),
+    ErrorType.INSUFFICIENT_CREDITS: ErrorSpec("Insufficient credits", _INFO, "info", _BREADCRUMB, "business", 402),
     ErrorType.IDEMPOTENCY_KEY_REUSED: ErrorSpec(
-        "Idempotency key reused with another body", INFO, "info", BREADCRUMB, "validation", 422
+        "Idempotency key reused with another body", _INFO, "info", _BREADCRUMB, "validation", 422
     ),
     ErrorType.IDEMPOTENCY_KEY_IN_PROGRESS: ErrorSpec(
-        "Request with this idempotency key in progress", INFO, "info", BREADCRUMB, "validation", 409
+        "Request with this idempotency key in progress", _INFO, "info", _BREADCRUMB, "validation", 409
     ),
     ErrorType.UNAUTHORIZED_CALL_ACCESS: ErrorSpec(
-        "Call belongs to another user", HIGH, "error", EVENT, "security", 404
+        "Call belongs to another user", _HIGH, "error", _EVENT, "security", 404
     ),
     ErrorType.WEBHOOK_SOURCE_FORBIDDEN: ErrorSpec(
-        "Webhook from an address not allowed", HIGH, "error", EVENT, "security", 403
+        "Webhook from an address not allowed", _HIGH, "error", _EVENT, "security", 403
     ),
     ErrorType.CONCURRENCY_LIMIT: ErrorSpec(
-        "Concurrent-call limit reached; call queued", WARNING, "warning", BREADCRUMB, "business"
+        "Concurrent-call limit reached; call queued", _WARNING, "warning", _BREADCRUMB, "business"
     ),
-    ErrorType.BOLNA_API_FAILURE: ErrorSpec("Bolna API request failed", CRITICAL, "error", EVENT, "provider", 502),
-    ErrorType.CALL_INITIATION_FAILED: ErrorSpec("Call initiation failed", HIGH, "error", EVENT, "provider", 500),
-    ErrorType.EMPTY_WEBHOOK_PAYLOAD: ErrorSpec("Empty webhook payload", WARNING, "warning", EVENT, "validation", 400),
+    ErrorType.BOLNA_API_FAILURE: ErrorSpec("Bolna API request failed", _CRITICAL, "error", _EVENT, "provider", 502),
+    ErrorType.CALL_INITIATION_FAILED: ErrorSpec("Call initiation failed", _HIGH, "error", _EVENT, "provider", 500),
+    ErrorType.EMPTY_WEBHOOK_PAYLOAD: ErrorSpec("Empty webhook payload", _WARNING, "warning", _EVENT, "validation", 400),
     ErrorType.MISSING_EXECUTION_ID: ErrorSpec(
-        "Webhook without execution id", WARNING, "warning", EVENT, "validation", 400
+        "Webhook without execution id", _WARNING, "warning", _EVENT, "validation", 400
     ),
-    ErrorType.WEBHOOK_AUTH_FAILED: ErrorSpec("Webhook authentication failed", HIGH, "error", EVENT, "security", 401),
-    ErrorType.WEBHOOK_PROCESSING_FAILED: ErrorSpec("Webhook processing failed", HIGH, "error", EVENT, "webhook"),
-    ErrorType.DIRECT_CALL_QUEUE_FAILURE: ErrorSpec("Queued direct call failed", HIGH, "error", EVENT, "queue"),
-    ErrorType.CAMPAIGN_CALL_QUEUE_FAILURE: ErrorSpec("Queued campaign call failed", HIGH, "error", EVENT, "queue"),
-    ErrorType.CREDIT_DEDUCTION_FAILED: ErrorSpec("Credit deduction failed", CRITICAL, "fatal", EVENT, "revenue"),
-    ErrorType.DATABASE_ERROR: ErrorSpec("Database unavailable", CRITICAL, "fatal", EVENT, "infrastructure", 503),
-    ErrorType.SLOT_LEASE_EXPIRED: ErrorSpec("Call slot lease expired", WARNING, "warning", EVENT, "reliability"),
-    ErrorType.MESSAGE_DEAD_LETTERED: ErrorSpec("Message dead-lettered", HIGH, "error", EVENT, "queue"),
-    ErrorType.INTERNAL_ERROR: ErrorSpec("Internal error", HIGH, "error", EVENT, "bug", 500),
+    ErrorType.WEBHOOK_AUTH_FAILED: ErrorSpec("Webhook authentication failed", _HIGH, "error", _EVENT, "security", 401),
+    ErrorType.WEBHOOK_PROCESSING_FAILED: ErrorSpec("Webhook processing failed", _HIGH, "error", _EVENT, "webhook"),
+    ErrorType.DIRECT_CALL_QUEUE_FAILURE: ErrorSpec("Queued direct call failed", _HIGH, "error", _EVENT, "queue"),
+    ErrorType.CAMPAIGN_CALL_QUEUE_FAILURE: ErrorSpec("Queued campaign call failed", _HIGH, "error", _EVENT, "queue"),
+    ErrorType.CREDIT_DEDUCTION_FAILED: ErrorSpec("Credit deduction failed", _CRITICAL, "fatal", _EVENT, "revenue"),
+    ErrorType.DATABASE_ERROR: ErrorSpec("Database unavailable", _CRITICAL, "fatal", _EVENT, "infrastructure", 503),
+    ErrorType.SLOT_LEASE_EXPIRED: ErrorSpec("Call slot lease expired", _WARNING, "warning", _EVENT, "reliability"),
+    ErrorType.MESSAGE_DEAD_LETTERED: ErrorSpec("Message dead-lettered", _HIGH, "error", _EVENT, "queue"),
+    ErrorType.INTERNAL_ERROR: ErrorSpec("Internal error", _HIGH, "error", _EVENT, "bug", 500),
 }
 
 

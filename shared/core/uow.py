@@ -26,9 +26,9 @@ class UnitOfWork:
     session: Session
     calls: SqlCallStore
 
-    def __init__(self, sessions: sessionmaker[Session], publisher: Publisher | None):
+    def __init__(self, sessions: sessionmaker[Session], publisher: Publisher):
         self._sessions = sessions
-        self._publisher = publisher  # None: committed messages wait for the outbox relay
+        self._publisher = publisher
 
     def __enter__(self) -> Self:
         self.session = self._sessions()
@@ -37,6 +37,9 @@ class UnitOfWork:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None):
+        # What a rolled-back change announced must not be announced by a later one that reuses the object.
+        for call in self._calls_in_session():
+            call.messages.clear()
         # close() rolls back whatever was not committed, and unlike rollback() leaves loaded objects readable.
         self.session.close()
 
@@ -49,18 +52,21 @@ class UnitOfWork:
         database_recovered()
         ids = [row.id for row in self._emitted]
         self._emitted = []
-        if ids and self._publisher is not None:
+        if ids:
             try:
                 outbox.publish_pending(self._sessions, self._publisher, ids=ids)
             except Exception:  # committed rows are safe in the outbox; the relay publishes them
                 log.warning("publishing after commit failed; left to the outbox relay", exc_info=True)
 
     def _collect_call_messages(self) -> None:
-        for instance in [*self.session.new, *self.session.identity_map.values()]:
-            if isinstance(instance, Call):
-                while instance.messages:
-                    message = instance.messages.pop(0)
-                    self.emit(message.message_type, message.body)
+        for call in self._calls_in_session():
+            while call.messages:
+                message = call.messages.pop(0)
+                self.emit(message.message_type, message.body)
+
+    def _calls_in_session(self) -> list[Call]:
+        """The calls this transaction added or loaded (the caller holds a reference to any it changed)."""
+        return [row for row in [*self.session.new, *self.session.identity_map.values()] if isinstance(row, Call)]
 
 
 UnitOfWorkFactory = Callable[[], UnitOfWork]

@@ -18,7 +18,7 @@ from sentry_sdk.utils import capture_internal_exceptions
 from werkzeug.exceptions import HTTPException
 
 from shared.core.config import Settings
-from shared.core.errors import ERROR_TABLE, CallflowError, Capture, ErrorType
+from shared.core.errors import ERROR_TABLE, CallflowError, Capture, ErrorSpec, ErrorType
 from shared.observability import scrubbing
 
 log = logging.getLogger(__name__)
@@ -108,22 +108,31 @@ def report(error: CallflowError, cause: BaseException | None = None, place: str 
     """Reports an error of the table: as an event, or as a breadcrumb on whatever event follows.
 
     The fingerprint is the error type and the place it happened, so each failure groups into one issue per place.
-    Like the SDK's own integrations, a fault in reporting is logged by the SDK and never breaks the caller.
+    The error is logged first; as in the SDK's own integrations, a fault in building the event never breaks the
+    caller.
     """
-    with capture_internal_exceptions():
-        _report(error, cause, place)
-
-
-def _report(error: CallflowError, cause: BaseException | None, place: str | None) -> None:
     spec = error.spec
     if cause is not None and error.__cause__ is None:
         error.__cause__ = cause
     if spec.capture is Capture.BREADCRUMB:
-        sentry_sdk.add_breadcrumb(
-            category="callflow.error", message=f"{error.error_type}: {error.detail}", level=spec.level
-        )
+        with capture_internal_exceptions():
+            sentry_sdk.add_breadcrumb(
+                category="callflow.error", message=f"{error.error_type}: {error.detail}", level=spec.level
+            )
         return
     where = place or _current_place()
+    report_log.log(
+        logging.ERROR if spec.level in ("error", "fatal") else logging.WARNING,
+        "%s at %s: %s",
+        error.error_type,
+        where,
+        error.detail,
+    )
+    with capture_internal_exceptions():
+        _capture(error, spec, where)
+
+
+def _capture(error: CallflowError, spec: ErrorSpec, where: str) -> None:
     with sentry_sdk.new_scope() as scope:
         scope.level = spec.level
         scope.set_tag("error_type", error.error_type)
@@ -136,13 +145,6 @@ def _report(error: CallflowError, cause: BaseException | None, place: str | None
             scope.set_context(name, context)
         scope.fingerprint = [str(error.error_type), where]
         sentry_sdk.capture_exception(error)
-    report_log.log(
-        logging.ERROR if spec.level in ("error", "fatal") else logging.WARNING,
-        "%s at %s: %s",
-        error.error_type,
-        where,
-        error.detail,
-    )
 
 
 def report_database_error(cause: BaseException, place: str | None = None) -> None:

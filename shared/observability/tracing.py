@@ -119,13 +119,11 @@ def _retry_count(headers: Mapping[str, Any], redelivered: bool) -> int:
 def call_transaction(call_trace_headers: Mapping[str, Any] | None, op: str, name: str) -> Iterator[Span]:
     """Runs the block as a transaction in the call's own trace: one trace per call, whatever service works on it.
 
-    It gets an isolation scope of its own, without the breadcrumbs of earlier work: continuing a trace changes the
-    scope, and nothing of one call's work (trace, tags, breadcrumbs) may leak into the next in the same process.
+    It gets an isolation scope of its own: continuing a trace changes the scope, and nothing of one call's work
+    (trace, tags, breadcrumbs) may leak into the next piece of work in the same process.
     """
-    with sentry_sdk.isolation_scope() as scope:
-        scope.clear_breadcrumbs()
-        with _continued(call_trace_headers, op, name) as span:
-            yield span
+    with sentry_sdk.isolation_scope(), _continued(call_trace_headers, op, name) as span:
+        yield span
 
 
 @contextmanager

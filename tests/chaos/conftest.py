@@ -43,3 +43,9 @@ def broker_restored() -> Iterator[None]:
     """Whatever a test does to RabbitMQ, it is running again afterwards."""
     yield
     broker.start_broker()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_database_and_vhost(isolation: Isolation) -> Isolation:
+    """Every test here talks to this run's PostgreSQL database and RabbitMQ vhost."""
+    return isolation

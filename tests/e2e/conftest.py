@@ -35,3 +35,9 @@ def sim(stack: Stack) -> Iterator[Stack]:
     """The stack with the simulator back at fast, clean defaults after the test, whatever it changed."""
     yield stack
     stack.sim_config(**FAST_CALLS)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_database_and_vhost(isolation: Isolation) -> Isolation:
+    """Every test here talks to this run's PostgreSQL database and RabbitMQ vhost."""
+    return isolation

@@ -5,11 +5,13 @@ import uuid
 
 from sqlalchemy import select
 
+from shared.calls import lifecycle
 from shared.core.models import OutboxMessage
 from shared.messaging import outbox
 from shared.messaging.publisher import Publisher
 from tests.support import broker
 from tests.support.components import components
+from tests.support.factories import call_row, customer
 
 
 def _unpublished(message_id: uuid.UUID) -> OutboxMessage:
@@ -64,3 +66,26 @@ def test_message_written_while_broker_is_down_is_relayed_later():
         messages = broker.get_messages(ch, queue, expected=1)
     assert [json.loads(body) for _, body in messages] == [{"user_id": marker}]
     assert _unpublished(row.message_id).published_at is not None
+
+
+def test_a_calls_announcement_is_written_once_with_its_commit_and_never_after_a_rollback():
+    owner = customer()
+    call = call_row(owner, status="in-progress", slot_held=True)
+
+    def released_rows() -> int:
+        with components().uow() as uow:
+            query = select(OutboxMessage).where(OutboxMessage.body["user_id"].astext == str(owner.user_id))
+            return len(uow.session.scalars(query).all())
+
+    with components().uow() as uow:
+        locked = uow.calls.lock_call(call.id)
+        lifecycle.release_slot(locked)  # rolled back: never committed
+    assert released_rows() == 0
+    assert locked.messages == []
+
+    with components().uow() as uow:
+        locked = uow.calls.lock_call(call.id)
+        lifecycle.release_slot(locked)
+        uow.commit()
+        uow.commit()  # nothing left to announce
+    assert released_rows() == 1
