@@ -41,7 +41,8 @@ class Components:
 
     @functools.cached_property
     def placer(self) -> CallPlacer:
-        return CallPlacer(self.uow, self.bolna, self.settings.dispatch_max_attempts)
+        settings = self.settings
+        return CallPlacer(self.uow, self.bolna, settings.dispatch_max_attempts, settings.slot_lease_seconds)
 
     def health(self, service: str) -> HealthCheck:
         return HealthCheck(service, self.settings, self.engine)

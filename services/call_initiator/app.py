@@ -42,7 +42,7 @@ def _api(components: Components) -> Blueprint:
             if (replay := idempotency.replay_of(uow, claim)) is not None:
                 return idempotency.replayed(replay)
             g.idempotency_claim = claim
-        accepted = place_call(components.placer, components.settings.slot_lease_seconds, user, body, claim)
+        accepted = place_call(components.placer, user, body, claim)
         answer = {"callId": str(accepted.call.id), "status": accepted.call.status}
         if accepted.placed:
             return jsonify({**answer, "executionId": accepted.call.execution_id}), 201

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Response, jsonify
-from sqlalchemy import delete, func, update
+from sqlalchemy import delete, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from shared.core.errors import CallflowError, ErrorType
-from shared.core.models import IDEMPOTENCY_KEY_RETENTION, IdempotencyKey
+from shared.core.models import IdempotencyKey
 from shared.core.uow import UnitOfWorkFactory
 from shared.http.app import PROBLEM_JSON
 from shared.observability.sentry import report_database_error
@@ -129,7 +129,7 @@ def _expired(claim: Claim):
     return delete(IdempotencyKey).where(
         IdempotencyKey.user_id == claim.user_id,
         IdempotencyKey.key == claim.key,
-        IdempotencyKey.created_at < func.now() - IDEMPOTENCY_KEY_RETENTION,
+        IdempotencyKey.expired(),
     )
 
 

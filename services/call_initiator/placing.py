@@ -21,7 +21,7 @@ class AcceptedCall:
 
 
 def place_call(
-    placer: CallPlacer, lease_seconds: int, user: User, request: PlaceCallRequest, idempotency: Claim | None = None
+    placer: CallPlacer, user: User, request: PlaceCallRequest, idempotency: Claim | None = None
 ) -> AcceptedCall:
     with placer.uow_factory() as uow:
         agent = uow.session.get(Agent, request.agent_id)
@@ -49,10 +49,7 @@ def place_call(
         uow.session.flush()
         if idempotency is not None:
             claim_key(uow.session, idempotency, call.id)
-        # While Bolna is known to be down, new calls wait in the queue instead of failing.
-        reserved = not placer.bolna.breaker.is_open and lifecycle.reserve_slot(
-            uow.calls, locked_user, call, behind_queue=True, lease_seconds=lease_seconds
-        )
+        reserved = placer.reserve_slot(uow.calls, locked_user, call, behind_queue=True)
         if not reserved:
             lifecycle.queue(call)
         uow.commit()

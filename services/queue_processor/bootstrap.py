@@ -18,7 +18,7 @@ from shared.messaging.topology import DISPATCH_QUEUE
 
 def bootstrap(settings: Settings) -> QueueProcessor:
     components = start_service(SERVICE, settings)
-    dispatcher = Dispatcher(components.placer, settings.slot_lease_seconds)
+    dispatcher = Dispatcher(components.placer)
     leases = LeaseReconciler(components.uow, components.bolna, settings.slot_lease_seconds)
     stopping = threading.Event()
     return QueueProcessor(

@@ -17,9 +17,8 @@ DIRECT = "direct"
 
 
 class Dispatcher:
-    def __init__(self, placer: CallPlacer, lease_seconds: int):
+    def __init__(self, placer: CallPlacer):
         self._placer = placer
-        self._lease_seconds = lease_seconds
 
     def dispatch_pending(self, user_id: uuid.UUID) -> int:
         """Places the user's pending calls, oldest first, while they have free slots. Returns how many."""
@@ -61,7 +60,7 @@ class Dispatcher:
                 report(failure, cause=exc, place="queue.initiate_call")
 
     def _reserve_next_pending(self, user_id: uuid.UUID) -> Call | None:
-        while not self._placer.bolna.breaker.is_open:
+        while not self._placer.provider_down:
             with self._placer.uow_factory() as uow:
                 user = uow.calls.lock_user(user_id)
                 call = uow.calls.next_due_pending(user_id)
@@ -73,9 +72,7 @@ class Dispatcher:
                     lifecycle.fail(call, ErrorType.INSUFFICIENT_CREDITS, detail)
                     uow.commit()
                     continue
-                if not lifecycle.reserve_slot(
-                    uow.calls, user, call, behind_queue=False, lease_seconds=self._lease_seconds
-                ):
+                if not self._placer.reserve_slot(uow.calls, user, call, behind_queue=False):
                     return None
                 uow.commit()
                 return call

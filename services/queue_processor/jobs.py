@@ -7,14 +7,14 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import sentry_sdk
-from sqlalchemy import delete, func
+from sqlalchemy import delete
 
 from services.queue_processor.dispatch import Dispatcher
 from services.queue_processor.leases import LeaseReconciler
 from shared.bootstrap import Components
 from shared.calls import provider_events
 from shared.core.errors import CallflowError, ErrorType
-from shared.core.models import IDEMPOTENCY_KEY_RETENTION, IdempotencyKey
+from shared.core.models import IdempotencyKey
 from shared.messaging import outbox
 from shared.observability.sentry import cron, report
 
@@ -57,9 +57,7 @@ class PeriodicJobs:
 
     def purge_idempotency_keys(self) -> None:
         with self._components.uow() as uow:
-            uow.session.execute(
-                delete(IdempotencyKey).where(IdempotencyKey.created_at < func.now() - IDEMPOTENCY_KEY_RETENTION)
-            )
+            uow.session.execute(delete(IdempotencyKey).where(IdempotencyKey.expired()))
             uow.commit()
 
 

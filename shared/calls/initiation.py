@@ -13,8 +13,9 @@ import sentry_sdk
 from shared.bolna.client import BolnaClient, BolnaError, PlacedCall
 from shared.bolna.execution import CONTEXT_CALL_ID_KEY
 from shared.calls import lifecycle, provider_events
+from shared.calls.store import CallStore
 from shared.core.errors import CallflowError, ErrorType
-from shared.core.models import Agent, Call
+from shared.core.models import Agent, Call, User
 from shared.core.uow import UnitOfWorkFactory
 from shared.observability.scrubbing import mask_phone
 
@@ -24,12 +25,24 @@ MAX_RETRY_DELAY_SECONDS = 300
 
 
 class CallPlacer:
-    """Asks Bolna to place calls; built once per process by its composition root."""
+    """Takes slots for calls and asks Bolna to place them; built once per process by its composition root."""
 
-    def __init__(self, uow_factory: UnitOfWorkFactory, bolna: BolnaClient, max_attempts: int):
+    def __init__(self, uow_factory: UnitOfWorkFactory, bolna: BolnaClient, max_attempts: int, lease_seconds: int):
         self.uow_factory = uow_factory
-        self.bolna = bolna
+        self._bolna = bolna
         self._max_attempts = max_attempts
+        self._lease_seconds = lease_seconds
+
+    @property
+    def provider_down(self) -> bool:
+        """While Bolna is known to be down (the breaker is open), calls wait in the queue instead of failing."""
+        return self._bolna.breaker.is_open
+
+    def reserve_slot(self, store: CallStore, locked_user: User, call: Call, *, behind_queue: bool) -> bool:
+        """Takes a slot for `call` (the caller holds `locked_user`'s lock), unless Bolna is down or none is free."""
+        return not self.provider_down and lifecycle.reserve_slot(
+            store, locked_user, call, behind_queue=behind_queue, lease_seconds=self._lease_seconds
+        )
 
     def initiate(self, call_id: uuid.UUID, retry_transient: bool) -> Call | None:
         """Asks Bolna to place a call that holds a slot; returns the call, or None when it went back to the queue.
@@ -51,13 +64,13 @@ class CallPlacer:
             )
             sentry_sdk.add_breadcrumb(category="bolna", message="Calling Bolna.ai API", data={"endpoint": "/call"})
             try:
-                placed = self.bolna.place_call(agent.provider_agent_id or "", call.phone_number, user_data)
+                placed = self._bolna.place_call(agent.provider_agent_id or "", call.phone_number, user_data)
             except BolnaError as exc:
                 span.set_status("internal_error")
                 if (not exc.sent or (retry_transient and exc.transient)) and self._requeue(call_id, exc):
                     sentry_sdk.add_breadcrumb(category="bolna", message="Bolna unavailable; call back in the queue")
                     return None
-                self.fail(call_id, ErrorType.BOLNA_API_FAILURE, str(exc))
+                self._fail(call_id, ErrorType.BOLNA_API_FAILURE, str(exc))
                 contexts["bolna_api"] = {
                     "endpoint": exc.endpoint,
                     "status_code": exc.status_code,
@@ -68,7 +81,7 @@ class CallPlacer:
                     ErrorType.BOLNA_API_FAILURE,
                     str(exc),
                     sentry_contexts=contexts,
-                    problem_fields=_look_up(call),
+                    problem_fields=_call_reference(call),
                     **tags,
                 ) from exc
             sentry_sdk.add_breadcrumb(
@@ -86,7 +99,7 @@ class CallPlacer:
                     ErrorType.CALL_INITIATION_FAILED,
                     f"Bolna accepted the call but recording it failed: {type(exc).__name__}",
                     sentry_contexts=contexts,
-                    problem_fields=_look_up(call),
+                    problem_fields=_call_reference(call),
                     execution_id=placed.execution_id,
                     **tags,
                 ) from exc
@@ -100,7 +113,7 @@ class CallPlacer:
             uow.commit()
         return call
 
-    def fail(self, call_id: uuid.UUID, error_type: ErrorType, detail: str) -> None:
+    def _fail(self, call_id: uuid.UUID, error_type: ErrorType, detail: str) -> None:
         with self.uow_factory() as uow:
             lifecycle.fail(uow.calls.lock_call(call_id), error_type, detail)
             uow.commit()
@@ -129,6 +142,6 @@ def call_details(call: Call) -> dict[str, object]:
     }
 
 
-def _look_up(call: Call) -> dict[str, object]:
+def _call_reference(call: Call) -> dict[str, object]:
     """The problem answer names the call, so the client can look it up."""
     return {"callId": str(call.id)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy.exc import DBAPIError
 
@@ -84,7 +84,7 @@ def link_execution(call: Call, execution_id: str, status: str | None = None) -> 
         call.status = status
 
 
-def extend_lease(store: CallStore, call: Call, now: object, lease_seconds: int, max_leases: int) -> bool:
+def extend_lease(store: CallStore, call: Call, now: datetime, lease_seconds: int, max_leases: int) -> bool:
     """Gives a call Bolna still reports as live another lease, up to `max_leases` since it was created."""
     lease = timedelta(seconds=lease_seconds)
     if not call.slot_held or call.created_at < now - max_leases * lease:

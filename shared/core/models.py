@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    ColumnElement,
     DateTime,
     ForeignKey,
     Index,
@@ -117,6 +118,11 @@ class IdempotencyKey(Base):
     response_status: Mapped[int | None] = mapped_column(Integer)
     response_body: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)
+
+    @classmethod
+    def expired(cls) -> ColumnElement[bool]:
+        """Keys past their retention: no longer replayed, and purged."""
+        return cls.created_at < func.now() - IDEMPOTENCY_KEY_RETENTION
 
 
 class CreditLedgerEntry(Base):
