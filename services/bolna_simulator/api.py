@@ -1,12 +1,14 @@
 """Bolna's call endpoints, simulated: one lifecycle thread per accepted call posts its webhooks.
 
 Besides Bolna's `/call`, `/executions/{id}` and `/call/{id}/stop`, `/_sim/*` exposes counters (notably the
-highest number of simultaneous calls per agent) and lets a test change the behaviour at runtime.
+highest number of simultaneous calls per agent) and the requests Bolna's endpoints received, and lets a test change
+the behaviour at runtime.
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import time
 from typing import Any
 
@@ -36,8 +38,23 @@ def _json_object() -> dict[str, Any]:
     return body
 
 
+def _received_body() -> Any:
+    """The body as sent: its JSON when it parses, else its text (it is recorded even when it is refused)."""
+    raw = request.get_data(cache=True)  # cached: the endpoint reads the same body afterwards
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode(errors="replace")
+
+
 def _bolna_api(simulator: Simulator) -> Blueprint:
     api = Blueprint("bolna", __name__)
+
+    @api.before_request
+    def record_request() -> None:
+        simulator.record_request(request.method, request.path, _received_body(), request.headers.get("Authorization"))
 
     @api.post("/call")
     def make_call() -> Response:
@@ -84,6 +101,10 @@ def _control_api(simulator: Simulator) -> Blueprint:
     @control.get("/_sim/stats")
     def stats() -> Response:
         return jsonify(simulator.stats())
+
+    @control.get("/_sim/requests")
+    def received_requests() -> Response:
+        return jsonify(requests=simulator.requests())
 
     @control.get("/_sim/config")
     def get_config() -> Response:

@@ -6,7 +6,7 @@ import logging
 import random
 import threading
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -31,9 +31,21 @@ log = logging.getLogger(__name__)
 
 Fault = Literal["error", "timeout", "rate_limited"]
 
+RECORDED_REQUESTS = 1000  # the most recent requests to Bolna's endpoints kept for `GET /_sim/requests`
+
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def mask_authorization(header: str | None) -> str | None:
+    """`Bearer sk-abcdefgh1234` as `Bearer ************1234`: the scheme and the key's last 4 characters only (a key
+    of 8 characters or fewer is masked whole)."""
+    if header is None:
+        return None
+    scheme, space, credentials = header.rpartition(" ")
+    shown = credentials[-4:] if len(credentials) > 8 else ""
+    return f"{scheme}{space}{'*' * (len(credentials) - len(shown))}{shown}"
 
 
 @dataclass
@@ -139,6 +151,7 @@ class Simulator:
         self._rng = random.Random(config.seed)
         self._executions: dict[str, Execution] = {}
         self._stats = Stats()
+        self._requests: deque[dict[str, Any]] = deque(maxlen=RECORDED_REQUESTS)
 
     @property
     def config(self) -> SimulatorConfig:
@@ -165,6 +178,7 @@ class Simulator:
                 execution.wake.set()
             self._executions.clear()
             self._stats = Stats()
+            self._requests.clear()
             # Restarting the sequence makes a seeded run after a reset repeat the outcomes of the first one.
             self._rng.seed(self._config.seed)
 
@@ -184,6 +198,24 @@ class Simulator:
                 "webhook_failures": stats.webhook_failures,
                 "executions_by_status": dict(Counter(e.status for e in self._executions.values())),
             }
+
+    def record_request(self, method: str, path: str, body: Any, authorization: str | None) -> None:
+        """Keeps what a client sent (its API key masked), so a test can check what Bolna would have received."""
+        with self._lock:
+            self._requests.append(
+                {
+                    "method": method,
+                    "path": path,
+                    "body": body,
+                    "authorization": mask_authorization(authorization),
+                    "received_at": _now(),
+                }
+            )
+
+    def requests(self) -> list[dict[str, Any]]:
+        """The recorded requests, oldest first."""
+        with self._lock:
+            return list(self._requests)
 
     def receive_call(self) -> SimulatorConfig:
         """Counts a `POST /call` request and returns the config it is answered under."""

@@ -40,7 +40,7 @@ class QueueProcessor:
         threading.Thread(target=health.serve_forever, name="health", daemon=True).start()
         jobs = threading.Thread(
             target=run_periodically,
-            args=(self.jobs.all(), self.settings.sweep_interval_seconds, self.stopping),
+            args=(self.jobs.all(), self.stopping),
             name="periodic-jobs",
         )
         jobs.start()

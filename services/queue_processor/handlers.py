@@ -6,7 +6,7 @@ import logging
 import uuid
 
 from services.queue_processor.consumer import IncomingMessage, PoisonMessage
-from services.queue_processor.dispatch import Dispatcher
+from services.queue_processor.dispatch import Dispatcher, DispatchTrigger
 from shared.bolna.client import BolnaClient, BolnaError
 from shared.messaging.topology import MessageType
 
@@ -23,7 +23,7 @@ class DispatchQueueHandler:
         if message.message_type == MessageType.EXECUTION_STOP:
             self._stop_execution(body)
         elif message.message_type in (MessageType.CALL_QUEUED, MessageType.SLOT_RELEASED):
-            self._dispatcher.dispatch_pending(_user_id(body))
+            self._dispatcher.dispatch_pending(_user_id(body), DispatchTrigger.MESSAGE)
         else:
             raise PoisonMessage(f"unknown message type {message.message_type!r}")
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 
 import sentry_sdk
 from sqlalchemy import delete
 
-from services.queue_processor.dispatch import Dispatcher
+from services.queue_processor.dispatch import Dispatcher, DispatchTrigger
 from services.queue_processor.leases import LeaseReconciler
 from shared.bootstrap import Components
 from shared.calls import provider_events
@@ -21,7 +23,15 @@ from shared.observability.sentry import cron, report
 OUTBOX_MIN_AGE = timedelta(seconds=5)  # younger rows are still being published by the request that wrote them
 KEPT_WEBHOOK_MIN_AGE_SECONDS = 2.0
 
-Job = Callable[[], object]
+
+@dataclass(frozen=True)
+class Job:
+    run: Callable[[], object]
+    interval_seconds: float
+
+    @property
+    def name(self) -> str:
+        return self.run.__name__
 
 
 class PeriodicJobs:
@@ -31,12 +41,16 @@ class PeriodicJobs:
         self._leases = leases
 
     def all(self) -> tuple[Job, ...]:
+        settings = self._components.settings
+        every = settings.sweep_interval_seconds
         return (
-            self.relay_outbox,
-            self.apply_kept_webhooks,
-            self.sweep_pending_calls,
-            self.reconcile_expired_leases,
-            self.purge_idempotency_keys,
+            Job(self.relay_outbox, every),
+            Job(self.apply_kept_webhooks, every),
+            Job(self.dispatch_due_retries, every),
+            # Messages place queued calls; a frequent sweep would hide a message path that stopped working.
+            Job(self.sweep_pending_calls, settings.pending_sweep_interval_seconds),
+            Job(self.reconcile_expired_leases, every),
+            Job(self.purge_idempotency_keys, every),
         )
 
     def relay_outbox(self) -> None:
@@ -47,10 +61,15 @@ class PeriodicJobs:
         for event_id in provider_events.unapplied_event_ids(uow, KEPT_WEBHOOK_MIN_AGE_SECONDS):
             provider_events.process(uow, event_id)
 
+    def dispatch_due_retries(self) -> None:
+        """Dispatches for users whose queued call may be placed again: no message wakes a call at its retry time."""
+        for user_id in self._dispatcher.users_to_retry():
+            self._dispatcher.dispatch_pending(user_id, DispatchTrigger.RETRY)
+
     def sweep_pending_calls(self) -> None:
         """Dispatches for every user with waiting calls, in case their wake-up message was missed."""
         for user_id in self._dispatcher.users_with_pending_calls():
-            self._dispatcher.dispatch_pending(user_id)
+            self._dispatcher.dispatch_pending(user_id, DispatchTrigger.SWEEP)
 
     def reconcile_expired_leases(self) -> None:
         self._leases.reconcile_expired_leases()
@@ -61,21 +80,26 @@ class PeriodicJobs:
             uow.commit()
 
 
-def run_periodically(jobs: tuple[Job, ...], interval: float, stopping: threading.Event) -> None:
+def run_periodically(jobs: tuple[Job, ...], stopping: threading.Event) -> None:
+    """Runs every job once at start, then each again once its own interval has passed since its last run."""
+    next_run = dict.fromkeys(jobs, time.monotonic())
     while not stopping.is_set():
         for job in jobs:
             if stopping.is_set():
                 return
-            try:
-                with (
-                    sentry_sdk.isolation_scope() as scope,
-                    cron(f"callflow-{job.__name__.replace('_', '-')}", interval),
-                ):
-                    scope.clear_breadcrumbs()  # each run starts clean, like each message
-                    job()
-            except Exception as exc:  # a failing job must not stop the others, nor the next round
-                report(
-                    CallflowError(ErrorType.INTERNAL_ERROR, f"periodic job {job.__name__} failed: {exc!r}"),
-                    cause=exc,
-                )
-        stopping.wait(interval)
+            if time.monotonic() >= next_run[job]:
+                _run_once(job)
+                next_run[job] = time.monotonic() + job.interval_seconds
+        stopping.wait(max(0.0, min(next_run.values()) - time.monotonic()))
+
+
+def _run_once(job: Job) -> None:
+    try:
+        with (
+            sentry_sdk.isolation_scope() as scope,
+            cron(f"callflow-{job.name.replace('_', '-')}", job.interval_seconds),
+        ):
+            scope.clear_breadcrumbs()  # each run starts clean, like each message
+            job.run()
+    except Exception as exc:  # a failing job must not stop the others, nor the next round
+        report(CallflowError(ErrorType.INTERNAL_ERROR, f"periodic job {job.name} failed: {exc!r}"), cause=exc)

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 
 class CircuitBreaker:
-    def __init__(self, failure_threshold: int, cooldown_seconds: float):
+    def __init__(
+        self, failure_threshold: int, cooldown_seconds: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._threshold = failure_threshold
         self._cooldown = cooldown_seconds
+        self._clock = clock  # seconds, monotonic; tests pass a fake one
         self._lock = threading.Lock()
         self._failures = 0
         self._opened_at: float | None = None
@@ -23,14 +27,14 @@ class CircuitBreaker:
         """True while requests are being held back (the trial of a half-open breaker counts as open)."""
         with self._lock:
             return self._opened_at is not None and (
-                self._trial_in_flight or time.monotonic() - self._opened_at < self._cooldown
+                self._trial_in_flight or self._clock() - self._opened_at < self._cooldown
             )
 
     def allow(self) -> bool:
         with self._lock:
             if self._opened_at is None:
                 return True
-            if self._trial_in_flight or time.monotonic() - self._opened_at < self._cooldown:
+            if self._trial_in_flight or self._clock() - self._opened_at < self._cooldown:
                 return False
             self._trial_in_flight = True  # half-open: one request tests whether Bolna is back
             return True
@@ -45,5 +49,5 @@ class CircuitBreaker:
         with self._lock:
             self._failures += 1
             if self._trial_in_flight or self._failures >= self._threshold:
-                self._opened_at = time.monotonic()
+                self._opened_at = self._clock()
             self._trial_in_flight = False

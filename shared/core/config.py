@@ -47,6 +47,8 @@ class Settings(BaseSettings):
 
     slot_lease_seconds: int = Field(3600, gt=0)
     sweep_interval_seconds: float = Field(5.0, gt=0)
+    # The sweep only catches wake-up messages that were missed; messages place queued calls.
+    pending_sweep_interval_seconds: float = Field(60.0, gt=0)
     rabbitmq_prefetch: int = Field(10, ge=1)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

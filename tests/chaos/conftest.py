@@ -16,6 +16,8 @@ CHAOS_ENV = {
     "BOLNA_BREAKER_COOLDOWN_SECONDS": "3",
     "SLOT_LEASE_SECONDS": "20",
     "DISPATCH_MAX_ATTEMPTS": "5",
+    # Messages must place the queued calls: a sweep as frequent as the other jobs would hide a broken message path.
+    "PENDING_SWEEP_INTERVAL_SECONDS": "60",
 }
 FLAKY_PROVIDER = {
     **FAST_CALLS,

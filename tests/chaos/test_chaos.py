@@ -4,32 +4,57 @@ duplicated and reordered webhooks, and a killed queue-processor."""
 from __future__ import annotations
 
 import signal
-import threading
 import time
 import uuid
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import httpx
+import pytest
 from sqlalchemy import func, select
 
+from services.queue_processor.dispatch import TRIGGER_SPAN_DATA, DispatchTrigger
 from shared.calls import statuses
 from shared.core.models import Call, CreditLedgerEntry, OutboxMessage, User
 from tests.support import broker
 from tests.support.components import components
 from tests.support.factories import Customer, call_row, customer, load_call
 from tests.support.invariants import violations
+from tests.support.sentry_sink import Item
+from tests.support.slot_sampler import SlotSampler
 from tests.support.stack import Stack, wait_until
 
 CALLS = 500
 LIMITS = (2, 3, 4, 5, 2, 3, 4, 5)
 CREDITS = 100_000
 PHONE = "+14155550123"
+REQUEST_EVERY_SECONDS = 0.08  # paced over ~40 s, so every fault lands while requests are still coming in
+OUTAGE_AFTER_ANSWERS = 100
+OUTAGE_SECONDS = 8
+DISPATCH_OP = "queue.initiate_call"
 
 
-def _place(stack: Stack, owner: Customer) -> httpx.Response:
+@dataclass(frozen=True)
+class Answer:
+    response: httpx.Response
+    answered_at: float  # time.time()
+
+
+@dataclass(frozen=True)
+class FaultTimes:
+    """When each fault happened (time.time()), to compare with the answers' and the dispatches' times."""
+
+    broker_stopped: float
+    broker_starting: float
+    broker_back: float
+    consumer_killed: float
+
+
+def _place(stack: Stack, owner: Customer) -> Answer:
     body = {"agentId": str(owner.agent_id), "phoneNumber": PHONE}
-    return stack.api("POST", "/api/calls", headers=owner.auth, json=body)
+    response = stack.api("POST", "/api/calls", headers=owner.auth, json=body)
+    return Answer(response, time.time())
 
 
 def _calls(user_ids: list[uuid.UUID]) -> list[Call]:
@@ -42,52 +67,99 @@ def _unpublished() -> int:
         return uow.session.scalar(select(func.count()).where(OutboxMessage.published_at.is_(None)))
 
 
+def _dispatches(stack: Stack, user_ids: list[uuid.UUID], since: float) -> list[Item]:
+    """The queued calls of these customers whose placing started at `since` or later."""
+    users = {str(user_id) for user_id in user_ids}
+    return [
+        dispatch
+        for dispatch in stack.sentry.transactions_of(DISPATCH_OP)
+        if dispatch.span_data.get("user_id") in users and dispatch.started_at >= since
+    ]
+
+
+def _through_messages(dispatches: list[Item]) -> list[Item]:
+    return [dispatch for dispatch in dispatches if dispatch.span_data.get(TRIGGER_SPAN_DATA) == DispatchTrigger.MESSAGE]
+
+
+@pytest.mark.broker_outage
+@pytest.mark.timeout(420)
 def test_500_calls_survive_broker_outage_flaky_provider_and_a_killed_consumer(
     chaos_stack: Stack, broker_restored, capsys
 ):
     stack = chaos_stack
     owners = [customer(credits=CREDITS, max_concurrent_calls=limit) for limit in LIMITS]
-    answers: list[httpx.Response] = []
-    faults: list[str] = []
+    user_ids = [owner.user_id for owner in owners]
+    answers: list[Answer] = []
 
-    def inject_faults() -> None:
-        wait_until(lambda: len(answers) >= 80, 120, "traffic before the broker outage")
+    def inject_faults() -> FaultTimes:
+        wait_until(lambda: len(answers) >= OUTAGE_AFTER_ANSWERS, 60, "traffic before the broker outage")
         broker.stop_broker()
-        faults.append(f"RabbitMQ stopped after {len(answers)} answers")
-        time.sleep(8)
+        stopped = time.time()
+        time.sleep(OUTAGE_SECONDS)
+        starting = time.time()
         broker.start_broker()
-        faults.append(f"RabbitMQ back after {len(answers)} answers")
-        wait_until(lambda: len(answers) >= 300, 120, "traffic before the kill")
+        back = time.time()
+        # The consumer that lived through the outage reconnects and places queued calls again, through messages:
+        # the sweep (PENDING_SWEEP_INTERVAL_SECONDS, 60 s here) would hide a consumer that never came back.
+        wait_until(
+            lambda: _through_messages(_dispatches(stack, user_ids, since=back)),
+            90,
+            "a queued call placed through a message after the broker came back",
+        )
         stack.queue_processor.stop(signal.SIGKILL)
-        faults.append(f"queue-processor killed after {len(answers)} answers")
-        time.sleep(2)
+        killed = time.time()
         stack.queue_processor.start(timeout=60)
-        faults.append("queue-processor restarted")
+        return FaultTimes(stopped, starting, back, killed)
 
-    chaos = threading.Thread(target=inject_faults)
-    chaos.start()
-    with ThreadPoolExecutor(12) as pool:
-        for answer in pool.map(lambda i: _place(stack, owners[i % len(owners)]), range(CALLS)):
-            answers.append(answer)
-            time.sleep(0.04)  # spread the load so the faults land mid-traffic
-    chaos.join(timeout=300)
-    assert len(faults) == 4, faults
+    def record(owner: Customer) -> None:
+        answers.append(_place(stack, owner))
 
-    codes = Counter(answer.status_code for answer in answers)
+    with SlotSampler() as slots, ThreadPoolExecutor(1) as fault_thread, ThreadPoolExecutor(12) as senders:
+        faults = fault_thread.submit(inject_faults)
+        started = time.monotonic()
+        requests: list[Future[None]] = []
+        for i in range(CALLS):
+            time.sleep(max(0.0, started + i * REQUEST_EVERY_SECONDS - time.monotonic()))
+            requests.append(senders.submit(record, owners[i % len(owners)]))
+        for request in requests:
+            request.result()
+        times = faults.result(timeout=180)
+        wait_until(lambda: all(statuses.is_terminal(call.status) for call in _calls(user_ids)), 90, "every call ends")
+    wait_until(lambda: _unpublished() == 0, 30, "the outbox drains once the broker is back")
+    calls = _calls(user_ids)
+
+    codes = Counter(answer.response.status_code for answer in answers)
     assert set(codes) <= {201, 202, 502}, {
-        a.status_code: a.text for a in answers if a.status_code not in (201, 202, 502)
+        a.response.status_code: a.response.text for a in answers if a.response.status_code not in (201, 202, 502)
     }
-    accepted = {answer.json()["callId"] for answer in answers}
+    accepted = {answer.response.json()["callId"] for answer in answers}
     assert len(accepted) == CALLS, "every request got its own call"
 
-    user_ids = [owner.user_id for owner in owners]
-    wait_until(lambda: all(statuses.is_terminal(call.status) for call in _calls(user_ids)), 300, "every call ends")
-    wait_until(lambda: _unpublished() == 0, 60, "the outbox drains once the broker is back")
-    calls = _calls(user_ids)
+    # The outage overlapped the traffic: the API kept accepting calls while RabbitMQ was down.
+    during_outage = [
+        answer
+        for answer in answers
+        if times.broker_stopped < answer.answered_at < times.broker_starting
+        and answer.response.status_code in (201, 202)
+    ]
+    assert len(during_outage) >= 10, f"only {len(during_outage)} calls were accepted while RabbitMQ was down"
+
+    # Once the broker was back, queued calls were placed through the messages, not by the sweep.
+    after_outage = _dispatches(stack, user_ids, since=times.broker_back)
+    before_kill = [dispatch for dispatch in after_outage if dispatch.started_at < times.consumer_killed]
+    assert _through_messages(before_kill), "the consumer placed nothing through a message after the outage"
+    triggers = Counter(dispatch.span_data.get(TRIGGER_SPAN_DATA) for dispatch in after_outage)
+    assert triggers[DispatchTrigger.MESSAGE] > triggers[DispatchTrigger.SWEEP], triggers
 
     # None lost, each in exactly one terminal state.
     assert {str(call.id) for call in calls} == accepted
     assert all(statuses.is_terminal(call.status) and not call.slot_held for call in calls)
+
+    # No customer ever held more slots than their limit, as Callflow itself counts them.
+    held = [slots.peak(owner.user_id) for owner in owners]
+    for owner, limit in zip(owners, LIMITS, strict=True):
+        assert slots.peak(owner.user_id) <= limit, f"{owner.user_id} held {held} slots for limits {list(LIMITS)}"
+        assert slots.peak(owner.user_id) > 0, f"the sampler never saw {owner.user_id} hold a slot"
 
     # Each completed call charged exactly once, and the ledger is the credits' whole story.
     with components().uow() as uow:
@@ -108,7 +180,7 @@ def test_500_calls_survive_broker_outage_flaky_provider_and_a_killed_consumer(
         charged = sum(call.credits_charged for call in completed if call.user_id == owner.user_id)
         assert spent[owner.user_id] == charged
 
-    # The provider never saw a customer above their limit.
+    # The provider never saw a customer above their limit either.
     peaks = stack.sim_stats()["max_active_calls"]
     for owner, limit in zip(owners, LIMITS, strict=True):
         assert peaks.get(owner.provider_agent_id, 0) <= limit, (owner.provider_agent_id, peaks, limit)
@@ -116,16 +188,23 @@ def test_500_calls_survive_broker_outage_flaky_provider_and_a_killed_consumer(
 
     outcome = Counter(call.status for call in calls)
     errors = Counter(call.error_type for call in calls if call.error_type)
+    answered = [answer.answered_at for answer in answers]
     with capsys.disabled():  # the counts belong in every run's output, CI's included
         print(
-            f"\nchaos: {CALLS} calls; answers {dict(codes)}; faults {faults}\n"
+            f"\nchaos: {CALLS} calls answered over {max(answered) - min(answered):.0f}s; answers {dict(codes)}; "
+            f"{len(during_outage)} accepted during the {times.broker_starting - times.broker_stopped:.0f}s outage\n"
+            f"chaos: broker back {times.broker_back - min(answered):.0f}s in, queue-processor killed "
+            f"{times.consumer_killed - times.broker_back:.0f}s later; dispatches after the outage {dict(triggers)}\n"
             f"chaos: final states {dict(outcome)}; errors {dict(errors)}\n"
             f"chaos: completed {len(completed)}, charged once each ({sum(spent.values())} credits); "
-            f"provider peaks {[peaks.get(o.provider_agent_id, 0) for o in owners]} for limits {list(LIMITS)}\n"
+            f"slot peaks {held} (sampled {slots.samples} times), provider peaks "
+            f"{[peaks.get(o.provider_agent_id, 0) for o in owners]} for limits {list(LIMITS)}\n"
             f"chaos: queued calls retried {sum(call.dispatch_attempts for call in calls)} times"
         )
 
 
+@pytest.mark.broker_outage
+@pytest.mark.timeout(300)
 def test_webhooks_posted_while_the_broker_is_down_are_applied_and_announced_after(chaos_stack: Stack, broker_restored):
     stack = chaos_stack
     owners = [customer(max_concurrent_calls=1) for _ in range(5)]

@@ -6,9 +6,11 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 
 from shared.calls import statuses
 from tests.support.factories import Customer, call_row, credits_of, customer, ledger_total, load_call
+from tests.support.slot_sampler import SlotSampler
 from tests.support.stack import Stack, wait_until
 
 PHONE = "+14155550123"
@@ -52,13 +54,17 @@ def test_six_calls_at_limit_two_two_placed_four_queued_all_completed_and_charged
     assert ledger_total(owner.user_id) == (6, -charged)
 
 
+@pytest.mark.timeout(300)
 def test_fifty_concurrent_requests_on_two_workers_never_exceed_limit_three(stack):
     owner = customer(credits=10_000, max_concurrent_calls=3)
-    responses = _fire(stack, owner, 50)
+    with SlotSampler() as slots:
+        responses = _fire(stack, owner, 50)
+        assert {response.status_code for response in responses} <= {201, 202}, [r.text for r in responses]
+        views = _wait_all_terminal(stack, owner, [r.json()["callId"] for r in responses], timeout=240)
 
-    assert {response.status_code for response in responses} <= {201, 202}, [r.text for r in responses]
+    assert slots.peak(owner.user_id) <= 3, f"Callflow held {slots.peak(owner.user_id)} slots at once for a limit of 3"
+    assert slots.peak(owner.user_id) > 0, "the sampler never saw a slot held"
     assert sum(response.status_code == 201 for response in responses) <= 3
-    views = _wait_all_terminal(stack, owner, [r.json()["callId"] for r in responses], timeout=240)
     assert all(view["status"] == "completed" for view in views)
     peak = stack.sim_stats()["max_active_calls"][owner.provider_agent_id]
     assert peak == 3, f"the provider saw {peak} simultaneous calls for a limit of 3"

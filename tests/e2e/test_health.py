@@ -22,7 +22,8 @@ def test_health_is_503_naming_the_broker_when_it_is_unreachable(module, service,
         process.start(expected_status=503)
         body = httpx.get(f"{process.url}/health", timeout=10).json()
     finally:
-        assert process.stop() == 0, process.logs()
+        exit_code = process.stop()
+    assert exit_code == 0, process.logs()
     assert body["service"] == service
     assert body["status"] == "unavailable"
     assert body["checks"]["database"] == "ok"

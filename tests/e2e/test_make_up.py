@@ -40,6 +40,7 @@ def fresh_database(isolation: Isolation):
     admin.dispose()
 
 
+@pytest.mark.timeout(900)  # a clone, a cold install of Bugsink, then up to 600 s for everything to be healthy
 def test_make_up_from_a_clean_clone(tmp_path, isolation, fresh_database):
     busy = [name for name, port in PORTS.items() if _healthy(port)]
     assert not busy, f"ports of {busy} are already serving; stop the running stack first"

@@ -25,6 +25,7 @@ from tests.support.sentry_sink import SentrySink
 from tests.support.stack import Stack, sentry_env, wait_until
 
 PHONE = "+14155550123"
+DOCUMENTED_MAX_LEASES = 3  # docs/reliability.md: a call Bolna reports live keeps its slot "up to 3 leases"
 
 
 def _body(owner, **overrides) -> dict:
@@ -42,12 +43,26 @@ def _wake_dispatcher(user_id: uuid.UUID, message_id: str | None = None) -> None:
         ch.basic_publish(EVENTS_EXCHANGE, envelope.message_type, envelope.encode(), envelope.properties())
 
 
-def _expire_lease(call_id: uuid.UUID) -> None:
+def _expire_lease(call_id: uuid.UUID, leases_ago: int = 0) -> None:
+    """Ends the call's lease now; with `leases_ago`, as if it had been created that many leases ago."""
+    lease = timedelta(seconds=components().settings.slot_lease_seconds)
+    changes = {"slot_lease_expires_at": func.now() - timedelta(seconds=1)}
+    if leases_ago:
+        changes["created_at"] = func.now() - leases_ago * lease - timedelta(minutes=1)
     with components().uow() as uow:
-        uow.session.execute(
-            update(Call).where(Call.id == call_id).values(slot_lease_expires_at=func.now() - timedelta(seconds=1))
-        )
+        uow.session.execute(update(Call).where(Call.id == call_id).values(**changes))
         uow.commit()
+
+
+def _lease_left(call_id: uuid.UUID) -> timedelta | None:
+    with components().uow() as uow:
+        return uow.session.scalar(select(Call.slot_lease_expires_at - func.now()).where(Call.id == call_id))
+
+
+def _completed_at_bolna(execution: dict, seconds: int) -> dict:
+    """Bolna's execution object as its `completed` webhook carries it, for a call that talked `seconds`."""
+    telephony = {**execution["telephony_data"], "duration": str(seconds)}
+    return {**execution, "status": "completed", "conversation_duration": float(seconds), "telephony_data": telephony}
 
 
 class TestIdempotencyKey:
@@ -111,8 +126,8 @@ class TestIdempotencyKey:
 class TestProviderFailures:
     def test_queued_call_is_retried_after_a_transient_failure_then_placed(self, sim: Stack):
         owner = customer()
+        sim.sim_config(error_rate=1.0)  # before the call exists, or the sweep may place it first
         call = call_row(owner)
-        sim.sim_config(error_rate=1.0)
         _wake_dispatcher(owner.user_id)
         wait_until(lambda: load_call(call.id).dispatch_attempts == 1, 20, "a first attempt fails")
         requeued = load_call(call.id)
@@ -124,8 +139,8 @@ class TestProviderFailures:
 
     def test_429_is_retried_after_bolnas_retry_after(self, sim: Stack):
         owner = customer()
-        call = call_row(owner)
         sim.sim_config(rate_limit_rate=1.0, retry_after_seconds=3)
+        call = call_row(owner)
         _wake_dispatcher(owner.user_id)
         wait_until(lambda: load_call(call.id).dispatch_attempts == 1, 20, "the first attempt is rate-limited")
         requeued = load_call(call.id)
@@ -149,8 +164,8 @@ class TestProviderFailures:
 
     def test_queued_call_fails_at_once_on_a_permanent_4xx(self, sim: Stack):
         owner = customer()
-        call = call_row(owner)
         sim.sim_config(api_key="a-key-callflow-does-not-have")
+        call = call_row(owner)
         _wake_dispatcher(owner.user_id)
         wait_until(lambda: load_call(call.id).status == "failed", 20, "the call fails")
         failed = load_call(call.id)
@@ -218,6 +233,59 @@ class TestLeases:
         assert events[0].payload["level"] == "warning"
         assert events[0].payload["fingerprint"] == ["slot_lease_expired", "slot.reconcile"]
         assert events[0].tags["service"] == "queue-processor"
+        assert stack.api("POST", "/api/calls", headers=owner.auth, json=_body(owner)).status_code == 201
+
+    def test_a_call_bolna_still_reports_live_at_the_end_of_its_second_lease_is_given_a_third(self, sim: Stack):
+        owner = customer(max_concurrent_calls=1)
+        sim.sim_config(step_delay_seconds=120)  # Bolna keeps the call `queued` for the whole test
+        placed = sim.api("POST", "/api/calls", headers=owner.auth, json=_body(owner))
+        call_id, execution_id = uuid.UUID(placed.json()["callId"]), placed.json()["executionId"]
+
+        def reconciled() -> tuple[Call, timedelta | None] | None:
+            """The call once the lease job dealt with it (a new lease, or its slot released), with its lease left."""
+            call, left = load_call(call_id), _lease_left(call_id)
+            return (call, left) if left is None or left > timedelta(0) else None
+
+        try:
+            _expire_lease(call_id, leases_ago=DOCUMENTED_MAX_LEASES - 1)
+            extended, lease_left = wait_until(reconciled, 30, "the lease job deals with the expired lease")
+        finally:
+            sim.sim_stop(execution_id)
+        assert (extended.status, extended.error_type, extended.slot_held) == ("queued", None, True)
+        assert lease_left > timedelta(seconds=components().settings.slot_lease_seconds) / 2, "a whole new lease"
+
+    def test_a_call_still_live_at_the_end_of_its_third_lease_is_expired_and_a_late_completed_bills_it(self, sim: Stack):
+        owner = customer(credits=50, max_concurrent_calls=1)
+        sim.sim_config(step_delay_seconds=120)  # Bolna keeps the call `queued` for the whole test
+        placed = sim.api("POST", "/api/calls", headers=owner.auth, json=_body(owner))
+        call_id, execution_id = uuid.UUID(placed.json()["callId"]), placed.json()["executionId"]
+        try:
+            _expire_lease(call_id, leases_ago=DOCUMENTED_MAX_LEASES)
+            wait_until(lambda: load_call(call_id).status == "failed", 30, "the lease job gives up on the call")
+            expired = load_call(call_id)
+            assert (expired.error_type, expired.slot_held) == ("slot_lease_expired", False)
+            assert "Bolna reports queued" in expired.error_detail
+            assert ledger_total(owner.user_id) == (0, 0)
+
+            late = _completed_at_bolna(sim.sim_execution(execution_id), seconds=61)
+            assert sim.webhook(late).status_code == 200
+            wait_until(lambda: load_call(call_id).status == "completed", 30, "Bolna's late word overrules the lease")
+        finally:
+            sim.sim_stop(execution_id)
+        billed = load_call(call_id)
+        assert (billed.error_type, billed.error_detail, billed.slot_held) == (None, None, False)
+        assert billed.credits_charged == 2
+        assert ledger_total(owner.user_id) == (1, -2)
+        assert credits_of(owner.user_id) == 48
+
+    def test_a_call_that_never_reached_bolna_is_failed_when_its_lease_expires(self, stack: Stack):
+        owner = customer(max_concurrent_calls=1)
+        call = call_row(owner, status="initiating", slot_held=True)
+        _expire_lease(call.id)
+        wait_until(lambda: load_call(call.id).status == "failed", 30, "the lease job fails the call")
+        expired = load_call(call.id)
+        assert (expired.error_type, expired.slot_held) == ("slot_lease_expired", False)
+        assert "Bolna reports nothing" in expired.error_detail
         assert stack.api("POST", "/api/calls", headers=owner.auth, json=_body(owner)).status_code == 201
 
 

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import re
-import time
 import uuid
 
 import httpx
 import pika
 import pytest
+from sqlalchemy import text
 
 from shared.core.errors import ERROR_TABLE, ErrorType
 from shared.messaging.publisher import Envelope
 from shared.messaging.topology import EVENTS_EXCHANGE, MessageType
 from tests.conftest import WEBHOOK_SECRET
 from tests.support import broker
+from tests.support.components import components
 from tests.support.factories import Customer, call_row, credits_of, customer, ledger_total, load_call
 from tests.support.faults import failing_writes
 from tests.support.processes import ServiceProcess, free_port
@@ -114,10 +115,12 @@ def test_webhook_errors_arrive_once(stack, error_type, payload, token):
 
 def test_queued_call_failure_arrives_once_in_the_calls_trace(sim):
     owner = customer(max_concurrent_calls=1)
-    assert _place(sim, owner).status_code == 201
+    holder = str(uuid.uuid4())
+    call_row(owner, status="in-progress", execution_id=holder, slot_held=True)  # the customer's one slot
+    sim.sim_config(error_rate=1.0)  # before a call waits: whatever places it, Bolna refuses it
     queued = _place(sim, owner)
     assert queued.status_code == 202
-    sim.sim_config(error_rate=1.0)
+    assert sim.webhook({"id": holder, "status": "completed"}).status_code == 200  # the slot frees: its turn
     call_id = queued.json()["callId"]
     wait_until(lambda: sim.call(owner.auth, call_id)["status"] == "failed", 30, "the queued call fails")
 
@@ -151,13 +154,34 @@ def test_webhook_that_cannot_be_applied_is_reported_once_and_applied_later(stack
     with failing_writes("calls", "NEW.metadata ? 'fail' AND NEW.status IS DISTINCT FROM OLD.status"):
         assert stack.webhook({"id": execution_id, "status": "ringing"}).status_code == 200
         event = _the_event(stack.sentry, ErrorType.WEBHOOK_PROCESSING_FAILED, execution_id=execution_id)
-        time.sleep(4)  # the sweep retries meanwhile: still one event
+        # The queue-processor's retries fail the same way. Once it made a second one, it has reported (or not)
+        # the first; an event it sends after that arrives after any such report.
+        wait_until(lambda: _attempts_at(execution_id) >= 3, 30, "the queue-processor retries the webhook twice")
+        _sentinel_event_from_the_queue_processor(stack)
         assert len(stack.sentry.events(error_type="webhook_processing_failed", execution_id=execution_id)) == 1
     contexts = _assert_reported(event, ErrorType.WEBHOOK_PROCESSING_FAILED, "webhook-receiver", "webhook.process")
     assert (event.tags["call_id"], event.tags["user_id"]) == (str(call.id), str(owner.user_id))
     assert contexts["webhook_details"]["status"] == "ringing"
     assert contexts["webhook_details"]["execution_id"] == execution_id
     wait_until(lambda: load_call(call.id).status == "ringing", 30, "the kept webhook is applied once the fault is gone")
+
+
+def _attempts_at(execution_id: str) -> int:
+    """How many times the webhooks of an execution were tried and failed."""
+    with components().engine.connect() as conn:
+        query = text("SELECT coalesce(max(attempts), 0) FROM webhook_events WHERE execution_id = :execution_id")
+        return conn.execute(query, {"execution_id": execution_id}).scalar_one()
+
+
+def _sentinel_event_from_the_queue_processor(stack: Stack) -> None:
+    """A poison message the queue-processor reports: its SDK sends events in order, so this one comes after
+    every event it reported before."""
+    message_id = str(uuid.uuid4())
+    with broker.channel() as ch:
+        properties = pika.BasicProperties(message_id=message_id, type=MessageType.CALL_QUEUED, delivery_mode=2)
+        ch.basic_publish(EVENTS_EXCHANGE, MessageType.CALL_QUEUED, b"{not json", properties)
+    sentinel = stack.sentry.wait_for_events(error_type=ErrorType.MESSAGE_DEAD_LETTERED, message_id=message_id, settle=0)
+    assert sentinel, "the queue-processor's sentinel event never arrived"
 
 
 def test_failed_credit_deduction_is_reported_and_charged_exactly_once_later(stack):
@@ -199,16 +223,20 @@ def test_database_outage_is_reported_once_not_per_request(sentry, tmp_path):
         "WEB_CONCURRENCY": "1",
     }
     process = ServiceProcess("services.call_initiator", free_port(), env, tmp_path)
+    request_ids = [uuid.uuid4().hex for _ in range(3)]
     try:
         process.start(expected_status=503)
+        url = f"{process.url}/api/calls"
         answers = [
-            httpx.post(f"{process.url}/api/calls", headers={"Authorization": "Bearer cf_x"}, json={}) for _ in range(3)
+            httpx.post(url, headers={"Authorization": "Bearer cf_x", "X-Request-ID": request_id}, json={})
+            for request_id in request_ids
         ]
-        assert [a.json()["error_type"] for a in answers] == ["database_error"] * 3
-        assert {a.status_code for a in answers} == {503}
-        events = sentry.wait_for_events(error_type="database_error")
     finally:
-        assert process.stop() == 0
+        exit_code = process.stop()  # its SDK sends what it still holds on the way out: nothing can come later
+    assert exit_code == 0, process.logs()
+    assert [a.json()["error_type"] for a in answers] == ["database_error"] * 3
+    assert {a.status_code for a in answers} == {503}
+    events = [e for e in sentry.events(error_type="database_error") if e.tags.get("request_id") in request_ids]
     assert len(events) == 1, f"{len(events)} events for one outage"
     _assert_reported(events[0], ErrorType.DATABASE_ERROR, "call-initiator", "/api/calls")
 
@@ -290,8 +318,8 @@ def test_a_queued_call_is_one_trace_across_all_three_services(stack):
 
 def test_messages_processed_back_to_back_share_no_tags_or_breadcrumbs(sim):
     first, second = customer(), customer()
+    sim.sim_config(error_rate=1.0)  # before the calls wait: whatever places them, Bolna refuses them
     calls = [call_row(owner) for owner in (first, second)]
-    sim.sim_config(error_rate=1.0)
     with broker.channel() as ch:
         for owner in (first, second):
             envelope = Envelope(MessageType.CALL_QUEUED, {"user_id": str(owner.user_id)})
@@ -315,7 +343,14 @@ def test_periodic_jobs_check_in_with_crons(stack):
     def slugs() -> set[str]:
         return {item.payload["monitor_slug"] for item in stack.sentry.of_type("check_in")}
 
-    expected = {"callflow-relay-outbox", "callflow-apply-kept-webhooks", "callflow-sweep-pending-calls"}
+    expected = {
+        "callflow-relay-outbox",
+        "callflow-apply-kept-webhooks",
+        "callflow-dispatch-due-retries",
+        "callflow-sweep-pending-calls",
+        "callflow-reconcile-expired-leases",
+        "callflow-purge-idempotency-keys",
+    }
     wait_until(lambda: expected <= slugs(), 30, "a check-in from each periodic job")
     statuses = {item.payload["status"] for item in stack.sentry.of_type("check_in")}
     assert "ok" in statuses and "error" not in statuses

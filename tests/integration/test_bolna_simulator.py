@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from services.bolna_simulator.api import create_app
 from services.bolna_simulator.config import SimulatorConfig
+from services.bolna_simulator.state import RECORDED_REQUESTS
 
 AGENT_ID = "123e4567-e89b-12d3-a456-426655440000"
 OTHER_AGENT_ID = "9b2f4a8e-5c1d-4e7f-8a3b-6d0c2e1f4a5b"
@@ -560,6 +561,42 @@ def test_a_seed_reproduces_the_outcomes(make_client: Callable[..., FlaskClient])
 
     assert first == second
     assert len(set(first)) > 1
+
+
+def test_requests_are_recorded_with_their_bodies_and_a_masked_api_key(make_client: Callable[..., FlaskClient]) -> None:
+    client = make_client(api_key="sk-live-0123456789abcd", step_delay_seconds=5)
+    key = {"Authorization": "Bearer sk-live-0123456789abcd"}
+    body = {"agent_id": AGENT_ID, "recipient_phone_number": PHONE, "user_data": {"order": {"id": 7}}}
+
+    execution_id = client.post("/call", json=body, headers=key).json["execution_id"]
+    client.get(f"/executions/{execution_id}", headers={"Authorization": "Bearer short"})
+    client.post("/call", data="not json", content_type="text/plain")
+    client.post(f"/call/{execution_id}/stop", headers=key)
+    client.get("/_sim/stats")
+
+    recorded = client.get("/_sim/requests").json["requests"]
+    assert [(r["method"], r["path"], r["body"], r["authorization"]) for r in recorded] == [
+        ("POST", "/call", body, "Bearer ******************abcd"),
+        ("GET", f"/executions/{execution_id}", None, "Bearer *****"),
+        ("POST", "/call", "not json", None),
+        ("POST", f"/call/{execution_id}/stop", None, "Bearer ******************abcd"),
+    ]
+    received_at = [datetime.fromisoformat(r["received_at"]) for r in recorded]
+    assert received_at == sorted(received_at)
+    assert "sk-live" not in client.get("/_sim/requests").text
+    client.post("/_sim/reset")
+    assert client.get("/_sim/requests").json == {"requests": []}
+
+
+def test_only_the_latest_requests_are_kept(make_client: Callable[..., FlaskClient]) -> None:
+    client = make_client(error_rate=1)
+
+    for number in range(RECORDED_REQUESTS + 5):
+        client.post("/call", json={"n": number}, headers=AUTH)
+
+    recorded = client.get("/_sim/requests").json["requests"]
+    assert len(recorded) == RECORDED_REQUESTS
+    assert [r["body"]["n"] for r in (recorded[0], recorded[-1])] == [5, RECORDED_REQUESTS + 4]
 
 
 def test_reset_clears_calls_and_counters_but_keeps_config(

@@ -22,6 +22,7 @@ from shared.messaging.topology import (
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
     DEAD_LETTER_REASON_HEADER,
+    ORIGINAL_QUEUE_HEADER,
     RETRY_DELAYS_SECONDS,
     retry_queue,
 )
@@ -55,24 +56,41 @@ def _consuming(queue: str, handler) -> Iterator[threading.Thread]:
         thread.join(10)
 
 
-def _dead_letters(ch, message_ids: set[str], timeout: float = 10.0) -> dict[str, pika.BasicProperties]:
-    found: dict[str, pika.BasicProperties] = {}
+def _dead_letters_up_to(
+    ch, queue: str, sentinel_id: str, timeout: float = 15.0
+) -> dict[str, list[pika.BasicProperties]]:
+    """Every copy of every letter dead-lettered from `queue`, by message id, up to `sentinel_id`, a message
+    dead-lettered after the others: a second copy of an earlier letter is in the queue before it. Letters from
+    other queues stay queued."""
+    found: dict[str, list[pika.BasicProperties]] = {}
+    others: list[int] = []
     deadline = time.monotonic() + timeout
-    while set(found) != message_ids and time.monotonic() < deadline:
+    while sentinel_id not in found:
         method, properties, _ = ch.basic_get(DEAD_LETTER_QUEUE, auto_ack=False)
         if method is None:
+            assert time.monotonic() < deadline, f"the sentinel was never dead-lettered; got {sorted(found)}"
             time.sleep(0.05)
             continue
-        if properties.message_id in message_ids:
-            found[properties.message_id] = properties
+        if (properties.headers or {}).get(ORIGINAL_QUEUE_HEADER) == queue:
+            found.setdefault(properties.message_id, []).append(properties)
             ch.basic_ack(method.delivery_tag)
         else:
-            ch.basic_nack(method.delivery_tag, requeue=True)
+            others.append(method.delivery_tag)
+    for delivery_tag in others:
+        ch.basic_nack(delivery_tag, requeue=True)
     return found
 
 
+def _handled_until(handled: list[IncomingMessage], sentinel_id: str, attempt: int, timeout: float = 15.0) -> None:
+    """Waits until the sentinel was handled at `attempt`."""
+    deadline = time.monotonic() + timeout
+    while not any(m.message_id == sentinel_id and m.attempt == attempt for m in list(handled)):
+        assert time.monotonic() < deadline, f"the sentinel was never handled at attempt {attempt}"
+        time.sleep(0.05)
+
+
 def test_good_messages_are_handled_poison_dead_lettered_and_failures_retried(work_queue):
-    handled: list[tuple[dict, int]] = []
+    handled: list[IncomingMessage] = []
     failed_once: set[str] = set()
 
     def handler(message: IncomingMessage) -> None:
@@ -82,42 +100,59 @@ def test_good_messages_are_handled_poison_dead_lettered_and_failures_retried(wor
             raise RuntimeError("passing trouble")
         if body.get("always_fails"):
             raise RuntimeError("handler bug")
-        handled.append((body, message.attempt))
+        handled.append(message)
 
     good = Envelope("test.good", {"n": 1})
     bad_json = Envelope("test.bad", {})
     flaky = Envelope("test.flaky", {"flaky": True})
     exhausted = Envelope("test.crash", {"always_fails": True}, headers={ATTEMPT_HEADER: len(RETRY_DELAYS_SECONDS)})
+    # Sent last, each takes the same way as the messages before it, so it arrives after any second copy of them.
+    flaky_sentinel = Envelope("test.flaky", {"flaky": True, "sentinel": True})
+    poison_sentinel = Envelope("test.bad", {})
     with broker.channel() as ch:
         for envelope in (good, flaky, exhausted):
             ch.basic_publish("", work_queue, envelope.encode(), envelope.properties())
         ch.basic_publish("", work_queue, b"{not json", bad_json.properties())
+        ch.basic_publish("", work_queue, flaky_sentinel.encode(), flaky_sentinel.properties())
+        ch.basic_publish("", work_queue, b"{not json", poison_sentinel.properties())
         with _consuming(work_queue, handler) as thread:
-            dead = _dead_letters(ch, {bad_json.message_id, exhausted.message_id})
-            deadline = time.monotonic() + 15
-            while len(handled) < 2 and time.monotonic() < deadline:
-                time.sleep(0.1)
+            dead = _dead_letters_up_to(ch, work_queue, poison_sentinel.message_id)
+            _handled_until(handled, flaky_sentinel.message_id, attempt=1)
         remaining = ch.queue_declare(work_queue, passive=True).method.message_count
 
-    assert sorted(handled, key=repr) == sorted([({"n": 1}, 0), ({"flaky": True}, 1)], key=repr)
-    assert "not JSON" in dead[bad_json.message_id].headers[DEAD_LETTER_REASON_HEADER]
-    reason = dead[exhausted.message_id].headers[DEAD_LETTER_REASON_HEADER]
+    seen = sorted((m.message_id, m.json(), m.attempt) for m in handled if m.message_id != flaky_sentinel.message_id)
+    assert seen == sorted([(good.message_id, {"n": 1}, 0), (flaky.message_id, {"flaky": True}, 1)])
+    assert {message_id: len(copies) for message_id, copies in dead.items()} == {
+        bad_json.message_id: 1,
+        exhausted.message_id: 1,
+        poison_sentinel.message_id: 1,
+    }
+    assert "not JSON" in dead[bad_json.message_id][0].headers[DEAD_LETTER_REASON_HEADER]
+    reason = dead[exhausted.message_id][0].headers[DEAD_LETTER_REASON_HEADER]
     assert reason.startswith(f"gave up after {len(RETRY_DELAYS_SECONDS) + 1} attempts") and "handler bug" in reason
-    assert dead[exhausted.message_id].headers["x-callflow-original-queue"] == work_queue
+    assert dead[exhausted.message_id][0].headers[ORIGINAL_QUEUE_HEADER] == work_queue
     assert remaining == 0
     assert not thread.is_alive()
 
 
-def test_poison_message_exception_is_dead_lettered(work_queue):
+def test_poison_message_exception_is_dead_lettered_once(work_queue):
     def handler(message: IncomingMessage) -> None:
-        raise PoisonMessage("unknown message type 'x'")
+        raise PoisonMessage(f"unknown message type {message.message_type!r}")
 
-    envelope = Envelope("x", {})
+    envelope, sentinel = Envelope("x", {}), Envelope("sentinel", {})
     with broker.channel() as ch:
-        ch.basic_publish("", work_queue, envelope.encode(), envelope.properties())
+        for message in (envelope, sentinel):
+            ch.basic_publish("", work_queue, message.encode(), message.properties())
         with _consuming(work_queue, handler):
-            dead = _dead_letters(ch, {envelope.message_id})
-    assert dead[envelope.message_id].headers[DEAD_LETTER_REASON_HEADER] == "unknown message type 'x'"
+            dead = _dead_letters_up_to(ch, work_queue, sentinel.message_id)
+    assert [letter.headers[DEAD_LETTER_REASON_HEADER] for letter in dead[envelope.message_id]] == [
+        "unknown message type 'x'"
+    ]
+
+
+def _all_dead_letters(url: str) -> dict[str, dead_letters.DeadLetter]:
+    """The whole dead-letter queue, however many letters earlier tests left there."""
+    return {letter.message_id: letter for letter in dead_letters.list_dead_letters(url, limit=sys.maxsize)}
 
 
 def test_dead_letters_can_be_listed_and_replayed_into_their_queue(work_queue):
@@ -129,26 +164,33 @@ def test_dead_letters_can_be_listed_and_replayed_into_their_queue(work_queue):
             raise PoisonMessage("first delivery refused")
 
     envelope = Envelope("test.replay", {"n": 7})
+    sentinel = Envelope("test.sentinel", {})
     url = os.environ["RABBITMQ_URL"]
     with broker.channel() as ch:
         ch.basic_publish("", work_queue, envelope.encode(), envelope.properties())
         with _consuming(work_queue, handler):
             deadline = time.monotonic() + 10
-            while envelope.message_id not in {d.message_id for d in dead_letters.list_dead_letters(url, 1000)}:
+            while envelope.message_id not in _all_dead_letters(url):
                 assert time.monotonic() < deadline, "the message never reached the dead-letter queue"
                 time.sleep(0.1)
-            listed = next(d for d in dead_letters.list_dead_letters(url, 1000) if d.message_id == envelope.message_id)
+            listed = _all_dead_letters(url)[envelope.message_id]
             assert listed.reason == "first delivery refused"
             assert listed.original_queue == work_queue
             assert listed.as_dict()["body"] == '{"n":7}'
             callctl = Path(sys.executable).parent / "callctl"
-            shown = subprocess.run([callctl, "dlq", "list", "--json"], capture_output=True, text=True, check=True)
+            every_letter = ["--limit", str(sys.maxsize)]
+            shown = subprocess.run(
+                [callctl, "dlq", "list", "--json", *every_letter], capture_output=True, text=True, check=True
+            )
             assert listed.as_dict() in [json.loads(line) for line in shown.stdout.splitlines()]
 
             replayed = dead_letters.replay(url, {envelope.message_id})
             assert [letter.message_id for letter in replayed] == [envelope.message_id]
+            # Queued behind whatever the replay sent back: once it is handled, so is every replayed copy.
+            ch.basic_publish("", work_queue, sentinel.encode(), sentinel.properties())
             deadline = time.monotonic() + 10
-            while len(attempts) < 2 and time.monotonic() < deadline:
+            while sentinel.message_id not in attempts:
+                assert time.monotonic() < deadline, "the sentinel behind the replayed message was never handled"
                 time.sleep(0.1)
-    assert attempts == [envelope.message_id, envelope.message_id]
-    assert envelope.message_id not in {d.message_id for d in dead_letters.list_dead_letters(url, 1000)}
+    assert attempts == [envelope.message_id, envelope.message_id, sentinel.message_id]
+    assert envelope.message_id not in _all_dead_letters(url)

@@ -1,11 +1,12 @@
 """The concurrency limit holds when many transactions race for the last slots."""
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from sqlalchemy import select
 
 from shared.calls import lifecycle, statuses
-from shared.core.models import OutboxMessage
+from shared.core.models import Call, OutboxMessage
 from tests.support.components import components
 from tests.support.factories import call_row, customer, load_call
 
@@ -15,23 +16,20 @@ LEASE_SECONDS = components().settings.slot_lease_seconds
 def test_racing_reservations_never_exceed_the_limit():
     owner = customer(max_concurrent_calls=3)
     rows = [call_row(owner) for _ in range(20)]
-    barrier = threading.Barrier(len(rows))
-    reserved: list[bool] = []
+    barrier = threading.Barrier(len(rows), timeout=30)
 
-    def reserve(call_id):
+    def reserve(call_id) -> bool:
         barrier.wait()
         with components().uow() as uow:
             user = uow.calls.lock_user(owner.user_id)
-            call = uow.session.get_one(type(rows[0]), call_id)
+            call = uow.session.get_one(Call, call_id)
             ok = lifecycle.reserve_slot(uow.calls, user, call, behind_queue=False, lease_seconds=LEASE_SECONDS)
             uow.commit()
-        reserved.append(ok)
+        return ok
 
-    threads = [threading.Thread(target=reserve, args=(call.id,)) for call in rows]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    with ThreadPoolExecutor(max_workers=len(rows)) as pool:
+        racing = [pool.submit(reserve, call.id) for call in rows]
+    reserved = [future.result() for future in racing]  # a thread that crashed raises its error here
 
     assert reserved.count(True) == 3
     held = [load_call(call.id) for call in rows]
@@ -46,9 +44,9 @@ def test_a_new_call_does_not_jump_the_queue():
     newcomer = call_row(owner)
     with components().uow() as uow:
         user = uow.calls.lock_user(owner.user_id)
-        call = uow.session.get_one(type(newcomer), newcomer.id)
+        call = uow.session.get_one(Call, newcomer.id)
         assert not lifecycle.reserve_slot(uow.calls, user, call, behind_queue=True, lease_seconds=LEASE_SECONDS)
-        first = uow.session.get_one(type(waiting), waiting.id)
+        first = uow.session.get_one(Call, waiting.id)
         assert lifecycle.reserve_slot(uow.calls, user, first, behind_queue=True, lease_seconds=LEASE_SECONDS)
 
 
@@ -57,7 +55,7 @@ def test_release_is_idempotent_and_announces_the_free_slot_once():
     call = call_row(owner, status=statuses.INITIATING, slot_held=True)
     for _ in range(2):
         with components().uow() as uow:
-            locked = uow.session.get_one(type(call), call.id, with_for_update=True)
+            locked = uow.session.get_one(Call, call.id, with_for_update=True)
             lifecycle.release_slot(locked)
             uow.commit()
     assert not load_call(call.id).slot_held

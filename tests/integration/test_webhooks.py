@@ -7,6 +7,7 @@ import pytest
 from shared.bolna.client import PlacedCall
 from shared.calls import provider_events, statuses
 from shared.core.errors import CallflowError, ErrorType
+from shared.core.models import WebhookEvent
 from tests.support.components import components
 from tests.support.factories import call_row, credits_of, customer, ledger_total, load_call
 
@@ -90,7 +91,9 @@ def test_event_for_an_unknown_execution_is_kept_and_applied_when_the_call_is_lin
     linked = load_call(call.id)
     assert linked.execution_id == execution_id
     assert linked.status == "ringing"
-    assert receipt.event_id not in provider_events.unapplied_event_ids(uow, min_age_seconds=0)
+    with uow() as reading:
+        kept = reading.session.get_one(WebhookEvent, receipt.event_id)
+    assert kept.applied_at is not None and kept.call_id == call.id, "the kept event is applied to the linked call"
 
 
 def test_event_links_its_call_through_our_id_in_context_details():

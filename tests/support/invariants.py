@@ -28,6 +28,10 @@ RULES = {
         "WHERE c.status = 'completed' AND l.id IS NULL"
     ),
     "a slot without a lease": "SELECT id FROM calls WHERE slot_held AND slot_lease_expires_at IS NULL",
+    "a waiting call holds a slot": "SELECT id FROM calls WHERE slot_held AND status = 'pending'",
+    "a charge to another user than the call's": (
+        "SELECT l.id FROM credit_ledger l JOIN calls c ON c.id = l.call_id WHERE l.user_id <> c.user_id"
+    ),
 }
 
 

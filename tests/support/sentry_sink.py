@@ -9,6 +9,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -26,6 +27,21 @@ class Item:
     @property
     def trace_id(self) -> str | None:
         return ((self.payload.get("contexts") or {}).get("trace") or {}).get("trace_id")
+
+    @property
+    def op(self) -> str | None:
+        """A transaction's operation (`queue.process`, `queue.initiate_call`, ...)."""
+        return ((self.payload.get("contexts") or {}).get("trace") or {}).get("op")
+
+    @property
+    def span_data(self) -> dict[str, Any]:
+        """The data a transaction's own span carries (`span.set_data`)."""
+        return ((self.payload.get("contexts") or {}).get("trace") or {}).get("data") or {}
+
+    @property
+    def started_at(self) -> float:
+        """When a transaction started, in seconds since the epoch, comparable with `time.time()`."""
+        return datetime.fromisoformat(self.payload["start_timestamp"]).timestamp()
 
 
 def parse_envelope(body: bytes) -> list[Item]:
@@ -99,6 +115,9 @@ class SentrySink:
 
     def transactions(self, where: Callable[[Item], bool] = lambda item: True) -> list[Item]:
         return self.of_type("transaction", where)
+
+    def transactions_of(self, op: str) -> list[Item]:
+        return self.transactions(lambda item: item.op == op)
 
     def wait_for_events(self, expected: int = 1, timeout: float = 30.0, settle: float = 1.5, **tags: str) -> list[Item]:
         """Waits until `expected` events with these tags arrived, then a little longer to catch any extra one."""

@@ -60,6 +60,17 @@ class Stack:
         headers = {"Authorization": f"Bearer {BOLNA_API_KEY}"}
         return self.http.get(f"{self.simulator.url}/executions/{execution_id}", headers=headers).json()
 
+    def sim_requests(self) -> list[dict[str, Any]]:
+        """What Bolna's endpoints at the simulator received, oldest first (the API key masked but its last 4)."""
+        response = self.http.get(f"{self.simulator.url}/_sim/requests")
+        response.raise_for_status()
+        return response.json()["requests"]
+
+    def sim_stop(self, execution_id: str) -> httpx.Response:
+        """Stops a call at the simulator, as Bolna's `POST /call/{id}/stop` would."""
+        headers = {"Authorization": f"Bearer {BOLNA_API_KEY}"}
+        return self.http.post(f"{self.simulator.url}/call/{execution_id}/stop", headers=headers)
+
     def call(self, auth: dict[str, str], call_id: str) -> dict[str, Any]:
         response = self.api("GET", f"/api/calls/{call_id}", headers=auth)
         response.raise_for_status()
