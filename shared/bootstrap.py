@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.bolna.client import BolnaClient
 from shared.calls.initiation import CallPlacer
+from shared.calls.store import SlotLeases
 from shared.core import db
 from shared.core.config import Settings
 from shared.core.uow import UnitOfWork
@@ -37,12 +38,15 @@ class Components:
     bolna: BolnaClient
 
     def uow(self) -> UnitOfWork:
-        return UnitOfWork(self.sessions, self.publisher)
+        return UnitOfWork(self.sessions, self.publisher, self.leases)
+
+    @functools.cached_property
+    def leases(self) -> SlotLeases:
+        return SlotLeases(self.settings.initiating_lease_seconds, self.settings.slot_lease_seconds)
 
     @functools.cached_property
     def placer(self) -> CallPlacer:
-        settings = self.settings
-        return CallPlacer(self.uow, self.bolna, settings.dispatch_max_attempts, settings.slot_lease_seconds)
+        return CallPlacer(self.uow, self.bolna, self.settings.dispatch_max_attempts)
 
     def health(self, service: str) -> HealthCheck:
         return HealthCheck(service, self.settings, self.engine)

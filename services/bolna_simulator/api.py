@@ -1,22 +1,28 @@
 """Bolna's call endpoints, simulated: one lifecycle thread per accepted call posts its webhooks.
 
-Besides Bolna's `/call`, `/executions/{id}` and `/call/{id}/stop`, `/_sim/*` exposes counters (notably the
-highest number of simultaneous calls per agent) and the requests Bolna's endpoints received, and lets a test change
-the behaviour at runtime.
+Besides Bolna's `/call`, `/executions/{id}`, `/call/{id}/stop` and `/v2/agent/{id}/executions`, `/_sim/*` exposes
+counters (notably the highest number of simultaneous calls per agent), the executions held and the requests Bolna's
+endpoints received, and lets a test change the behaviour at runtime.
 """
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
+import socket
+import struct
 import time
+import uuid
+from collections.abc import Callable, Iterable
+from http import HTTPStatus
 from typing import Any
 
 from flask import Blueprint, Flask, Response, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from services.bolna_simulator.config import CallRequest, SimulatorConfig
+from services.bolna_simulator.config import CallRequest, ExecutionsQuery, SimulatorConfig
 from services.bolna_simulator.errors import ApiError
 from services.bolna_simulator.state import Simulator
 
@@ -49,12 +55,45 @@ def _received_body() -> Any:
         return raw.decode(errors="replace")
 
 
+# Marks a request whose connection `_ConnectionResetter` resets instead of answering.
+RESET_CONNECTION = "bolna_simulator.reset_connection"
+
+
+class _ConnectionResetter:
+    """WSGI middleware: a request marked RESET_CONNECTION gets no answer, its TCP connection is reset (RST).
+
+    The socket is closed with SO_LINGER 0, which makes the kernel send a reset rather than a FIN, and the
+    ConnectionResetError raised instead of an answer tells the server the peer is gone: gunicorn (and werkzeug's
+    server) then write nothing and log at most a debug line. Without a socket (Flask's test client) the error
+    reaches the caller.
+    """
+
+    def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
+        self._app = app
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        answer = self._app(environ, start_response)
+        if not environ.get(RESET_CONNECTION):
+            return answer
+        if hasattr(answer, "close"):
+            answer.close()
+        sock = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+        if isinstance(sock, socket.socket):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        raise ConnectionResetError(errno.ECONNRESET, "connection reset by the Bolna simulator")
+
+
+def _headers() -> dict[str, str]:
+    return {name.lower(): value for name, value in request.headers.items()}
+
+
 def _bolna_api(simulator: Simulator) -> Blueprint:
     api = Blueprint("bolna", __name__)
 
     @api.before_request
     def record_request() -> None:
-        simulator.record_request(request.method, request.path, _received_body(), request.headers.get("Authorization"))
+        simulator.record_request(request.method, request.path, _received_body(), _headers())
 
     @api.post("/call")
     def make_call() -> Response:
@@ -75,12 +114,36 @@ def _bolna_api(simulator: Simulator) -> Blueprint:
             retry_after = config.retry_after_seconds
             headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}
             raise ApiError(429, "Too Many Requests", headers=headers)
-        return jsonify(message="done", status="queued", execution_id=simulator.place_call(call))
+        execution_id = simulator.place_call(call)
+        if fault == "lost_answer":
+            if config.lost_answer_mode == "reset":
+                request.environ[RESET_CONNECTION] = True
+                return Response(status=204)  # never sent
+            # The client gives up first; a gateway in front of Bolna would answer this, too late.
+            time.sleep(config.timeout_seconds)
+            raise ApiError(504, "Gateway Timeout")
+        if fault == "error_after_placing":
+            status = simulator.draw_error_after_placing()
+            raise ApiError(status, HTTPStatus(status).phrase)
+        return jsonify(message="done", status="queued", execution_id=execution_id)
 
     @api.get("/executions/<execution_id>")
     def get_execution(execution_id: str) -> Response:
         _authorize(simulator.config.api_key)
         return jsonify(simulator.execution(execution_id))
+
+    @api.get("/v2/agent/<agent_id>/executions")
+    def agent_executions(agent_id: str) -> Response:
+        _authorize(simulator.config.api_key)
+        try:
+            agent = uuid.UUID(agent_id)
+        except ValueError as exc:
+            raise ApiError(400, "agent_id: must be a UUID") from exc
+        try:
+            query = ExecutionsQuery.model_validate(request.args.to_dict())
+        except ValidationError as exc:
+            raise ApiError.invalid(exc) from exc
+        return jsonify(simulator.agent_executions(str(agent), query))
 
     @api.post("/call/<execution_id>/stop")
     def stop_call(execution_id: str) -> Response:
@@ -101,6 +164,10 @@ def _control_api(simulator: Simulator) -> Blueprint:
     @control.get("/_sim/stats")
     def stats() -> Response:
         return jsonify(simulator.stats())
+
+    @control.get("/_sim/executions")
+    def executions() -> Response:
+        return jsonify(executions=simulator.executions())
 
     @control.get("/_sim/requests")
     def received_requests() -> Response:
@@ -125,6 +192,7 @@ def _control_api(simulator: Simulator) -> Blueprint:
 def create_app(config: SimulatorConfig | None = None) -> Flask:
     simulator = Simulator(config or SimulatorConfig())
     app = Flask(__name__)
+    app.wsgi_app = _ConnectionResetter(app.wsgi_app)
     app.register_blueprint(_bolna_api(simulator))
     app.register_blueprint(_control_api(simulator))
 

@@ -5,13 +5,32 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, get_args
 
 import phonenumbers
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 OUTCOMES = ("completed", "busy", "no-answer", "failed")
+# Every status Bolna gives an execution (its spec's list), including those the simulator never plays.
+Status = Literal[
+    "scheduled",
+    "queued",
+    "rescheduled",
+    "initiated",
+    "ringing",
+    "in-progress",
+    "call-disconnected",
+    "completed",
+    "balance-low",
+    "busy",
+    "no-answer",
+    "canceled",
+    "failed",
+    "stopped",
+    "error",
+]
+STATUSES: tuple[str, ...] = get_args(Status)
 TERMINAL_STATUSES = frozenset(
     {"completed", "busy", "no-answer", "failed", "canceled", "stopped", "error", "balance-low"}
 )
@@ -22,6 +41,10 @@ STOPPABLE_STATUSES = frozenset({"scheduled", "queued", "initiated"})
 WEBHOOK_TIMEOUT_SECONDS = 10.0
 WEBHOOK_RETRIES = 5
 WEBHOOK_BACKOFF_SECONDS = 0.2
+
+# What a call placed but answered with an error gets: Bolna's own 500, or a gateway's 502/504 in front of it.
+ERRORS_AFTER_PLACING = (500, 502, 504)
+MAX_PAGE_SIZE = 50  # of `GET /v2/agent/{agent_id}/executions`
 
 SIMULATED_FROM_NUMBER = "+918035735888"
 COST_CENTS_PER_MINUTE = {"llm": 1.2, "network": 1.5, "platform": 2.0, "synthesizer": 3.0, "transcriber": 0.8}
@@ -61,6 +84,14 @@ class SimulatorConfig(BaseSettings):
     reorder_rate: float = Field(0.0, ge=0, le=1)
     # Share of calls whose webhooks are never delivered (the call still runs; GET /executions/{id} shows it).
     webhook_drop_rate: float = Field(0.0, ge=0, le=1)
+    # Share of POST /call that place the call and then lose its answer: held `timeout_seconds` ("timeout") or cut
+    # by a TCP reset with no HTTP answer at all ("reset").
+    lost_answer_rate: float = Field(0.0, ge=0, le=1)
+    lost_answer_mode: Literal["timeout", "reset"] = "timeout"
+    # Share of POST /call that place the call and then answer a 5xx, as Bolna or a gateway in front of it can.
+    error_after_placing_rate: float = Field(0.0, ge=0, le=1)
+    # Per status, the share of its webhooks never delivered (nor retried); the call's state still moves on.
+    dropped_webhooks: Annotated[dict[str, Annotated[float, Field(ge=0, le=1)]], NoDecode] = Field(default_factory=dict)
     seed: int | None = None
 
     @field_validator("webhook_url")
@@ -70,9 +101,9 @@ class SimulatorConfig(BaseSettings):
             raise ValueError("must be an http:// or https:// URL")
         return value
 
-    @field_validator("outcomes", mode="before")
+    @field_validator("outcomes", "dropped_webhooks", mode="before")
     @classmethod
-    def _outcomes_from_text(cls, value: Any) -> Any:
+    def _mapping_from_text(cls, value: Any) -> Any:
         """Reads the environment's `completed=0.7,busy=0.3` form; mappings pass through."""
         if not isinstance(value, str):
             return value
@@ -88,6 +119,14 @@ class SimulatorConfig(BaseSettings):
         if sum(value.values()) <= 0:
             raise ValueError("at least one outcome needs a positive weight")
         return {outcome: value.get(outcome, 0.0) for outcome in OUTCOMES}
+
+    @field_validator("dropped_webhooks")
+    @classmethod
+    def _known_statuses(cls, value: dict[str, float]) -> dict[str, float]:
+        unknown = sorted(set(value) - set(STATUSES))
+        if unknown:
+            raise ValueError(f"unknown statuses {unknown}, expected some of {list(STATUSES)}")
+        return value
 
     @model_validator(mode="after")
     def _duration_range(self) -> SimulatorConfig:
@@ -118,3 +157,17 @@ class CallRequest(BaseModel):
     user_data: dict[str, Any] = Field(default_factory=dict)
     scheduled_at: datetime | None = None
     retry_config: dict[str, Any] | None = None
+
+
+class ExecutionsQuery(BaseModel):
+    """The query of `GET /v2/agent/{agent_id}/executions`; the spec's other filters (call_type, provider,
+    answered_by_voice_mail, batch_id) are not simulated."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    page_number: int = Field(1, ge=1)
+    page_size: int = Field(20, ge=1, le=MAX_PAGE_SIZE)
+    status: Status | None = None
+    # Bolna asks for UTC "with UTC indication": a time without an offset is refused rather than guessed.
+    created_from: AwareDatetime | None = Field(None, alias="from")
+    created_to: AwareDatetime | None = Field(None, alias="to")

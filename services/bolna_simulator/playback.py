@@ -86,7 +86,8 @@ class CallPlayback:
             self._deliver(session, body)
 
     def _deliver(self, session: requests.Session, body: dict[str, Any]) -> None:
-        if self._silent:
+        if self._silent or self._rng.random() < self._config.dropped_webhooks.get(body["status"], 0.0):
+            self._simulator.record_dropped_webhook(self._execution)
             return
         copies = 2 if self._rng.random() < self._config.duplicate_rate else 1
         for _ in range(copies):

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from services.bolna_simulator.config import (
     COST_CENTS_PER_MINUTE,
+    ERRORS_AFTER_PLACING,
     FAILURE_MESSAGE,
     LINE_RELEASING_STATUSES,
     OUTCOMES,
@@ -22,6 +23,7 @@ from services.bolna_simulator.config import (
     STOPPABLE_STATUSES,
     TRANSCRIPT,
     CallRequest,
+    ExecutionsQuery,
     SimulatorConfig,
 )
 from services.bolna_simulator.errors import ApiError
@@ -29,7 +31,8 @@ from services.bolna_simulator.playback import CallPlayback
 
 log = logging.getLogger(__name__)
 
-Fault = Literal["error", "timeout", "rate_limited"]
+# The first three refuse the call; the last two place it and then fail the answer.
+Fault = Literal["error", "timeout", "rate_limited", "lost_answer", "error_after_placing"]
 
 RECORDED_REQUESTS = 1000  # the most recent requests to Bolna's endpoints kept for `GET /_sim/requests`
 
@@ -55,9 +58,13 @@ class Stats:
     api_errors: int = 0
     api_timeouts: int = 0
     rate_limited: int = 0
+    answers_lost: int = 0
+    errors_after_placing: int = 0
     stop_requests: int = 0
     webhooks_sent: int = 0
     webhook_failures: int = 0
+    # Withheld on purpose (`dropped_webhooks`, `webhook_drop_rate`), unlike failures, which ran out of retries.
+    webhooks_dropped: int = 0
     active_calls: dict[str, int] = field(default_factory=dict)
     max_active_calls: dict[str, int] = field(default_factory=dict)
 
@@ -142,6 +149,15 @@ class Execution:
         }
 
 
+def _matches(execution: Execution, query: ExecutionsQuery) -> bool:
+    if query.status is not None and execution.status != query.status:
+        return False
+    created_at = datetime.fromisoformat(execution.created_at)
+    if query.created_from is not None and created_at < query.created_from:
+        return False
+    return query.created_to is None or created_at <= query.created_to
+
+
 class Simulator:
     """The in-memory state of the simulated Bolna account, all of it guarded by one lock."""
 
@@ -191,23 +207,31 @@ class Simulator:
                 "api_errors": stats.api_errors,
                 "api_timeouts": stats.api_timeouts,
                 "rate_limited": stats.rate_limited,
+                "answers_lost": stats.answers_lost,
+                "errors_after_placing": stats.errors_after_placing,
                 "stop_requests": stats.stop_requests,
                 "active_calls": dict(stats.active_calls),
                 "max_active_calls": dict(stats.max_active_calls),
                 "webhooks_sent": stats.webhooks_sent,
                 "webhook_failures": stats.webhook_failures,
+                "webhooks_dropped": stats.webhooks_dropped,
                 "executions_by_status": dict(Counter(e.status for e in self._executions.values())),
             }
 
-    def record_request(self, method: str, path: str, body: Any, authorization: str | None) -> None:
-        """Keeps what a client sent (its API key masked), so a test can check what Bolna would have received."""
+    def record_request(self, method: str, path: str, body: Any, headers: dict[str, str]) -> None:
+        """Keeps what a client sent (its API key masked), so a test can check what Bolna would have received;
+        `headers` are keyed by their lower-case names."""
+        authorization = mask_authorization(headers.get("authorization"))
+        if authorization is not None:
+            headers = {**headers, "authorization": authorization}
         with self._lock:
             self._requests.append(
                 {
                     "method": method,
                     "path": path,
                     "body": body,
-                    "authorization": mask_authorization(authorization),
+                    "authorization": authorization,
+                    "headers": headers,
                     "received_at": _now(),
                 }
             )
@@ -234,7 +258,18 @@ class Simulator:
             if self._rng.random() < config.rate_limit_rate:
                 self._stats.rate_limited += 1
                 return "rate_limited"
+            if self._rng.random() < config.lost_answer_rate:
+                self._stats.answers_lost += 1
+                return "lost_answer"
+            if self._rng.random() < config.error_after_placing_rate:
+                self._stats.errors_after_placing += 1
+                return "error_after_placing"
             return None
+
+    def draw_error_after_placing(self) -> int:
+        """The status of a placed call's error answer."""
+        with self._lock:
+            return self._rng.choice(ERRORS_AFTER_PLACING)
 
     def place_call(self, call: CallRequest) -> str:
         with self._lock:
@@ -274,6 +309,46 @@ class Simulator:
         with self._lock:
             return self._find(execution_id).to_json()
 
+    def agent_executions(self, agent_id: str, query: ExecutionsQuery) -> dict[str, Any]:
+        """One page of an agent's executions, newest first, as Bolna's AgentExecutionV2List."""
+        with self._lock:
+            # Newest first by creation; reversing the insertion order first keeps equal times newest first too.
+            matching = sorted(
+                (
+                    execution
+                    for execution in reversed(self._executions.values())
+                    if execution.agent_id == agent_id and _matches(execution, query)
+                ),
+                key=lambda execution: datetime.fromisoformat(execution.created_at),
+                reverse=True,
+            )
+            start = (query.page_number - 1) * query.page_size
+            page = [execution.to_json() for execution in matching[start : start + query.page_size]]
+        return {
+            "page_number": query.page_number,
+            "page_size": query.page_size,
+            "total": len(matching),
+            "has_more": start + query.page_size < len(matching),
+            "data": page,
+        }
+
+    def executions(self) -> list[dict[str, Any]]:
+        """Every execution held, oldest first, in brief: what a test needs to count the calls it caused."""
+        with self._lock:
+            return [
+                {
+                    "id": execution.id,
+                    "agent_id": execution.agent_id,
+                    "to_number": execution.to_number,
+                    "user_data": execution.user_data,
+                    "status": execution.status,
+                    "outcome": execution.outcome,
+                    "created_at": execution.created_at,
+                    "updated_at": execution.updated_at,
+                }
+                for execution in self._executions.values()
+            ]
+
     def stop(self, execution_id: str) -> None:
         with self._lock:
             self._stats.stop_requests += 1
@@ -302,6 +377,10 @@ class Simulator:
                 execution.stats.webhooks_sent += 1
             else:
                 execution.stats.webhook_failures += 1
+
+    def record_dropped_webhook(self, execution: Execution) -> None:
+        with self._lock:
+            execution.stats.webhooks_dropped += 1
 
     def _find(self, execution_id: str) -> Execution:
         execution = self._executions.get(execution_id)

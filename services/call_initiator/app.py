@@ -3,6 +3,8 @@ shapes the answer."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from flask import Blueprint, Flask, Response, g, jsonify, request
 from pydantic import ValidationError
 
@@ -27,6 +29,7 @@ def create_app(components: Components) -> Flask:
 def _api(components: Components) -> Blueprint:
     api = Blueprint("api", __name__, url_prefix="/api")
     uow = components.uow
+    key_retention = timedelta(hours=components.settings.idempotency_key_retention_hours)
 
     @api.post("/calls")
     def place():
@@ -39,7 +42,7 @@ def _api(components: Components) -> Blueprint:
         claim = None
         if (key := request.headers.get(idempotency.HEADER)) is not None:
             claim = idempotency.claim_for(user.id, key, raw)
-            if (replay := idempotency.replay_of(uow, claim)) is not None:
+            if (replay := idempotency.replay_of(uow, claim, key_retention)) is not None:
                 return idempotency.replayed(replay)
             g.idempotency_claim = claim
         accepted = place_call(components.placer, user, body, claim)

@@ -1,9 +1,9 @@
 """`Idempotency-Key` on POST /api/calls, with Stripe's semantics: claiming a key, replaying its answer, and
 recording the answer.
 
-The same key and the same body replay the first answer (status and body) for 24 hours; the same key with another
-body is refused (422); the same key while its first request still runs is refused (409). The key is claimed in
-the transaction that creates the call, so one key can never make two calls.
+The same key and the same body replay the first answer (status and body) for IDEMPOTENCY_KEY_RETENTION_HOURS (24
+by default); the same key with another body is refused (422); the same key while its first request still runs is
+refused (409). The key is claimed in the transaction that creates the call, so one key can never make two calls.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import logging
 import re
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from flask import Response, jsonify
@@ -54,10 +55,11 @@ def claim_for(user_id: uuid.UUID, key: str, body: Any) -> Claim:
     return Claim(user_id, key, hashlib.sha256(canonical.encode()).hexdigest())
 
 
-def replay_of(uow_factory: UnitOfWorkFactory, claim: Claim) -> Replay | None:
-    """The stored answer for this key, or None when the request should run. Refuses reuse and overlap."""
+def replay_of(uow_factory: UnitOfWorkFactory, claim: Claim, retention: timedelta) -> Replay | None:
+    """The stored answer for this key, or None when the request should run (a key older than `retention` is
+    forgotten). Refuses reuse and overlap."""
     with uow_factory() as uow:
-        uow.session.execute(_expired(claim))
+        uow.session.execute(_expired(claim, retention))
         row = uow.session.get(IdempotencyKey, (claim.user_id, claim.key))
         uow.commit()
     if row is None:
@@ -125,11 +127,11 @@ def _store_answer(uow_factory: UnitOfWorkFactory, claim: Claim, status: int, bod
         uow.commit()
 
 
-def _expired(claim: Claim):
+def _expired(claim: Claim, retention: timedelta):
     return delete(IdempotencyKey).where(
         IdempotencyKey.user_id == claim.user_id,
         IdempotencyKey.key == claim.key,
-        IdempotencyKey.expired(),
+        IdempotencyKey.expired(retention),
     )
 
 

@@ -17,7 +17,9 @@ from shared.observability.sentry import report
 @dataclass(frozen=True)
 class AcceptedCall:
     call: Call
-    placed: bool  # True: the provider has it (201); False: it waits in Callflow's queue (202)
+    # True: Bolna named its execution (201). False (202): it waits in Callflow's queue, or Bolna's answer was lost and
+    # it waits for Bolna's word (status `initiating`).
+    placed: bool
 
 
 def place_call(
@@ -57,7 +59,7 @@ def place_call(
         report(CallflowError(ErrorType.CONCURRENCY_LIMIT, "Call queued until a slot frees.", call_id=call.id, **tags))
         return AcceptedCall(call, placed=False)
     placed = placer.initiate(call.id, retry_transient=False)
-    if placed is None:  # the breaker held the request back: the call went back to the queue
+    if placed is None:  # back in the queue (the breaker held it back), or waiting for Bolna's word
         with placer.uow_factory() as uow:
             return AcceptedCall(uow.session.get_one(Call, call.id), placed=False)
     return AcceptedCall(placed, placed=True)

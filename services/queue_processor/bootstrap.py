@@ -9,7 +9,7 @@ from services.queue_processor.consumer import Consumer
 from services.queue_processor.dispatch import Dispatcher
 from services.queue_processor.handlers import DispatchQueueHandler
 from services.queue_processor.jobs import PeriodicJobs
-from services.queue_processor.leases import LeaseReconciler
+from services.queue_processor.reconcile import ProviderReconciler, ReconcileBounds
 from shared.bootstrap import start_service
 from shared.core.config import Settings
 from shared.http.app import create_http_app
@@ -19,7 +19,7 @@ from shared.messaging.topology import DISPATCH_QUEUE
 def bootstrap(settings: Settings) -> QueueProcessor:
     components = start_service(SERVICE, settings)
     dispatcher = Dispatcher(components.placer)
-    leases = LeaseReconciler(components.uow, components.bolna, settings.slot_lease_seconds)
+    reconciler = ProviderReconciler(components.uow, components.bolna, ReconcileBounds.from_settings(settings))
     stopping = threading.Event()
     return QueueProcessor(
         settings=settings,
@@ -31,6 +31,6 @@ def bootstrap(settings: Settings) -> QueueProcessor:
             settings.rabbitmq_prefetch,
             stopping,
         ),
-        jobs=PeriodicJobs(components, dispatcher, leases),
+        jobs=PeriodicJobs(components, dispatcher, reconciler),
         stopping=stopping,
     )

@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import sentry_sdk
-from sqlalchemy import delete
 
 from services.queue_processor.dispatch import Dispatcher, DispatchTrigger
-from services.queue_processor.leases import LeaseReconciler
+from services.queue_processor.reconcile import ProviderReconciler
+from services.queue_processor.retention import Retention, RetentionPeriods
 from shared.bootstrap import Components
 from shared.calls import provider_events
 from shared.core.errors import CallflowError, ErrorType
-from shared.core.models import IdempotencyKey
 from shared.messaging import outbox
 from shared.observability.sentry import cron, report
 
 OUTBOX_MIN_AGE = timedelta(seconds=5)  # younger rows are still being published by the request that wrote them
 KEPT_WEBHOOK_MIN_AGE_SECONDS = 2.0
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,10 +40,10 @@ class Job:
 
 
 class PeriodicJobs:
-    def __init__(self, components: Components, dispatcher: Dispatcher, leases: LeaseReconciler):
+    def __init__(self, components: Components, dispatcher: Dispatcher, reconciler: ProviderReconciler):
         self._components = components
         self._dispatcher = dispatcher
-        self._leases = leases
+        self._reconciler = reconciler
 
     def all(self) -> tuple[Job, ...]:
         settings = self._components.settings
@@ -49,35 +54,85 @@ class PeriodicJobs:
             Job(self.dispatch_due_retries, every),
             # Messages place queued calls; a frequent sweep would hide a message path that stopped working.
             Job(self.sweep_pending_calls, settings.pending_sweep_interval_seconds),
-            Job(self.reconcile_expired_leases, every),
-            Job(self.purge_idempotency_keys, every),
+            Job(self.reconcile_unconfirmed_calls, every),
+            Job(self.reconcile_silent_calls, every),
+            Job(self.enforce_retention, settings.retention_interval_seconds),
         )
 
     def relay_outbox(self) -> None:
         outbox.publish_pending(self._components.sessions, self._components.publisher, min_age=OUTBOX_MIN_AGE)
 
     def apply_kept_webhooks(self) -> None:
-        uow = self._components.uow
-        for event_id in provider_events.unapplied_event_ids(uow, KEPT_WEBHOOK_MIN_AGE_SECONDS):
-            provider_events.process(uow, event_id)
+        components = self._components
+        for_each(
+            provider_events.unapplied_event_ids(components.uow, KEPT_WEBHOOK_MIN_AGE_SECONDS),
+            lambda event_id: provider_events.process(components.uow, event_id, components.bolna),
+        )
 
     def dispatch_due_retries(self) -> None:
         """Dispatches for users whose queued call may be placed again: no message wakes a call at its retry time."""
-        for user_id in self._dispatcher.users_to_retry():
-            self._dispatcher.dispatch_pending(user_id, DispatchTrigger.RETRY)
+        for_each(self._dispatcher.users_to_retry(), self._dispatch(DispatchTrigger.RETRY))
 
     def sweep_pending_calls(self) -> None:
         """Dispatches for every user with waiting calls, in case their wake-up message was missed."""
-        for user_id in self._dispatcher.users_with_pending_calls():
-            self._dispatcher.dispatch_pending(user_id, DispatchTrigger.SWEEP)
+        for_each(self._dispatcher.users_with_pending_calls(), self._dispatch(DispatchTrigger.SWEEP))
 
-    def reconcile_expired_leases(self) -> None:
-        self._leases.reconcile_expired_leases()
+    def reconcile_unconfirmed_calls(self) -> None:
+        """Settles calls whose answer from Bolna was lost: found at Bolna, or given up after a bound."""
+        for_each(self._reconciler.unconfirmed_calls(), self._reconciler.settle_unconfirmed)
 
-    def purge_idempotency_keys(self) -> None:
-        with self._components.uow() as uow:
-            uow.session.execute(delete(IdempotencyKey).where(IdempotencyKey.expired()))
-            uow.commit()
+    def reconcile_silent_calls(self) -> None:
+        """Asks Bolna about live calls it has been quiet about (a lost webhook, a lost `completed`)."""
+        for_each(self._reconciler.silent_calls(), self._reconciler.check_silent)
+
+    def _dispatch(self, trigger: DispatchTrigger) -> Callable[[uuid.UUID], object]:
+        return lambda user_id: self._dispatcher.dispatch_pending(user_id, trigger)
+
+    def enforce_retention(self) -> None:
+        """Deletes or redacts what is kept past its retention period; each table's step reports its own failure."""
+        periods = RetentionPeriods.from_settings(self._components.settings)
+        Retention(self._components.uow, periods).run()
+
+
+class _ItemFailures:
+    """The last failure of each item that failed, so one that fails every round is reported once, not every round."""
+
+    LIMIT = 10_000  # remembered items; beyond it the oldest are forgotten (and reported again if still failing)
+
+    def __init__(self) -> None:
+        self._last: dict[object, str] = {}
+        self._lock = threading.Lock()
+
+    def is_new(self, item: object, failure: str) -> bool:
+        with self._lock:
+            if self._last.get(item) == failure:
+                return False
+            self._last[item] = failure
+            while len(self._last) > self.LIMIT:
+                del self._last[next(iter(self._last))]
+            return True
+
+    def recovered(self, item: object) -> None:
+        with self._lock:
+            self._last.pop(item, None)
+
+
+_failures = _ItemFailures()
+
+
+def for_each(items: Iterable[T], handle: Callable[[T], object]) -> None:
+    """Handles each item on its own: one that fails is reported (once while it fails the same way) and the rest
+    still run."""
+    for item in items:
+        try:
+            handle(item)
+        except Exception as exc:
+            if _failures.is_new(item, repr(exc)):
+                report(CallflowError(ErrorType.INTERNAL_ERROR, f"periodic job failed on {item}: {exc!r}"), cause=exc)
+            else:
+                log.warning("periodic job still failing on %s: %r", item, exc)
+        else:
+            _failures.recovered(item)
 
 
 def run_periodically(jobs: tuple[Job, ...], stopping: threading.Event) -> None:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Flask, jsonify
+from flask import Blueprint, Flask, jsonify, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from services.webhook_receiver.source_checks import SourceChecks
 from shared.bootstrap import Components
 from shared.calls import provider_events
 from shared.http.app import create_http_app
-from shared.http.bodies import json_body
+from shared.http.bodies import provider_json_body
 
 SERVICE = "webhook-receiver"
+# A long call's transcript runs to megabytes, and a webhook refused for its size would be retried until Bolna gives
+# up on it. Far above any real execution object, and still a bound on what one request can make a worker hold.
+WEBHOOK_MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
 def create_app(components: Components, checks: SourceChecks) -> Flask:
@@ -27,9 +30,10 @@ def _webhooks(components: Components, checks: SourceChecks) -> Blueprint:
 
     @hooks.post("/bolna")
     def bolna_webhook():
+        request.max_content_length = WEBHOOK_MAX_BODY_BYTES  # a signature is checked over the raw body: set first
         checks.check_source()
-        checks.authenticate()
-        receipt = provider_events.ingest(components.uow, json_body())
+        checks.authenticate()  # before the body is parsed
+        receipt = provider_events.ingest(components.uow, provider_json_body())
         return jsonify(
             {
                 "status": "accepted" if receipt.event_id is not None else "duplicate",

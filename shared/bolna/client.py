@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+import math
+import ssl
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from enum import StrEnum
 from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase
+from urllib3.exceptions import NameResolutionError, NewConnectionError
 
 from shared.bolna.breaker import CircuitBreaker
-from shared.core.config import Settings
+from shared.core.config import BOLNA_CONNECT_TIMEOUT_SECONDS, Settings
 
-CONNECT_TIMEOUT_SECONDS = 5.0
+MAX_RETRY_AFTER_SECONDS = 300.0  # a longer (or absurd) Retry-After is capped: the call is tried again by then
+EXECUTIONS_PAGE_SIZE = 50  # the most Bolna's execution listing returns per page
+MAX_EXECUTION_PAGES = 20  # a search reads at most this many pages (1,000 executions) of one agent's window
+
+
+class Delivery(StrEnum):
+    """What a failed request tells about whether Bolna acted on it: it decides whether a call may be redialled."""
+
+    HELD_BACK = "held_back"  # the open breaker kept it from Bolna
+    NOT_SENT = "not_sent"  # provably never reached Bolna: no connection was made
+    ANSWERED = "answered"  # Bolna answered a definite refusal (4xx, 429): it did nothing
+    UNKNOWN = "unknown"  # sent, but no definite answer (read timeout, dropped connection, 5xx, garbled 2xx)
 
 
 @dataclass
@@ -25,11 +43,15 @@ class BolnaError(Exception):
     status_code: int | None = None
     duration_ms: float = 0.0
     retry_after_seconds: float | None = None
-    sent: bool = True  # False: the breaker held the request back, Bolna never saw it
+    delivery: Delivery = Delivery.UNKNOWN
 
     def __str__(self) -> str:
         answer = f"HTTP {self.status_code}" if self.status_code else "no answer"
         return f"Bolna {self.endpoint}: {answer}: {self.message}"
+
+    @property
+    def held_back(self) -> bool:
+        return self.delivery is Delivery.HELD_BACK
 
     @property
     def transient(self) -> bool:
@@ -48,7 +70,7 @@ class BolnaClient:
     def __init__(self, base_url: str, api_key: str, timeout_seconds: float, breaker: CircuitBreaker, pool_size: int):
         self.breaker = breaker
         self._base_url = base_url.rstrip("/")
-        self._timeout = (min(CONNECT_TIMEOUT_SECONDS, timeout_seconds), timeout_seconds)  # (connect, read)
+        self._timeout = (min(BOLNA_CONNECT_TIMEOUT_SECONDS, timeout_seconds), timeout_seconds)  # (connect, read)
         self._http = requests.Session()
         self._http.auth = _BearerToken(api_key)  # an explicit auth also keeps ~/.netrc from replacing the key
         # One pooled connection per thread that may call Bolna at once; no retries here: every retry of a
@@ -78,9 +100,25 @@ class BolnaClient:
         }
         answer, duration_ms = self._request("POST", "/call", json=body)
         execution_id = answer.get("execution_id") if isinstance(answer, dict) else None
-        if not execution_id:
+        if not execution_id:  # a 2xx that does not name the execution: the call may well be placed
             raise BolnaError("/call", "answer without execution_id", 200, duration_ms)
         return PlacedCall(str(execution_id), str(answer.get("status") or "queued"), duration_ms)
+
+    def find_executions(self, agent_id: str, since: datetime, until: datetime) -> Iterator[dict[str, Any]]:
+        """The agent's executions created in [since, until], newest first, page by page (a bounded number)."""
+        window = {"from": _iso_utc(since), "to": _iso_utc(until), "page_size": EXECUTIONS_PAGE_SIZE}
+        for page_number in range(1, MAX_EXECUTION_PAGES + 1):
+            answer, _ = self._request(
+                "GET",
+                f"/v2/agent/{agent_id}/executions",
+                "/v2/agent/{id}/executions",
+                params={**window, "page_number": page_number},
+            )
+            page = answer if isinstance(answer, dict) else {}
+            data = page.get("data")
+            yield from (item for item in data if isinstance(item, dict)) if isinstance(data, list) else ()
+            if not page.get("has_more"):
+                return
 
     def get_execution(self, execution_id: str) -> dict[str, Any]:
         answer, _ = self._request("GET", f"/executions/{execution_id}", "/executions/{id}")
@@ -92,7 +130,11 @@ class BolnaClient:
     def _request(self, method: str, path: str, endpoint: str | None = None, **kwargs: Any) -> tuple[Any, float]:
         endpoint = endpoint or path
         if not self.breaker.allow():
-            raise BolnaError(endpoint, "circuit open: Bolna failed repeatedly, requests are held back", sent=False)
+            raise BolnaError(
+                endpoint,
+                "circuit open: Bolna failed repeatedly, requests are held back",
+                delivery=Delivery.HELD_BACK,
+            )
         started = time.monotonic()
         try:
             answer, duration_ms = self._send(method, path, endpoint, started, **kwargs)
@@ -102,6 +144,10 @@ class BolnaClient:
             else:
                 self.breaker.record_success()  # Bolna answered: it is up, the request was wrong
             raise
+        except BaseException:
+            # Whatever else broke (a bug, an interrupt), the breaker must not keep a half-open trial forever.
+            self.breaker.record_failure()
+            raise
         self.breaker.record_success()
         return answer, duration_ms
 
@@ -110,10 +156,10 @@ class BolnaClient:
             response = self._http.request(
                 method, self._base_url + path, timeout=self._timeout, allow_redirects=False, **kwargs
             )
-        except requests.Timeout as exc:
-            raise BolnaError(endpoint, f"timed out: {exc!r}", None, _ms_since(started)) from exc
         except requests.RequestException as exc:
-            raise BolnaError(endpoint, f"request failed: {exc!r}", None, _ms_since(started)) from exc
+            delivery = Delivery.NOT_SENT if _never_connected(exc) else Delivery.UNKNOWN
+            what = "timed out" if isinstance(exc, requests.Timeout) else "request failed"
+            raise BolnaError(endpoint, f"{what}: {exc!r}", None, _ms_since(started), delivery=delivery) from exc
         duration_ms = _ms_since(started)
         if 200 <= response.status_code < 300:
             try:
@@ -126,6 +172,8 @@ class BolnaClient:
             response.status_code,
             duration_ms,
             _retry_after(response.headers.get("Retry-After")),
+            # A 5xx may come from a gateway after Bolna acted; any other answer is Bolna's own refusal.
+            Delivery.UNKNOWN if response.status_code >= 500 else Delivery.ANSWERED,
         )
 
 
@@ -153,8 +201,36 @@ def _error_message(response: requests.Response) -> str:
     return str(body)[:500]
 
 
+def _never_connected(exc: requests.RequestException) -> bool:
+    """True when the request provably never reached Bolna: no connection (refused, unreachable, no DNS) or the
+    connect timeout. A read timeout or a connection dropped after sending may follow a call Bolna placed."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    reason = exc.args[0] if exc.args else None
+    reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError wraps the cause
+    if isinstance(exc, requests.exceptions.SSLError):
+        # Only a certificate refused during the handshake is before the request; a TLS error while reading the
+        # answer comes as the same exception, after it.
+        cause = reason.args[0] if isinstance(reason, Exception) and reason.args else None
+        return isinstance(cause, ssl.SSLCertVerificationError)
+    return isinstance(exc, requests.ConnectionError) and isinstance(reason, NewConnectionError | NameResolutionError)
+
+
 def _retry_after(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value else None
-    except ValueError:
+    """Seconds from `Retry-After` (delta-seconds or an HTTP date), finite and capped; None when absent or garbled."""
+    if not value:
         return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds()
+        except (TypeError, ValueError, IndexError):
+            return None
+    if not math.isfinite(seconds):
+        return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_SECONDS)
+
+
+def _iso_utc(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

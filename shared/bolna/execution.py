@@ -56,7 +56,9 @@ class AgentExecution:
 
     @property
     def duration_seconds(self) -> int | None:
-        """`telephony_data.duration` (a string), else `conversation_duration` / `conversation_time`."""
+        """The first positive one of `telephony_data.duration` (a string), `conversation_duration` and
+        `conversation_time`; 0 when the only usable ones are 0; None when none is usable (missing, absurd)."""
+        usable = []
         for value in (
             self.telephony.get("duration"),
             self.payload.get("conversation_duration"),
@@ -67,8 +69,8 @@ class AgentExecution:
             except (TypeError, ValueError):
                 continue
             if 0 <= seconds <= MAX_CALL_SECONDS:
-                return math.ceil(seconds)
-        return None
+                usable.append(math.ceil(seconds))
+        return next((seconds for seconds in usable if seconds > 0), 0 if usable else None)
 
     @property
     def transcript(self) -> str | None:

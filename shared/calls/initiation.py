@@ -10,9 +10,9 @@ from typing import Any
 
 import sentry_sdk
 
-from shared.bolna.client import BolnaClient, BolnaError, PlacedCall
+from shared.bolna.client import BolnaClient, BolnaError, Delivery, PlacedCall
 from shared.bolna.execution import CONTEXT_CALL_ID_KEY
-from shared.calls import lifecycle, provider_events
+from shared.calls import lifecycle, provider_events, statuses
 from shared.calls.store import CallStore
 from shared.core.errors import CallflowError, ErrorType
 from shared.core.models import Agent, Call, User
@@ -27,11 +27,10 @@ MAX_RETRY_DELAY_SECONDS = 300
 class CallPlacer:
     """Takes slots for calls and asks Bolna to place them; built once per process by its composition root."""
 
-    def __init__(self, uow_factory: UnitOfWorkFactory, bolna: BolnaClient, max_attempts: int, lease_seconds: int):
+    def __init__(self, uow_factory: UnitOfWorkFactory, bolna: BolnaClient, max_attempts: int):
         self.uow_factory = uow_factory
         self._bolna = bolna
         self._max_attempts = max_attempts
-        self._lease_seconds = lease_seconds
 
     @property
     def provider_down(self) -> bool:
@@ -40,16 +39,20 @@ class CallPlacer:
 
     def reserve_slot(self, store: CallStore, locked_user: User, call: Call, *, behind_queue: bool) -> bool:
         """Takes a slot for `call` (the caller holds `locked_user`'s lock), unless Bolna is down or none is free."""
-        return not self.provider_down and lifecycle.reserve_slot(
-            store, locked_user, call, behind_queue=behind_queue, lease_seconds=self._lease_seconds
-        )
+        return not self.provider_down and lifecycle.reserve_slot(store, locked_user, call, behind_queue=behind_queue)
 
     def initiate(self, call_id: uuid.UUID, retry_transient: bool) -> Call | None:
-        """Asks Bolna to place a call that holds a slot; returns the call, or None when it went back to the queue.
+        """Asks Bolna to place a call that holds a slot; returns the call once Bolna named its execution, else None
+        (the call went back to the queue, or Bolna's answer was lost).
 
-        The slot is always released on failure. A request the breaker held back puts the call back to pending; so
-        does a transient failure when `retry_transient` (the queue path), until the attempts run out. Any other
-        failure fails the call.
+        Whether the call may be dialled again depends on what Bolna can have done with the request:
+        - the open breaker held it back: back to the queue, without using up an attempt;
+        - it never reached Bolna (no connection): back to the queue on the queue path (`retry_transient`); on the
+          API path the call fails at once and the client may retry;
+        - Bolna refused it (4xx): the call fails, except a 429 on the queue path, which goes back to the queue;
+        - no definite answer (read timeout, dropped connection, 5xx): Bolna may be dialling. The call keeps its slot
+          and is never redialled; a webhook naming it or the reconcile job's search of Bolna settles it.
+        Queue retries are bounded by the call's attempts.
         """
         with self.uow_factory() as uow:
             call = uow.session.get_one(Call, call_id)
@@ -67,7 +70,11 @@ class CallPlacer:
                 placed = self._bolna.place_call(agent.provider_agent_id or "", call.phone_number, user_data)
             except BolnaError as exc:
                 span.set_status("internal_error")
-                if (not exc.sent or (retry_transient and exc.transient)) and self._requeue(call_id, exc):
+                span.set_data("bolna.delivery", exc.delivery.value)
+                if exc.delivery is Delivery.UNKNOWN:
+                    return self._await_outcome(call_id, exc)
+                retry = exc.held_back or (retry_transient and exc.transient)
+                if retry and self._requeue(call_id, exc):
                     sentry_sdk.add_breadcrumb(category="bolna", message="Bolna unavailable; call back in the queue")
                     return None
                 self._fail(call_id, ErrorType.BOLNA_API_FAILURE, str(exc))
@@ -76,6 +83,7 @@ class CallPlacer:
                     "status_code": exc.status_code,
                     "error_message": exc.message,
                     "duration_ms": exc.duration_ms,
+                    "delivery": exc.delivery.value,
                 }
                 raise CallflowError(
                     ErrorType.BOLNA_API_FAILURE,
@@ -107,11 +115,27 @@ class CallPlacer:
     def link_execution(self, call_id: uuid.UUID, placed: PlacedCall) -> Call:
         with self.uow_factory() as uow:
             call = uow.calls.lock_call(call_id)
-            lifecycle.link_execution(call, placed.execution_id, placed.status)
+            lifecycle.link_execution(uow.calls, call, placed.execution_id, placed.status)
             # Bolna can post webhooks before its answer reaches us: apply what was kept for this execution.
             provider_events.apply_kept_events(uow, call)
             uow.commit()
         return call
+
+    def _await_outcome(self, call_id: uuid.UUID, error: BolnaError) -> Call | None:
+        """Bolna may be dialling: the call keeps its slot (on its short lease) until Bolna's word settles it.
+        Returns the call when its webhooks already named the execution while the answer was awaited."""
+        with self.uow_factory() as uow:
+            call = uow.calls.lock_call(call_id)
+            if call.execution_id is not None:
+                return call
+            if call.status == statuses.INITIATING:
+                call.error_detail = f"Bolna's answer was lost; waiting for its word on the call: {error}"[:2000]
+                uow.commit()
+        sentry_sdk.add_breadcrumb(
+            category="bolna", message="Bolna's answer was lost; the call waits for Bolna's word", level="warning"
+        )
+        log.warning("call %s: %s; Bolna may be dialling, the call is not redialled", call_id, error)
+        return None
 
     def _fail(self, call_id: uuid.UUID, error_type: ErrorType, detail: str) -> None:
         with self.uow_factory() as uow:
@@ -122,12 +146,12 @@ class CallPlacer:
         """Puts the call back to pending with a growing delay; False once its attempts are used up."""
         with self.uow_factory() as uow:
             call = uow.calls.lock_call(call_id)
-            if error.sent and not lifecycle.count_dispatch_attempt(call, self._max_attempts):
+            if not error.held_back and not lifecycle.count_dispatch_attempt(call, self._max_attempts):
                 return False
             delay = error.retry_after_seconds
             if delay is None:
                 delay = min(MAX_RETRY_DELAY_SECONDS, 2**call.dispatch_attempts) + random.uniform(0, 1)
-            lifecycle.requeue(uow.calls, call, delay, str(error))
+            lifecycle.requeue(uow.calls, call, min(delay, MAX_RETRY_DELAY_SECONDS), str(error))
             uow.commit()
         log.warning("call %s back in the queue for %.1fs: %s", call_id, delay, error)
         return True

@@ -23,10 +23,11 @@ from shared.messaging.topology import MessageType
 log = logging.getLogger(__name__)
 
 
-def reserve_slot(store: CallStore, locked_user: User, call: Call, *, behind_queue: bool, lease_seconds: int) -> bool:
+def reserve_slot(store: CallStore, locked_user: User, call: Call, *, behind_queue: bool) -> bool:
     """Takes a slot for `call` if one is free; the caller holds the lock on `locked_user`.
 
-    With `behind_queue`, calls already waiting go first: a new call does not jump the queue.
+    With `behind_queue`, calls already waiting go first: a new call does not jump the queue. The slot's lease is
+    short until Bolna names the execution, so a reservation that never reached Bolna comes back soon.
     """
     if store.held_slots(locked_user.id) >= locked_user.max_concurrent_calls:
         return False
@@ -34,8 +35,16 @@ def reserve_slot(store: CallStore, locked_user: User, call: Call, *, behind_queu
         return False
     call.slot_held = True
     call.status = statuses.INITIATING
-    call.slot_lease_expires_at = store.seconds_from_now(lease_seconds)
+    call.initiated_at = call.provider_checked_at = store.now()
+    call.slot_lease_expires_at = store.seconds_from_now(store.leases.initiating_seconds)
     return True
+
+
+def hold_slot(store: CallStore, call: Call) -> None:
+    """Bolna is calling for a call Callflow had given up on: it counts against the limit again, whatever the
+    limit says (the call is a fact at Bolna)."""
+    call.slot_held = True
+    call.slot_lease_expires_at = store.seconds_from_now(store.leases.held_seconds)
 
 
 def queue(call: Call) -> None:
@@ -77,19 +86,28 @@ def count_dispatch_attempt(call: Call, max_attempts: int) -> bool:
     return True
 
 
-def link_execution(call: Call, execution_id: str, status: str | None = None) -> None:
-    """Bolna has the call under `execution_id` (its answer to POST /call, or a webhook naming our call id)."""
+def link_execution(store: CallStore, call: Call, execution_id: str, status: str | None = None) -> None:
+    """Bolna has the call under `execution_id` (its answer to POST /call, a webhook naming our call id, or a search
+    of the agent's executions): its slot gets the full lease."""
     call.execution_id = execution_id
+    heard_from_provider(store, call)
+    if call.slot_held:
+        call.slot_lease_expires_at = store.seconds_from_now(store.leases.held_seconds)
     if status is not None and statuses.moves_forward(call.status, status):
         call.status = status
 
 
-def extend_lease(store: CallStore, call: Call, now: datetime, lease_seconds: int, max_leases: int) -> bool:
-    """Gives a call Bolna still reports as live another lease, up to `max_leases` since it was created."""
-    lease = timedelta(seconds=lease_seconds)
-    if not call.slot_held or call.created_at < now - max_leases * lease:
+def heard_from_provider(store: CallStore, call: Call) -> None:
+    """Bolna said something about the call (or was asked): the reconcile job leaves it alone for a while."""
+    call.provider_checked_at = store.now()
+
+
+def extend_lease(store: CallStore, call: Call, now: datetime, max_leases: int) -> bool:
+    """Gives a call Bolna still reports as live another lease, up to `max_leases` since it was placed."""
+    lease = timedelta(seconds=store.leases.held_seconds)
+    if not call.slot_held or (call.initiated_at or call.created_at) < now - max_leases * lease:
         return False
-    call.slot_lease_expires_at = store.seconds_from_now(lease_seconds)
+    call.slot_lease_expires_at = store.seconds_from_now(store.leases.held_seconds)
     return True
 
 
@@ -101,35 +119,55 @@ def apply_provider_event(store: CallStore, call: Call, event: WebhookEvent) -> N
     if event.status not in statuses.PROVIDER_STATUSES:
         log.warning("webhook with unknown status %r for call %s kept, not applied", event.status, call.id)
         return
-    if event.status in statuses.SCHEDULED_AGAIN and event.attempt > 0 and call.status in statuses.RELEASES_SLOT:
-        # Bolna redials on its own (an agent with auto-retry on): stop it, so every dial goes through the limit.
-        log.warning("Bolna scheduled call %s again (attempt %d): asking it to stop", call.id, event.attempt)
-        stop = {"execution_id": event.execution_id, "call_id": str(call.id)}
-        call.messages.append(Message(MessageType.EXECUTION_STOP, stop))
+    heard_from_provider(store, call)
+    if event.attempt > 0:
+        # Bolna redials on its own (an agent with auto-retry on), whatever order its statuses arrive in: a redial
+        # is never applied, and one still under way is stopped, so every dial goes through the limit.
+        if not statuses.is_terminal(event.status):
+            log.warning(
+                "Bolna redials call %s (attempt %d, %s): asking it to stop", call.id, event.attempt, event.status
+            )
+            stop = {"execution_id": event.execution_id, "call_id": str(call.id)}
+            call.messages.append(Message(MessageType.EXECUTION_STOP, stop))
         return
-    overruled = _provider_overrules_lease_expiry(call, event)
+    overruled = _provider_overrules_callflow_failure(call, event)
     if not (overruled or statuses.moves_forward(call.status, event.status)):
         return  # a duplicate or a late event: statuses never move backwards
     execution = AgentExecution(event.payload)
     if overruled:
         call.error_type = call.error_detail = None
+        if event.status not in statuses.RELEASES_SLOT:
+            hold_slot(store, call)
     call.status = event.status
     call.transcript = execution.transcript or call.transcript
     call.recording_url = execution.recording_url or call.recording_url
     if event.status in statuses.RELEASES_SLOT:
         release_slot(call)
     if event.status == statuses.COMPLETED:
-        charge(store, call, execution.duration_seconds or 0)
+        bill(store, call, execution.duration_seconds)
 
 
-def _provider_overrules_lease_expiry(call: Call, event: WebhookEvent) -> bool:
-    """Callflow failed the call only because its lease ran out; Bolna's final word on it is the truth (and bills)."""
-    return (
-        call.status == statuses.FAILED
-        and call.error_type == ErrorType.SLOT_LEASE_EXPIRED
-        and event.status in statuses.TERMINAL
-        and event.status != statuses.FAILED
-    )
+def _provider_overrules_callflow_failure(call: Call, event: WebhookEvent) -> bool:
+    """Callflow failed the call only because it heard nothing; Bolna's word on it is the truth.
+
+    A call given up as `bolna_outcome_unknown` was never confirmed: any status from Bolna means it is under way (it
+    holds its slot again) or over. A lease expires only after Bolna was asked: only its final word overrules that,
+    so a stale `ringing` cannot take the slot back.
+    """
+    if call.status != statuses.FAILED or event.status == statuses.FAILED:
+        return False
+    if call.error_type == ErrorType.BOLNA_OUTCOME_UNKNOWN:
+        return True
+    return call.error_type == ErrorType.SLOT_LEASE_EXPIRED and event.status in statuses.TERMINAL
+
+
+def bill(store: CallStore, call: Call, seconds: int | None) -> None:
+    """Charges a completed call for its duration; one without a usable duration is marked, never billed 0."""
+    if not seconds:
+        call.error_type = ErrorType.BILLING_DURATION_MISSING
+        call.error_detail = "Bolna reported the call completed without a usable duration; it was not charged."
+        return
+    charge(store, call, seconds)
 
 
 def charge(store: CallStore, call: Call, seconds: int) -> None:

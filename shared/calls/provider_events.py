@@ -18,10 +18,12 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError
 
+from shared.bolna.client import BolnaClient, BolnaError
 from shared.bolna.execution import AgentExecution
 from shared.calls import lifecycle, statuses
 from shared.core.errors import CallflowError, ErrorType
 from shared.core.models import Call, WebhookEvent
+from shared.core.storable import storable
 from shared.core.uow import UnitOfWork, UnitOfWorkFactory
 from shared.observability import tracing
 from shared.observability.sentry import report, report_database_error
@@ -44,6 +46,7 @@ def store(uow_factory: UnitOfWorkFactory, payload: Any) -> Receipt:
     """Validates and durably stores one webhook. Once this returns, the event cannot be lost."""
     if not isinstance(payload, dict) or not payload:
         raise CallflowError(ErrorType.EMPTY_WEBHOOK_PAYLOAD, "The webhook body is empty or not a JSON object.")
+    payload = storable(payload)
     webhook = AgentExecution(payload)
     if webhook.execution_id is None:
         raise CallflowError(ErrorType.MISSING_EXECUTION_ID, "The webhook has no execution id ('id').")
@@ -65,8 +68,12 @@ def store(uow_factory: UnitOfWorkFactory, payload: Any) -> Receipt:
     return Receipt(event_id, webhook.execution_id, webhook.status, webhook.attempt)
 
 
-def ingest(uow_factory: UnitOfWorkFactory, payload: Any) -> Receipt:
-    """Stores one execution object (a webhook, or Bolna's answer to GET /executions/{id}) and applies it."""
+def ingest(uow_factory: UnitOfWorkFactory, payload: Any, bolna: BolnaClient | None = None) -> Receipt:
+    """Stores one execution object (a webhook, or Bolna's answer to GET /executions/{id}) and applies it.
+
+    Without `bolna` (the webhook-receiver never waits on Bolna), a `completed` that lacks its duration is kept for
+    the queue-processor, which asks Bolna for it before billing.
+    """
     receipt = store(uow_factory, payload)
     event_id = receipt.event_id
     if event_id is None:  # already stored: apply it now if it is still waiting
@@ -77,14 +84,15 @@ def ingest(uow_factory: UnitOfWorkFactory, payload: Any) -> Receipt:
                     WebhookEvent.status == receipt.status,
                     WebhookEvent.attempt == receipt.attempt,
                     WebhookEvent.applied_at.is_(None),
+                    WebhookEvent.redacted_at.is_(None),  # past its retention: no longer an event to apply
                 )
             )
     if event_id is not None:
-        process(uow_factory, event_id)
+        process(uow_factory, event_id, bolna)
     return receipt
 
 
-def process(uow_factory: UnitOfWorkFactory, event_id: int) -> None:
+def process(uow_factory: UnitOfWorkFactory, event_id: int, bolna: BolnaClient | None = None) -> None:
     """Applies a stored event in its call's trace. A failure leaves the event for a later retry; it is reported when
     it first appears and only logged when a retry fails the same way, so a stuck event cannot flood Sentry."""
     started = time.monotonic()
@@ -101,7 +109,9 @@ def process(uow_factory: UnitOfWorkFactory, event_id: int) -> None:
         span.set_data("execution_id", event.execution_id)
         sentry_sdk.add_breadcrumb(category="webhook", message=f"Webhook received: {event.status}")
         try:
-            if not apply_stored(uow_factory, event_id):
+            if _lacks_duration(event) and not _complete_duration(uow_factory, event, bolna):
+                _defer(uow_factory, event_id, "completed without a duration: waiting to ask Bolna for it")
+            elif not apply_stored(uow_factory, event_id):
                 # Its call is not known (yet): look again later, less and less often.
                 _defer(uow_factory, event_id, "no call for this execution yet")
         except Exception as exc:
@@ -136,6 +146,36 @@ def process(uow_factory: UnitOfWorkFactory, event_id: int) -> None:
                 log.warning("webhook %s still failing after %d attempts: %r", event_id, attempts, exc)
 
 
+def _lacks_duration(event: WebhookEvent) -> bool:
+    return (
+        event.status == statuses.COMPLETED
+        and event.applied_at is None
+        and event.redacted_at is None
+        and not AgentExecution(event.payload).duration_seconds
+    )
+
+
+def _complete_duration(uow_factory: UnitOfWorkFactory, event: WebhookEvent, bolna: BolnaClient | None) -> bool:
+    """Asks Bolna for a `completed` event's execution and keeps its answer when it has the duration; False when
+    Bolna cannot be asked now. When Bolna has no duration either, the call is completed unbilled and reported."""
+    if bolna is None:
+        return False
+    try:
+        execution = bolna.get_execution(event.execution_id)
+    except BolnaError as exc:
+        if exc.transient:
+            log.warning("completed %s lacks its duration and Bolna cannot be asked now: %s", event.execution_id, exc)
+            return False
+        return True  # Bolna does not know it: billed as it came, which reports the missing duration
+    if execution.get("status") == statuses.COMPLETED and AgentExecution(execution).duration_seconds:
+        with uow_factory() as uow:
+            uow.session.execute(
+                update(WebhookEvent).where(WebhookEvent.id == event.id).values(payload=storable(execution))
+            )
+            uow.commit()
+    return True
+
+
 def _defer(uow_factory: UnitOfWorkFactory, event_id: int, reason: str) -> tuple[int, str | None]:
     """Counts one more attempt at an event and sets when the sweep tries it next.
 
@@ -168,26 +208,58 @@ def apply_stored(uow_factory: UnitOfWorkFactory, event_id: int) -> bool:
         event = uow.session.execute(
             select(WebhookEvent).where(WebhookEvent.id == event_id).with_for_update(skip_locked=True)
         ).scalar_one_or_none()
-        if event is None or event.applied_at is not None:
-            return True  # applied already, or being applied by another process right now
+        if event is None or event.applied_at is not None or event.redacted_at is not None:
+            return True  # applied already, being applied by another process right now, or past its retention
         call = _find_call(uow, AgentExecution(event.payload))
         if call is None:
             return False
+        already_unbilled = call.error_type == ErrorType.BILLING_DURATION_MISSING
         lifecycle.apply_provider_event(uow.calls, call, event)
+        unbilled = not already_unbilled and call.error_type == ErrorType.BILLING_DURATION_MISSING
         uow.commit()
-        return True
+    if unbilled:
+        _report_unbilled(call, event)
+    return True
+
+
+def _report_unbilled(call: Call, event: WebhookEvent) -> None:
+    execution = AgentExecution(event.payload)
+    report(
+        CallflowError(
+            ErrorType.BILLING_DURATION_MISSING,
+            f"Call {call.id} completed without a usable duration; it was not charged.",
+            sentry_contexts={
+                "billing_details": {
+                    "execution_id": event.execution_id,
+                    "telephony_duration": execution.telephony.get("duration"),
+                    "conversation_duration": event.payload.get("conversation_duration"),
+                    "conversation_time": event.payload.get("conversation_time"),
+                }
+            },
+            call_id=call.id,
+            user_id=call.user_id,
+            agent_id=call.agent_id,
+            execution_id=event.execution_id,
+        ),
+        place="webhook.process",
+    )
 
 
 def apply_kept_events(uow: UnitOfWork, call: Call) -> None:
     """Applies the events kept for the call's execution (the caller holds the call's row lock)."""
     kept = uow.session.scalars(
         select(WebhookEvent)
-        .where(WebhookEvent.execution_id == call.execution_id, WebhookEvent.applied_at.is_(None))
+        .where(
+            WebhookEvent.execution_id == call.execution_id,
+            WebhookEvent.applied_at.is_(None),
+            WebhookEvent.redacted_at.is_(None),
+        )
         .order_by(WebhookEvent.id)
         .with_for_update(skip_locked=True)
     ).all()
     for event in sorted(kept, key=lambda e: statuses.rank(e.status) if e.status in statuses.PROVIDER_STATUSES else -1):
-        lifecycle.apply_provider_event(uow.calls, call, event)
+        if not _lacks_duration(event):  # that one waits for the queue-processor to ask Bolna for its duration
+            lifecycle.apply_provider_event(uow.calls, call, event)
 
 
 def unapplied_event_ids(uow_factory: UnitOfWorkFactory, min_age_seconds: float, limit: int = 500) -> list[int]:
@@ -221,5 +293,5 @@ def _find_call(uow: UnitOfWork, webhook: AgentExecution) -> Call | None:
             )
         )
         if call is not None:
-            lifecycle.link_execution(call, webhook.execution_id)
+            lifecycle.link_execution(uow.calls, call, webhook.execution_id)
     return call

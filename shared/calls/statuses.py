@@ -14,8 +14,6 @@ CALL_DISCONNECTED = "call-disconnected"
 TERMINAL = frozenset({COMPLETED, "busy", "no-answer", FAILED, "canceled", "stopped", "error", "balance-low"})
 # The line is free at the first of these: the call's slot goes back to the user.
 RELEASES_SLOT = TERMINAL | {CALL_DISCONNECTED}
-# What Bolna's auto-retry sends when it will dial an ended call again.
-SCHEDULED_AGAIN = frozenset({"scheduled", "rescheduled"})
 
 _TERMINAL_RANK = 6
 _RANKS = {

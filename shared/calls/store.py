@@ -7,20 +7,31 @@ PostgreSQL everywhere else.
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, func, or_, select, update
+from sqlalchemy import ColumnElement, TextClause, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from shared.calls import statuses
-from shared.core.models import Call, CreditLedgerEntry, User
+from shared.core.models import LIVE_CALL_CONDITION, Call, CreditLedgerEntry, User
 
 CALL_CHARGE = "call_charge"
 
 
+@dataclass(frozen=True)
+class SlotLeases:
+    """How long a slot is held without news: short until Bolna names the execution, then the longest call."""
+
+    initiating_seconds: float
+    held_seconds: float
+
+
 class CallStore(Protocol):
+    leases: SlotLeases
+
     def lock_user(self, user_id: uuid.UUID) -> User: ...
 
     def lock_call(self, call_id: uuid.UUID) -> Call: ...
@@ -47,9 +58,15 @@ def due_pending() -> ColumnElement[bool]:
     return (Call.status == statuses.PENDING) & or_(Call.next_attempt_at.is_(None), Call.next_attempt_at <= func.now())
 
 
+def live_calls() -> TextClause:
+    """Calls Bolna has, or may have, that have not ended (the predicate of their partial index, word for word)."""
+    return text(LIVE_CALL_CONDITION)
+
+
 class SqlCallStore:
-    def __init__(self, session: Session):
+    def __init__(self, session: Session, leases: SlotLeases):
         self.session = session
+        self.leases = leases
 
     def lock_user(self, user_id: uuid.UUID) -> User:
         return self.session.execute(select(User).where(User.id == user_id).with_for_update()).scalar_one()

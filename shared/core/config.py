@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 import sys
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, PostgresDsn, ValidationError, field_validator
+from pydantic import Field, PostgresDsn, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+BOLNA_CONNECT_TIMEOUT_SECONDS = 5.0  # connecting is given at most this; the read timeout is BOLNA_TIMEOUT_SECONDS
 
 
 class Settings(BaseSettings):
@@ -46,12 +47,56 @@ class Settings(BaseSettings):
     web_threads: int = Field(8, ge=1)
 
     slot_lease_seconds: int = Field(3600, gt=0)
+    # The short lease of a slot whose call Bolna has not confirmed yet: a reservation that never reached Bolna
+    # (a crash, a database blip) comes back in minutes. Must outlast a Bolna request (connect + read).
+    initiating_lease_seconds: float = Field(30.0, gt=0)
+    # No news from Bolna about a live call for this long: ask Bolna (a lost webhook, a lost answer to POST /call).
+    reconcile_after_seconds: float = Field(300.0, gt=0)
+    # A call Bolna may have placed (its answer was lost) that neither a webhook nor a search finds in this long fails.
+    outcome_unknown_after_seconds: float = Field(300.0, gt=0)
     sweep_interval_seconds: float = Field(5.0, gt=0)
     # The sweep only catches wake-up messages that were missed; messages place queued calls.
     pending_sweep_interval_seconds: float = Field(60.0, gt=0)
+    # Retention: published outbox rows are deleted, applied webhook payloads (transcripts, phone numbers, user
+    # data) are redacted to their ids, and idempotency keys stop replaying and are deleted, after these periods.
+    outbox_retention_hours: float = Field(24.0, gt=0)
+    webhook_payload_retention_days: float = Field(30.0, gt=0)
+    idempotency_key_retention_hours: float = Field(24.0, gt=0)
+    retention_interval_seconds: float = Field(3600.0, gt=0)
     rabbitmq_prefetch: int = Field(10, ge=1)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @property
+    def bolna_connect_timeout_seconds(self) -> float:
+        return min(BOLNA_CONNECT_TIMEOUT_SECONDS, self.bolna_timeout_seconds)
+
+    @model_validator(mode="after")
+    def _bounds_outlast_a_bolna_request(self) -> Settings:
+        # A lease that ends, or a call given up, while its POST /call is still in flight would free a slot Bolna
+        # may be about to use.
+        longest_request = self.bolna_connect_timeout_seconds + self.bolna_timeout_seconds
+        if self.initiating_lease_seconds <= longest_request:
+            raise ValueError(
+                f"INITIATING_LEASE_SECONDS must exceed the longest Bolna request ({longest_request:g}s: "
+                "BOLNA_TIMEOUT_SECONDS to read, plus up to 5 s to connect)"
+            )
+        if self.outcome_unknown_after_seconds < self.initiating_lease_seconds:
+            raise ValueError("OUTCOME_UNKNOWN_AFTER_SECONDS must be at least INITIATING_LEASE_SECONDS")
+        return self
+
+    @model_validator(mode="after")
+    def _production_webhook_secret_is_strong(self) -> Settings:
+        # Bolna does not sign its webhooks: this secret in their URL is what stands between the public internet and
+        # the call statuses and charges. Every service checks it, so a production deployment cannot start with a
+        # guessable one; `dev-webhook-secret-change-me` is the value .env.example ships with.
+        weak = len(self.webhook_secret) < 32 or self.webhook_secret == "dev-webhook-secret-change-me"
+        if self.sentry_environment == "production" and weak:
+            raise ValueError(
+                "WEBHOOK_SECRET must be a random string of at least 32 characters, other than the .env.example "
+                "value, in production (SENTRY_ENVIRONMENT=production); generate one with: openssl rand -hex 32"
+            )
+        return self
 
     @field_validator("database_url")
     @classmethod
@@ -83,8 +128,15 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors())
+        problems = "; ".join(_problem(err) for err in exc.errors())
         raise invalid(problems) from exc
+
+
+def _problem(error: Any) -> str:
+    """`NAME: what is wrong`; a rule over several settings names them in its message instead."""
+    name = ".".join(str(part) for part in error["loc"]).upper()
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{name}: {message}" if name else message
 
 
 def invalid(problem: str) -> ConfigurationError:

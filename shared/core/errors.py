@@ -48,6 +48,8 @@ class ErrorType(StrEnum):
     CREDIT_DEDUCTION_FAILED = "credit_deduction_failed"
     DATABASE_ERROR = "database_error"
     SLOT_LEASE_EXPIRED = "slot_lease_expired"
+    BOLNA_OUTCOME_UNKNOWN = "bolna_outcome_unknown"
+    BILLING_DURATION_MISSING = "billing_duration_missing"
     MESSAGE_DEAD_LETTERED = "message_dead_lettered"
     INTERNAL_ERROR = "internal_error"
 
@@ -108,6 +110,12 @@ ERROR_TABLE: dict[ErrorType, ErrorSpec] = {
     ErrorType.CREDIT_DEDUCTION_FAILED: ErrorSpec("Credit deduction failed", _CRITICAL, "fatal", _EVENT, "revenue"),
     ErrorType.DATABASE_ERROR: ErrorSpec("Database unavailable", _CRITICAL, "fatal", _EVENT, "infrastructure", 503),
     ErrorType.SLOT_LEASE_EXPIRED: ErrorSpec("Call slot lease expired", _WARNING, "warning", _EVENT, "reliability"),
+    ErrorType.BOLNA_OUTCOME_UNKNOWN: ErrorSpec(
+        "Bolna may have placed the call but nothing confirms it", _HIGH, "error", _EVENT, "provider"
+    ),
+    ErrorType.BILLING_DURATION_MISSING: ErrorSpec(
+        "Completed call without a billable duration", _HIGH, "error", _EVENT, "revenue"
+    ),
     ErrorType.MESSAGE_DEAD_LETTERED: ErrorSpec("Message dead-lettered", _HIGH, "error", _EVENT, "queue"),
     ErrorType.INTERNAL_ERROR: ErrorSpec("Internal error", _HIGH, "error", _EVENT, "bug", 500),
 }

@@ -62,6 +62,13 @@ class Agent(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
 
+# Calls Bolna has or may have, and has not finished: the reconcile job's rows (the terminal statuses of calls/statuses).
+LIVE_CALL_CONDITION = (
+    "status NOT IN ('pending', 'completed', 'busy', 'no-answer', 'failed', 'canceled', 'stopped', 'error', "
+    "'balance-low')"
+)
+
+
 class Call(Base):
     __tablename__ = "calls"
 
@@ -80,6 +87,11 @@ class Call(Base):
     # Provider failures on the queue path put the call back to pending until next_attempt_at, a bounded number of times.
     dispatch_attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     next_attempt_at: Mapped[datetime | None]
+    # When the slot was taken to ask Bolna: the search for a call whose answer was lost, and the deadline after
+    # which it is given up, count from here.
+    initiated_at: Mapped[datetime | None]
+    # When Callflow last heard from Bolna about the call, or asked it: a live call silent for long is reconciled.
+    provider_checked_at: Mapped[datetime | None]
     duration_seconds: Mapped[int | None] = mapped_column(Integer)
     credits_charged: Mapped[int | None] = mapped_column(Integer)
     transcript: Mapped[str | None] = mapped_column(Text)
@@ -93,6 +105,7 @@ class Call(Base):
         Index("ix_calls_user_pending", "user_id", "created_at", postgresql_where=text("status = 'pending'")),
         Index("ix_calls_user_slot_held", "user_id", postgresql_where=text("slot_held")),
         Index("ix_calls_slot_lease", "slot_lease_expires_at", postgresql_where=text("slot_held")),
+        Index("ix_calls_live_provider_checked", "provider_checked_at", postgresql_where=text(LIVE_CALL_CONDITION)),
     )
     # Read back server-set timestamps with RETURNING, so a call can be shown after its session closed.
     __mapper_args__ = {"eager_defaults": True}
@@ -101,9 +114,6 @@ class Call(Base):
     def messages(self) -> list[Message]:
         """What the call's changes announce, collected by the unit of work when it commits (not a column)."""
         return self.__dict__.setdefault("_messages", [])
-
-
-IDEMPOTENCY_KEY_RETENTION = timedelta(hours=24)  # a key replays its first answer this long, then is purged
 
 
 class IdempotencyKey(Base):
@@ -120,9 +130,9 @@ class IdempotencyKey(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)
 
     @classmethod
-    def expired(cls) -> ColumnElement[bool]:
-        """Keys past their retention: no longer replayed, and purged."""
-        return cls.created_at < func.now() - IDEMPOTENCY_KEY_RETENTION
+    def expired(cls, retention: timedelta) -> ColumnElement[bool]:
+        """Keys older than `retention` (IDEMPOTENCY_KEY_RETENTION_HOURS): no longer replayed, and purged."""
+        return cls.created_at < func.now() - retention
 
 
 class CreditLedgerEntry(Base):
@@ -154,10 +164,13 @@ class WebhookEvent(Base):
     attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     last_error: Mapped[str | None] = mapped_column(Text)
     next_attempt_at: Mapped[datetime | None]
+    # Set when the retention job replaced the payload by its ids (the row stays, so duplicates are still known).
+    redacted_at: Mapped[datetime | None]
 
     __table_args__ = (
         UniqueConstraint("execution_id", "status", "attempt", name="uq_webhook_events_execution_status"),
         Index("ix_webhook_events_unapplied", "received_at", postgresql_where=text("applied_at IS NULL")),
+        Index("ix_webhook_events_unredacted", "received_at", postgresql_where=text("redacted_at IS NULL")),
     )
 
 
@@ -174,4 +187,7 @@ class OutboxMessage(Base):
     attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     last_error: Mapped[str | None] = mapped_column(Text)
 
-    __table_args__ = (Index("ix_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")),)
+    __table_args__ = (
+        Index("ix_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")),
+        Index("ix_outbox_published", "published_at", postgresql_where=text("published_at IS NOT NULL")),
+    )

@@ -13,7 +13,7 @@ from typing import Any, Self
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.calls.store import SqlCallStore
+from shared.calls.store import SlotLeases, SqlCallStore
 from shared.core.models import Call, OutboxMessage
 from shared.messaging import outbox
 from shared.messaging.publisher import Publisher
@@ -26,13 +26,14 @@ class UnitOfWork:
     session: Session
     calls: SqlCallStore
 
-    def __init__(self, sessions: sessionmaker[Session], publisher: Publisher):
+    def __init__(self, sessions: sessionmaker[Session], publisher: Publisher, leases: SlotLeases):
         self._sessions = sessions
         self._publisher = publisher
+        self._leases = leases
 
     def __enter__(self) -> Self:
         self.session = self._sessions()
-        self.calls = SqlCallStore(self.session)
+        self.calls = SqlCallStore(self.session, self._leases)
         self._emitted: list[OutboxMessage] = []
         return self
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import sentry_sdk
@@ -22,6 +23,9 @@ from shared.observability.sentry import report, report_database_error
 PROBLEM_JSON = "application/problem+json"
 MAX_BODY_BYTES = 256 * 1024
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+# What a client may send to steer Sentry's tracing: its trace id, its sampling decision (`-1`), a `sample_rand` under
+# any rate, and the dynamic sampling context Sentry's servers read.
+_CLIENT_TRACE_HEADERS = ("HTTP_SENTRY_TRACE", "HTTP_BAGGAGE")
 _HTTP_ERROR_TYPES = {
     400: ErrorType.VALIDATION_ERROR,
     404: ErrorType.NOT_FOUND,
@@ -30,9 +34,21 @@ _HTTP_ERROR_TYPES = {
 }
 
 
+class _EdgeApp(Flask):
+    """Every HTTP service is Callflow's edge: no caller is trusted with its tracing. A client's trace headers are
+    dropped before the SDK's Flask integration (which wraps `Flask.__call__`) reads them, so each request starts its
+    own trace and Callflow alone decides whether it is sampled. A call's later work continues that trace over
+    AMQP and from the call's stored trace headers, never from HTTP headers."""
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        for header in _CLIENT_TRACE_HEADERS:
+            environ.pop(header, None)
+        return super().__call__(environ, start_response)
+
+
 def create_http_app(service: str, health: HealthCheck) -> Flask:
     """A Flask app with request ids, problem+json errors and `GET /health`; the service adds its routes."""
-    app = Flask(service)
+    app = _EdgeApp(service)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
 
     @app.before_request
@@ -53,7 +69,7 @@ def create_http_app(service: str, health: HealthCheck) -> Flask:
 
     @app.errorhandler(CallflowError)
     def _callflow_error(error: CallflowError):
-        report(error)
+        report(error, source=request.remote_addr)
         return problem(error.error_type, error.detail, **error.problem_fields)
 
     @app.errorhandler(HTTPException)

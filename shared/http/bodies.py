@@ -1,8 +1,14 @@
 """Request bodies: JSON as PostgreSQL can store it, within size and depth limits; validation errors answered
-with every field that failed."""
+with every field that failed.
+
+A client's body that PostgreSQL cannot store is refused (400). An authenticated provider's body is made storable
+instead: refusing it would make the provider retry the same body until it gives up, and a `completed` (and its
+charge) would be lost.
+"""
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -11,8 +17,7 @@ from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
 from shared.core.errors import CallflowError, ErrorType
-
-MAX_JSON_DEPTH = 32
+from shared.core.storable import MAX_JSON_DEPTH, storable
 
 
 def json_body() -> Any:
@@ -26,7 +31,38 @@ def json_body() -> Any:
         raise CallflowError(ErrorType.VALIDATION_ERROR, "The body is not valid JSON.") from exc
     if _depth(body) > MAX_JSON_DEPTH:
         raise CallflowError(ErrorType.VALIDATION_ERROR, f"The body is nested deeper than {MAX_JSON_DEPTH} levels.")
-    return _storable(body)
+    return _checked_storable(body)
+
+
+def provider_json_body() -> Any:
+    """An authenticated provider's JSON body, made storable rather than refused: NaN, Infinity and numbers too large
+    to hold become null, lone surrogates (and bytes that are not UTF-8) U+FFFD, U+0000 is dropped, and whatever is
+    nested deeper than MAX_JSON_DEPTH becomes null. Only a body that is not JSON at all is a validation error."""
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        return None
+    try:
+        body = json.loads(
+            raw.decode("utf-8-sig", errors="replace"),
+            parse_constant=lambda _: None,
+            parse_float=_finite_or_none,
+            parse_int=_int_or_none,
+        )
+    except (ValueError, RecursionError) as exc:
+        raise CallflowError(ErrorType.VALIDATION_ERROR, "The body is not valid JSON.") from exc
+    return storable(body)
+
+
+def _finite_or_none(text: str) -> float | None:
+    number = float(text)
+    return number if math.isfinite(number) else None
+
+
+def _int_or_none(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+        return None
 
 
 def _depth(value: Any) -> int:
@@ -40,7 +76,7 @@ def _depth(value: Any) -> int:
     return deepest
 
 
-def _storable(value: Any) -> Any:
+def _checked_storable(value: Any) -> Any:
     """The body as PostgreSQL's jsonb can hold it. U+0000 is dropped rather than the request refused (it is
     harmless noise); NaN, Infinity and lone surrogates, which JSON parsers accept and jsonb refuses, are refused."""
     if isinstance(value, str):
@@ -52,9 +88,9 @@ def _storable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         raise CallflowError(ErrorType.VALIDATION_ERROR, "The body holds NaN or Infinity, which JSON does not allow.")
     if isinstance(value, list):
-        return [_storable(item) for item in value]
+        return [_checked_storable(item) for item in value]
     if isinstance(value, dict):
-        return {_storable(key): _storable(item) for key, item in value.items()}
+        return {_checked_storable(key): _checked_storable(item) for key, item in value.items()}
     return value
 
 

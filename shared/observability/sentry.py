@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -13,7 +15,7 @@ from sentry_sdk.crons import monitor
 from sentry_sdk.integrations.flask import FlaskIntegration
 from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
 from sentry_sdk.integrations.sqlalchemy import SqlalchemyIntegration
-from sentry_sdk.types import Event, Hint
+from sentry_sdk.types import Event, Hint, Log
 from sentry_sdk.utils import capture_internal_exceptions
 from werkzeug.exceptions import HTTPException
 
@@ -32,12 +34,78 @@ for _logger in (report_log.name, "pika", "pika.*"):
 ID_TAGS = ("user_id", "call_id", "campaign_id", "agent_id", "execution_id", "message_id")
 HEALTH_PATH = "/health"
 
+# Errors anyone can cause at will, without a credential. Sent unchecked, a scanner would spend the Sentry quota and
+# push the SDK into the rate-limit back-off that holds back every event, `credit_deduction_failed` included.
+UNAUTHENTICATED_ERRORS = frozenset({ErrorType.WEBHOOK_AUTH_FAILED, ErrorType.WEBHOOK_SOURCE_FORBIDDEN})
+THROTTLE_WINDOW_SECONDS = 60.0
+EVENTS_PER_TYPE = 10  # per window and process, whatever the source: a scanner rotating addresses is capped too
+
 
 class _ProcessIdentity:
     """Set once by `init_sentry`: the service this process runs, and the secrets its events must never carry."""
 
     service = "callflow"
     secrets: tuple[str, ...] = ()
+
+
+class EventThrottle:
+    """Which reports of an unauthenticated error become events: in any window, one per error type and source
+    address, and at most `per_type` per error type. The rest are counted, and the next event of the type carries
+    the count.
+
+    Only sources that were sent an event in the current window are remembered, so the memory it holds is bounded
+    by `per_type` for each error type, however many addresses a scanner uses.
+    """
+
+    def __init__(
+        self,
+        window_seconds: float = THROTTLE_WINDOW_SECONDS,
+        per_type: int = EVENTS_PER_TYPE,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._window = window_seconds
+        self._per_type = per_type
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._sent: OrderedDict[tuple[str, str], float] = OrderedDict()  # (type, source) -> sent at, oldest first
+        self._sent_by_type: dict[str, deque[float]] = {}
+        self._suppressed_since_event: Counter[str] = Counter()
+        self._suppressed_since_start: Counter[str] = Counter()
+
+    def admit(self, error_type: str, source: str) -> dict[str, int] | None:
+        """None when this report is only counted; else the counts its event carries."""
+        now = self._clock()
+        with self._lock:
+            self._forget_before(now - self._window)
+            sent = self._sent_by_type.setdefault(error_type, deque())
+            if (error_type, source) in self._sent or len(sent) >= self._per_type:
+                self._suppressed_since_event[error_type] += 1
+                self._suppressed_since_start[error_type] += 1
+                return None
+            self._sent[(error_type, source)] = now
+            sent.append(now)
+            return {
+                "since_last_event": self._suppressed_since_event.pop(error_type, 0),
+                "since_start": self._suppressed_since_start[error_type],
+            }
+
+    @property
+    def remembered(self) -> int:
+        """How many (error type, source) pairs it holds."""
+        return len(self._sent)
+
+    def _forget_before(self, cutoff: float) -> None:
+        while self._sent and next(iter(self._sent.values())) <= cutoff:
+            self._sent.popitem(last=False)
+        for sent in self._sent_by_type.values():
+            while sent and sent[0] <= cutoff:
+                sent.popleft()
+
+
+class _Unauthenticated:
+    """This process's throttle of unauthenticated errors; `init_sentry` starts it afresh."""
+
+    throttle = EventThrottle()
 
 
 class _DatabaseOutage:
@@ -57,12 +125,16 @@ def init_sentry(service: str, settings: Settings) -> bool:
     """Initialises the SDK for `service`; returns whether events are sent."""
     _ProcessIdentity.service = service
     _ProcessIdentity.secrets = tuple(s for s in (settings.webhook_secret, settings.bolna_api_key) if len(s) >= 6)
+    _Unauthenticated.throttle = EventThrottle()
     enabled = sending_enabled(settings)
     sentry_sdk.init(
         dsn=settings.sentry_dsn if enabled else None,
         environment=settings.sentry_environment,
         release=settings.sentry_release or None,  # None: the SDK takes the git commit when it can find one
         traces_sampler=lambda context: _sample(context, settings.sentry_traces_sample_rate),
+        # No outgoing HTTP request carries trace headers: Bolna and any other third party learn nothing of our
+        # traces. Traces cross processes only over AMQP (`tracing.py`), which this option does not govern.
+        trace_propagation_targets=[],
         profiles_sample_rate=settings.sentry_profiles_sample_rate,
         enable_logs=settings.sentry_enable_logs,
         send_default_pii=settings.sentry_send_default_pii,
@@ -71,6 +143,7 @@ def init_sentry(service: str, settings: Settings) -> bool:
         before_send=_before_send,
         before_send_transaction=_before_send_transaction,
         before_breadcrumb=_before_breadcrumb,
+        before_send_log=_before_send_log,  # SENTRY_ENABLE_LOGS: log records hold phone numbers and keys too
         integrations=[
             FlaskIntegration(transaction_style="url"),
             SqlalchemyIntegration(),
@@ -104,17 +177,20 @@ def sentry_status(settings: Settings) -> dict[str, Any]:
     }
 
 
-def report(error: CallflowError, cause: BaseException | None = None, place: str | None = None) -> None:
+def report(
+    error: CallflowError, cause: BaseException | None = None, place: str | None = None, source: str | None = None
+) -> None:
     """Reports an error of the table: as an event, or as a breadcrumb on whatever event follows.
 
     The fingerprint is the error type and the place it happened, so each failure groups into one issue per place.
-    The error is logged first; as in the SDK's own integrations, a fault in building the event never breaks the
-    caller.
+    `source` is the client's address when a request caused the error: unauthenticated errors are throttled by it
+    (`EventThrottle`), and those held back become breadcrumbs. An event is logged first; as in the SDK's own
+    integrations, a fault in building it never breaks the caller.
     """
     spec = error.spec
     if cause is not None and error.__cause__ is None:
         error.__cause__ = cause
-    if spec.capture is Capture.BREADCRUMB:
+    if spec.capture is Capture.BREADCRUMB or not _admitted(error, source):
         with capture_internal_exceptions():
             sentry_sdk.add_breadcrumb(
                 category="callflow.error", message=f"{error.error_type}: {error.detail}", level=spec.level
@@ -130,6 +206,17 @@ def report(error: CallflowError, cause: BaseException | None = None, place: str 
     )
     with capture_internal_exceptions():
         _capture(error, spec, where)
+
+
+def _admitted(error: CallflowError, source: str | None) -> bool:
+    """Whether an event may be sent for this error; the event of a throttled one carries what was held back."""
+    if error.error_type not in UNAUTHENTICATED_ERRORS:
+        return True
+    suppressed = _Unauthenticated.throttle.admit(error.error_type, source or "unknown")
+    if suppressed is None:
+        return False
+    error.sentry_contexts["suppressed"] = suppressed
+    return True
 
 
 def _capture(error: CallflowError, spec: ErrorSpec, where: str) -> None:
@@ -185,6 +272,8 @@ def _current_place() -> str:
 
 
 def _sample(context: dict[str, Any], rate: float) -> float:
+    """The parent's decision where there is one: only internal hops (AMQP messages, a call's stored trace) have one,
+    since the HTTP edge drops clients' trace headers (`shared/http/app.py`)."""
     environ = context.get("wsgi_environ") or {}
     if environ.get("PATH_INFO") == HEALTH_PATH:
         return 0.0
@@ -217,6 +306,10 @@ def _before_send_transaction(event: Event, hint: Hint) -> Event | None:
 
 def _before_breadcrumb(crumb: dict[str, Any], hint: Hint) -> dict[str, Any] | None:
     return _scrubbed(crumb)
+
+
+def _before_send_log(record: Log, hint: Hint) -> Log | None:
+    return _scrubbed(record)
 
 
 def _scrubbed(value: Any) -> Any:

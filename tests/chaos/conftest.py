@@ -1,4 +1,5 @@
-"""A stack under faults: a flaky, slow provider with duplicated and reordered webhooks, short slot leases."""
+"""A stack under faults: a flaky, slow provider that loses answers and webhooks, duplicates and reorders the rest;
+short slot leases."""
 
 from __future__ import annotations
 
@@ -18,6 +19,11 @@ CHAOS_ENV = {
     "DISPATCH_MAX_ATTEMPTS": "5",
     # Messages must place the queued calls: a sweep as frequent as the other jobs would hide a broken message path.
     "PENDING_SWEEP_INTERVAL_SECONDS": "60",
+    # Bolna's silence is acted on within seconds: lost answers searched, lost completions fetched, unknowns given up.
+    "SWEEP_INTERVAL_SECONDS": "2",
+    "INITIATING_LEASE_SECONDS": "4",
+    "RECONCILE_AFTER_SECONDS": "3",
+    "OUTCOME_UNKNOWN_AFTER_SECONDS": "8",
 }
 FLAKY_PROVIDER = {
     **FAST_CALLS,
@@ -26,6 +32,10 @@ FLAKY_PROVIDER = {
     "timeout_seconds": 2.5,
     "duplicate_rate": 0.30,
     "reorder_rate": 0.20,
+    # Bolna placed the call, but its answer never arrives; and a completion's webhook that never comes.
+    "lost_answer_rate": 0.10,
+    "lost_answer_mode": "reset",
+    "dropped_webhooks": {"completed": 0.10},
     "outcomes": {"completed": 0.7, "busy": 0.1, "no-answer": 0.1, "failed": 0.1},
 }
 

@@ -1,5 +1,6 @@
-"""Nothing lost, nothing billed twice, no limit exceeded: 500 calls through a broker outage, a flaky provider,
-duplicated and reordered webhooks, and a killed queue-processor."""
+"""Nothing lost, nothing dialled or billed twice, no limit exceeded: 500 calls through a broker outage, a flaky
+provider that loses answers after placing and drops `completed` webhooks, duplicated and reordered webhooks, and a
+killed queue-processor."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from sqlalchemy import func, select
 
 from services.queue_processor.dispatch import TRIGGER_SPAN_DATA, DispatchTrigger
 from shared.calls import statuses
+from shared.core.errors import ErrorType
 from shared.core.models import Call, CreditLedgerEntry, OutboxMessage, User
 from tests.support import broker
 from tests.support.components import components
@@ -186,6 +188,23 @@ def test_500_calls_survive_broker_outage_flaky_provider_and_a_killed_consumer(
         assert peaks.get(owner.provider_agent_id, 0) <= limit, (owner.provider_agent_id, peaks, limit)
     assert violations() == {}
 
+    # Bolna's side of the story: no call dialled twice, and every call Bolna completed charged exactly once, even
+    # when Bolna's answer to POST /call or its `completed` webhook was lost.
+    executions = stack.sim_executions()
+    dials = Counter(execution["user_data"].get("callflow_call_id") for execution in executions)
+    ours = {call_id: count for call_id, count in dials.items() if call_id in accepted}
+    assert max(ours.values()) == 1, [call_id for call_id, count in ours.items() if count > 1]
+    by_id = {str(call.id): call for call in calls}
+    completed_at_bolna = {
+        execution["user_data"]["callflow_call_id"] for execution in executions if execution["status"] == "completed"
+    } & accepted
+    assert {call_id for call_id in completed_at_bolna if ledger.get(uuid.UUID(call_id)) != 1} == set()
+    assert all(by_id[call_id].status == statuses.COMPLETED for call_id in completed_at_bolna)
+    given_up = [call for call in calls if call.error_type == ErrorType.BOLNA_OUTCOME_UNKNOWN]
+    assert [call.id for call in given_up if str(call.id) in ours] == [], "a call Bolna placed was given up"
+    sim_stats = stack.sim_stats()
+    assert sim_stats["answers_lost"] > 0 and sim_stats["webhooks_dropped"] > 0, sim_stats
+
     outcome = Counter(call.status for call in calls)
     errors = Counter(call.error_type for call in calls if call.error_type)
     answered = [answer.answered_at for answer in answers]
@@ -199,7 +218,9 @@ def test_500_calls_survive_broker_outage_flaky_provider_and_a_killed_consumer(
             f"chaos: completed {len(completed)}, charged once each ({sum(spent.values())} credits); "
             f"slot peaks {held} (sampled {slots.samples} times), provider peaks "
             f"{[peaks.get(o.provider_agent_id, 0) for o in owners]} for limits {list(LIMITS)}\n"
-            f"chaos: queued calls retried {sum(call.dispatch_attempts for call in calls)} times"
+            f"chaos: queued calls retried {sum(call.dispatch_attempts for call in calls)} times; Bolna lost "
+            f"{sim_stats['answers_lost']} answers after placing and dropped {sim_stats['webhooks_dropped']} webhooks; "
+            f"{len(ours)} calls dialled once each, {len(completed_at_bolna)} completed at Bolna"
         )
 
 

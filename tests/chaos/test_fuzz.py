@@ -43,8 +43,9 @@ HEADER_VALUES = (
 )
 DURATIONS = st.one_of(st.integers(0, 7200).map(str), st.text(max_size=20), JSON)
 
-# The refusals a generated request may get, by status. A valid body of the funded customer reaches Bolna, whose
-# failures on this stack (errors, timeouts) are a legitimate 502; nothing else may be a 5xx.
+# The refusals a generated request may get, by status. A valid body of the funded customer reaches Bolna; only its
+# definite refusals would be a 502 (its errors and timeouts on this stack are ambiguous: 202 `initiating`); nothing
+# else may be a 5xx.
 REFUSALS = {
     400: {"validation_error"},
     402: {"insufficient_credits"},
@@ -127,7 +128,7 @@ def test_generated_call_requests_get_only_documented_answers(chaos_stack: Stack,
                 assert accepted["executionId"], accepted
                 placed[accepted["callId"]] = accepted["executionId"]
             else:
-                assert accepted["status"] == "pending", accepted
+                assert accepted["status"] in ("pending", "initiating"), accepted  # queued, or Bolna's answer lost
             return
         problem = _refusal(answer, REFUSALS)
         if answer.status_code == 402:

@@ -14,6 +14,10 @@ E2E_ENV = {
     # Tests make Bolna fail on purpose, often: the breaker has its own test, with its own process.
     "BOLNA_BREAKER_THRESHOLD": "1000000",
     "DISPATCH_MAX_ATTEMPTS": "2",
+    # Bolna's silence is acted on in seconds, not minutes (BOLNA_TIMEOUT_SECONDS is 3 here).
+    "INITIATING_LEASE_SECONDS": "8",
+    "RECONCILE_AFTER_SECONDS": "4",
+    "OUTCOME_UNKNOWN_AFTER_SECONDS": "10",
 }
 
 

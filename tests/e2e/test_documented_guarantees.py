@@ -132,7 +132,7 @@ class TestSecurity:
         assert answer_for(theirs) == answer_for(missing)
         assert answer_for(missing)[0] == 404
 
-    def test_a_body_nested_over_32_levels_is_400_and_one_of_32_levels_is_accepted(self, stack: Stack):
+    def test_an_api_body_nested_over_32_levels_is_400_and_one_of_32_levels_is_accepted(self, stack: Stack):
         owner = customer(max_concurrent_calls=5)
 
         def nested(levels: int) -> dict[str, Any]:
@@ -153,12 +153,13 @@ class TestSecurity:
         deep_array = b'{"metadata": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
         for answer in (
             place(DOCUMENTED_MAX_DEPTH + 1),
-            webhook(DOCUMENTED_MAX_DEPTH + 1),
             stack.api("POST", "/api/calls", headers=owner.auth, content=deep_array),
         ):
             assert answer.status_code == 400, answer.text
             assert answer.json()["error_type"] == "validation_error"
         assert "nested deeper than 32 levels" in place(DOCUMENTED_MAX_DEPTH + 1).json()["detail"]
+        # An authenticated webhook is never refused for its content: what lies deeper is stored as null.
+        assert webhook(DOCUMENTED_MAX_DEPTH + 1).status_code == 200
 
 
 def test_idempotency_keys_are_purged_once_24_hours_old(stack: Stack):
@@ -179,7 +180,11 @@ def test_idempotency_keys_are_purged_once_24_hours_old(stack: Stack):
             .values(created_at=func.now() - DOCUMENTED_KEY_RETENTION - timedelta(minutes=1))
         )
         uow.commit()
-    wait_until(lambda: old_key not in keys(), 30, "the purge job deletes the key older than 24 h")
+    # The retention job runs at start, then every RETENTION_INTERVAL_SECONDS (an hour): restarted, the
+    # queue-processor runs it over the key just aged.
+    stack.queue_processor.stop()
+    stack.queue_processor.start()
+    wait_until(lambda: old_key not in keys(), 30, "the retention job deletes the key older than 24 h")
     assert keys() == {fresh_key}
 
 

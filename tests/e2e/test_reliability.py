@@ -22,7 +22,7 @@ from tests.support.components import components
 from tests.support.factories import call_row, credits_of, customer, ledger_total, load_call
 from tests.support.processes import ServiceProcess, free_port
 from tests.support.sentry_sink import SentrySink
-from tests.support.stack import Stack, sentry_env, wait_until
+from tests.support.stack import BOLNA_API_KEY, Stack, sentry_env, wait_until
 
 PHONE = "+14155550123"
 DOCUMENTED_MAX_LEASES = 3  # docs/reliability.md: a call Bolna reports live keeps its slot "up to 3 leases"
@@ -48,7 +48,7 @@ def _expire_lease(call_id: uuid.UUID, leases_ago: int = 0) -> None:
     lease = timedelta(seconds=components().settings.slot_lease_seconds)
     changes = {"slot_lease_expires_at": func.now() - timedelta(seconds=1)}
     if leases_ago:
-        changes["created_at"] = func.now() - leases_ago * lease - timedelta(minutes=1)
+        changes["created_at"] = changes["initiated_at"] = func.now() - leases_ago * lease - timedelta(minutes=1)
     with components().uow() as uow:
         uow.session.execute(update(Call).where(Call.id == call_id).values(**changes))
         uow.commit()
@@ -105,9 +105,9 @@ class TestIdempotencyKey:
     def test_a_failed_call_is_replayed_not_retried(self, sim: Stack):
         owner = customer()
         headers = {**owner.auth, "Idempotency-Key": "fails"}
-        sim.sim_config(error_rate=1.0)
+        sim.sim_config(api_key="a-key-callflow-does-not-have")  # Bolna's definite refusal
         first = sim.api("POST", "/api/calls", headers=headers, json=_body(owner))
-        sim.sim_config(error_rate=0.0)
+        sim.sim_config(api_key=BOLNA_API_KEY)
         again = sim.api("POST", "/api/calls", headers=headers, json=_body(owner))
         assert first.status_code == again.status_code == 502
         assert again.json() == first.json()
@@ -126,14 +126,16 @@ class TestIdempotencyKey:
 class TestProviderFailures:
     def test_queued_call_is_retried_after_a_transient_failure_then_placed(self, sim: Stack):
         owner = customer()
-        sim.sim_config(error_rate=1.0)  # before the call exists, or the sweep may place it first
+        # A 429 without Retry-After: Bolna did nothing, and says so. (A 5xx may follow a placed call: never retried.)
+        # Set before the call exists, or the sweep may place it first.
+        sim.sim_config(rate_limit_rate=1.0, retry_after_seconds=None)
         call = call_row(owner)
         _wake_dispatcher(owner.user_id)
         wait_until(lambda: load_call(call.id).dispatch_attempts == 1, 20, "a first attempt fails")
         requeued = load_call(call.id)
         assert (requeued.status, requeued.slot_held) == ("pending", False)
         assert requeued.next_attempt_at is not None
-        sim.sim_config(error_rate=0.0)
+        sim.sim_config(rate_limit_rate=0.0)
         wait_until(lambda: load_call(call.id).status == "completed", 30, "the retry is placed and completes")
         assert load_call(call.id).dispatch_attempts == 1
 
@@ -278,14 +280,15 @@ class TestLeases:
         assert ledger_total(owner.user_id) == (1, -2)
         assert credits_of(owner.user_id) == 48
 
-    def test_a_call_that_never_reached_bolna_is_failed_when_its_lease_expires(self, stack: Stack):
+    def test_a_call_that_never_reached_bolna_is_failed_once_a_search_of_bolna_cannot_find_it(self, stack: Stack):
         owner = customer(max_concurrent_calls=1)
         call = call_row(owner, status="initiating", slot_held=True)
         _expire_lease(call.id)
-        wait_until(lambda: load_call(call.id).status == "failed", 30, "the lease job fails the call")
+        wait_until(lambda: load_call(call.id).status == "failed", 40, "the reconcile job gives up on the call")
         expired = load_call(call.id)
-        assert (expired.error_type, expired.slot_held) == ("slot_lease_expired", False)
-        assert "Bolna reports nothing" in expired.error_detail
+        assert (expired.error_type, expired.slot_held) == ("bolna_outcome_unknown", False)
+        searches = [r for r in stack.sim_requests() if r["path"] == f"/v2/agent/{owner.provider_agent_id}/executions"]
+        assert searches, "Bolna was searched for the call before it was given up"
         assert stack.api("POST", "/api/calls", headers=owner.auth, json=_body(owner)).status_code == 201
 
 

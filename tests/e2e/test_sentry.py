@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
+import random
 import re
+import time
 import uuid
 
 import httpx
@@ -24,6 +27,7 @@ from tests.support.stack import BOLNA_API_KEY, Stack, sentry_env, wait_until
 
 PHONE = "+14155550123"
 MASKED_PHONE = "+*******0123"
+REFUSED_KEY = "a-key-callflow-does-not-have"  # the simulator answers it 403, as Bolna answers a wrong key
 
 
 def _place(stack: Stack, owner: Customer, request_id: str | None = None, **overrides) -> httpx.Response:
@@ -75,7 +79,7 @@ def test_cross_user_agent_access_arrives_once_as_a_security_event(stack):
 
 def test_bolna_failure_arrives_once_with_call_and_provider_context(sim):
     owner = customer()
-    sim.sim_config(error_rate=1.0)
+    sim.sim_config(api_key=REFUSED_KEY)  # Bolna's definite 403 (a 5xx is ambiguous: the call waits, see below)
     answer = _place(sim, owner)
     assert answer.status_code == 502
     event = _the_event(sim.sentry, ErrorType.BOLNA_API_FAILURE, user_id=str(owner.user_id))
@@ -89,12 +93,19 @@ def test_bolna_failure_arrives_once_with_call_and_provider_context(sim):
         "phone": MASKED_PHONE,
     }
     assert contexts["bolna_api"]["endpoint"] == "/call"
-    assert contexts["bolna_api"]["status_code"] == 500
+    assert contexts["bolna_api"]["status_code"] == 403
     assert contexts["bolna_api"]["error_message"]
     assert contexts["bolna_api"]["duration_ms"] >= 0
     assert event.trace_id == sim.call(owner.auth, call_id)["traceId"]
     breadcrumbs = [crumb.get("message") for crumb in event.payload["breadcrumbs"]["values"]]
     assert "Starting call initiation" in breadcrumbs and "Calling Bolna.ai API" in breadcrumbs
+
+
+def _from_a_fresh_address() -> httpx.Client:
+    """A client whose requests come from an address of 127.0.0.0/8 that no other test uses: unauthenticated errors
+    are sent once per source address a minute, and other tests of the shared stack post bad tokens too."""
+    address = ipaddress.ip_address("127.0.0.0") + random.randrange(2, 2**24 - 1)
+    return httpx.Client(transport=httpx.HTTPTransport(local_address=str(address)), timeout=30)
 
 
 @pytest.mark.parametrize(
@@ -107,17 +118,48 @@ def test_bolna_failure_arrives_once_with_call_and_provider_context(sim):
 )
 def test_webhook_errors_arrive_once(stack, error_type, payload, token):
     request_id = uuid.uuid4().hex
-    answer = stack.webhook(payload, token=token, headers={"X-Request-ID": request_id})
+    with _from_a_fresh_address() as client:
+        answer = client.post(
+            f"{stack.webhook_receiver.url}/webhooks/bolna",
+            params={"token": token},
+            json=payload,
+            headers={"X-Request-ID": request_id},
+        )
     assert answer.status_code == ERROR_TABLE[error_type].http_status
     event = _the_event(stack.sentry, error_type, request_id=request_id)
     _assert_reported(event, error_type, "webhook-receiver", "/webhooks/bolna")
+
+
+def test_a_flood_of_bad_tokens_from_one_address_is_one_event_per_worker(stack):
+    request_ids = [uuid.uuid4().hex for _ in range(100)]
+    with _from_a_fresh_address() as scanner:
+        answers = [
+            scanner.post(
+                f"{stack.webhook_receiver.url}/webhooks/bolna",
+                params={"token": "wrong"},
+                json={"id": "x", "status": "ringing"},
+                headers={"X-Request-ID": request_id},
+            )
+            for request_id in request_ids
+        ]
+    assert {answer.status_code for answer in answers} == {401}
+
+    def flood_events() -> list[Item]:
+        return [e for e in stack.sentry.events(error_type="webhook_auth_failed") if e.tags["request_id"] in request_ids]
+
+    wait_until(flood_events, 30, "the flood's first event")
+    workers = 2  # WEB_CONCURRENCY: each worker process throttles on its own
+    deadline = time.monotonic() + 10
+    while len(flood_events()) <= workers and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(flood_events()) <= workers
 
 
 def test_queued_call_failure_arrives_once_in_the_calls_trace(sim):
     owner = customer(max_concurrent_calls=1)
     holder = str(uuid.uuid4())
     call_row(owner, status="in-progress", execution_id=holder, slot_held=True)  # the customer's one slot
-    sim.sim_config(error_rate=1.0)  # before a call waits: whatever places it, Bolna refuses it
+    sim.sim_config(api_key=REFUSED_KEY)  # before a call waits: whatever places it, Bolna refuses it
     queued = _place(sim, owner)
     assert queued.status_code == 202
     assert sim.webhook({"id": holder, "status": "completed"}).status_code == 200  # the slot frees: its turn
@@ -128,7 +170,7 @@ def test_queued_call_failure_arrives_once_in_the_calls_trace(sim):
     contexts = _assert_reported(event, ErrorType.DIRECT_CALL_QUEUE_FAILURE, "queue-processor", "queue.initiate_call")
     assert contexts["queue_details"]["queue_id"] == call_id
     assert contexts["queue_details"]["call_type"] == "direct"
-    assert contexts["bolna_api"]["status_code"] == 500
+    assert contexts["bolna_api"]["status_code"] == 403
     assert contexts["call_details"]["phone"] == MASKED_PHONE
     assert event.trace_id == sim.call(owner.auth, call_id)["traceId"]
     assert sim.sentry.events(error_type="bolna_api_failure", user_id=str(owner.user_id)) == []
@@ -318,7 +360,7 @@ def test_a_queued_call_is_one_trace_across_all_three_services(stack):
 
 def test_messages_processed_back_to_back_share_no_tags_or_breadcrumbs(sim):
     first, second = customer(), customer()
-    sim.sim_config(error_rate=1.0)  # before the calls wait: whatever places them, Bolna refuses them
+    sim.sim_config(api_key=REFUSED_KEY)  # before the calls wait: whatever places them, Bolna refuses them
     calls = [call_row(owner) for owner in (first, second)]
     with broker.channel() as ch:
         for owner in (first, second):
@@ -348,8 +390,9 @@ def test_periodic_jobs_check_in_with_crons(stack):
         "callflow-apply-kept-webhooks",
         "callflow-dispatch-due-retries",
         "callflow-sweep-pending-calls",
-        "callflow-reconcile-expired-leases",
-        "callflow-purge-idempotency-keys",
+        "callflow-reconcile-unconfirmed-calls",
+        "callflow-reconcile-silent-calls",
+        "callflow-enforce-retention",
     }
     wait_until(lambda: expected <= slugs(), 30, "a check-in from each periodic job")
     statuses = {item.payload["status"] for item in stack.sentry.of_type("check_in")}
@@ -375,7 +418,7 @@ def test_no_envelope_holds_a_token_a_secret_a_full_phone_number_or_a_transcript(
     placed = _place(sim, owner, metadata={"first_name": "Ada"})
     assert placed.status_code == 201
     wait_until(lambda: sim.call(owner.auth, placed.json()["callId"])["transcript"], 30, "a call with a transcript")
-    sim.sim_config(error_rate=1.0)
+    sim.sim_config(api_key=REFUSED_KEY)
     assert _place(sim, owner).status_code == 502
     sim.webhook({"id": "x", "status": "ringing"}, token="not-the-secret")
     sim.sentry.wait_for_events(error_type="bolna_api_failure", user_id=str(owner.user_id))

@@ -1,15 +1,20 @@
-"""The Bolna client against a real HTTP server: an answer that redirects is a failure, never followed."""
+"""The Bolna client against a real HTTP server: what each failure tells about whether Bolna acted on the request,
+Retry-After read safely, the breaker released on every exit, and a redirect never followed."""
 
 from __future__ import annotations
 
+import socket
+import struct
 import threading
+import time
 from collections.abc import Iterator
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from shared.bolna.breaker import CircuitBreaker
-from shared.bolna.client import BolnaClient, BolnaError
+from shared.bolna.client import MAX_RETRY_AFTER_SECONDS, BolnaClient, BolnaError, Delivery
 
 
 class _Redirecting(BaseHTTPRequestHandler):
@@ -27,13 +32,16 @@ class _Redirecting(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def redirecting_bolna() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Redirecting)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+def _serve(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
+
+
+@pytest.fixture
+def redirecting_bolna() -> Iterator[str]:
+    yield from _serve(_Redirecting)
 
 
 def test_a_redirect_is_a_definite_failure_and_is_not_followed(redirecting_bolna):
@@ -43,3 +51,101 @@ def test_a_redirect_is_a_definite_failure_and_is_not_followed(redirecting_bolna)
         client.place_call("agent", "+14155550123", {})
     assert (raised.value.status_code, raised.value.transient) == (307, False)
     assert _Redirecting.requests_seen == ["/call"]
+
+
+class _Scripted(BaseHTTPRequestHandler):
+    """Answers POST /call as `behaviour` says: a status (with headers), "hang" past the client's read timeout,
+    or "reset" (the request is read, then the connection is dropped with no answer)."""
+
+    behaviour: tuple[str | int, dict[str, str]] = (200, {})
+
+    def do_POST(self) -> None:  # noqa: N802 (the http.server API)
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        what, headers = self.behaviour
+        if what == "hang":
+            time.sleep(1.5)
+            return
+        if what == "reset":
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+            return
+        self.send_response(int(what))
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def scripted_bolna() -> Iterator[str]:
+    yield from _serve(_Scripted)
+
+
+def _client(url: str, breaker: CircuitBreaker | None = None) -> BolnaClient:
+    return BolnaClient(url, "key", 0.5, breaker or CircuitBreaker(5, 30), pool_size=2)
+
+
+def _failure(url: str, behaviour: str | int, **headers: str) -> BolnaError:
+    _Scripted.behaviour = (behaviour, headers)
+    with pytest.raises(BolnaError) as raised:
+        _client(url).place_call("agent", "+14155550123", {})
+    return raised.value
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "delivery"),
+    [
+        ("hang", Delivery.UNKNOWN),  # read timeout: Bolna may have placed the call
+        ("reset", Delivery.UNKNOWN),  # dropped after the request was sent
+        (500, Delivery.UNKNOWN),
+        (502, Delivery.UNKNOWN),  # a gateway's answer says nothing of what Bolna did
+        (200, Delivery.UNKNOWN),  # a 2xx without an execution id
+        (400, Delivery.ANSWERED),
+        (429, Delivery.ANSWERED),
+    ],
+)
+def test_what_a_failed_request_tells_about_whether_bolna_acted(scripted_bolna, behaviour, delivery):
+    assert _failure(scripted_bolna, behaviour).delivery is delivery
+
+
+def test_a_refused_connection_provably_never_reached_bolna():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    with pytest.raises(BolnaError) as raised:
+        _client(f"http://127.0.0.1:{closed_port}").place_call("agent", "+14155550123", {})
+    assert raised.value.delivery is Delivery.NOT_SENT
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "seconds"),
+    [("inf", None), ("nan", None), ("1e20", MAX_RETRY_AFTER_SECONDS), ("-5", 0.0), ("7", 7.0), ("soon", None)],
+)
+def test_retry_after_is_finite_and_capped(scripted_bolna, retry_after, seconds):
+    assert _failure(scripted_bolna, 429, **{"Retry-After": retry_after}).retry_after_seconds == seconds
+
+
+def test_retry_after_as_an_http_date_counts_from_now(scripted_bolna):
+    in_a_minute = formatdate(time.time() + 60, usegmt=True)
+    seconds = _failure(scripted_bolna, 429, **{"Retry-After": in_a_minute}).retry_after_seconds
+    assert seconds is not None and 50 <= seconds <= 61
+
+
+def test_the_half_open_trial_is_released_when_the_request_breaks_unexpectedly(scripted_bolna, monkeypatch):
+    clock = [0.0]
+    breaker = CircuitBreaker(1, 10, clock=lambda: clock[0])
+    client = _client(scripted_bolna, breaker)
+    _Scripted.behaviour = (500, {})
+    with pytest.raises(BolnaError):
+        client.place_call("agent", "+14155550123", {})
+    assert breaker.is_open
+    clock[0] = 11.0  # the cooldown is over: the next request is the half-open trial
+    monkeypatch.setattr(client._http, "request", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError):
+        client.place_call("agent", "+14155550123", {})
+    clock[0] = 22.0  # another cooldown later, a new trial must be allowed
+    assert breaker.allow()

@@ -1,24 +1,30 @@
-"""The Bolna simulator's API, lifecycles, webhook delivery and line accounting, against a local receiver."""
+"""The Bolna simulator's API, lifecycles, webhook delivery, line accounting and injectable faults, against a local
+receiver; the faults a client must see on the wire are checked against the simulator's real process (gunicorn)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+import requests
 from flask import Flask
 from flask.testing import FlaskClient
 from pydantic import ValidationError
+from urllib3.exceptions import ProtocolError
 
 from services.bolna_simulator.api import create_app
 from services.bolna_simulator.config import SimulatorConfig
 from services.bolna_simulator.state import RECORDED_REQUESTS
+from tests.support.processes import ServiceProcess, free_port
 
 AGENT_ID = "123e4567-e89b-12d3-a456-426655440000"
 OTHER_AGENT_ID = "9b2f4a8e-5c1d-4e7f-8a3b-6d0c2e1f4a5b"
@@ -615,3 +621,272 @@ def test_reset_clears_calls_and_counters_but_keeps_config(
     assert after["executions_by_status"] == {}
     assert client.get(f"/executions/{execution_id}", headers=AUTH).status_code == 404
     assert client.get("/_sim/config").json["latency_ms"] == 1
+
+
+class LiveSimulator:
+    """The simulator's real process, reached over HTTP with `requests`, reset and set to fast calls per test."""
+
+    def __init__(self, process: ServiceProcess, receiver: WebhookReceiver) -> None:
+        self.url = process.url
+        self.receiver = receiver
+        self.http = requests.Session()
+        self.http.trust_env = False  # an environment proxy must not capture 127.0.0.1
+
+    def start_test(self) -> None:
+        fast = SimulatorConfig(
+            webhook_url=self.receiver.url, step_delay_seconds=0.01, talk_seconds=0.02, completed_delay_seconds=0.02
+        )
+        self.http.post(f"{self.url}/_sim/reset").raise_for_status()
+        # Every key, so nothing an earlier test set survives.
+        self.configure(**fast.model_dump())
+
+    def configure(self, **changes: Any) -> dict[str, Any]:
+        response = self.http.post(f"{self.url}/_sim/config", json=changes)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def place(self, timeout: float | tuple[float, float] = 10, **fields: Any) -> requests.Response:
+        body = {"agent_id": AGENT_ID, "recipient_phone_number": PHONE, **fields}
+        return self.http.post(f"{self.url}/call", json=body, headers=AUTH, timeout=timeout)
+
+    def execution(self, execution_id: str) -> requests.Response:
+        return self.http.get(f"{self.url}/executions/{execution_id}", headers=AUTH)
+
+    def list(self, agent_id: str = AGENT_ID, headers: dict[str, str] = AUTH, **query: Any) -> requests.Response:
+        return self.http.get(f"{self.url}/v2/agent/{agent_id}/executions", params=query, headers=headers)
+
+    def executions(self) -> list[dict[str, Any]]:
+        return self.http.get(f"{self.url}/_sim/executions").json()["executions"]
+
+    def the_only_execution(self) -> dict[str, Any]:
+        """The one execution held, waited for: the server may still be placing it when the client gives up."""
+        eventually(lambda: len(self.executions()) == 1)
+        return self.executions()[0]
+
+    def stats(self) -> dict[str, Any]:
+        return self.http.get(f"{self.url}/_sim/stats").json()
+
+    def requests(self) -> list[dict[str, Any]]:
+        return self.http.get(f"{self.url}/_sim/requests").json()["requests"]
+
+
+@pytest.fixture(scope="module")
+def live_simulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveSimulator]:
+    receiver = WebhookReceiver()
+    process = ServiceProcess("services.bolna_simulator", free_port(), {}, tmp_path_factory.mktemp("simulator"))
+    try:
+        process.start()
+        yield LiveSimulator(process, receiver)
+    finally:
+        process.stop()
+        receiver.close()
+
+
+@pytest.fixture
+def live(live_simulator: LiveSimulator) -> LiveSimulator:
+    live_simulator.start_test()
+    return live_simulator
+
+
+def test_a_lost_answer_times_the_client_out_but_the_call_is_placed(live: LiveSimulator) -> None:
+    live.configure(lost_answer_rate=1, lost_answer_mode="timeout", timeout_seconds=1)
+
+    # The answer is held a whole second, so a 0.1 s read timeout fires however slow the machine is.
+    with pytest.raises(requests.ReadTimeout):
+        live.place(timeout=(5, 0.1), user_data={"callflow_call_id": "c-1"})
+    placed = live.the_only_execution()
+    held = live.place(timeout=10)
+
+    assert held.status_code == 504
+    assert held.json() == {"error": 504, "message": "Gateway Timeout"}
+    assert placed["user_data"] == {"callflow_call_id": "c-1"}
+    live.receiver.wait_for(placed["id"], "completed")
+    assert live.execution(placed["id"]).json()["status"] == "completed"
+    after = live.stats()
+    assert (after["calls_received"], after["calls_accepted"], after["answers_lost"]) == (2, 2, 2)
+
+
+def test_a_lost_answer_can_reset_the_connection_after_placing_the_call(live: LiveSimulator) -> None:
+    live.configure(lost_answer_rate=1, lost_answer_mode="reset")
+
+    with pytest.raises(requests.ConnectionError) as raised:
+        live.place()
+
+    # A reset once the request was sent ("Connection aborted.", ECONNRESET), neither a refused connection
+    # (NewConnectionError) nor a server closing politely without an answer (RemoteDisconnected, whose errno is None).
+    reason = raised.value.args[0]
+    assert isinstance(reason, ProtocolError), repr(reason)
+    assert getattr(reason.args[1], "errno", None) == errno.ECONNRESET, repr(reason)
+    placed = live.the_only_execution()
+    assert live.execution(placed["id"]).status_code == 200
+    live.receiver.wait_for(placed["id"], "completed")
+    assert live.stats()["answers_lost"] == 1
+    assert live.http.get(f"{live.url}/health").status_code == 200
+
+
+def test_an_error_after_placing_answers_5xx_but_the_call_runs(live: LiveSimulator) -> None:
+    live.configure(error_after_placing_rate=1, seed=3)
+
+    answers = [live.place(user_data={"n": n}) for n in range(6)]
+
+    statuses = [answer.status_code for answer in answers]
+    assert set(statuses) <= {500, 502, 504}
+    assert len(set(statuses)) > 1, statuses
+    for answer in answers:  # Bolna's error shape
+        assert answer.json() == {"error": answer.status_code, "message": answer.json()["message"]}
+        assert answer.json()["message"]
+    executions = live.executions()
+    assert [execution["user_data"] for execution in executions] == [{"n": n} for n in range(6)]
+    live.receiver.wait_for(executions[0]["id"], "completed")
+    after = live.stats()
+    assert (after["calls_accepted"], after["errors_after_placing"], after["api_errors"]) == (6, 6, 0)
+
+
+def test_dropped_webhooks_never_arrive_but_the_call_moves_on(live: LiveSimulator) -> None:
+    live.configure(dropped_webhooks={"call-disconnected": 1})
+
+    execution_id = live.place().json()["execution_id"]
+    live.receiver.wait_for(execution_id, "completed")
+
+    # Webhooks of a call go out one after another, so call-disconnected, had it been sent, came before completed.
+    assert live.receiver.statuses(execution_id) == ["queued", "initiated", "ringing", "in-progress", "completed"]
+    final = live.execution(execution_id).json()
+    assert final["status"] == "completed"
+    assert final["transcript"]
+    eventually(lambda: live.stats()["webhooks_sent"] == 5)
+    after = live.stats()
+    assert (after["webhooks_dropped"], after["webhook_failures"]) == (1, 0)
+
+
+def test_listing_an_agents_executions(live: LiveSimulator) -> None:
+    live.configure(step_delay_seconds=30)  # every call stays queued unless stopped
+    placed = [live.place(user_data={"n": n}).json()["execution_id"] for n in range(5)]
+    other = live.place(agent_id=OTHER_AGENT_ID).json()["execution_id"]
+    stopped = live.http.post(f"{live.url}/call/{placed[1]}/stop", headers=AUTH)
+    assert stopped.status_code == 200
+    created = [live.execution(execution_id).json()["created_at"] for execution_id in placed]
+
+    def ids(**query: Any) -> list[str]:
+        response = live.list(**query)
+        assert response.status_code == 200, response.text
+        return [execution["id"] for execution in response.json()["data"]]
+
+    everything = live.list().json()
+    assert {key: everything[key] for key in ("page_number", "page_size", "total", "has_more")} == {
+        "page_number": 1,
+        "page_size": 20,
+        "total": 5,
+        "has_more": False,
+    }
+    assert [execution["id"] for execution in everything["data"]] == placed[::-1]
+    assert everything["data"][0] == live.execution(placed[4]).json()
+    assert everything["data"][0]["context_details"]["recipient_data"] == {"n": 4}
+
+    first_page = live.list(page_size=2).json()
+    assert [e["id"] for e in first_page["data"]] == [placed[4], placed[3]]
+    assert (first_page["total"], first_page["has_more"]) == (5, True)
+    last_page = live.list(page_size=2, page_number=3).json()
+    assert ([e["id"] for e in last_page["data"]], last_page["has_more"]) == ([placed[0]], False)
+    assert live.list(page_size=2, page_number=4).json()["data"] == []
+    assert live.list(page_size=5).json()["has_more"] is False  # a page ending exactly at the last one
+    assert ids(page_size=50) == placed[::-1]
+
+    assert ids(status="stopped") == [placed[1]]
+    assert ids(status="queued") == [placed[4], placed[3], placed[2], placed[0]]
+    # Both ends inclusive.
+    assert ids(**{"from": created[1], "to": created[3]}) == [placed[3], placed[2], placed[1]]
+    assert ids(**{"from": created[3]}) == [placed[4], placed[3]]
+    assert ids(to=created[0]) == [placed[0]]
+    assert ids(agent_id=OTHER_AGENT_ID.upper()) == [other]
+
+    for query in ({"page_size": 51}, {"page_number": 0}, {"status": "bogus"}, {"to": "2025-05-07T00:00:00"}):
+        refused = live.list(**query)
+        assert refused.status_code == 400, query
+        assert refused.json()["error"] == 400
+        assert next(iter(query)) in refused.json()["message"]
+    assert live.list(headers={}).status_code == 401
+    listed = [r for r in live.requests() if r["path"] == f"/v2/agent/{AGENT_ID}/executions"]
+    assert listed and all(r["method"] == "GET" for r in listed)
+
+
+def test_sim_executions_count_the_dials_of_each_call(live: LiveSimulator) -> None:
+    live.configure(error_after_placing_rate=1)  # a dial counts even when its answer was an error
+    for callflow_call_id in ("a", "b", "a"):
+        live.place(user_data={"callflow_call_id": callflow_call_id})
+
+    executions = live.executions()
+
+    assert Counter(e["user_data"]["callflow_call_id"] for e in executions) == {"a": 2, "b": 1}
+    for execution in executions:
+        assert (execution["agent_id"], execution["to_number"]) == (AGENT_ID, PHONE)
+        assert execution["status"] in COMPLETED_STATUSES
+        assert datetime.fromisoformat(execution["created_at"])
+        assert live.execution(execution["id"]).status_code == 200
+
+
+def test_requests_are_recorded_with_their_headers(live: LiveSimulator) -> None:
+    live.configure(api_key="sk-live-0123456789abcd")
+    key = "Bearer sk-live-0123456789abcd"
+    body = {"agent_id": AGENT_ID, "recipient_phone_number": PHONE}
+
+    live.http.post(
+        f"{live.url}/call", json=body, headers={"Authorization": key, "sentry-trace": "ab-cd-1", "baggage": "x=1"}
+    )
+    live.http.post(f"{live.url}/call", json=body, headers={"Authorization": key})
+
+    traced, plain = (r["headers"] for r in live.requests())
+    assert (traced["sentry-trace"], traced["baggage"]) == ("ab-cd-1", "x=1")
+    assert "sentry-trace" not in plain
+    assert "baggage" not in plain
+    assert traced["authorization"] == plain["authorization"] == "Bearer ******************abcd"
+    assert traced["content-type"] == "application/json"
+    assert "sk-live" not in live.http.get(f"{live.url}/_sim/requests").text
+
+
+def test_new_faults_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIM_LOST_ANSWER_RATE", "0.1")
+    monkeypatch.setenv("SIM_LOST_ANSWER_MODE", "reset")
+    monkeypatch.setenv("SIM_ERROR_AFTER_PLACING_RATE", "0.2")
+    monkeypatch.setenv("SIM_DROPPED_WEBHOOKS", "completed=0.1,call-disconnected=1")
+
+    config = SimulatorConfig()
+
+    assert (config.lost_answer_rate, config.lost_answer_mode, config.error_after_placing_rate) == (0.1, "reset", 0.2)
+    assert config.dropped_webhooks == {"completed": 0.1, "call-disconnected": 1.0}
+    assert SimulatorConfig(dropped_webhooks="").dropped_webhooks == {}
+    for name, value, problem in (
+        ("SIM_DROPPED_WEBHOOKS", "hung-up=1", "hung-up"),
+        ("SIM_DROPPED_WEBHOOKS", "completed=1.5", "dropped_webhooks"),
+        ("SIM_LOST_ANSWER_MODE", "drop", "lost_answer_mode"),
+    ):
+        with monkeypatch.context() as patched:
+            patched.setenv(name, value)
+            with pytest.raises(ValidationError, match=problem):
+                SimulatorConfig()
+
+
+def test_a_seed_reproduces_the_faults_after_placing_and_the_dropped_webhooks(
+    make_client: Callable[..., FlaskClient], receiver: WebhookReceiver
+) -> None:
+    def one_run() -> tuple[list[int], list[list[str]]]:
+        client = make_client(
+            seed=8,
+            lost_answer_rate=0.2,
+            timeout_seconds=0,
+            error_after_placing_rate=0.3,
+            dropped_webhooks={"queued": 0.5, "ringing": 0.5, "completed": 0.5},
+        )
+        answers = [
+            client.post("/call", json={"agent_id": AGENT_ID, "recipient_phone_number": PHONE}, headers=AUTH)
+            for _ in range(8)
+        ]
+        executions = client.get("/_sim/executions").json["executions"]
+        eventually(lambda: stats(client)["webhooks_sent"] + stats(client)["webhooks_dropped"] == 6 * 8)
+        return [a.status_code for a in answers], [receiver.statuses(e["id"]) for e in executions]
+
+    first, second = one_run(), one_run()
+
+    assert first == second
+    codes, delivered = first
+    assert len(set(codes)) > 2, codes
+    assert len(set(map(tuple, delivered))) > 1, delivered

@@ -10,8 +10,6 @@ from shared.core.models import Call, OutboxMessage
 from tests.support.components import components
 from tests.support.factories import call_row, customer, load_call
 
-LEASE_SECONDS = components().settings.slot_lease_seconds
-
 
 def test_racing_reservations_never_exceed_the_limit():
     owner = customer(max_concurrent_calls=3)
@@ -23,7 +21,7 @@ def test_racing_reservations_never_exceed_the_limit():
         with components().uow() as uow:
             user = uow.calls.lock_user(owner.user_id)
             call = uow.session.get_one(Call, call_id)
-            ok = lifecycle.reserve_slot(uow.calls, user, call, behind_queue=False, lease_seconds=LEASE_SECONDS)
+            ok = lifecycle.reserve_slot(uow.calls, user, call, behind_queue=False)
             uow.commit()
         return ok
 
@@ -45,9 +43,9 @@ def test_a_new_call_does_not_jump_the_queue():
     with components().uow() as uow:
         user = uow.calls.lock_user(owner.user_id)
         call = uow.session.get_one(Call, newcomer.id)
-        assert not lifecycle.reserve_slot(uow.calls, user, call, behind_queue=True, lease_seconds=LEASE_SECONDS)
+        assert not lifecycle.reserve_slot(uow.calls, user, call, behind_queue=True)
         first = uow.session.get_one(Call, waiting.id)
-        assert lifecycle.reserve_slot(uow.calls, user, first, behind_queue=True, lease_seconds=LEASE_SECONDS)
+        assert lifecycle.reserve_slot(uow.calls, user, first, behind_queue=True)
 
 
 def test_release_is_idempotent_and_announces_the_free_slot_once():

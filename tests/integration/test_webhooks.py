@@ -1,13 +1,21 @@
-"""Webhooks: stored once, applied once, never backwards, and kept until their call is known."""
+"""Webhooks: stored once, applied once, never backwards, and kept until their call is known; never refused for
+what they hold once authenticated."""
 
+import json
 import uuid
 
 import pytest
+from flask.testing import FlaskClient
+from sqlalchemy import select
 
+from services.webhook_receiver.app import WEBHOOK_MAX_BODY_BYTES, create_app
+from services.webhook_receiver.source_checks import SourceChecks
 from shared.bolna.client import PlacedCall
 from shared.calls import provider_events, statuses
 from shared.core.errors import CallflowError, ErrorType
 from shared.core.models import WebhookEvent
+from shared.core.storable import MAX_JSON_DEPTH
+from tests.conftest import WEBHOOK_SECRET
 from tests.support.components import components
 from tests.support.factories import call_row, credits_of, customer, ledger_total, load_call
 
@@ -106,3 +114,72 @@ def test_event_links_its_call_through_our_id_in_context_details():
     assert final.status == "busy"
     assert not final.slot_held
     assert ledger_total(owner.user_id) == (0, 0)
+
+
+def _webhook_receiver() -> FlaskClient:
+    return create_app(components(), SourceChecks(components().settings)).test_client()
+
+
+def _post(raw: bytes, token: str = WEBHOOK_SECRET):
+    return _webhook_receiver().post(
+        "/webhooks/bolna", query_string={"token": token}, data=raw, content_type="application/json"
+    )
+
+
+def test_an_authenticated_webhook_postgresql_cannot_store_is_stored_sanitized_and_applied():
+    owner = customer(credits=10)
+    execution_id = str(uuid.uuid4())
+    call = call_row(owner, status="in-progress", execution_id=execution_id, slot_held=True)
+    talk = "user: hello " * 250_000  # 3 MB: a long call's transcript
+    completed = _event(
+        execution_id,
+        "completed",
+        telephony_data={"duration": "61"},
+        total_cost=float("nan"),
+        extracted_data={"score": float("inf"), "floor": float("-inf")},
+        transcript="assistant: hi\u0000 \ud800there\n" + talk,
+    )
+    raw = json.dumps(completed).encode()  # NaN, Infinity, "\\u0000" and "\\ud800" as Python writes them
+    assert len(raw) > 3_000_000
+
+    answer = _post(raw)
+    assert (answer.status_code, answer.json["status"]) == (200, "accepted"), answer.json
+
+    final = load_call(call.id)
+    assert (final.status, final.credits_charged, final.slot_held) == ("completed", 2, False)
+    assert final.transcript == "assistant: hi \ufffdthere\n" + talk
+    assert ledger_total(owner.user_id) == (1, -2)
+    with components().uow() as uow:
+        stored = uow.session.scalars(select(WebhookEvent).where(WebhookEvent.execution_id == execution_id)).one()
+    assert stored.payload["total_cost"] is None
+    assert stored.payload["extracted_data"] == {"score": None, "floor": None}
+
+
+def test_a_webhook_nested_too_deep_or_with_a_number_too_long_for_python_is_stored_with_nulls_there():
+    execution_id = str(uuid.uuid4())
+    deep = "[" * 40 + "]" * 40
+    raw = f'{{"id": "{execution_id}", "status": "queued", "extracted_data": {deep}, "cost": {"9" * 5000}}}'
+    assert _post(raw.encode()).status_code == 200
+    with components().uow() as uow:
+        stored = uow.session.scalars(select(WebhookEvent).where(WebhookEvent.execution_id == execution_id)).one()
+    assert stored.payload["cost"] is None
+    nested, levels = stored.payload["extracted_data"], 2  # the body is level 1
+    while nested:
+        [nested], levels = nested, levels + 1
+    assert (nested, levels) == (None, MAX_JSON_DEPTH + 1)
+
+
+def test_a_webhook_is_authenticated_before_its_body_is_parsed():
+    raw = b'{"id": "x", "status": ' + b" " * 3_000_000  # parsed, it would be a 400
+    answer = _post(raw, token="wrong")
+    assert (answer.status_code, answer.json["error_type"]) == (401, "webhook_auth_failed")
+
+
+def test_a_webhook_body_over_the_limit_is_413():
+    answer = _post(b"{" + b" " * WEBHOOK_MAX_BODY_BYTES + b"}")
+    assert (answer.status_code, answer.json["error_type"]) == (413, "payload_too_large")
+
+
+def test_a_webhook_that_is_not_json_is_still_400():
+    answer = _post(b'{"id": "x", "status": ')
+    assert (answer.status_code, answer.json["error_type"]) == (400, "validation_error")

@@ -23,9 +23,10 @@ RULES = {
     "a charge that differs from the call's": (
         "SELECT c.id FROM calls c JOIN credit_ledger l ON l.call_id = c.id WHERE l.amount <> -c.credits_charged"
     ),
+    # The one exception is reported as billing_duration_missing: Bolna gave no duration to bill.
     "a completed call without its charge": (
         "SELECT c.id FROM calls c LEFT JOIN credit_ledger l ON l.call_id = c.id "
-        "WHERE c.status = 'completed' AND l.id IS NULL"
+        "WHERE c.status = 'completed' AND l.id IS NULL AND c.error_type IS DISTINCT FROM 'billing_duration_missing'"
     ),
     "a slot without a lease": "SELECT id FROM calls WHERE slot_held AND slot_lease_expires_at IS NULL",
     "a waiting call holds a slot": "SELECT id FROM calls WHERE slot_held AND status = 'pending'",

@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from shared.bolna.execution import CONTEXT_CALL_ID_KEY
 from tests.conftest import WEBHOOK_SECRET
 from tests.support.processes import ServiceProcess, free_port
 from tests.support.sentry_sink import SentrySink
@@ -27,6 +28,10 @@ FAST_CALLS = {
     "duplicate_rate": 0.0,
     "reorder_rate": 0.0,
     "webhook_drop_rate": 0.0,
+    "lost_answer_rate": 0.0,
+    "lost_answer_mode": "timeout",
+    "error_after_placing_rate": 0.0,
+    "dropped_webhooks": {},
     "api_key": BOLNA_API_KEY,
     "outcomes": {"completed": 1.0, "busy": 0.0, "no-answer": 0.0, "failed": 0.0},
 }
@@ -60,8 +65,19 @@ class Stack:
         headers = {"Authorization": f"Bearer {BOLNA_API_KEY}"}
         return self.http.get(f"{self.simulator.url}/executions/{execution_id}", headers=headers).json()
 
+    def sim_executions(self) -> list[dict[str, Any]]:
+        """Every execution the simulator holds, oldest first: id, agent_id, to_number, user_data, status, created_at."""
+        response = self.http.get(f"{self.simulator.url}/_sim/executions")
+        response.raise_for_status()
+        return response.json()["executions"]
+
+    def sim_dials(self, call_id: str) -> int:
+        """How many times Bolna was asked to place this Callflow call (its `user_data.callflow_call_id`)."""
+        return sum(1 for e in self.sim_executions() if e["user_data"].get(CONTEXT_CALL_ID_KEY) == call_id)
+
     def sim_requests(self) -> list[dict[str, Any]]:
-        """What Bolna's endpoints at the simulator received, oldest first (the API key masked but its last 4)."""
+        """What Bolna's endpoints at the simulator received, oldest first (the API key masked but its last 4), each
+        with its headers keyed by lower-case name."""
         response = self.http.get(f"{self.simulator.url}/_sim/requests")
         response.raise_for_status()
         return response.json()["requests"]

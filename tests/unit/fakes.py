@@ -9,11 +9,15 @@ from typing import Any
 from sqlalchemy.exc import OperationalError
 
 from shared.calls import statuses
+from shared.calls.store import SlotLeases
 from shared.core.models import Call, User
+
+DEFAULT_LEASES = SlotLeases(initiating_seconds=30, held_seconds=3600)
 
 
 class FakeCallStore:
-    def __init__(self) -> None:
+    def __init__(self, leases: SlotLeases = DEFAULT_LEASES) -> None:
+        self.leases = leases
         self.clock = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
         self.users: dict[uuid.UUID, User] = {}
         self.calls: dict[uuid.UUID, Call] = {}

@@ -8,17 +8,19 @@ from datetime import timedelta
 import pytest
 
 from shared.calls import lifecycle, statuses
+from shared.calls.store import SlotLeases
 from shared.core.errors import CallflowError, ErrorType
 from shared.core.models import Call, Message, WebhookEvent
 from shared.messaging.topology import MessageType
 from tests.unit.fakes import FakeCallStore
 
 LEASE = 3600
+SHORT_LEASE = 30
 
 
 @pytest.fixture
 def store() -> FakeCallStore:
-    return FakeCallStore()
+    return FakeCallStore(SlotLeases(initiating_seconds=SHORT_LEASE, held_seconds=LEASE))
 
 
 def _event(call: Call, status: str, attempt: int = 0, **payload: object) -> WebhookEvent:
@@ -29,7 +31,7 @@ def _event(call: Call, status: str, attempt: int = 0, **payload: object) -> Webh
 
 def _reserve(store: FakeCallStore, call: Call, behind_queue: bool = False) -> bool:
     user = store.lock_user(call.user_id)
-    return lifecycle.reserve_slot(store, user, call, behind_queue=behind_queue, lease_seconds=LEASE)
+    return lifecycle.reserve_slot(store, user, call, behind_queue=behind_queue)
 
 
 def _live(store: FakeCallStore, status: str = "in-progress", **fields: object) -> Call:
@@ -44,7 +46,7 @@ def test_slots_are_taken_up_to_the_limit_and_never_beyond(store):
     assert store.held_slots(user.id) == 2
     for call in calls[:2]:
         assert call.status == statuses.INITIATING
-        assert call.slot_lease_expires_at == store.clock + timedelta(seconds=LEASE)
+        assert call.slot_lease_expires_at == store.clock + timedelta(seconds=SHORT_LEASE)
     assert (calls[2].status, calls[2].slot_held) == (statuses.PENDING, False)
 
 
@@ -136,10 +138,14 @@ def test_completed_charges_once_however_often_it_arrives(store):
     assert (call.transcript, call.recording_url) == ("hi", "https://rec.example/1")
 
 
-def test_an_unbillable_duration_charges_nothing_but_is_still_one_charge(store):
+@pytest.mark.parametrize("duration", [None, 0, "0", 10**9, "nan", "soon"])
+def test_a_completed_call_without_a_usable_duration_is_marked_never_billed_zero(store, duration):
     call = _live(store)
-    lifecycle.apply_provider_event(store, call, _event(call, statuses.COMPLETED, conversation_duration=10**9))
-    assert store.ledger == {call.id: 0}
+    payload = {} if duration is None else {"conversation_duration": duration}
+    lifecycle.apply_provider_event(store, call, _event(call, statuses.COMPLETED, **payload))
+    assert store.ledger == {}
+    assert (call.status, call.slot_held) == (statuses.COMPLETED, False)
+    assert (call.error_type, call.credits_charged) == (ErrorType.BILLING_DURATION_MISSING, None)
 
 
 def test_a_failed_charge_stops_the_completion_with_credit_deduction_failed(store):
@@ -160,20 +166,49 @@ def test_bolnas_final_word_overrules_an_expired_lease_and_bills(store):
     assert store.ledger == {call.id: -2}
 
 
+def test_a_stale_live_status_does_not_overrule_an_expired_lease(store):
+    call = _live(store, status=statuses.FAILED, error_type=ErrorType.SLOT_LEASE_EXPIRED)
+    call.slot_held = False
+    lifecycle.apply_provider_event(store, call, _event(call, "ringing"))
+    assert (call.status, call.error_type, call.slot_held) == (statuses.FAILED, ErrorType.SLOT_LEASE_EXPIRED, False)
+
+
 def test_a_provider_failure_does_not_overrule_an_expired_lease(store):
     call = _live(store, status=statuses.FAILED, error_type=ErrorType.SLOT_LEASE_EXPIRED)
     lifecycle.apply_provider_event(store, call, _event(call, statuses.FAILED))
     assert call.error_type == ErrorType.SLOT_LEASE_EXPIRED
 
 
-def test_bolna_redialling_an_ended_call_is_stopped(store):
-    call = _live(store, status="no-answer")
+def test_a_call_given_up_as_unknown_holds_its_slot_again_when_bolna_calls_it_live(store):
+    call = _live(store, status=statuses.FAILED, error_type=ErrorType.BOLNA_OUTCOME_UNKNOWN, execution_id=None)
     call.slot_held = False
-    lifecycle.apply_provider_event(store, call, _event(call, "scheduled", attempt=1))
-    assert call.status == "no-answer"
+    lifecycle.link_execution(store, call, "exec-late")
+    lifecycle.apply_provider_event(store, call, _event(call, "in-progress"))
+    assert (call.status, call.error_type, call.slot_held) == ("in-progress", None, True)
+    assert call.slot_lease_expires_at == store.clock + timedelta(seconds=LEASE)
+    lifecycle.apply_provider_event(store, call, _event(call, statuses.CALL_DISCONNECTED))
+    lifecycle.apply_provider_event(store, call, _event(call, statuses.COMPLETED, conversation_duration=30))
+    assert (call.status, call.slot_held, store.ledger) == (statuses.COMPLETED, False, {call.id: -1})
+
+
+@pytest.mark.parametrize(
+    ("current", "redial"),
+    [("no-answer", "scheduled"), ("ringing", "scheduled"), ("initiated", "rescheduled"), ("queued", "ringing")],
+)
+def test_bolna_redialling_a_call_is_stopped_whatever_order_the_statuses_came_in(store, current, redial):
+    call = _live(store, status=current)
+    lifecycle.apply_provider_event(store, call, _event(call, redial, attempt=1))
+    assert call.status == current
     assert call.messages == [
         Message(MessageType.EXECUTION_STOP, {"execution_id": call.execution_id, "call_id": str(call.id)})
     ]
+
+
+def test_a_redial_that_ended_is_never_applied_nor_billed(store):
+    call = _live(store, status="no-answer")
+    call.slot_held = False
+    lifecycle.apply_provider_event(store, call, _event(call, statuses.COMPLETED, attempt=1, conversation_duration=60))
+    assert (call.status, call.messages, store.ledger) == ("no-answer", [], {})
 
 
 def test_an_unknown_status_is_marked_applied_and_changes_nothing(store):
@@ -185,13 +220,24 @@ def test_an_unknown_status_is_marked_applied_and_changes_nothing(store):
 
 def test_linking_an_execution_never_moves_the_status_back(store):
     call = _live(store, status="ringing", execution_id=None)
-    lifecycle.link_execution(call, "exec-1", "queued")
+    lifecycle.link_execution(store, call, "exec-1", "queued")
     assert (call.execution_id, call.status) == ("exec-1", "ringing")
+
+
+def test_a_reserved_slot_has_the_short_lease_until_bolna_names_the_execution(store):
+    call = store.add_call(store.add_user(max_concurrent_calls=1))
+    assert _reserve(store, call)
+    assert call.slot_lease_expires_at == store.clock + timedelta(seconds=SHORT_LEASE)
+    assert call.initiated_at == store.clock
+    store.clock += timedelta(seconds=5)
+    lifecycle.link_execution(store, call, "exec-1", "queued")
+    assert call.slot_lease_expires_at == store.clock + timedelta(seconds=LEASE)
+    assert call.provider_checked_at == store.clock
 
 
 def test_a_live_call_keeps_its_slot_for_a_bounded_number_of_leases(store):
     call = _live(store)
-    assert lifecycle.extend_lease(store, call, store.clock + timedelta(seconds=2 * LEASE), LEASE, max_leases=3)
+    assert lifecycle.extend_lease(store, call, store.clock + timedelta(seconds=2 * LEASE), max_leases=3)
     assert call.slot_lease_expires_at == store.clock + timedelta(seconds=LEASE)
     later = store.clock + timedelta(seconds=3 * LEASE + 1)
-    assert not lifecycle.extend_lease(store, call, later, LEASE, max_leases=3)
+    assert not lifecycle.extend_lease(store, call, later, max_leases=3)

@@ -51,6 +51,8 @@ def test_webhook_reads_execution_id_from_id_or_execution_id():
         ({"conversation_time": "7"}, 7),
         ({"telephony_data": {"duration": "n/a"}}, None),
         ({"conversation_duration": -3}, None),
+        ({"telephony_data": {"duration": "0"}, "conversation_duration": 33}, 33),  # a 0 never hides a real one
+        ({"telephony_data": {"duration": "0"}}, 0),
     ],
 )
 def test_webhook_duration_prefers_telephony_then_conversation(payload, seconds):

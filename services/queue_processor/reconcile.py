@@ -1,0 +1,243 @@
+"""Reconciling calls with Bolna's own record when Bolna has gone quiet about them.
+
+Two kinds of call are looked up, each on its own, so one bad row never holds up the rest:
+
+- **Unconfirmed**: a call holding a slot whose `POST /call` never got a definite answer (its short initiating
+  lease ran out with no execution id). Bolna may be dialling it, so it is never redialled: the agent's executions
+  around the time it was sent are searched for the call id Callflow put in `user_data`. Found, it is linked and
+  applied like a webhook. Not found within `OUTCOME_UNKNOWN_AFTER_SECONDS`, it fails with `bolna_outcome_unknown`
+  and its slot is released; a webhook that still comes later overrules that.
+- **Silent**: a live call with an execution id that Bolna has said nothing about for `RECONCILE_AFTER_SECONDS`
+  (a lost webhook, a lost `completed`), or whose slot lease ran out. `GET /executions/{id}` is applied exactly
+  like a webhook (same dedupe, ordering and single charge). A call Bolna still reports live past its lease keeps
+  its slot for another lease, up to a cap; one Bolna does not know fails with `slot_lease_expired`.
+
+While Bolna cannot be asked, nothing is guessed: the next round asks again.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import func, or_, select
+
+from shared.bolna.client import BolnaClient, BolnaError
+from shared.bolna.execution import AgentExecution
+from shared.calls import lifecycle, provider_events, statuses
+from shared.calls.store import live_calls
+from shared.core.config import Settings
+from shared.core.errors import CallflowError, ErrorType
+from shared.core.models import Agent, Call
+from shared.core.uow import UnitOfWorkFactory
+from shared.observability import tracing
+from shared.observability.sentry import report
+
+log = logging.getLogger(__name__)
+
+MAX_LEASES = 3  # a call Bolna still calls live after this many leases is treated as leaked
+SEARCH_MARGIN = timedelta(minutes=1)  # clocks differ: Bolna's created_at may fall a little outside ours
+BATCH = 100  # calls looked at per round, per kind
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ReconcileBounds:
+    reconcile_after: timedelta  # a live call Bolna is quiet about for this long is looked up
+    outcome_unknown_after: timedelta  # an unconfirmed call nobody found for this long is given up
+    search_every: timedelta  # an unconfirmed call is searched for at most this often (its short lease)
+    longest_request: timedelta  # a POST /call reaches Bolna within this long of the slot being taken
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ReconcileBounds:
+        return cls(
+            reconcile_after=timedelta(seconds=settings.reconcile_after_seconds),
+            outcome_unknown_after=timedelta(seconds=settings.outcome_unknown_after_seconds),
+            search_every=timedelta(seconds=settings.initiating_lease_seconds),
+            longest_request=timedelta(seconds=settings.bolna_connect_timeout_seconds + settings.bolna_timeout_seconds),
+        )
+
+
+class ProviderReconciler:
+    def __init__(self, uow_factory: UnitOfWorkFactory, bolna: BolnaClient, bounds: ReconcileBounds):
+        self._uow = uow_factory
+        self._bolna = bolna
+        self._bounds = bounds
+
+    def unconfirmed_calls(self) -> list[uuid.UUID]:
+        """Calls holding a slot whose short lease ran out before Bolna named their execution, not searched for
+        lately (each search is marked on the call, so the calls take turns)."""
+        with self._uow() as uow:
+            return list(
+                uow.session.scalars(
+                    select(Call.id)
+                    .where(
+                        Call.slot_held.is_(True),
+                        Call.slot_lease_expires_at < func.now(),
+                        Call.execution_id.is_(None),
+                        or_(
+                            Call.provider_checked_at.is_(None),
+                            Call.provider_checked_at < func.now() - self._bounds.search_every,
+                        ),
+                    )
+                    .order_by(Call.provider_checked_at.nulls_first())
+                    .limit(BATCH)
+                )
+            )
+
+    def silent_calls(self) -> list[uuid.UUID]:
+        """Live calls with an execution that Bolna has been quiet about, or whose slot lease ran out."""
+        quiet_since = func.now() - self._bounds.reconcile_after
+        with self._uow() as uow:
+            return list(
+                uow.session.scalars(
+                    select(Call.id)
+                    .where(
+                        live_calls(),
+                        Call.execution_id.is_not(None),
+                        or_(
+                            Call.provider_checked_at.is_(None),
+                            Call.provider_checked_at < quiet_since,
+                            Call.slot_held.is_(True) & (Call.slot_lease_expires_at < func.now()),
+                        ),
+                    )
+                    .order_by(Call.provider_checked_at.nulls_first())
+                    .limit(BATCH)
+                )
+            )
+
+    def settle_unconfirmed(self, call_id: uuid.UUID) -> None:
+        with self._uow() as uow:
+            call = uow.session.get_one(Call, call_id)
+            agent = uow.session.get_one(Agent, call.agent_id)
+            now = uow.session.scalar(select(func.now()))
+        if call.execution_id is not None or not call.slot_held:
+            return  # settled since it was listed
+        with tracing.call_transaction(call.trace_headers, op="call.reconcile", name="Find Unconfirmed Call"):
+            sent_at = call.initiated_at or call.created_at
+            answered, execution = _ask(lambda: self._search(agent.provider_agent_id or "", call.id, sent_at), call)
+            if not answered:
+                return
+            if execution is not None:
+                self._found(call.id, execution)
+            elif now - sent_at >= self._bounds.outcome_unknown_after:
+                self._give_up(call, sent_at)
+            else:
+                self._searched(call.id)
+
+    def check_silent(self, call_id: uuid.UUID) -> None:
+        with self._uow() as uow:
+            call = uow.session.get_one(Call, call_id)
+        if call.execution_id is None:
+            return
+        with tracing.call_transaction(call.trace_headers, op="call.reconcile", name="Reconcile Silent Call"):
+            execution_id = call.execution_id
+            answered, execution = _ask(lambda: self._bolna.get_execution(execution_id), call)
+            if not answered:
+                return
+            status = (execution or {}).get("status")
+            if execution is not None and status in statuses.PROVIDER_STATUSES:
+                provider_events.ingest(self._uow, execution, self._bolna)
+            self._after_check(call.id, status if isinstance(status, str) else None)
+
+    def _search(self, agent_id: str, call_id: uuid.UUID, sent_at: datetime) -> dict[str, Any] | None:
+        """The execution carrying our call id, among those Bolna created while the request could reach it (a fixed
+        window: its pages do not shift as time passes)."""
+        until = sent_at + self._bounds.longest_request + SEARCH_MARGIN
+        for execution in self._bolna.find_executions(agent_id, sent_at - SEARCH_MARGIN, until):
+            if AgentExecution(execution).context_call_id == call_id and AgentExecution(execution).execution_id:
+                return execution
+        return None
+
+    def _found(self, call_id: uuid.UUID, execution: dict[str, Any]) -> None:
+        """Links the execution first, so the call is settled even if its state cannot be applied now (the silent
+        calls' round applies it later), then applies what Bolna says like a webhook."""
+        execution_id = AgentExecution(execution).execution_id or ""
+        log.info("call %s found at Bolna as execution %s", call_id, execution_id)
+        with self._uow() as uow:
+            call = uow.calls.lock_call(call_id)
+            if call.execution_id is None:
+                lifecycle.link_execution(uow.calls, call, execution_id)
+                uow.commit()
+        provider_events.ingest(self._uow, execution, self._bolna)
+
+    def _searched(self, call_id: uuid.UUID) -> None:
+        with self._uow() as uow:
+            lifecycle.heard_from_provider(uow.calls, uow.calls.lock_call(call_id))
+            uow.commit()
+
+    def _after_check(self, call_id: uuid.UUID, provider_status: str | None) -> None:
+        """Marks the call checked; a slot whose lease ran out is extended while Bolna calls it live, else freed."""
+        with self._uow() as uow:
+            call = uow.calls.lock_call(call_id)
+            lifecycle.heard_from_provider(uow.calls, call)
+            lease_over = call.slot_held and call.slot_lease_expires_at < uow.session.scalar(select(func.now()))
+            live = provider_status in statuses.PROVIDER_STATUSES and provider_status not in statuses.RELEASES_SLOT
+            now = uow.session.scalar(select(func.now()))
+            expired = lease_over and not (live and lifecycle.extend_lease(uow.calls, call, now, MAX_LEASES))
+            if expired:
+                detail = f"Slot lease expired; Bolna reports {provider_status or 'nothing'} for the call."
+                lifecycle.fail(call, ErrorType.SLOT_LEASE_EXPIRED, detail)
+            uow.commit()
+        if expired:
+            report(
+                CallflowError(
+                    ErrorType.SLOT_LEASE_EXPIRED,
+                    f"Call {call.id} held its slot past its lease; released (Bolna: {provider_status or 'unknown'}).",
+                    sentry_contexts={
+                        "slot_details": {
+                            "call_id": str(call.id),
+                            "execution_id": call.execution_id,
+                            "provider_status": provider_status,
+                        }
+                    },
+                    **_ids(call),
+                ),
+                place="slot.reconcile",  # the place slot_lease_expired has always been reported from
+            )
+
+    def _give_up(self, call: Call, sent_at: datetime) -> None:
+        with self._uow() as uow:
+            locked = uow.calls.lock_call(call.id)
+            if locked.execution_id is not None or not locked.slot_held:
+                return  # a webhook linked it meanwhile
+            detail = (
+                "Bolna's answer to POST /call was lost and neither a webhook nor a search of the agent's executions "
+                f"found the call within {self._bounds.outcome_unknown_after.total_seconds():.0f}s."
+            )
+            lifecycle.fail(locked, ErrorType.BOLNA_OUTCOME_UNKNOWN, detail)
+            uow.commit()
+        report(
+            CallflowError(
+                ErrorType.BOLNA_OUTCOME_UNKNOWN,
+                f"Call {call.id}: Bolna may have placed it, but nothing confirms it; failed and its slot released.",
+                sentry_contexts={
+                    "call_details": {
+                        "call_id": str(call.id),
+                        "sent_at": sent_at.isoformat(),
+                        "last_error": call.error_detail,
+                    }
+                },
+                **_ids(call),
+            ),
+            place="call.reconcile",
+        )
+
+
+def _ask(request: Callable[[], T], call: Call) -> tuple[bool, T | None]:
+    """(True, Bolna's answer), or (True, None) when Bolna refused the request (it does not know the call), or
+    (False, None) when Bolna cannot be asked now: then nothing is decided, and the next round asks again."""
+    try:
+        return True, request()
+    except BolnaError as exc:
+        log.warning("reconciling call %s: %s", call.id, exc)
+        return (not exc.transient), None
+
+
+def _ids(call: Call) -> dict[str, object]:
+    return {"call_id": call.id, "user_id": call.user_id, "agent_id": call.agent_id, "execution_id": call.execution_id}

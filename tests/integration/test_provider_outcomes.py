@@ -1,0 +1,74 @@
+"""The call lifecycle's answers to Bolna's silence, on the real database: a reservation's short lease, Bolna's late
+word overruling a call Callflow gave up on, and periodic jobs that handle each item on its own."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+
+from sqlalchemy import func, select
+
+from services.queue_processor import jobs
+from shared.calls import lifecycle, provider_events, statuses
+from shared.core.errors import ErrorType
+from shared.core.models import Call
+from tests.support.components import components
+from tests.support.factories import call_row, customer, ledger_total, load_call
+
+
+def test_a_reservation_holds_its_slot_on_the_short_lease_until_bolna_names_the_execution():
+    owner = customer(max_concurrent_calls=1)
+    call = call_row(owner)
+    with components().uow() as uow:
+        locked = uow.calls.lock_call(call.id)
+        assert lifecycle.reserve_slot(uow.calls, uow.calls.lock_user(owner.user_id), locked, behind_queue=False)
+        uow.commit()
+        lease_left = uow.session.scalar(select(Call.slot_lease_expires_at - func.now()).where(Call.id == call.id))
+    assert timedelta(0) < lease_left <= timedelta(seconds=components().settings.initiating_lease_seconds)
+
+    with components().uow() as uow:
+        lifecycle.link_execution(uow.calls, uow.calls.lock_call(call.id), str(uuid.uuid4()), "queued")
+        uow.commit()
+        lease_left = uow.session.scalar(select(Call.slot_lease_expires_at - func.now()).where(Call.id == call.id))
+    assert lease_left > timedelta(seconds=components().settings.slot_lease_seconds) / 2
+
+
+def test_a_webhook_for_a_call_given_up_as_unknown_links_it_holds_its_slot_and_bills_it():
+    owner = customer(credits=10, max_concurrent_calls=1)
+    call = call_row(owner, status=statuses.FAILED, error_type=ErrorType.BOLNA_OUTCOME_UNKNOWN, slot_held=False)
+    execution_id = str(uuid.uuid4())
+    context = {"recipient_data": {"callflow_call_id": str(call.id)}}
+    uow = components().uow
+
+    provider_events.ingest(uow, {"id": execution_id, "status": "in-progress", "context_details": context})
+    live = load_call(call.id)
+    assert (live.execution_id, live.status, live.error_type, live.slot_held) == (
+        execution_id,
+        "in-progress",
+        None,
+        True,
+    )
+
+    for status in (statuses.CALL_DISCONNECTED, statuses.COMPLETED):
+        provider_events.ingest(uow, {"id": execution_id, "status": status, "conversation_duration": 75})
+    billed = load_call(call.id)
+    assert (billed.status, billed.slot_held, billed.credits_charged) == (statuses.COMPLETED, False, 2)
+    assert ledger_total(owner.user_id) == (1, -2)
+
+
+def test_one_item_that_fails_does_not_stop_a_periodic_job_from_handling_the_rest(monkeypatch):
+    reported: list[str] = []
+    monkeypatch.setattr(jobs, "report", lambda error, cause=None, **_: reported.append(error.detail))
+    handled: list[int] = []
+
+    def handle(item: int) -> None:
+        if item == 2:
+            raise ValueError("a bad row")
+        handled.append(item)
+
+    jobs.for_each([1, 2, 3], handle)
+    assert handled == [1, 3]
+    assert len(reported) == 1 and "a bad row" in reported[0]
+    jobs.for_each([1, 2, 3], handle)  # the next round: the same failure is not reported again
+    assert handled == [1, 3, 1, 3]
+    assert len(reported) == 1
