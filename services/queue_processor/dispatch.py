@@ -7,7 +7,7 @@ import uuid
 from enum import StrEnum
 
 import sentry_sdk
-from sqlalchemy import select
+from sqlalchemy import Select, select
 
 from shared.calls import lifecycle
 from shared.calls.initiation import CallPlacer
@@ -27,6 +27,11 @@ class DispatchTrigger(StrEnum):
     MESSAGE = "message"  # a call.queued or slot.released message
     RETRY = "retry"  # a queued call's retry delay passed, or Bolna is back after the breaker held dispatches back
     SWEEP = "sweep"  # the backstop for a missed message
+
+
+def due_retries_query() -> Select[tuple[uuid.UUID]]:
+    """Users with a queued call whose retry delay has passed (built apart so its plan can be tested)."""
+    return select(Call.user_id).where(due_pending(), Call.next_attempt_at.is_not(None)).distinct()
 
 
 class Dispatcher:
@@ -58,11 +63,7 @@ class Dispatcher:
         if self._placer.provider_down:
             return set()
         with self._placer.uow_factory() as uow:
-            due_retries = set(
-                uow.session.scalars(
-                    select(Call.user_id).where(due_pending(), Call.next_attempt_at.is_not(None)).distinct()
-                )
-            )
+            due_retries = set(uow.session.scalars(due_retries_query()))
         with self._held_back_lock:
             held_back, self._held_back = self._held_back, set()
         return due_retries | held_back

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import Select, func, or_, select
 
 from shared.bolna.client import BolnaClient, BolnaError
 from shared.bolna.execution import AgentExecution
@@ -63,6 +63,41 @@ class ReconcileBounds:
         )
 
 
+# The two rounds' statements, built apart so tests/integration/test_query_plans.py can EXPLAIN them. A held slot is
+# `slot_held`, never `slot_held IS true`: PostgreSQL matches only the former to the index `WHERE slot_held`.
+
+
+def unconfirmed_calls_query(bounds: ReconcileBounds) -> Select[tuple[uuid.UUID]]:
+    return (
+        select(Call.id)
+        .where(
+            Call.slot_held,
+            Call.slot_lease_expires_at < func.now(),
+            Call.execution_id.is_(None),
+            or_(Call.provider_checked_at.is_(None), Call.provider_checked_at < func.now() - bounds.search_every),
+        )
+        .order_by(Call.provider_checked_at.nulls_first())
+        .limit(BATCH)
+    )
+
+
+def silent_calls_query(bounds: ReconcileBounds) -> Select[tuple[uuid.UUID]]:
+    return (
+        select(Call.id)
+        .where(
+            live_calls(),
+            Call.execution_id.is_not(None),
+            or_(
+                Call.provider_checked_at.is_(None),
+                Call.provider_checked_at < func.now() - bounds.reconcile_after,
+                Call.slot_held & (Call.slot_lease_expires_at < func.now()),
+            ),
+        )
+        .order_by(Call.provider_checked_at.nulls_first())
+        .limit(BATCH)
+    )
+
+
 class ProviderReconciler:
     def __init__(self, uow_factory: UnitOfWorkFactory, bolna: BolnaClient, bounds: ReconcileBounds):
         self._uow = uow_factory
@@ -73,43 +108,12 @@ class ProviderReconciler:
         """Calls holding a slot whose short lease ran out before Bolna named their execution, not searched for
         lately (each search is marked on the call, so the calls take turns)."""
         with self._uow() as uow:
-            return list(
-                uow.session.scalars(
-                    select(Call.id)
-                    .where(
-                        Call.slot_held.is_(True),
-                        Call.slot_lease_expires_at < func.now(),
-                        Call.execution_id.is_(None),
-                        or_(
-                            Call.provider_checked_at.is_(None),
-                            Call.provider_checked_at < func.now() - self._bounds.search_every,
-                        ),
-                    )
-                    .order_by(Call.provider_checked_at.nulls_first())
-                    .limit(BATCH)
-                )
-            )
+            return list(uow.session.scalars(unconfirmed_calls_query(self._bounds)))
 
     def silent_calls(self) -> list[uuid.UUID]:
         """Live calls with an execution that Bolna has been quiet about, or whose slot lease ran out."""
-        quiet_since = func.now() - self._bounds.reconcile_after
         with self._uow() as uow:
-            return list(
-                uow.session.scalars(
-                    select(Call.id)
-                    .where(
-                        live_calls(),
-                        Call.execution_id.is_not(None),
-                        or_(
-                            Call.provider_checked_at.is_(None),
-                            Call.provider_checked_at < quiet_since,
-                            Call.slot_held.is_(True) & (Call.slot_lease_expires_at < func.now()),
-                        ),
-                    )
-                    .order_by(Call.provider_checked_at.nulls_first())
-                    .limit(BATCH)
-                )
-            )
+            return list(uow.session.scalars(silent_calls_query(self._bounds)))
 
     def settle_unconfirmed(self, call_id: uuid.UUID) -> None:
         with self._uow() as uow:

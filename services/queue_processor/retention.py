@@ -61,15 +61,19 @@ class Retention:
         self._batch_size = batch_size
         self._max_batches = max_batches
 
-    def run(self) -> dict[str, int | None]:
-        """Runs every step; returns the rows each touched (None for a step that failed, which is reported)."""
-        steps: dict[str, Callable[[], Executable]] = {
+    def steps(self) -> dict[str, Callable[[], Executable]]:
+        """Each step's name and the statement of its next batch (tests/integration/test_query_plans.py EXPLAINs
+        them)."""
+        return {
             "delete_published_outbox": self._published_outbox_batch,
             "redact_webhook_payloads": self._webhook_payloads_batch,
             "delete_expired_idempotency_keys": self._expired_idempotency_keys_batch,
         }
+
+    def run(self) -> dict[str, int | None]:
+        """Runs every step; returns the rows each touched (None for a step that failed, which is reported)."""
         touched: dict[str, int | None] = {}
-        for name, batch in steps.items():
+        for name, batch in self.steps().items():
             try:
                 touched[name] = self._in_batches(name, batch)
             except Exception as exc:  # one table's failure must not keep the others past their period
@@ -126,10 +130,12 @@ class Retention:
         )
 
     def _expired_idempotency_keys_batch(self) -> Executable:
+        expired = IdempotencyKey.expired(self._periods.idempotency_keys)
         keys = (
             select(IdempotencyKey.user_id, IdempotencyKey.key)
-            .where(IdempotencyKey.expired(self._periods.idempotency_keys))
+            .where(expired)
             .limit(self._batch_size)
             .with_for_update(skip_locked=True)
         )
-        return delete(IdempotencyKey).where(tuple_(IdempotencyKey.user_id, IdempotencyKey.key).in_(keys))
+        # `expired` again outside: PostgreSQL then reads only expired keys (by created_at), never the whole table.
+        return delete(IdempotencyKey).where(expired, tuple_(IdempotencyKey.user_id, IdempotencyKey.key).in_(keys))

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import sentry_sdk
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Select, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import DBAPIError
 
@@ -99,9 +100,7 @@ def process(uow_factory: UnitOfWorkFactory, event_id: int, bolna: BolnaClient | 
     with uow_factory() as uow:
         event = uow.session.get_one(WebhookEvent, event_id)
         webhook = AgentExecution(event.payload)
-        call = uow.session.scalar(
-            select(Call).where(or_(Call.execution_id == webhook.execution_id, Call.id == webhook.context_call_id))
-        )
+        call = uow.session.scalar(event_call_query(webhook))
     ids = {"call_id": call.id, "user_id": call.user_id, "agent_id": call.agent_id} if call else {}
     call_trace = call.trace_headers if call else None
     with tracing.call_transaction(call_trace, op="webhook.process", name="Process Bolna Webhook") as span:
@@ -247,16 +246,7 @@ def _report_unbilled(call: Call, event: WebhookEvent) -> None:
 
 def apply_kept_events(uow: UnitOfWork, call: Call) -> None:
     """Applies the events kept for the call's execution (the caller holds the call's row lock)."""
-    kept = uow.session.scalars(
-        select(WebhookEvent)
-        .where(
-            WebhookEvent.execution_id == call.execution_id,
-            WebhookEvent.applied_at.is_(None),
-            WebhookEvent.redacted_at.is_(None),
-        )
-        .order_by(WebhookEvent.id)
-        .with_for_update(skip_locked=True)
-    ).all()
+    kept = uow.session.scalars(kept_events_query(call.execution_id)).all()
     for event in sorted(kept, key=lambda e: statuses.rank(e.status) if e.status in statuses.PROVIDER_STATUSES else -1):
         if not _lacks_duration(event):  # that one waits for the queue-processor to ask Bolna for its duration
             lifecycle.apply_provider_event(uow.calls, call, event)
@@ -266,32 +256,62 @@ def unapplied_event_ids(uow_factory: UnitOfWorkFactory, min_age_seconds: float, 
     """Events not applied yet, old enough that their own request is done with them, due for a retry, and not so
     old that their call can no longer appear (those stay stored, for the record)."""
     with uow_factory() as uow:
-        return list(
-            uow.session.scalars(
-                select(WebhookEvent.id)
-                .where(
-                    WebhookEvent.applied_at.is_(None),
-                    WebhookEvent.received_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, min_age_seconds),
-                    or_(WebhookEvent.next_attempt_at.is_(None), WebhookEvent.next_attempt_at <= func.now()),
-                    WebhookEvent.received_at > func.now() - KEPT_EVENT_RETENTION,
-                )
-                .order_by(WebhookEvent.id)
-                .limit(limit)
-            )
-        )
+        return list(uow.session.scalars(unapplied_events_query(min_age_seconds, limit)))
 
 
 def _find_call(uow: UnitOfWork, webhook: AgentExecution) -> Call | None:
     """The call for an execution: by execution id, else by our call id echoed back in context_details."""
-    query = select(Call).with_for_update()
-    call = uow.session.scalar(query.where(Call.execution_id == webhook.execution_id))
+    call = uow.session.scalar(linked_call_query(webhook.execution_id))
     if call is None and webhook.context_call_id is not None:
-        call = uow.session.scalar(
-            query.where(
-                Call.id == webhook.context_call_id,
-                or_(Call.execution_id.is_(None), Call.execution_id == webhook.execution_id),
-            )
-        )
+        call = uow.session.scalar(echoed_call_query(webhook.context_call_id, webhook.execution_id))
         if call is not None:
             lifecycle.link_execution(uow.calls, call, webhook.execution_id)
     return call
+
+
+# The statements, built apart from running them so tests/integration/test_query_plans.py can EXPLAIN each one.
+
+
+def event_call_query(webhook: AgentExecution) -> Select[tuple[Call]]:
+    """The event's call, unlocked (its trace is continued): by execution id, or by our call id echoed back."""
+    return select(Call).where(or_(Call.execution_id == webhook.execution_id, Call.id == webhook.context_call_id))
+
+
+def linked_call_query(execution_id: str | None) -> Select[tuple[Call]]:
+    return select(Call).where(Call.execution_id == execution_id).with_for_update()
+
+
+def echoed_call_query(call_id: uuid.UUID, execution_id: str | None) -> Select[tuple[Call]]:
+    """Our call named in context_details, unless another execution is linked to it already."""
+    return (
+        select(Call)
+        .where(Call.id == call_id, or_(Call.execution_id.is_(None), Call.execution_id == execution_id))
+        .with_for_update()
+    )
+
+
+def kept_events_query(execution_id: str | None) -> Select[tuple[WebhookEvent]]:
+    return (
+        select(WebhookEvent)
+        .where(
+            WebhookEvent.execution_id == execution_id,
+            WebhookEvent.applied_at.is_(None),
+            WebhookEvent.redacted_at.is_(None),
+        )
+        .order_by(WebhookEvent.id)
+        .with_for_update(skip_locked=True)
+    )
+
+
+def unapplied_events_query(min_age_seconds: float, limit: int) -> Select[tuple[int]]:
+    return (
+        select(WebhookEvent.id)
+        .where(
+            WebhookEvent.applied_at.is_(None),
+            WebhookEvent.received_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, min_age_seconds),
+            or_(WebhookEvent.next_attempt_at.is_(None), WebhookEvent.next_attempt_at <= func.now()),
+            WebhookEvent.received_at > func.now() - KEPT_EVENT_RETENTION,
+        )
+        .order_by(WebhookEvent.id)
+        .limit(limit)
+    )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, TextClause, func, or_, select, text, update
+from sqlalchemy import ColumnElement, Select, TextClause, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
@@ -63,6 +63,35 @@ def live_calls() -> TextClause:
     return text(LIVE_CALL_CONDITION)
 
 
+# The statements below are built apart from running them so tests/integration/test_query_plans.py can EXPLAIN
+# each one exactly as it runs. A held slot is filtered as `slot_held`, never `slot_held IS true`: PostgreSQL
+# matches only the former to the partial indexes `WHERE slot_held`.
+
+
+def held_slots_query(user_id: uuid.UUID) -> Select[tuple[int]]:
+    return select(func.count()).where(Call.user_id == user_id, Call.slot_held)
+
+
+def older_pending_query(call: Call) -> Select[tuple[int]]:
+    return select(func.count()).where(
+        Call.user_id == call.user_id, due_pending(), Call.id != call.id, Call.created_at <= call.created_at
+    )
+
+
+def next_due_pending_query(user_id: uuid.UUID) -> Select[tuple[Call]]:
+    return (
+        select(Call)
+        .where(Call.user_id == user_id, due_pending())
+        .order_by(Call.created_at, Call.id)
+        .limit(1)
+        .with_for_update()
+    )
+
+
+def users_with_pending_calls_query() -> Select[tuple[uuid.UUID]]:
+    return select(Call.user_id).where(due_pending()).distinct()
+
+
 class SqlCallStore:
     def __init__(self, session: Session, leases: SlotLeases):
         self.session = session
@@ -75,13 +104,10 @@ class SqlCallStore:
         return self.session.execute(select(Call).where(Call.id == call_id).with_for_update()).scalar_one()
 
     def held_slots(self, user_id: uuid.UUID) -> int:
-        return self.session.scalar(select(func.count()).where(Call.user_id == user_id, Call.slot_held.is_(True))) or 0
+        return self.session.scalar(held_slots_query(user_id)) or 0
 
     def has_older_pending(self, call: Call) -> bool:
-        older = select(func.count()).where(
-            Call.user_id == call.user_id, due_pending(), Call.id != call.id, Call.created_at <= call.created_at
-        )
-        return (self.session.scalar(older) or 0) > 0
+        return (self.session.scalar(older_pending_query(call)) or 0) > 0
 
     def add_charge(self, call: Call, credits: int) -> bool:
         entry_id = self.session.scalar(
@@ -103,13 +129,7 @@ class SqlCallStore:
 
     def next_due_pending(self, user_id: uuid.UUID) -> Call | None:
         """The user's oldest call waiting in the queue, locked."""
-        return self.session.scalar(
-            select(Call)
-            .where(Call.user_id == user_id, due_pending())
-            .order_by(Call.created_at, Call.id)
-            .limit(1)
-            .with_for_update()
-        )
+        return self.session.scalar(next_due_pending_query(user_id))
 
     def users_with_pending_calls(self) -> list[uuid.UUID]:
-        return list(self.session.scalars(select(Call.user_id).where(due_pending()).distinct()))
+        return list(self.session.scalars(users_with_pending_calls_query()))

@@ -13,7 +13,7 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.core.models import OutboxMessage
@@ -38,20 +38,9 @@ def publish_pending(
     limit: int = 200,
 ) -> int:
     """Publishes unpublished rows (those named, or any older than min_age); returns how many went out."""
-    query = (
-        select(OutboxMessage)
-        .where(OutboxMessage.published_at.is_(None))
-        .order_by(OutboxMessage.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    if ids is not None:
-        query = query.where(OutboxMessage.id.in_(ids))
-    if min_age is not None:
-        query = query.where(OutboxMessage.created_at < func.now() - min_age)
     published = 0
     with sessions() as session:
-        for row in session.scalars(query):
+        for row in session.scalars(unpublished_query(ids, min_age, limit)):
             envelope = Envelope(row.message_type, row.body, str(row.message_id))
             try:
                 with tracing.publish_span(
@@ -67,3 +56,19 @@ def publish_pending(
             published += 1
         session.commit()
     return published
+
+
+def unpublished_query(ids: Sequence[int] | None, min_age: timedelta | None, limit: int) -> Select[tuple[OutboxMessage]]:
+    """The rows publish_pending takes, locked (built apart so tests/integration/test_query_plans.py can EXPLAIN it)."""
+    query = (
+        select(OutboxMessage)
+        .where(OutboxMessage.published_at.is_(None))
+        .order_by(OutboxMessage.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    if ids is not None:
+        query = query.where(OutboxMessage.id.in_(ids))
+    if min_age is not None:
+        query = query.where(OutboxMessage.created_at < func.now() - min_age)
+    return query
