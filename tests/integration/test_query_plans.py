@@ -28,7 +28,7 @@ from shared.core import migrate
 from shared.core.config import Settings
 from shared.core.models import Call
 from shared.messaging import outbox
-from tests.support.isolation import POSTGRES_ADMIN_URL
+from tests.support.isolation import POSTGRES_ADMIN_URL, drop_database
 
 # Seeding takes about 30 s on a 2-core machine, in the first test's setup; the rest of the margin is for a busy one.
 pytestmark = pytest.mark.timeout(240)
@@ -204,12 +204,7 @@ def planner() -> Iterator[tuple[Connection, dict[str, tuple[str, bool]]]]:
             yield connection, {index: (table, partial) for index, table, partial in indexes}
     finally:
         engine.dispose()
-        admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-        try:
-            with admin.connect() as connection:
-                connection.execute(text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
-        finally:
-            admin.dispose()
+        drop_database(str(url.database))
 
 
 def _full_scans(node: dict[str, Any], indexes: dict[str, tuple[str, bool]]) -> list[str]:
