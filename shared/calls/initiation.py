@@ -12,7 +12,7 @@ import sentry_sdk
 
 from shared.bolna.client import BolnaClient, BolnaError, Delivery, PlacedCall
 from shared.bolna.execution import CONTEXT_CALL_ID_KEY
-from shared.calls import lifecycle, provider_events, statuses
+from shared.calls import lifecycle, provider_events
 from shared.calls.store import CallStore
 from shared.core.errors import CallflowError, ErrorType
 from shared.core.models import Agent, Call, User
@@ -128,9 +128,8 @@ class CallPlacer:
             call = uow.calls.lock_call(call_id)
             if call.execution_id is not None:
                 return call
-            if call.status == statuses.INITIATING:
-                call.error_detail = f"Bolna's answer was lost; waiting for its word on the call: {error}"[:2000]
-                uow.commit()
+            lifecycle.await_provider(call, f"Bolna's answer was lost; waiting for its word on the call: {error}")
+            uow.commit()
         sentry_sdk.add_breadcrumb(
             category="bolna", message="Bolna's answer was lost; the call waits for Bolna's word", level="warning"
         )
@@ -151,7 +150,7 @@ class CallPlacer:
             delay = error.retry_after_seconds
             if delay is None:
                 delay = min(MAX_RETRY_DELAY_SECONDS, 2**call.dispatch_attempts) + random.uniform(0, 1)
-            lifecycle.requeue(uow.calls, call, min(delay, MAX_RETRY_DELAY_SECONDS), str(error))
+            lifecycle.requeue(uow.calls, call, delay, str(error))
             uow.commit()
         log.warning("call %s back in the queue for %.1fs: %s", call_id, delay, error)
         return True

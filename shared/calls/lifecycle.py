@@ -78,6 +78,13 @@ def requeue(store: CallStore, call: Call, delay_seconds: float, detail: str) -> 
     call.error_detail = detail[:2000]
 
 
+def await_provider(call: Call, detail: str) -> None:
+    """Bolna may have the call (its answer was lost): it keeps its slot and its status, with the reason on record,
+    until Bolna's word, or the reconcile job, settles it."""
+    if call.status == statuses.INITIATING and call.execution_id is None:
+        call.error_detail = detail[:2000]
+
+
 def count_dispatch_attempt(call: Call, max_attempts: int) -> bool:
     """Counts one more provider attempt that reached Bolna; False once the call has used up its attempts."""
     if call.dispatch_attempts + 1 >= max_attempts:

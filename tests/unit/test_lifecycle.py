@@ -241,3 +241,14 @@ def test_a_live_call_keeps_its_slot_for_a_bounded_number_of_leases(store):
     assert call.slot_lease_expires_at == store.clock + timedelta(seconds=LEASE)
     later = store.clock + timedelta(seconds=3 * LEASE + 1)
     assert not lifecycle.extend_lease(store, call, later, max_leases=3)
+
+
+def test_a_call_whose_answer_was_lost_keeps_its_slot_and_status_with_the_reason_on_record(store):
+    call = store.add_call(store.add_user(max_concurrent_calls=1))
+    assert _reserve(store, call)
+    lifecycle.await_provider(call, "read timed out")
+    assert (call.status, call.slot_held, call.error_detail) == (statuses.INITIATING, True, "read timed out")
+    assert call.messages == [], "nothing is announced: no slot freed, nothing queued"
+    linked = _live(store, status="ringing")
+    lifecycle.await_provider(linked, "late")
+    assert linked.error_detail is None, "a call Bolna already named is left alone"
