@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 from services.call_initiator.idempotency import Claim, claim_key
@@ -40,6 +41,7 @@ def place_call(
         if locked_user.credits <= 0:
             raise CallflowError(ErrorType.INSUFFICIENT_CREDITS, "The account has no credits left.", **tags)
         call = Call(
+            id=uuid.uuid4(),
             user_id=user.id,
             agent_id=agent.id,
             phone_number=request.phone_number,
@@ -47,18 +49,18 @@ def place_call(
             status=statuses.PENDING,
             trace_headers=tracing.current_trace_headers(),
         )
-        uow.session.add(call)
-        uow.session.flush()
-        if idempotency is not None:
-            claim_key(uow.session, idempotency, call.id)
+        # Decided before the call joins the session: it is inserted once, already holding its slot or queued.
         reserved = placer.reserve_slot(uow.calls, locked_user, call, behind_queue=True)
         if not reserved:
             lifecycle.queue(call)
+        uow.session.add(call)
+        if idempotency is not None:
+            claim_key(uow.session, idempotency, call.id)
         uow.commit()
     if not reserved:
         report(CallflowError(ErrorType.CONCURRENCY_LIMIT, "Call queued until a slot frees.", call_id=call.id, **tags))
         return AcceptedCall(call, placed=False)
-    placed = placer.initiate(call.id, retry_transient=False)
+    placed = placer.initiate(call, agent.provider_agent_id, retry_transient=False)
     if placed is None:  # back in the queue (the breaker held it back), or waiting for Bolna's word
         with placer.uow_factory() as uow:
             return AcceptedCall(uow.session.get_one(Call, call.id), placed=False)

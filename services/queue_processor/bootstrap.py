@@ -18,7 +18,7 @@ from shared.messaging.topology import DISPATCH_QUEUE
 
 def bootstrap(settings: Settings) -> QueueProcessor:
     components = start_service(SERVICE, settings)
-    dispatcher = Dispatcher(components.placer)
+    dispatcher = Dispatcher(components.placer, settings.dispatch_concurrency)
     reconciler = ProviderReconciler(components.uow, components.bolna, ReconcileBounds.from_settings(settings))
     stopping = threading.Event()
     return QueueProcessor(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from enum import StrEnum
 
 import sentry_sdk
@@ -11,14 +12,15 @@ from sqlalchemy import Select, select
 
 from shared.calls import lifecycle
 from shared.calls.initiation import CallPlacer
-from shared.calls.store import due_pending
+from shared.calls.store import due_pending, held_slots_query
 from shared.core.errors import CallflowError, ErrorType
-from shared.core.models import Call
+from shared.core.models import Agent, Call, User
 from shared.observability import tracing
 from shared.observability.sentry import report
 
 DIRECT = "direct"
 TRIGGER_SPAN_DATA = "dispatch.trigger"
+NO_CREDITS_DETAIL = "The account ran out of credits while the call waited."
 
 
 class DispatchTrigger(StrEnum):
@@ -29,28 +31,57 @@ class DispatchTrigger(StrEnum):
     SWEEP = "sweep"  # the backstop for a missed message
 
 
+def dispatchable_query(user_id: uuid.UUID) -> Select[tuple[bool]]:
+    """Whether the user has a due call and a free slot (built apart so its plan can be tested)."""
+    has_due = select(Call.id).where(Call.user_id == user_id, due_pending()).exists()
+    return select(has_due & (held_slots_query(user_id).scalar_subquery() < User.max_concurrent_calls)).where(
+        User.id == user_id
+    )
+
+
 def due_retries_query() -> Select[tuple[uuid.UUID]]:
     """Users with a queued call whose retry delay has passed (built apart so its plan can be tested)."""
     return select(Call.user_id).where(due_pending(), Call.next_attempt_at.is_not(None)).distinct()
 
 
 class Dispatcher:
-    def __init__(self, placer: CallPlacer):
+    """Reserves slots for a user's due calls in batches, under the user's lock, and places them on a pool of
+    `concurrency` threads. A call is reserved only when a thread is free to place it at once, so no reservation
+    waits out its short lease in a backlog."""
+
+    def __init__(self, placer: CallPlacer, concurrency: int):
         self._placer = placer
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="dispatch")
+        self._free_threads = threading.BoundedSemaphore(concurrency)
+        self._concurrency = concurrency
         # Users whose dispatch the open breaker held back: no message wakes them once Bolna is back.
         self._held_back: set[uuid.UUID] = set()
         self._held_back_lock = threading.Lock()
 
     def dispatch_pending(self, user_id: uuid.UUID, trigger: DispatchTrigger) -> int:
-        """Places the user's pending calls, oldest first, while they have free slots. Returns how many."""
-        dispatched = 0
-        while (call := self._reserve_next_pending(user_id)) is not None:
-            self._dispatch(call, trigger)
-            dispatched += 1
+        """Places the user's due calls, oldest first, while they have free slots; returns how many, once every
+        one of them has had its answer from Bolna."""
+        placing: list[Future[None]] = []
+        try:
+            while not self._placer.provider_down and self._has_work(user_id):
+                threads = self._take_free_threads()
+                try:
+                    reserved = self._reserve_due(user_id, threads)
+                except BaseException:
+                    self._give_back_threads(threads)
+                    raise
+                self._give_back_threads(threads - len(reserved))
+                if not reserved:
+                    break
+                placing += [self._pool.submit(self._dispatch_on_thread, *call, trigger) for call in reserved]
+        finally:
+            failures = [exc for exc in (future.exception() for future in placing) if exc is not None]
         if self._placer.provider_down:
             with self._held_back_lock:
                 self._held_back.add(user_id)
-        return dispatched
+        if failures:
+            raise failures[0]
+        return len(placing)
 
     def users_with_pending_calls(self) -> list[uuid.UUID]:
         """Users with a call waiting whose retry delay, if any, has passed."""
@@ -68,7 +99,7 @@ class Dispatcher:
             held_back, self._held_back = self._held_back, set()
         return due_retries | held_back
 
-    def _dispatch(self, call: Call, trigger: DispatchTrigger) -> None:
+    def _dispatch(self, call: Call, provider_agent_id: str, trigger: DispatchTrigger) -> None:
         """Places one queued call, in the trace its request started and a scope of its own."""
         queue_details = {
             "queue_id": str(call.id),
@@ -84,7 +115,7 @@ class Dispatcher:
             span.set_data(TRIGGER_SPAN_DATA, trigger.value)
             sentry_sdk.add_breadcrumb(category="queue", message=f"Reserved {DIRECT} call slot", data=queue_details)
             try:
-                self._placer.initiate(call.id, retry_transient=True)
+                self._placer.initiate(call, provider_agent_id, retry_transient=True)
             except CallflowError as exc:
                 span.set_status("internal_error")
                 failure = CallflowError(
@@ -95,21 +126,42 @@ class Dispatcher:
                 )
                 report(failure, cause=exc, place="queue.initiate_call")
 
-    def _reserve_next_pending(self, user_id: uuid.UUID) -> Call | None:
-        while not self._placer.provider_down:
-            with self._placer.uow_factory() as uow:
-                user = uow.calls.lock_user(user_id)
-                call = uow.calls.next_due_pending(user_id)
-                if call is None:
-                    return None
-                if user.credits <= 0:
-                    # Credits ran out while it waited: it must not be placed, and it must not wait forever.
-                    detail = "The account ran out of credits while the call waited."
-                    lifecycle.fail(call, ErrorType.INSUFFICIENT_CREDITS, detail)
-                    uow.commit()
-                    continue
-                if not self._placer.reserve_slot(uow.calls, user, call, behind_queue=False):
-                    return None
+    def _dispatch_on_thread(self, call: Call, provider_agent_id: str, trigger: DispatchTrigger) -> None:
+        try:
+            self._dispatch(call, provider_agent_id, trigger)
+        finally:
+            self._free_threads.release()
+
+    def _take_free_threads(self) -> int:
+        """Waits for one free placing thread, then takes every other one that is free now."""
+        self._free_threads.acquire()
+        taken = 1
+        while taken < self._concurrency and self._free_threads.acquire(blocking=False):
+            taken += 1
+        return taken
+
+    def _give_back_threads(self, count: int) -> None:
+        for _ in range(count):
+            self._free_threads.release()
+
+    def _has_work(self, user_id: uuid.UUID) -> bool:
+        """One unlocked read: whether the user has a due call and a free slot. A wake-up for calls already placed
+        (a burst of messages drained by the first) costs no more than this."""
+        with self._placer.uow_factory() as uow:
+            return bool(uow.session.scalar(dispatchable_query(user_id)))
+
+    def _reserve_due(self, user_id: uuid.UUID, most: int) -> list[tuple[Call, str]]:
+        """Up to `most` of the user's due calls, oldest first, each holding a slot now, with its agent's id at
+        Bolna. Calls that waited while the account ran out of credits fail instead."""
+        with self._placer.uow_factory() as uow:
+            user = uow.calls.lock_user(user_id)
+            if user.credits <= 0:
+                # They must not be placed, and they must not wait forever.
+                for call in uow.calls.due_calls(user_id, None):
+                    lifecycle.fail(call, ErrorType.INSUFFICIENT_CREDITS, NO_CREDITS_DETAIL)
                 uow.commit()
-                return call
-        return None
+                return []
+            reserved = self._placer.reserve_slots(uow.calls, user, uow.calls.due_calls(user_id, most))
+            agents = {call.agent_id: uow.session.get_one(Agent, call.agent_id) for call in reserved}
+            uow.commit()
+        return [(call, agents[call.agent_id].provider_agent_id or "") for call in reserved]

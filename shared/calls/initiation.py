@@ -15,7 +15,7 @@ from shared.bolna.execution import CONTEXT_CALL_ID_KEY
 from shared.calls import lifecycle, provider_events
 from shared.calls.store import CallStore
 from shared.core.errors import CallflowError, ErrorType
-from shared.core.models import Agent, Call, User
+from shared.core.models import Call, User
 from shared.core.uow import UnitOfWorkFactory
 from shared.observability.scrubbing import mask_phone
 
@@ -41,9 +41,15 @@ class CallPlacer:
         """Takes a slot for `call` (the caller holds `locked_user`'s lock), unless Bolna is down or none is free."""
         return not self.provider_down and lifecycle.reserve_slot(store, locked_user, call, behind_queue=behind_queue)
 
-    def initiate(self, call_id: uuid.UUID, retry_transient: bool) -> Call | None:
-        """Asks Bolna to place a call that holds a slot; returns the call once Bolna named its execution, else None
-        (the call went back to the queue, or Bolna's answer was lost).
+    def reserve_slots(self, store: CallStore, locked_user: User, calls: list[Call]) -> list[Call]:
+        """Takes slots for as many queued `calls` as are free (the caller holds `locked_user`'s lock), none while
+        Bolna is down."""
+        return [] if self.provider_down else lifecycle.reserve_slots(store, locked_user, calls)
+
+    def initiate(self, call: Call, provider_agent_id: str, retry_transient: bool) -> Call | None:
+        """Asks Bolna to place `call`, which holds a slot (committed by the caller), with the agent Bolna knows as
+        `provider_agent_id`; returns the call once Bolna named its execution, else None (the call went back to the
+        queue, or Bolna's answer was lost).
 
         Whether the call may be dialled again depends on what Bolna can have done with the request:
         - the open breaker held it back: back to the queue, without using up an attempt;
@@ -54,9 +60,7 @@ class CallPlacer:
           and is never redialled; a webhook naming it or the reconcile job's search of Bolna settles it.
         Queue retries are bounded by the call's attempts.
         """
-        with self.uow_factory() as uow:
-            call = uow.session.get_one(Call, call_id)
-            agent = uow.session.get_one(Agent, call.agent_id)
+        call_id = call.id
         tags = {"call_id": call.id, "user_id": call.user_id, "agent_id": call.agent_id}
         contexts: dict[str, dict[str, object]] = {"call_details": call_details(call)}
         user_data: dict[str, Any] = {**call.call_metadata, CONTEXT_CALL_ID_KEY: str(call.id)}
@@ -67,7 +71,7 @@ class CallPlacer:
             )
             sentry_sdk.add_breadcrumb(category="bolna", message="Calling Bolna.ai API", data={"endpoint": "/call"})
             try:
-                placed = self._bolna.place_call(agent.provider_agent_id or "", call.phone_number, user_data)
+                placed = self._bolna.place_call(provider_agent_id, call.phone_number, user_data)
             except BolnaError as exc:
                 span.set_status("internal_error")
                 span.set_data("bolna.delivery", exc.delivery.value)

@@ -26,18 +26,33 @@ log = logging.getLogger(__name__)
 def reserve_slot(store: CallStore, locked_user: User, call: Call, *, behind_queue: bool) -> bool:
     """Takes a slot for `call` if one is free; the caller holds the lock on `locked_user`.
 
-    With `behind_queue`, calls already waiting go first: a new call does not jump the queue. The slot's lease is
-    short until Bolna names the execution, so a reservation that never reached Bolna comes back soon.
+    With `behind_queue`, calls already waiting go first: a new call does not jump the queue.
     """
     if store.held_slots(locked_user.id) >= locked_user.max_concurrent_calls:
         return False
     if behind_queue and store.has_older_pending(call):
         return False
+    _take_slot(store, call)
+    return True
+
+
+def reserve_slots(store: CallStore, locked_user: User, calls: list[Call]) -> list[Call]:
+    """Takes slots for as many of `calls` (queued, oldest first) as the user has free; the caller holds the lock
+    on `locked_user`. Returns the calls that got one."""
+    free = locked_user.max_concurrent_calls - store.held_slots(locked_user.id)
+    taken = calls[: max(0, free)]
+    for call in taken:
+        _take_slot(store, call)
+    return taken
+
+
+def _take_slot(store: CallStore, call: Call) -> None:
+    """The slot's lease is short until Bolna names the execution, so a reservation that never reached Bolna comes
+    back soon."""
     call.slot_held = True
     call.status = statuses.INITIATING
     call.initiated_at = call.provider_checked_at = store.now()
     call.slot_lease_expires_at = store.seconds_from_now(store.leases.initiating_seconds)
-    return True
 
 
 def hold_slot(store: CallStore, call: Call) -> None:

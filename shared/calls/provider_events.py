@@ -1,5 +1,6 @@
-"""Bolna's status events (its webhooks, or its answer to GET /executions/{id}): stored durably first, then applied
-to their call exactly once.
+"""Bolna's status events (its webhooks, or its answer to GET /executions/{id}): stored and applied to their call
+exactly once, in one transaction. Applying runs in a savepoint: when it fails, the event is still committed, and
+the queue-processor's sweep retries it.
 
 Dedupe is by (execution id, status, attempt), never by execution id alone. An event whose call is not known
 yet (Bolna answered `POST /call` after its first webhook) is kept and applied when the call is linked.
@@ -17,7 +18,7 @@ from typing import Any
 import sentry_sdk
 from sqlalchemy import Select, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import make_transient_to_detached
 
 from shared.bolna.client import BolnaClient, BolnaError
 from shared.bolna.execution import AgentExecution
@@ -27,11 +28,13 @@ from shared.core.models import Call, WebhookEvent
 from shared.core.storable import storable
 from shared.core.uow import UnitOfWork, UnitOfWorkFactory
 from shared.observability import tracing
-from shared.observability.sentry import report, report_database_error
+from shared.observability.sentry import report
 
 log = logging.getLogger(__name__)
 
 MAX_RETRY_DELAY_SECONDS = 600
+PROCESS_OP = "webhook.process"
+PROCESS_NAME = "Process Bolna Webhook"
 KEPT_EVENT_RETENTION = timedelta(days=1)
 
 
@@ -43,8 +46,31 @@ class Receipt:
     attempt: int
 
 
-def store(uow_factory: UnitOfWorkFactory, payload: Any) -> Receipt:
-    """Validates and durably stores one webhook. Once this returns, the event cannot be lost."""
+def ingest(uow_factory: UnitOfWorkFactory, payload: Any, bolna: BolnaClient | None = None) -> Receipt:
+    """Stores one execution object (a webhook, or Bolna's answer to GET /executions/{id}) and applies it to its
+    call, in one transaction. Once this returns, the event cannot be lost: when applying fails, only the applying
+    is rolled back (to a savepoint) and the event is committed, kept for a retry.
+
+    Without `bolna` (the webhook-receiver never waits on Bolna), a `completed` that lacks its duration is kept for
+    the queue-processor, which asks Bolna for it before billing.
+    """
+    payload, webhook = _validated(payload)
+    started = time.monotonic()
+    with uow_factory() as uow:
+        event = _insert(uow, payload, webhook)
+        event_id = event.id if event is not None else None
+        if event is None:  # already stored: apply it now if it is still waiting
+            event = uow.session.scalar(waiting_duplicate_query(webhook))
+        if event is not None:
+            _apply_and_commit(uow, event, started)
+        else:
+            uow.commit()
+    if bolna is not None and event is not None and _lacks_duration(event):
+        process(uow_factory, event.id, bolna)
+    return Receipt(event_id, webhook.execution_id, webhook.status, webhook.attempt)
+
+
+def _validated(payload: Any) -> tuple[dict[str, Any], AgentExecution]:
     if not isinstance(payload, dict) or not payload:
         raise CallflowError(ErrorType.EMPTY_WEBHOOK_PAYLOAD, "The webhook body is empty or not a JSON object.")
     payload = storable(payload)
@@ -53,96 +79,119 @@ def store(uow_factory: UnitOfWorkFactory, payload: Any) -> Receipt:
         raise CallflowError(ErrorType.MISSING_EXECUTION_ID, "The webhook has no execution id ('id').")
     if webhook.status is None:
         raise CallflowError(ErrorType.VALIDATION_ERROR, "The webhook has no status.", execution_id=webhook.execution_id)
-    with uow_factory() as uow:
-        event_id = uow.session.scalar(
-            pg_insert(WebhookEvent)
-            .values(
-                execution_id=webhook.execution_id,
-                status=webhook.status,
-                attempt=webhook.attempt,
-                payload=payload,
-            )
-            .on_conflict_do_nothing(constraint="uq_webhook_events_execution_status")
-            .returning(WebhookEvent.id)
-        )
-        uow.commit()
-    return Receipt(event_id, webhook.execution_id, webhook.status, webhook.attempt)
+    return payload, webhook
 
 
-def ingest(uow_factory: UnitOfWorkFactory, payload: Any, bolna: BolnaClient | None = None) -> Receipt:
-    """Stores one execution object (a webhook, or Bolna's answer to GET /executions/{id}) and applies it.
-
-    Without `bolna` (the webhook-receiver never waits on Bolna), a `completed` that lacks its duration is kept for
-    the queue-processor, which asks Bolna for it before billing.
-    """
-    receipt = store(uow_factory, payload)
-    event_id = receipt.event_id
-    if event_id is None:  # already stored: apply it now if it is still waiting
-        with uow_factory() as uow:
-            event_id = uow.session.scalar(
-                select(WebhookEvent.id).where(
-                    WebhookEvent.execution_id == receipt.execution_id,
-                    WebhookEvent.status == receipt.status,
-                    WebhookEvent.attempt == receipt.attempt,
-                    WebhookEvent.applied_at.is_(None),
-                    WebhookEvent.redacted_at.is_(None),  # past its retention: no longer an event to apply
-                )
-            )
-    if event_id is not None:
-        process(uow_factory, event_id, bolna)
-    return receipt
+def _insert(uow: UnitOfWork, payload: dict[str, Any], webhook: AgentExecution) -> WebhookEvent | None:
+    """The new event, as a row of this transaction; None when it is a duplicate of one already stored."""
+    event_id = uow.session.scalar(
+        pg_insert(WebhookEvent)
+        .values(execution_id=webhook.execution_id, status=webhook.status, attempt=webhook.attempt, payload=payload)
+        .on_conflict_do_nothing(constraint="uq_webhook_events_execution_status")
+        .returning(WebhookEvent.id)
+    )
+    if event_id is None:
+        return None
+    # Everything it holds is known here: it joins the session as if loaded, without reading its payload back.
+    event = WebhookEvent(
+        id=event_id,
+        execution_id=webhook.execution_id,
+        status=webhook.status,
+        attempt=webhook.attempt,
+        payload=payload,
+        call_id=None,
+        applied_at=None,
+        attempts=0,
+        last_error=None,
+        next_attempt_at=None,
+        redacted_at=None,
+    )
+    make_transient_to_detached(event)
+    uow.session.add(event)
+    return event
 
 
 def process(uow_factory: UnitOfWorkFactory, event_id: int, bolna: BolnaClient | None = None) -> None:
-    """Applies a stored event in its call's trace. A failure leaves the event for a later retry; it is reported when
-    it first appears and only logged when a retry fails the same way, so a stuck event cannot flood Sentry."""
+    """Applies a stored event that is still waiting (the sweep's retry). A `completed` without its duration first
+    gets it from Bolna, outside any transaction."""
     started = time.monotonic()
     with uow_factory() as uow:
-        event = uow.session.get_one(WebhookEvent, event_id)
-        webhook = AgentExecution(event.payload)
-        call = uow.session.scalar(event_call_query(webhook))
-    ids = {"call_id": call.id, "user_id": call.user_id, "agent_id": call.agent_id} if call else {}
-    call_trace = call.trace_headers if call else None
-    with tracing.call_transaction(call_trace, op="webhook.process", name="Process Bolna Webhook") as span:
+        event = uow.session.get(WebhookEvent, event_id)
+    if event is None or event.applied_at is not None or event.redacted_at is not None:
+        return
+    if _lacks_duration(event) and not _complete_duration(uow_factory, event, bolna):
+        return  # Bolna cannot be asked now; the sweep comes back later
+    with uow_factory() as uow:
+        event = uow.session.scalar(waiting_event_query(event_id))
+        if event is not None:  # not applied meanwhile, nor being applied by another process right now
+            _apply_and_commit(uow, event, started, duration_asked=bolna is not None)
+
+
+def _apply_and_commit(uow: UnitOfWork, event: WebhookEvent, started: float, duration_asked: bool = False) -> None:
+    """Applies a stored event (locked by this transaction) to its call, in the call's trace, and commits.
+
+    A failure is reported when it first appears and only logged when a retry fails the same way, so a stuck event
+    cannot flood Sentry.
+    """
+    call = _find_call(uow, AgentExecution(event.payload))
+    with tracing.call_transaction(call.trace_headers if call else None, op=PROCESS_OP, name=PROCESS_NAME) as span:
         span.set_data("status", event.status)
         span.set_data("execution_id", event.execution_id)
         sentry_sdk.add_breadcrumb(category="webhook", message=f"Webhook received: {event.status}")
+        if call is None:  # not known (yet): applied when the call is linked, or by the sweep
+            _defer(event, "no call for this execution yet")
+            uow.commit()
+            return
+        if _lacks_duration(event) and not duration_asked:
+            _defer(event, "completed without a duration: waiting to ask Bolna for it")
+            uow.commit()
+            return
+        ids = {"call_id": call.id, "user_id": call.user_id, "agent_id": call.agent_id}
+        already_unbilled = call.error_type == ErrorType.BILLING_DURATION_MISSING
+        previous_error = event.last_error
+        applying = uow.session.begin_nested()
         try:
-            if _lacks_duration(event) and not _complete_duration(uow_factory, event, bolna):
-                _defer(uow_factory, event_id, "completed without a duration: waiting to ask Bolna for it")
-            elif not apply_stored(uow_factory, event_id):
-                # Its call is not known (yet): look again later, less and less often.
-                _defer(uow_factory, event_id, "no call for this execution yet")
+            lifecycle.apply_provider_event(uow.calls, call, event)
+            applying.commit()
         except Exception as exc:
+            applying.rollback()
+            call.messages.clear()  # what the rolled-back change announced is not announced
             span.set_status("internal_error")
-            try:
-                attempts, previous = _defer(uow_factory, event_id, repr(exc))
-            except DBAPIError as db_exc:  # the event stays stored and unapplied; the sweep retries it
-                report_database_error(db_exc, place="webhook.process")
-                return
-            error = (
-                exc
-                if isinstance(exc, CallflowError)
-                else CallflowError(
-                    ErrorType.WEBHOOK_PROCESSING_FAILED,
-                    f"Applying webhook {event.status} failed: {type(exc).__name__}",
-                    execution_id=event.execution_id,
-                    **ids,
-                )
-            )
-            error.sentry_contexts["webhook_details"] = {
-                "status": event.status,
-                "execution_id": event.execution_id,
-                "agent_id": event.payload.get("agent_id"),
-                "has_transcript": webhook.transcript is not None,
-                "has_recording": webhook.recording_url is not None,
-                "processing_time_ms": round((time.monotonic() - started) * 1000, 1),
-                "attempts": attempts,
-            }
-            if previous != repr(exc)[:2000]:  # a failure is reported when it first appears, not at every retry
-                report(error, cause=exc if error is not exc else None, place="webhook.process")
+            attempts = _defer(event, repr(exc))
+            uow.commit()
+            if previous_error != repr(exc)[:2000]:
+                _report_failure(exc, event, ids, attempts, started)
             else:
-                log.warning("webhook %s still failing after %d attempts: %r", event_id, attempts, exc)
+                log.warning("webhook %s still failing after %d attempts: %r", event.id, attempts, exc)
+            return
+        unbilled = not already_unbilled and call.error_type == ErrorType.BILLING_DURATION_MISSING
+        uow.commit()
+        if unbilled:
+            _report_unbilled(call, event)
+
+
+def _report_failure(exc: Exception, event: WebhookEvent, ids: dict[str, Any], attempts: int, started: float) -> None:
+    webhook = AgentExecution(event.payload)
+    error = (
+        exc
+        if isinstance(exc, CallflowError)
+        else CallflowError(
+            ErrorType.WEBHOOK_PROCESSING_FAILED,
+            f"Applying webhook {event.status} failed: {type(exc).__name__}",
+            execution_id=event.execution_id,
+            **ids,
+        )
+    )
+    error.sentry_contexts["webhook_details"] = {
+        "status": event.status,
+        "execution_id": event.execution_id,
+        "agent_id": event.payload.get("agent_id"),
+        "has_transcript": webhook.transcript is not None,
+        "has_recording": webhook.recording_url is not None,
+        "processing_time_ms": round((time.monotonic() - started) * 1000, 1),
+        "attempts": attempts,
+    }
+    report(error, cause=exc if error is not exc else None, place=PROCESS_OP)
 
 
 def _lacks_duration(event: WebhookEvent) -> bool:
@@ -175,50 +224,14 @@ def _complete_duration(uow_factory: UnitOfWorkFactory, event: WebhookEvent, boln
     return True
 
 
-def _defer(uow_factory: UnitOfWorkFactory, event_id: int, reason: str) -> tuple[int, str | None]:
-    """Counts one more attempt at an event and sets when the sweep tries it next.
-
-    Returns the attempts so far and the reason the previous attempt failed.
-    """
-    with uow_factory() as uow:
-        previous = uow.session.scalar(
-            select(WebhookEvent.last_error).where(WebhookEvent.id == event_id).with_for_update()
-        )
-        attempts = uow.session.scalar(
-            update(WebhookEvent)
-            .where(WebhookEvent.id == event_id, WebhookEvent.applied_at.is_(None))
-            .values(
-                attempts=WebhookEvent.attempts + 1,
-                last_error=reason[:2000],
-                next_attempt_at=func.now()
-                + func.make_interval(
-                    0, 0, 0, 0, 0, 0, func.least(func.power(2, WebhookEvent.attempts + 1), MAX_RETRY_DELAY_SECONDS)
-                ),
-            )
-            .returning(WebhookEvent.attempts)
-        )
-        uow.commit()
-    return attempts or 0, previous
-
-
-def apply_stored(uow_factory: UnitOfWorkFactory, event_id: int) -> bool:
-    """Applies one stored event to its call; False when its call is not known yet (kept for later)."""
-    with uow_factory() as uow:
-        event = uow.session.execute(
-            select(WebhookEvent).where(WebhookEvent.id == event_id).with_for_update(skip_locked=True)
-        ).scalar_one_or_none()
-        if event is None or event.applied_at is not None or event.redacted_at is not None:
-            return True  # applied already, being applied by another process right now, or past its retention
-        call = _find_call(uow, AgentExecution(event.payload))
-        if call is None:
-            return False
-        already_unbilled = call.error_type == ErrorType.BILLING_DURATION_MISSING
-        lifecycle.apply_provider_event(uow.calls, call, event)
-        unbilled = not already_unbilled and call.error_type == ErrorType.BILLING_DURATION_MISSING
-        uow.commit()
-    if unbilled:
-        _report_unbilled(call, event)
-    return True
+def _defer(event: WebhookEvent, reason: str) -> int:
+    """Counts one more attempt at an event (locked by the caller) and sets when the sweep tries it next, later and
+    later; returns the attempts so far."""
+    attempts = (event.attempts or 0) + 1
+    event.attempts = attempts
+    event.last_error = reason[:2000]
+    event.next_attempt_at = func.now() + timedelta(seconds=min(2**attempts, MAX_RETRY_DELAY_SECONDS))
+    return attempts
 
 
 def _report_unbilled(call: Call, event: WebhookEvent) -> None:
@@ -272,9 +285,29 @@ def _find_call(uow: UnitOfWork, webhook: AgentExecution) -> Call | None:
 # The statements, built apart from running them so tests/integration/test_query_plans.py can EXPLAIN each one.
 
 
-def event_call_query(webhook: AgentExecution) -> Select[tuple[Call]]:
-    """The event's call, unlocked (its trace is continued): by execution id, or by our call id echoed back."""
-    return select(Call).where(or_(Call.execution_id == webhook.execution_id, Call.id == webhook.context_call_id))
+def waiting_event_query(event_id: int) -> Select[tuple[WebhookEvent]]:
+    """A stored event not applied yet, locked; skipped while another process applies it."""
+    return (
+        select(WebhookEvent)
+        .where(WebhookEvent.id == event_id, WebhookEvent.applied_at.is_(None), WebhookEvent.redacted_at.is_(None))
+        .with_for_update(skip_locked=True)
+    )
+
+
+def waiting_duplicate_query(webhook: AgentExecution) -> Select[tuple[WebhookEvent]]:
+    """The stored copy of a duplicate, locked, if it is still waiting (past its retention it is no longer an
+    event to apply)."""
+    return (
+        select(WebhookEvent)
+        .where(
+            WebhookEvent.execution_id == webhook.execution_id,
+            WebhookEvent.status == webhook.status,
+            WebhookEvent.attempt == webhook.attempt,
+            WebhookEvent.applied_at.is_(None),
+            WebhookEvent.redacted_at.is_(None),
+        )
+        .with_for_update(skip_locked=True)
+    )
 
 
 def linked_call_query(execution_id: str | None) -> Select[tuple[Call]]:

@@ -73,17 +73,19 @@ def held_slots_query(user_id: uuid.UUID) -> Select[tuple[int]]:
 
 
 def older_pending_query(call: Call) -> Select[tuple[int]]:
+    """A call not stored yet is created now: every call waiting is older."""
+    created_at = call.created_at if call.created_at is not None else func.now()
     return select(func.count()).where(
-        Call.user_id == call.user_id, due_pending(), Call.id != call.id, Call.created_at <= call.created_at
+        Call.user_id == call.user_id, due_pending(), Call.id != call.id, Call.created_at <= created_at
     )
 
 
-def next_due_pending_query(user_id: uuid.UUID) -> Select[tuple[Call]]:
+def due_calls_query(user_id: uuid.UUID, limit: int | None) -> Select[tuple[Call]]:
     return (
         select(Call)
         .where(Call.user_id == user_id, due_pending())
         .order_by(Call.created_at, Call.id)
-        .limit(1)
+        .limit(limit)
         .with_for_update()
     )
 
@@ -127,9 +129,9 @@ class SqlCallStore:
     def seconds_from_now(self, seconds: float) -> Any:
         return func.now() + timedelta(seconds=seconds)
 
-    def next_due_pending(self, user_id: uuid.UUID) -> Call | None:
-        """The user's oldest call waiting in the queue, locked."""
-        return self.session.scalar(next_due_pending_query(user_id))
+    def due_calls(self, user_id: uuid.UUID, limit: int | None) -> list[Call]:
+        """The user's oldest calls waiting in the queue and due (all of them when `limit` is None), locked."""
+        return list(self.session.scalars(due_calls_query(user_id, limit)))
 
     def users_with_pending_calls(self) -> list[uuid.UUID]:
         return list(self.session.scalars(users_with_pending_calls_query()))

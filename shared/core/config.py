@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     idempotency_key_retention_hours: float = Field(24.0, gt=0)
     retention_interval_seconds: float = Field(3600.0, gt=0)
     rabbitmq_prefetch: int = Field(10, ge=1)
+    # Calls the queue-processor places with Bolna at once (each on its own thread, waiting for Bolna's answer).
+    dispatch_concurrency: int = Field(8, ge=1, le=64)
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -51,11 +51,10 @@ class UnitOfWork:
         self._collect_call_messages()
         self.session.commit()
         database_recovered()
-        ids = [row.id for row in self._emitted]
-        self._emitted = []
-        if ids:
+        emitted, self._emitted = self._emitted, []
+        if emitted:
             try:
-                outbox.publish_pending(self._sessions, self._publisher, ids=ids)
+                outbox.publish_committed(self._sessions, self._publisher, emitted)
             except Exception:  # committed rows are safe in the outbox; the relay publishes them
                 log.warning("publishing after commit failed; left to the outbox relay", exc_info=True)
 

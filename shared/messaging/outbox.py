@@ -13,7 +13,7 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.core.models import OutboxMessage
@@ -30,24 +30,47 @@ def add(session: Session, message_type: str, body: dict[str, Any]) -> OutboxMess
     return row
 
 
+def publish_committed(sessions: sessionmaker[Session], publisher: Publisher, rows: Sequence[OutboxMessage]) -> None:
+    """Publishes rows this process has just committed, as it holds them: nothing is read back, and one statement
+    marks them published. A row the broker did not take is left to the relay."""
+    published: list[int] = []
+    failed: tuple[OutboxMessage, Exception] | None = None
+    for row in rows:
+        try:
+            _publish(publisher, row)
+        except Exception as exc:  # the broker is away: leave the rest for the relay
+            failed = (row, exc)
+            break
+        published.append(row.id)
+    with sessions() as session:
+        if published:
+            session.execute(
+                update(OutboxMessage).where(OutboxMessage.id.in_(published)).values(published_at=func.now())
+            )
+        if failed is not None:
+            row, exc = failed
+            session.execute(
+                update(OutboxMessage)
+                .where(OutboxMessage.id == row.id)
+                .values(attempts=OutboxMessage.attempts + 1, last_error=repr(exc)[:1000])
+            )
+            log.warning("outbox publish failed, the relay will retry: %r", exc)
+        session.commit()
+
+
 def publish_pending(
     sessions: sessionmaker[Session],
     publisher: Publisher,
-    ids: Sequence[int] | None = None,
     min_age: timedelta | None = None,
     limit: int = 200,
 ) -> int:
-    """Publishes unpublished rows (those named, or any older than min_age); returns how many went out."""
+    """The relay: publishes unpublished rows older than `min_age`; returns how many went out."""
     published = 0
     with sessions() as session:
-        for row in session.scalars(unpublished_query(ids, min_age, limit)):
-            envelope = Envelope(row.message_type, row.body, str(row.message_id))
+        for row in session.scalars(unpublished_query(min_age, limit)):
             try:
-                with tracing.publish_span(
-                    row.headers, f"{EVENTS_EXCHANGE}/{row.message_type}", envelope.message_id, len(envelope.encode())
-                ) as headers:
-                    publisher.publish(replace(envelope, headers=headers))
-            except Exception as exc:  # the broker is away: leave the rest for the relay
+                _publish(publisher, row)
+            except Exception as exc:  # the broker is away: leave the rest for the next run
                 row.attempts += 1
                 row.last_error = repr(exc)[:1000]
                 log.warning("outbox publish failed, the relay will retry: %r", exc)
@@ -58,8 +81,15 @@ def publish_pending(
     return published
 
 
-def unpublished_query(ids: Sequence[int] | None, min_age: timedelta | None, limit: int) -> Select[tuple[OutboxMessage]]:
-    """The rows publish_pending takes, locked (built apart so tests/integration/test_query_plans.py can EXPLAIN it)."""
+def _publish(publisher: Publisher, row: OutboxMessage) -> None:
+    envelope = Envelope(row.message_type, row.body, str(row.message_id))
+    destination = f"{EVENTS_EXCHANGE}/{row.message_type}"
+    with tracing.publish_span(row.headers, destination, envelope.message_id, len(envelope.encode())) as headers:
+        publisher.publish(replace(envelope, headers=headers))
+
+
+def unpublished_query(min_age: timedelta | None, limit: int) -> Select[tuple[OutboxMessage]]:
+    """The rows the relay takes, locked (built apart so tests/integration/test_query_plans.py can EXPLAIN it)."""
     query = (
         select(OutboxMessage)
         .where(OutboxMessage.published_at.is_(None))
@@ -67,8 +97,6 @@ def unpublished_query(ids: Sequence[int] | None, min_age: timedelta | None, limi
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
-    if ids is not None:
-        query = query.where(OutboxMessage.id.in_(ids))
     if min_age is not None:
         query = query.where(OutboxMessage.created_at < func.now() - min_age)
     return query

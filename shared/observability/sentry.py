@@ -127,8 +127,29 @@ def init_sentry(service: str, settings: Settings) -> bool:
     _ProcessIdentity.secrets = tuple(s for s in (settings.webhook_secret, settings.bolna_api_key) if len(s) >= 6)
     _Unauthenticated.throttle = EventThrottle()
     enabled = sending_enabled(settings)
+    if enabled:
+        _start_client(settings)
+    else:
+        # Not initialised at all: with no client, spans, breadcrumbs and sampling decisions cost nothing.
+        sentry_sdk.get_client().close()
+        sentry_sdk.get_global_scope().set_client(None)
+    sentry_sdk.get_global_scope().set_tag("service", service)
+    why = (
+        ""
+        if enabled
+        else (
+            " (no SENTRY_DSN)"
+            if not settings.sentry_dsn
+            else f" (environment {settings.sentry_environment!r}; set SENTRY_SEND_IN_DEVELOPMENT=true to send)"
+        )
+    )
+    log.info("Sentry initialized: enabled: %s%s", enabled, why)
+    return enabled
+
+
+def _start_client(settings: Settings) -> None:
     sentry_sdk.init(
-        dsn=settings.sentry_dsn if enabled else None,
+        dsn=settings.sentry_dsn,
         environment=settings.sentry_environment,
         release=settings.sentry_release or None,  # None: the SDK takes the git commit when it can find one
         traces_sampler=lambda context: _sample(context, settings.sentry_traces_sample_rate),
@@ -142,7 +163,6 @@ def init_sentry(service: str, settings: Settings) -> bool:
         include_local_variables=False,  # locals hold tokens and payloads
         before_send=_before_send,
         before_send_transaction=_before_send_transaction,
-        before_breadcrumb=_before_breadcrumb,
         before_send_log=_before_send_log,  # SENTRY_ENABLE_LOGS: log records hold phone numbers and keys too
         integrations=[
             FlaskIntegration(transaction_style="url"),
@@ -150,18 +170,6 @@ def init_sentry(service: str, settings: Settings) -> bool:
             LoggingIntegration(level=logging.INFO, event_level=logging.ERROR),
         ],
     )
-    sentry_sdk.get_global_scope().set_tag("service", service)
-    why = (
-        ""
-        if enabled
-        else (
-            " (no SENTRY_DSN)"
-            if not settings.sentry_dsn
-            else f" (environment {settings.sentry_environment!r}; set SENTRY_SEND_IN_DEVELOPMENT=true to send)"
-        )
-    )
-    log.info("Sentry initialized: enabled: %s%s", enabled, why)
-    return enabled
 
 
 def sentry_status(settings: Settings) -> dict[str, Any]:
@@ -302,10 +310,6 @@ def _before_send_transaction(event: Event, hint: Hint) -> Event | None:
     if event.get("transaction") == HEALTH_PATH:
         return None
     return _scrubbed(event)
-
-
-def _before_breadcrumb(crumb: dict[str, Any], hint: Hint) -> dict[str, Any] | None:
-    return _scrubbed(crumb)
 
 
 def _before_send_log(record: Log, hint: Hint) -> Log | None:

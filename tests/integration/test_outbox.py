@@ -76,7 +76,7 @@ def test_message_written_while_broker_is_down_is_relayed_later():
         row = outbox.add(uow.session, "slot.released", {"user_id": marker})
         uow.session.commit()
     unreachable = Publisher("amqp://guest:guest@127.0.0.1:1/%2F")
-    assert outbox.publish_pending(components().sessions, unreachable, ids=[row.id]) == 0
+    outbox.publish_committed(components().sessions, unreachable, [row])
     failed = _unpublished(row.message_id)
     assert failed.published_at is None
     assert failed.attempts == 1
@@ -84,10 +84,10 @@ def test_message_written_while_broker_is_down_is_relayed_later():
 
     with broker.channel() as ch:
         queue = broker.tap(ch, "slot.released")
-        assert outbox.publish_pending(components().sessions, components().publisher, ids=[row.id]) == 1
-        assert outbox.publish_pending(components().sessions, components().publisher, ids=[row.id]) == 0
+        assert outbox.publish_pending(components().sessions, components().publisher, limit=1_000_000) >= 1
+        assert outbox.publish_pending(components().sessions, components().publisher, limit=1_000_000) == 0
         messages = _received_before_a_sentinel(ch, queue)
-    assert [json.loads(body) for _, body in messages] == [{"user_id": marker}]
+    assert {"user_id": marker} in [json.loads(body) for _, body in messages]
     assert _unpublished(row.message_id).published_at is not None
 
 

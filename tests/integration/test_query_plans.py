@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import Connection, Executable, create_engine, text
 from sqlalchemy.engine import make_url
 
-from services.queue_processor.dispatch import due_retries_query
+from services.queue_processor.dispatch import dispatchable_query, due_retries_query
 from services.queue_processor.jobs import KEPT_WEBHOOK_MIN_AGE_SECONDS, OUTBOX_MIN_AGE
 from services.queue_processor.reconcile import ReconcileBounds, silent_calls_query, unconfirmed_calls_query
 from services.queue_processor.retention import Retention, RetentionPeriods
@@ -139,8 +139,8 @@ EXECUTION = "exec-600007"
 SETTINGS = Settings.model_construct()  # the defaults
 
 
-def _webhook(echoing_our_call_id: bool = True) -> AgentExecution:
-    context = {"recipient_data": {CONTEXT_CALL_ID_KEY: str(CALL)}} if echoing_our_call_id else {}
+def _webhook() -> AgentExecution:
+    context = {"recipient_data": {CONTEXT_CALL_ID_KEY: str(CALL)}}
     return AgentExecution({"id": EXECUTION, "status": "ringing", "context_details": context})
 
 
@@ -155,19 +155,19 @@ _reconcile = ReconcileBounds.from_settings(SETTINGS)
 HOT_QUERIES: dict[str, Callable[[], Executable]] = {
     "SqlCallStore.held_slots": lambda: store.held_slots_query(USER),
     "SqlCallStore.has_older_pending": lambda: store.older_pending_query(_new_call()),
-    "SqlCallStore.next_due_pending": lambda: store.next_due_pending_query(USER),
+    "SqlCallStore.due_calls": lambda: store.due_calls_query(USER, 8),
+    "Dispatcher._has_work": lambda: dispatchable_query(USER),
     "SqlCallStore.users_with_pending_calls": store.users_with_pending_calls_query,
     "Dispatcher.users_to_retry": due_retries_query,
-    "provider_events.process": lambda: provider_events.event_call_query(_webhook()),
-    "provider_events.process without our call id": lambda: provider_events.event_call_query(_webhook(False)),
+    "provider_events.ingest duplicate": lambda: provider_events.waiting_duplicate_query(_webhook()),
+    "provider_events.process": lambda: provider_events.waiting_event_query(1),
     "provider_events._find_call by execution id": lambda: provider_events.linked_call_query(EXECUTION),
     "provider_events._find_call by echoed call id": lambda: provider_events.echoed_call_query(CALL, EXECUTION),
     "provider_events.apply_kept_events": lambda: provider_events.kept_events_query(EXECUTION),
     "provider_events.unapplied_event_ids": lambda: provider_events.unapplied_events_query(
         KEPT_WEBHOOK_MIN_AGE_SECONDS, 500
     ),
-    "outbox.publish_pending after commit": lambda: outbox.unpublished_query([OUTBOX_ROWS - 1], None, 200),
-    "outbox.publish_pending relay": lambda: outbox.unpublished_query(None, OUTBOX_MIN_AGE, 200),
+    "outbox.publish_pending": lambda: outbox.unpublished_query(OUTBOX_MIN_AGE, 200),
     "ProviderReconciler.unconfirmed_calls": lambda: unconfirmed_calls_query(_reconcile),
     "ProviderReconciler.silent_calls": lambda: silent_calls_query(_reconcile),
     **{f"Retention.{name}": batch for name, batch in _retention.steps().items()},

@@ -80,10 +80,9 @@ def _webhook(owner: Customer, received_ago: timedelta, applied: bool) -> tuple[i
     """A webhook stored as the receiver stores it, applied to its call or kept unapplied, received `received_ago`."""
     execution_id = str(uuid.uuid4())
     payload = _payload(execution_id)
-    event_id = provider_events.store(components().uow, payload).event_id
     if applied:
         call_row(owner, status="queued", execution_id=execution_id, slot_held=True)
-        assert provider_events.apply_stored(components().uow, event_id) is True
+    event_id = provider_events.ingest(components().uow, payload).event_id
     with components().uow() as uow:
         uow.session.execute(
             update(WebhookEvent).where(WebhookEvent.id == event_id).values(received_at=func.now() - received_ago)
@@ -155,7 +154,7 @@ def test_webhook_payloads_past_the_period_are_redacted_to_their_ids_and_younger_
         event = _event(event_id)
         assert (event.payload, event.redacted_at) == (payload, None)
 
-    duplicate = provider_events.store(components().uow, applied_old_payload)
+    duplicate = provider_events.ingest(components().uow, applied_old_payload)
     assert duplicate.event_id is None, "the row stays: a late duplicate of a redacted event is still turned away"
     kept_for_the_sweep = provider_events.unapplied_event_ids(components().uow, 0, limit=1_000_000)
     assert unapplied_old not in kept_for_the_sweep, "nothing applies a redacted event"

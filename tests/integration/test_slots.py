@@ -71,7 +71,7 @@ def test_a_request_the_breaker_holds_back_gives_the_slot_back_and_requeues_the_c
     for _ in range(components().settings.bolna_breaker_threshold):
         breaker.record_failure()
     try:
-        assert components().placer.initiate(call.id, retry_transient=False) is None
+        assert components().placer.initiate(call, owner.provider_agent_id, retry_transient=False) is None
     finally:
         breaker.record_success()
     requeued = load_call(call.id)

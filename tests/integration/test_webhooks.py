@@ -25,10 +25,7 @@ def _event(execution_id: str, status: str, **fields) -> dict:
 
 
 def _deliver(payload: dict) -> provider_events.Receipt:
-    receipt = provider_events.store(components().uow, payload)
-    if receipt.event_id is not None:
-        provider_events.apply_stored(components().uow, receipt.event_id)
-    return receipt
+    return provider_events.ingest(components().uow, payload)
 
 
 @pytest.mark.parametrize(
@@ -43,16 +40,15 @@ def _deliver(payload: dict) -> provider_events.Receipt:
 )
 def test_invalid_webhooks_are_refused(payload, error_type):
     with pytest.raises(CallflowError) as raised:
-        provider_events.store(components().uow, payload)
+        _deliver(payload)
     assert raised.value.error_type is error_type
 
 
 def test_duplicate_is_stored_once():
     execution_id = str(uuid.uuid4())
-    uow = components().uow
-    assert provider_events.store(uow, _event(execution_id, "ringing")).event_id is not None
-    assert provider_events.store(uow, _event(execution_id, "ringing")).event_id is None
-    assert provider_events.store(uow, _event(execution_id, "ringing", retry_count=1)).event_id is not None
+    assert _deliver(_event(execution_id, "ringing")).event_id is not None
+    assert _deliver(_event(execution_id, "ringing")).event_id is None
+    assert _deliver(_event(execution_id, "ringing", retry_count=1)).event_id is not None
 
 
 def test_out_of_order_and_duplicate_events_leave_one_final_state_and_one_charge():
@@ -91,8 +87,8 @@ def test_event_for_an_unknown_execution_is_kept_and_applied_when_the_call_is_lin
     execution_id = str(uuid.uuid4())
     call = call_row(owner, status=statuses.INITIATING, slot_held=True)
     uow = components().uow
-    receipt = provider_events.store(uow, _event(execution_id, "ringing"))
-    assert provider_events.apply_stored(uow, receipt.event_id) is False
+    receipt = _deliver(_event(execution_id, "ringing"))
+    assert receipt.event_id is not None
     assert load_call(call.id).status == statuses.INITIATING
 
     components().placer.link_execution(call.id, PlacedCall(execution_id, "queued", 1.0))
