@@ -3,10 +3,12 @@ what they hold once authenticated."""
 
 import json
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from flask.testing import FlaskClient
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from services.webhook_receiver.app import WEBHOOK_MAX_BODY_BYTES, create_app
 from services.webhook_receiver.source_checks import SourceChecks
@@ -110,6 +112,34 @@ def test_event_links_its_call_through_our_id_in_context_details():
     assert final.status == "busy"
     assert not final.slot_held
     assert ledger_total(owner.user_id) == (0, 0)
+
+
+@contextmanager
+def _transactions() -> Iterator[list[object]]:
+    """The database transactions begun in this process while the block runs."""
+    begun: list[object] = []
+
+    def count(connection: object) -> None:
+        begun.append(connection)
+
+    event.listen(components().engine, "begin", count)
+    try:
+        yield begun
+    finally:
+        event.remove(components().engine, "begin", count)
+
+
+def test_a_webhook_for_a_known_call_is_stored_and_applied_in_one_transaction():
+    owner = customer(credits=10)
+    execution_id = str(uuid.uuid4())
+    call = call_row(owner, status="queued", execution_id=execution_id, slot_held=True)
+    with _transactions() as begun:
+        _deliver(_event(execution_id, "ringing"))
+    assert (len(begun), load_call(call.id).status) == (1, "ringing")
+    with _transactions() as begun:
+        _deliver(_event(execution_id, "completed", telephony_data={"duration": "30"}))
+    assert len(begun) == 2, "the change, then marking its slot.released message published"
+    assert (load_call(call.id).status, ledger_total(owner.user_id)) == ("completed", (1, -1))
 
 
 def _webhook_receiver() -> FlaskClient:
