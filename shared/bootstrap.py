@@ -22,6 +22,7 @@ from shared.core import db
 from shared.core.config import Settings
 from shared.core.uow import UnitOfWork
 from shared.http.health import HealthCheck
+from shared.messaging.outbox import AfterCommitPublisher
 from shared.messaging.publisher import Publisher
 from shared.messaging.topology import declare_topology_at
 from shared.observability.sentry import init_sentry
@@ -38,7 +39,11 @@ class Components:
     bolna: BolnaClient
 
     def uow(self) -> UnitOfWork:
-        return UnitOfWork(self.sessions, self.publisher, self.leases)
+        return UnitOfWork(self.sessions, self.after_commit, self.leases)
+
+    @functools.cached_property
+    def after_commit(self) -> AfterCommitPublisher:
+        return AfterCommitPublisher(self.sessions, self.publisher)
 
     @functools.cached_property
     def leases(self) -> SlotLeases:

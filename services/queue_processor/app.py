@@ -12,11 +12,14 @@ from flask import Flask
 from werkzeug.serving import make_server
 
 from services.queue_processor.consumer import Consumer
+from services.queue_processor.dispatch import Dispatcher
 from services.queue_processor.jobs import PeriodicJobs, run_periodically
 from shared.core.config import Settings
+from shared.messaging.outbox import AfterCommitPublisher
 
 SERVICE = "queue-processor"
 DEFAULT_HEALTH_PORT = 8003
+STOP_TIMEOUT_SECONDS = 10.0
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +32,13 @@ class QueueProcessor:
     health_app: Flask
     consumer: Consumer
     jobs: PeriodicJobs
+    dispatcher: Dispatcher
+    after_commit: AfterCommitPublisher
     stopping: threading.Event
 
     def run(self) -> None:
-        """Runs until SIGTERM or SIGINT, then finishes the message in hand and flushes Sentry."""
+        """Runs until SIGTERM or SIGINT, then finishes the message in hand and the calls being placed, publishes
+        what they announced, and flushes Sentry."""
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
         signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
         port = self.settings.port or DEFAULT_HEALTH_PORT
@@ -47,6 +53,9 @@ class QueueProcessor:
         log.info("queue-processor started; health on %s:%s", self.settings.host, port)
         self.consumer.run()  # returns once `stopping` is set and the message in hand is acknowledged
         jobs.join()
+        if not self.dispatcher.wait_until_idle(STOP_TIMEOUT_SECONDS):
+            log.warning("stopping with calls still being placed; their short leases bring them back")
+        self.after_commit.wait_until_idle(STOP_TIMEOUT_SECONDS)  # what is left, the relay publishes
         health.shutdown()
         sentry_sdk.flush(timeout=5)
         log.info("queue-processor stopped")

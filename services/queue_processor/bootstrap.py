@@ -32,5 +32,7 @@ def bootstrap(settings: Settings) -> QueueProcessor:
             stopping,
         ),
         jobs=PeriodicJobs(components, dispatcher, reconciler),
+        dispatcher=dispatcher,
+        after_commit=components.after_commit,
         stopping=stopping,
     )

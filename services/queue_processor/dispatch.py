@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 
 import sentry_sdk
 from sqlalchemy import Select, select
+from sqlalchemy.exc import DBAPIError
 
 from shared.calls import lifecycle
 from shared.calls.initiation import CallPlacer
@@ -16,7 +18,7 @@ from shared.calls.store import due_pending, held_slots_query
 from shared.core.errors import CallflowError, ErrorType
 from shared.core.models import Agent, Call, User
 from shared.observability import tracing
-from shared.observability.sentry import report
+from shared.observability.sentry import report, report_database_error
 
 DIRECT = "direct"
 TRIGGER_SPAN_DATA = "dispatch.trigger"
@@ -59,29 +61,35 @@ class Dispatcher:
         self._held_back_lock = threading.Lock()
 
     def dispatch_pending(self, user_id: uuid.UUID, trigger: DispatchTrigger) -> int:
-        """Places the user's due calls, oldest first, while they have free slots; returns how many, once every
-        one of them has had its answer from Bolna."""
-        placing: list[Future[None]] = []
-        try:
-            while not self._placer.provider_down and self._has_work(user_id):
-                threads = self._take_free_threads()
-                try:
-                    reserved = self._reserve_due(user_id, threads)
-                except BaseException:
-                    self._give_back_threads(threads)
-                    raise
-                self._give_back_threads(threads - len(reserved))
-                if not reserved:
-                    break
-                placing += [self._pool.submit(self._dispatch_on_thread, *call, trigger) for call in reserved]
-        finally:
-            failures = [exc for exc in (future.exception() for future in placing) if exc is not None]
-        if self._placer.provider_down:
-            with self._held_back_lock:
-                self._held_back.add(user_id)
-        if failures:
-            raise failures[0]
-        return len(placing)
+        """Reserves the user's due calls, oldest first, while they have free slots, and hands each to a placing
+        thread; returns how many. It does not wait for Bolna's answers: a reservation is committed before its call
+        is placed, and one whose placing never finishes (the process stopped) comes back when its short lease
+        runs out or the reconcile job settles it."""
+        dispatched = 0
+        while not self._placer.provider_down and self._has_work(user_id):
+            threads = self._take_free_threads()
+            try:
+                reserved = self._reserve_due(user_id, threads)
+            except BaseException:
+                self._give_back_threads(threads)
+                raise
+            self._give_back_threads(threads - len(reserved))
+            if not reserved:
+                break
+            for call, provider_agent_id in reserved:
+                self._pool.submit(self._dispatch_on_thread, call, provider_agent_id, trigger)
+            dispatched += len(reserved)
+        self._hold_back_while_provider_down(user_id)
+        return dispatched
+
+    def wait_until_idle(self, timeout: float) -> bool:
+        """Whether every call handed to a placing thread has had its answer within `timeout` (a clean stop)."""
+        deadline = time.monotonic() + timeout
+        taken = 0
+        while taken < self._concurrency and self._free_threads.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            taken += 1
+        self._give_back_threads(taken)
+        return taken == self._concurrency
 
     def users_with_pending_calls(self) -> list[uuid.UUID]:
         """Users with a call waiting whose retry delay, if any, has passed."""
@@ -129,8 +137,27 @@ class Dispatcher:
     def _dispatch_on_thread(self, call: Call, provider_agent_id: str, trigger: DispatchTrigger) -> None:
         try:
             self._dispatch(call, provider_agent_id, trigger)
+        except DBAPIError as exc:  # the call keeps its reservation; its lease or the reconcile job settles it
+            report_database_error(exc, place="queue.initiate_call")
+        except Exception as exc:
+            report(
+                CallflowError(
+                    ErrorType.DIRECT_CALL_QUEUE_FAILURE,
+                    f"Placing a queued call failed: {type(exc).__name__}",
+                    call_id=call.id,
+                    user_id=call.user_id,
+                ),
+                cause=exc,
+                place="queue.initiate_call",
+            )
         finally:
             self._free_threads.release()
+        self._hold_back_while_provider_down(call.user_id)
+
+    def _hold_back_while_provider_down(self, user_id: uuid.UUID) -> None:
+        if self._placer.provider_down:
+            with self._held_back_lock:
+                self._held_back.add(user_id)
 
     def _take_free_threads(self) -> int:
         """Waits for one free placing thread, then takes every other one that is free now."""

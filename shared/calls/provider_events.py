@@ -1,6 +1,6 @@
 """Bolna's status events (its webhooks, or its answer to GET /executions/{id}): stored and applied to their call
-exactly once, in one transaction. Applying runs in a savepoint: when it fails, the event is still committed, and
-the queue-processor's sweep retries it.
+exactly once, in one transaction. When applying fails, the event is stored on its own, with the failure, and the
+queue-processor's sweep retries it.
 
 Dedupe is by (execution id, status, attempt), never by execution id alone. An event whose call is not known
 yet (Bolna answered `POST /call` after its first webhook) is kept and applied when the call is linked.
@@ -48,8 +48,8 @@ class Receipt:
 
 def ingest(uow_factory: UnitOfWorkFactory, payload: Any, bolna: BolnaClient | None = None) -> Receipt:
     """Stores one execution object (a webhook, or Bolna's answer to GET /executions/{id}) and applies it to its
-    call, in one transaction. Once this returns, the event cannot be lost: when applying fails, only the applying
-    is rolled back (to a savepoint) and the event is committed, kept for a retry.
+    call, in one transaction. Once this returns, the event cannot be lost: when applying fails, the event is stored
+    on its own, kept for a retry.
 
     Without `bolna` (the webhook-receiver never waits on Bolna), a `completed` that lacks its duration is kept for
     the queue-processor, which asks Bolna for it before billing.
@@ -61,11 +61,10 @@ def ingest(uow_factory: UnitOfWorkFactory, payload: Any, bolna: BolnaClient | No
         event_id = event.id if event is not None else None
         if event is None:  # already stored: apply it now if it is still waiting
             event = uow.session.scalar(waiting_duplicate_query(webhook))
-        if event is not None:
-            _apply_and_commit(uow, event, started)
-        else:
+        waits_for_duration = event is not None and _apply_and_commit(uow, event, started)
+        if event is None:
             uow.commit()
-    if bolna is not None and event is not None and _lacks_duration(event):
+    if bolna is not None and waits_for_duration:
         process(uow_factory, event.id, bolna)
     return Receipt(event_id, webhook.execution_id, webhook.status, webhook.attempt)
 
@@ -84,11 +83,12 @@ def _validated(payload: Any) -> tuple[dict[str, Any], AgentExecution]:
 
 def _insert(uow: UnitOfWork, payload: dict[str, Any], webhook: AgentExecution) -> WebhookEvent | None:
     """The new event, as a row of this transaction; None when it is a duplicate of one already stored."""
+    events = WebhookEvent.__table__
     event_id = uow.session.scalar(
-        pg_insert(WebhookEvent)
+        pg_insert(events)
         .values(execution_id=webhook.execution_id, status=webhook.status, attempt=webhook.attempt, payload=payload)
         .on_conflict_do_nothing(constraint="uq_webhook_events_execution_status")
-        .returning(WebhookEvent.id)
+        .returning(events.c.id)
     )
     if event_id is None:
         return None
@@ -127,11 +127,13 @@ def process(uow_factory: UnitOfWorkFactory, event_id: int, bolna: BolnaClient | 
             _apply_and_commit(uow, event, started, duration_asked=bolna is not None)
 
 
-def _apply_and_commit(uow: UnitOfWork, event: WebhookEvent, started: float, duration_asked: bool = False) -> None:
-    """Applies a stored event (locked by this transaction) to its call, in the call's trace, and commits.
+def _apply_and_commit(uow: UnitOfWork, event: WebhookEvent, started: float, duration_asked: bool = False) -> bool:
+    """Applies a stored event (locked by this transaction) to its call, in the call's trace, and commits. Returns
+    whether it was kept to wait for its duration.
 
-    A failure is reported when it first appears and only logged when a retry fails the same way, so a stuck event
-    cannot flood Sentry.
+    When applying fails, the transaction is rolled back and the event stored again with the failure, in a
+    transaction of its own; the failure is reported when it first appears and only logged when a retry fails the
+    same way, so a stuck event cannot flood Sentry.
     """
     call = _find_call(uow, AgentExecution(event.payload))
     with tracing.call_transaction(call.trace_headers if call else None, op=PROCESS_OP, name=PROCESS_NAME) as span:
@@ -141,36 +143,74 @@ def _apply_and_commit(uow: UnitOfWork, event: WebhookEvent, started: float, dura
         if call is None:  # not known (yet): applied when the call is linked, or by the sweep
             _defer(event, "no call for this execution yet")
             uow.commit()
-            return
+            return False
         if _lacks_duration(event) and not duration_asked:
             _defer(event, "completed without a duration: waiting to ask Bolna for it")
             uow.commit()
-            return
+            return True
         ids = {"call_id": call.id, "user_id": call.user_id, "agent_id": call.agent_id}
         already_unbilled = call.error_type == ErrorType.BILLING_DURATION_MISSING
-        previous_error = event.last_error
-        applying = uow.session.begin_nested()
+        kept = _KeptEvent.of(event)
         try:
             lifecycle.apply_provider_event(uow.calls, call, event)
-            applying.commit()
-        except Exception as exc:
-            applying.rollback()
-            call.messages.clear()  # what the rolled-back change announced is not announced
-            span.set_status("internal_error")
-            attempts = _defer(event, repr(exc))
+            unbilled = not already_unbilled and call.error_type == ErrorType.BILLING_DURATION_MISSING
             uow.commit()
-            if previous_error != repr(exc)[:2000]:
-                _report_failure(exc, event, ids, attempts, started)
+        except Exception as exc:
+            span.set_status("internal_error")
+            uow.rollback()
+            attempts = kept.store_failed(uow, repr(exc))
+            if kept.last_error != repr(exc)[:2000]:
+                _report_failure(exc, kept, ids, attempts, started)
             else:
-                log.warning("webhook %s still failing after %d attempts: %r", event.id, attempts, exc)
-            return
-        unbilled = not already_unbilled and call.error_type == ErrorType.BILLING_DURATION_MISSING
-        uow.commit()
+                log.warning("webhook %s still failing after %d attempts: %r", kept.execution_id, attempts, exc)
+            return False
         if unbilled:
             _report_unbilled(call, event)
+        return False
 
 
-def _report_failure(exc: Exception, event: WebhookEvent, ids: dict[str, Any], attempts: int, started: float) -> None:
+@dataclass(frozen=True)
+class _KeptEvent:
+    """What an event holds, read before applying it, so it can be stored again once a failure rolled it back."""
+
+    execution_id: str
+    status: str
+    attempt: int
+    payload: dict[str, Any]
+    last_error: str | None
+
+    @classmethod
+    def of(cls, event: WebhookEvent) -> _KeptEvent:
+        return cls(event.execution_id, event.status, event.attempt, event.payload, event.last_error)
+
+    def store_failed(self, uow: UnitOfWork, reason: str) -> int:
+        """Stores the event (unless it was stored before this transaction) with one more failed attempt, due for
+        a retry later and later; returns the attempts so far."""
+        events = WebhookEvent.__table__
+        key = {"execution_id": self.execution_id, "status": self.status, "attempt": self.attempt}
+        uow.session.execute(
+            pg_insert(events)
+            .values(**key, payload=self.payload)
+            .on_conflict_do_nothing(constraint="uq_webhook_events_execution_status")
+        )
+        attempts = uow.session.scalar(
+            update(events)
+            .where(*(events.c[name] == value for name, value in key.items()), events.c.applied_at.is_(None))
+            .values(
+                attempts=events.c.attempts + 1,
+                last_error=reason[:2000],
+                next_attempt_at=func.now()
+                + func.make_interval(
+                    0, 0, 0, 0, 0, 0, func.least(func.power(2, events.c.attempts + 1), MAX_RETRY_DELAY_SECONDS)
+                ),
+            )
+            .returning(events.c.attempts)
+        )
+        uow.commit()
+        return attempts or 0
+
+
+def _report_failure(exc: Exception, event: _KeptEvent, ids: dict[str, Any], attempts: int, started: float) -> None:
     webhook = AgentExecution(event.payload)
     error = (
         exc

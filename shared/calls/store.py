@@ -112,15 +112,17 @@ class SqlCallStore:
         return (self.session.scalar(older_pending_query(call)) or 0) > 0
 
     def add_charge(self, call: Call, credits: int) -> bool:
+        # Plain table statements: nothing here needs the ORM's bookkeeping.
+        ledger, users = CreditLedgerEntry.__table__, User.__table__
         entry_id = self.session.scalar(
-            pg_insert(CreditLedgerEntry)
+            pg_insert(ledger)
             .values(user_id=call.user_id, call_id=call.id, amount=-credits, reason=CALL_CHARGE)
             .on_conflict_do_nothing(constraint="uq_credit_ledger_call_reason")
-            .returning(CreditLedgerEntry.id)
+            .returning(ledger.c.id)
         )
         if entry_id is None:
             return False
-        self.session.execute(update(User).where(User.id == call.user_id).values(credits=User.credits - credits))
+        self.session.execute(update(users).where(users.c.id == call.user_id).values(credits=users.c.credits - credits))
         return True
 
     def now(self) -> Any:

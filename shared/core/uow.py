@@ -6,7 +6,6 @@ always has its message, a rolled-back one never does.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Self
@@ -16,19 +15,17 @@ from sqlalchemy.orm import Session, sessionmaker
 from shared.calls.store import SlotLeases, SqlCallStore
 from shared.core.models import Call, OutboxMessage
 from shared.messaging import outbox
-from shared.messaging.publisher import Publisher
+from shared.messaging.outbox import AfterCommitPublisher
 from shared.observability.sentry import database_recovered
-
-log = logging.getLogger(__name__)
 
 
 class UnitOfWork:
     session: Session
     calls: SqlCallStore
 
-    def __init__(self, sessions: sessionmaker[Session], publisher: Publisher, leases: SlotLeases):
+    def __init__(self, sessions: sessionmaker[Session], after_commit: AfterCommitPublisher, leases: SlotLeases):
         self._sessions = sessions
-        self._publisher = publisher
+        self._after_commit = after_commit
         self._leases = leases
 
     def __enter__(self) -> Self:
@@ -38,11 +35,20 @@ class UnitOfWork:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None):
-        # What a rolled-back change announced must not be announced by a later one that reuses the object.
-        for call in self._calls_in_session():
-            call.messages.clear()
+        self._forget_announcements()
         # close() rolls back whatever was not committed, and unlike rollback() leaves loaded objects readable.
         self.session.close()
+
+    def rollback(self) -> None:
+        """Rolls back the transaction so far; the unit of work goes on with a new one."""
+        self._forget_announcements()
+        self.session.rollback()
+
+    def _forget_announcements(self) -> None:
+        """What a rolled-back change announced must not be announced by a later one that reuses the object."""
+        self._emitted = []
+        for call in self._calls_in_session():
+            call.messages.clear()
 
     def emit(self, message_type: str, body: dict[str, Any]) -> None:
         self._emitted.append(outbox.add(self.session, message_type, body))
@@ -53,10 +59,7 @@ class UnitOfWork:
         database_recovered()
         emitted, self._emitted = self._emitted, []
         if emitted:
-            try:
-                outbox.publish_committed(self._sessions, self._publisher, emitted)
-            except Exception:  # committed rows are safe in the outbox; the relay publishes them
-                log.warning("publishing after commit failed; left to the outbox relay", exc_info=True)
+            self._after_commit.submit(emitted)
 
     def _collect_call_messages(self) -> None:
         for call in self._calls_in_session():

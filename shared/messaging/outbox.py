@@ -1,18 +1,21 @@
 """The transactional outbox: messages are rows written with the change that causes them, published after commit.
 
-A row is published right after its transaction commits when the broker is up; the relay job publishes
-whatever is left (broker down, process died between commit and publish). Consumers are idempotent, so the
-rare double publish is harmless; a lost one is impossible.
+A row is published right after its transaction commits, by a thread of the process that wrote it (the request
+does not wait for the broker); the relay job publishes whatever is left (broker down, process stopped between
+commit and publish). Consumers are idempotent, so the rare double publish is harmless; a lost one is impossible.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
+import sentry_sdk
 from sqlalchemy import Select, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,6 +31,57 @@ def add(session: Session, message_type: str, body: dict[str, Any]) -> OutboxMess
     row = OutboxMessage(message_type=message_type, body=body, headers=tracing.current_trace_headers())
     session.add(row)
     return row
+
+
+class AfterCommitPublisher:
+    """Publishes committed rows on a thread of its own, in batches: each batch is marked published by one
+    statement. Started on first use, so each process (after any fork) has its own."""
+
+    BATCH = 100
+
+    def __init__(self, sessions: sessionmaker[Session], publisher: Publisher):
+        self._sessions = sessions
+        self._publisher = publisher
+        self._rows: queue.SimpleQueue[OutboxMessage] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._idle = threading.Condition()
+        self._unfinished = 0
+
+    def submit(self, rows: Sequence[OutboxMessage]) -> None:
+        with self._idle:
+            self._unfinished += len(rows)
+        for row in rows:
+            self._rows.put(row)
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="outbox-publisher", daemon=True)
+                self._thread.start()
+
+    def wait_until_idle(self, timeout: float) -> bool:
+        """Whether everything submitted so far was published (or left to the relay) within `timeout`."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._unfinished == 0, timeout)
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._rows.get()]
+            while len(batch) < self.BATCH:
+                try:
+                    batch.append(self._rows.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                # The thread was started inside some request and inherited its scope: each batch starts without
+                # that request's (finished) transaction, and continues the trace each row was written in.
+                with sentry_sdk.isolation_scope(), sentry_sdk.new_scope() as scope:
+                    scope.span = None
+                    publish_committed(self._sessions, self._publisher, batch)
+            except Exception:  # committed rows are safe in the outbox; the relay publishes them
+                log.warning("publishing after commit failed; left to the outbox relay", exc_info=True)
+            with self._idle:
+                self._unfinished -= len(batch)
+                self._idle.notify_all()
 
 
 def publish_committed(sessions: sessionmaker[Session], publisher: Publisher, rows: Sequence[OutboxMessage]) -> None:
