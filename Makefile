@@ -27,7 +27,8 @@ test: install
 	$(BIN)/python -m pytest
 
 bench: install
-	$(BIN)/python bench/call_path.py
+	command -v wrk >/dev/null || apt-get install -y wrk
+	$(BIN)/python -m bench.run
 
 lint: install
 	$(BIN)/ruff check shared services tests bench

@@ -16,7 +16,7 @@ def authenticate(uow_factory: UnitOfWorkFactory, authorization: str | None) -> U
     if scheme.lower() != "bearer" or not token.strip():
         raise CallflowError(ErrorType.UNAUTHORIZED, "Send 'Authorization: Bearer <api token>'.")
     with uow_factory() as uow:
-        user = uow.session.scalar(select(User).where(User.api_token_hash == hash_token(token.strip())))
+        user = uow.reads_only().session.scalar(select(User).where(User.api_token_hash == hash_token(token.strip())))
     if user is None:
         raise CallflowError(ErrorType.UNAUTHORIZED, "The API token is not valid.")
     sentry_sdk.set_tag("user_id", str(user.id))

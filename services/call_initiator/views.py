@@ -18,7 +18,7 @@ def get_call(uow_factory: UnitOfWorkFactory, user: User, call_id: str) -> Call:
     except ValueError:
         parsed = None
     with uow_factory() as uow:
-        call = uow.session.get(Call, parsed) if parsed else None
+        call = uow.reads_only().session.get(Call, parsed) if parsed else None
     if call is not None and call.user_id != user.id:
         # Reported as a security event, but answered exactly like a missing call: its existence is not disclosed.
         report(

@@ -175,7 +175,7 @@ class Dispatcher:
         """One unlocked read: whether the user has a due call and a free slot. A wake-up for calls already placed
         (a burst of messages drained by the first) costs no more than this."""
         with self._placer.uow_factory() as uow:
-            return bool(uow.session.scalar(dispatchable_query(user_id)))
+            return bool(uow.reads_only().session.scalar(dispatchable_query(user_id)))
 
     def _reserve_due(self, user_id: uuid.UUID, most: int) -> list[tuple[Call, str]]:
         """Up to `most` of the user's due calls, oldest first, each holding a slot now, with its agent's id at

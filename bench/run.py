@@ -1,0 +1,453 @@
+"""`make bench`: Callflow's performance figures, each against a baseline measured in the same run.
+
+The whole stack runs as real processes (as in the end-to-end tests) with production's Sentry settings, sending to
+a local endpoint that reads and discards what it gets (bench/sink.py), on a database and vhost of its own, dropped
+at the end. Webhook ingest is measured on the empty database first; then a year of history is seeded and every
+other figure is measured on top of it. Targets are ratios to the baselines, except where the issue sets an
+absolute bound. Prints one table and writes the same data to bench/results/latest.json. Exits 1 when a measurement
+failed (an unexpected answer, a socket error, a webhook answered but not applied); a target missed is a figure,
+not a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from bench import seed
+from bench.load import LoadFailure, WrkResult, alternating, wrk
+from bench.sink import DiscardingSink
+from shared.bolna.execution import CONTEXT_CALL_ID_KEY
+from shared.core import migrate
+from shared.messaging.publisher import Envelope
+from shared.messaging.topology import EVENTS_EXCHANGE, MessageType, open_channel
+from tests.conftest import WEBHOOK_SECRET
+from tests.support.isolation import Isolation
+from tests.support.processes import ServiceProcess, free_port
+from tests.support.stack import BOLNA_API_KEY, FAST_CALLS, Stack, running_stack
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "latest.json"
+
+WARM_UP_SECONDS = 2
+MEASURE_SECONDS = 8
+ROUNDS = 200  # sequential requests per figure at one connection
+WARM_UP_ROUNDS = 20
+# Seeded calls per wrk run, each taking four webhooks: room for 10,000 webhooks/s (a run that runs out fails).
+WARM_UP_CALLS = 5_000
+MEASURED_CALLS = 20_000
+INGEST_CUSTOMERS = 1_000  # the seeded calls' owners: each `completed` charges one of them
+API_CUSTOMERS = 300
+DISPATCH_CUSTOMERS = 300
+DISPATCH_CALLS_PER_CUSTOMER = 10
+DISPATCH_DEADLINE_SECONDS = 45  # a slower dispatcher is measured on the calls placed by then
+CREDITS = 1_000_000_000
+NO_LIMIT = 1_000_000
+
+PRODUCTION_SENTRY = {
+    "SENTRY_ENVIRONMENT": "production",
+    "SENTRY_TRACES_SAMPLE_RATE": "0.2",
+    "SENTRY_PROFILES_SAMPLE_RATE": "0.1",
+    "SENTRY_RELEASE": "callflow@bench",
+}
+# Every call Bolna accepts sends its `queued` webhook at once and then stays live for the rest of the run (it
+# holds its slot, so the limits above are high): each placed call costs one webhook, as in the first seconds of a
+# real call, without a flood of later statuses competing with the figures measured after it.
+LIVE_FOR_THE_RUN = {**FAST_CALLS, "step_delay_seconds": 3600.0}
+
+T = TypeVar("T")
+console = Console(width=None if sys.stdout.isatty() else 150)  # a log file gets the whole table unwrapped
+
+
+@dataclass(frozen=True)
+class Row:
+    figure: str
+    baseline_is: str
+    unit: str
+    callflow: float | None
+    baseline: float | None
+    target: str
+    met: Callable[[float, float | None], bool] | None  # (callflow, baseline) -> whether the target holds
+    difference: bool = False  # compared as callflow - baseline rather than callflow / baseline
+    absolute: bool = False  # the target bounds Callflow's own value: it holds or not whatever the baseline
+
+    @property
+    def ratio(self) -> float | None:
+        if self.callflow is None or self.baseline is None:
+            return None
+        return self.callflow - self.baseline if self.difference else self.callflow / self.baseline
+
+    @property
+    def measured(self) -> bool:
+        return self.callflow is not None and (self.baseline is not None or self.absolute)
+
+    @property
+    def target_met(self) -> bool | None:
+        if self.met is None or not self.measured:
+            return None
+        return self.met(self.callflow, self.baseline)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "figure": self.figure,
+            "baseline_is": self.baseline_is,
+            "unit": self.unit,
+            "callflow": _rounded(self.callflow),
+            "baseline": _rounded(self.baseline),
+            "comparison": "difference" if self.difference else "ratio",
+            "ratio": _rounded(self.ratio, 3),
+            "target": self.target,
+            "met": self.target_met,
+        }
+
+
+def _rounded(value: float | None, digits: int = 2) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+class Bench:
+    def __init__(self, database_url: str, logs: Path):
+        self.database_url = database_url
+        self.logs = logs
+        self.conn = seed.connect(database_url)
+        self.measurements: dict[str, Any] = {}
+        self.failures: dict[str, str] = {}
+        self.seeding_seconds: float | None = None
+        self._next_call = 1
+        self._ingest_owners: list[seed.Customer] = []
+
+    def measure(self, name: str, measurement: Callable[[], T]) -> T | None:
+        """Runs one measurement and keeps its numbers; one that fails is reported and the run goes on."""
+        started = time.monotonic()
+        try:
+            result = measurement()
+        except LoadFailure as exc:
+            self.failures[name] = str(exc)
+            console.print(f"[red]{name}: FAILED[/red] {exc}")
+            return None
+        self.measurements[name] = result.as_json() if hasattr(result, "as_json") else result
+        console.print(f"{name}: measured in {time.monotonic() - started:.0f} s")
+        return result
+
+    def run(self, sink: DiscardingSink) -> list[Row]:
+        with running_stack(sink, self.logs, PRODUCTION_SENTRY, LIVE_FOR_THE_RUN) as stack:
+            self._ingest_owners = seed.customers(self.conn, INGEST_CUSTOMERS, CREDITS, NO_LIMIT)
+            receiver = stack.webhook_receiver.url
+            empty = self.measure("webhook ingest, empty database", lambda: self.ingest(receiver))
+            console.print("seeding 1,000,000 calls and 4,000,000 webhooks ...")
+            self.seeding_seconds = seed.history(self.database_url)
+            console.print(f"seeded the history in {self.seeding_seconds:.1f} s (VACUUM ANALYZE included)")
+            with self.serving("bench.baselines.echo", {}) as echo:
+                bare = self.measure("bare Flask echo", lambda: self.ingest(echo.url, applies=False))
+                with self.serving("bench.baselines.durable_ingest", {}) as durable_ingest:
+                    durable = self.measure(
+                        "minimal durable ingest", lambda: self.ingest(durable_ingest.url, bills=False)
+                    )
+                ingest = self.measure("webhook ingest", lambda: self.ingest(receiver))
+                without_sentry = {**PRODUCTION_SENTRY, "SENTRY_DSN": ""}
+                with self.serving("services.webhook_receiver", without_sentry) as unobserved:
+                    no_sentry = self.measure("webhook ingest without Sentry", lambda: self.ingest(unobserved.url))
+                placed = self.measure("POST /api/calls -> 201", lambda: self.placed_calls(stack))
+                queued = self.measure("POST /api/calls -> 202", lambda: self.queued_calls(stack, echo.url))
+                api = self.measure("POST /api/calls at 16 connections", lambda: self.api_load(stack))
+                dispatch = self.measure("dispatch burst", lambda: self.dispatch_burst(stack))
+                memory = {_service_name(process): _rss_mib(process) for process in stack.processes}
+                memory["bare Flask echo"] = _rss_mib(echo)
+                self.measurements["rss_mib"] = memory
+        return _rows(empty, bare, durable, ingest, no_sentry, placed, queued, api, dispatch, memory)
+
+    @contextmanager
+    def serving(self, module: str, env: dict[str, str]) -> Iterator[ServiceProcess]:
+        """A process of its own, under the same gunicorn settings as the stack's services."""
+        process = ServiceProcess(module, free_port(), {"WEB_CONCURRENCY": "2", **env}, self.logs).start()
+        try:
+            yield process
+        finally:
+            process.stop()
+
+    def ingest(self, url: str, applies: bool = True, bills: bool = True) -> WrkResult:
+        """Unique webhooks at 16 connections: a warm-up, then the measured run, each on calls of its own. A server
+        that `applies` them has each run's calls seeded, and is checked to have applied (and `bills`: billed)
+        every webhook it answered."""
+        self._webhooks(url, WARM_UP_SECONDS, WARM_UP_CALLS, applies, bills)
+        return self._webhooks(url, MEASURE_SECONDS, MEASURED_CALLS, applies, bills)
+
+    def _webhooks(self, url: str, seconds: float, calls: int, applies: bool, bills: bool) -> WrkResult:
+        first, self._next_call = self._next_call, self._next_call + calls
+        if applies:
+            seed.live_calls(self.conn, first, calls, self._ingest_owners)
+        target = f"{url}/webhooks/bolna?token={WEBHOOK_SECRET}"
+        result = wrk("webhooks.lua", target, [str(first), str(calls)], seconds, expected={200})
+        if applies:
+            self._check_applied(first, calls, bills)
+        return result
+
+    def _check_applied(self, first: int, calls: int, bills: bool) -> None:
+        """A 200 must stand for the work: every stored webhook of the run applied to its call, and every call
+        completed billed. Requests still in flight when wrk stopped get a few seconds to finish."""
+        deadline = time.monotonic() + 5
+        while True:
+            unapplied, completed, unbilled = self.conn.execute(
+                """
+                SELECT count(*) FILTER (WHERE webhook_events.applied_at IS NULL),
+                       count(DISTINCT calls.id) FILTER (WHERE calls.status = 'completed'),
+                       count(DISTINCT calls.id) FILTER (WHERE calls.status = 'completed' AND credits_charged IS NULL)
+                FROM webhook_events JOIN calls USING (execution_id)
+                WHERE execution_id BETWEEN %s AND %s
+                """,
+                (seed.execution_id(first), seed.execution_id(first + calls - 1)),
+            ).fetchone()
+            unbilled = unbilled if bills else 0
+            if not (unapplied or unbilled) and completed:
+                return
+            if time.monotonic() > deadline:
+                raise LoadFailure(
+                    f"after the run: {unapplied} webhooks not applied, {completed} completed, {unbilled} of them "
+                    "not billed"
+                )
+            time.sleep(0.2)
+
+    def placed_calls(self, stack: Stack) -> dict[str, Any]:
+        """POST /api/calls answered 201 against Bolna's own answer to the POST /call it makes, one at a time."""
+        [owner] = seed.customers(self.conn, 1, CREDITS, NO_LIMIT)
+        request = {"agentId": str(owner.agent_id), "phoneNumber": seed.PHONE_NUMBER}
+        bolna = {"Authorization": f"Bearer {BOLNA_API_KEY}"}
+
+        def provider() -> httpx.Response:
+            # The body BolnaClient.place_call sends.
+            body = {
+                "agent_id": str(owner.provider_agent_id),
+                "recipient_phone_number": seed.PHONE_NUMBER,
+                "user_data": {CONTEXT_CALL_ID_KEY: str(uuid.uuid4())},
+                "retry_config": {"enabled": False},
+            }
+            return stack.http.post(f"{stack.simulator.url}/call", json=body, headers=bolna)
+
+        callflow, bolna_answer = alternating(
+            lambda: stack.api("POST", "/api/calls", json=request, headers=owner.auth),
+            provider,
+            expected=(201, 200),
+            rounds=ROUNDS,
+            warm_up=WARM_UP_ROUNDS,
+        )
+        return {"callflow": callflow.as_json(), "provider": bolna_answer.as_json()}
+
+    def queued_calls(self, stack: Stack, echo_url: str) -> dict[str, Any]:
+        """POST /api/calls answered 202 (the customer is at its limit: no Bolna request) against the bare echo."""
+        [owner] = seed.customers(self.conn, 1, CREDITS, max_concurrent_calls=1)
+        request = {"agentId": str(owner.agent_id), "phoneNumber": seed.PHONE_NUMBER}
+        first = stack.api("POST", "/api/calls", json=request, headers=owner.auth)
+        if first.status_code != 201:  # the call that holds the only slot for the rest of the run
+            raise LoadFailure(f"the call taking the only slot: {first.status_code} {first.text}")
+        callflow, echo = alternating(
+            lambda: stack.api("POST", "/api/calls", json=request, headers=owner.auth),
+            lambda: stack.http.post(f"{echo_url}/api/calls", json=request, headers=owner.auth),
+            expected=(202, 200),
+            rounds=ROUNDS,
+            warm_up=WARM_UP_ROUNDS,
+        )
+        return {"callflow": callflow.as_json(), "echo": echo.as_json()}
+
+    def api_load(self, stack: Stack) -> WrkResult:
+        """POST /api/calls at 16 connections, customer after customer, every call placed with Bolna (201)."""
+        owners = seed.customers(self.conn, API_CUSTOMERS, CREDITS, NO_LIMIT)
+        listing = self.logs / "api-customers.txt"
+        listing.write_text("".join(f"{owner.token} {owner.agent_id}\n" for owner in owners))
+        url = f"{stack.call_initiator.url}/api/calls"
+        wrk("place_calls.lua", url, [str(listing)], WARM_UP_SECONDS, expected={201})
+        return wrk("place_calls.lua", url, [str(listing)], MEASURE_SECONDS, expected={201})
+
+    def dispatch_burst(self, stack: Stack) -> dict[str, Any]:
+        """Queued calls woken at once, one `call.queued` message each (what POST /api/calls publishes for a call it
+        queues): calls per second from the first message until Bolna accepted them all."""
+        owners = seed.customers(self.conn, DISPATCH_CUSTOMERS, CREDITS, NO_LIMIT)
+        queued = seed.pending_calls(self.conn, owners, DISPATCH_CALLS_PER_CUSTOMER)
+        # Bolna only answers: the webhooks of the calls placed are the ingest figures' business, not dispatch's.
+        stack.sim_config(webhook_drop_rate=1.0)
+        agents = [str(owner.provider_agent_id) for owner in owners]
+        with open_channel(os.environ["RABBITMQ_URL"]) as channel:
+            started = time.monotonic()
+            for user_id, call_id in queued:
+                message = Envelope(MessageType.CALL_QUEUED, {"user_id": user_id, "call_id": call_id})
+                channel.basic_publish(
+                    EVENTS_EXCHANGE, message.message_type, message.encode(), message.properties(), mandatory=True
+                )
+            published = time.monotonic() - started
+        placed = 0
+        while placed < len(queued) and time.monotonic() - started < DISPATCH_DEADLINE_SECONDS:
+            time.sleep(0.05)
+            # The simulator's live calls of these customers' agents: no call of the run ends (LIVE_FOR_THE_RUN).
+            active = stack.sim_stats()["active_calls"]
+            placed = sum(active.get(agent, 0) for agent in agents)
+        seconds = time.monotonic() - started
+        return {
+            "calls": len(queued),
+            "placed": placed,
+            "seconds": round(seconds, 2),
+            "publishing_seconds": round(published, 2),
+            "calls_per_second": round(placed / seconds, 1),
+        }
+
+
+def _service_name(process: ServiceProcess) -> str:
+    return process.module.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def _rss_mib(process: ServiceProcess) -> float:
+    """Resident memory of a service: its main process (a gunicorn master) and every process under it."""
+    assert process.process is not None
+    pending, total_kib = [process.process.pid], 0
+    while pending:
+        pid = pending.pop()
+        proc = Path(f"/proc/{pid}")
+        status = (proc / "status").read_text()
+        total_kib += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+        for children in proc.glob("task/*/children"):
+            pending.extend(int(child) for child in children.read_text().split())
+    return round(total_kib / 1024, 1)
+
+
+def _rows(
+    empty: WrkResult | None,
+    bare: WrkResult | None,
+    durable: WrkResult | None,
+    ingest: WrkResult | None,
+    no_sentry: WrkResult | None,
+    placed: dict[str, Any] | None,
+    queued: dict[str, Any] | None,
+    api: WrkResult | None,
+    dispatch: dict[str, Any] | None,
+    memory: dict[str, float],
+) -> list[Row]:
+    def rate(result: WrkResult | None) -> float | None:
+        return result.requests_per_second if result else None
+
+    def p50(result: dict[str, Any] | None, side: str) -> float | None:
+        return result[side]["p50_ms"] if result else None
+
+    def at_least(share: float) -> Callable[[float, float | None], bool]:
+        return lambda callflow, baseline: baseline is not None and callflow >= share * baseline
+
+    burst = f"{dispatch['placed']:,} of {dispatch['calls']:,} calls placed" if dispatch else "queued calls"
+    echo_memory = "bare Flask echo, same gunicorn setup"
+    return [
+        Row("webhook ingest, 16 connections", "minimal durable ingest", "req/s", rate(ingest), rate(durable),
+            "≥ 75%", at_least(0.75)),
+        Row("webhook ingest p99, 16 connections", "minimal durable ingest", "ms", ingest and ingest.p99_ms,
+            durable and durable.p99_ms, "< 100 ms", lambda callflow, _: callflow < 100, absolute=True),
+        Row("webhook ingest, 16 connections", "bare Flask echo", "req/s", rate(ingest), rate(bare), "—", None),
+        Row("webhook ingest, 1M calls vs empty", "the same on the empty database", "req/s", rate(ingest),
+            rate(empty), "≥ 90%", at_least(0.9)),
+        Row("webhook ingest, production Sentry", "the same, Sentry not initialised", "req/s", rate(ingest),
+            rate(no_sentry), "≥ 90%", at_least(0.9)),
+        Row("POST /api/calls → 201, p50, 1 connection", "Bolna's answer to POST /call (simulator)", "ms",
+            p50(placed, "callflow"), p50(placed, "provider"), "≤ +10 ms",
+            lambda callflow, baseline: callflow - baseline <= 10, difference=True),
+        Row("POST /api/calls → 202, p50, 1 connection", "bare Flask echo", "ms", p50(queued, "callflow"),
+            p50(queued, "echo"), "≤ 8 ms", lambda callflow, _: callflow <= 8, absolute=True),
+        Row(f"POST /api/calls → 201, 16 connections, {API_CUSTOMERS} customers", "webhook ingest", "req/s",
+            rate(api), rate(ingest), "≥ 50%", at_least(0.5)),
+        Row(f"dispatch burst: {burst}", "simulator POST /call, 1 connection", "calls/s",
+            dispatch and dispatch["calls_per_second"], placed and placed["provider"]["requests_per_second"],
+            "≥ 300 calls/s", lambda callflow, _: callflow >= 300, absolute=True),
+        Row("RSS of call-initiator after the run", echo_memory, "MiB", memory["call-initiator"],
+            memory["bare Flask echo"], "—", None),
+        Row("RSS of webhook-receiver after the run", echo_memory, "MiB", memory["webhook-receiver"],
+            memory["bare Flask echo"], "—", None),
+        # One process (a consumer, its jobs and a health endpoint): no baseline is served like it.
+        Row("RSS of queue-processor after the run", "none comparable", "MiB", memory["queue-processor"], None, "—",
+            None),
+    ]  # fmt: skip
+
+
+def _table(rows: list[Row], seeding_seconds: float | None) -> Table:
+    table = Table(
+        title="Callflow performance (issue 10): each figure against a baseline measured in this run",
+        caption=(
+            f"{MEASURE_SECONDS} s wrk runs at 16 connections after a {WARM_UP_SECONDS} s warm-up; {ROUNDS} requests at "
+            f"1 connection; history seeded in {seeding_seconds or 0:.1f} s; ratio = Callflow / baseline, "
+            "except +ms = Callflow - baseline"
+        ),
+    )
+    for column in ("figure", "Callflow", "baseline", "ratio", "target", "met?"):
+        table.add_column(column, justify="left" if column == "figure" else "right")
+    for row in rows:
+        met = {True: "[green]yes[/green]", False: "[red]no[/red]", None: "—"}[row.target_met]
+        if row.met is not None and not row.measured:
+            met = "[red]FAILED[/red]"
+        if row.ratio is None:
+            ratio = "—"
+        else:
+            ratio = f"{row.ratio:+.1f} ms" if row.difference else f"{row.ratio:.0%}"
+        table.add_row(
+            f"{row.figure}\n[dim]baseline: {row.baseline_is}[/dim]",
+            _value(row.callflow, row.unit),
+            _value(row.baseline, row.unit),
+            ratio,
+            row.target,
+            met,
+        )
+    return table
+
+
+def _value(value: float | None, unit: str) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.0f} {unit}" if value >= 100 else f"{value:,.1f} {unit}"
+
+
+def main() -> int:
+    started = time.monotonic()
+    isolation = Isolation.new()
+    os.environ.update(
+        DATABASE_URL=isolation.database_url, RABBITMQ_URL=isolation.rabbitmq_url, WEBHOOK_SECRET=WEBHOOK_SECRET
+    )
+    isolation.create()
+    sink = DiscardingSink().start()
+    try:
+        migrate.upgrade(isolation.database_url)
+        with tempfile.TemporaryDirectory() as logs:
+            bench = Bench(isolation.database_url, Path(logs))
+            try:
+                rows = bench.run(sink)
+            finally:
+                bench.conn.close()
+    finally:
+        sink.stop()
+        isolation.destroy()
+    total = time.monotonic() - started
+    console.print(_table(rows, bench.seeding_seconds))
+    RESULTS.parent.mkdir(exist_ok=True)
+    results = {
+        "measured_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(),
+        "total_seconds": round(total, 1),
+        "seeding_seconds": _rounded(bench.seeding_seconds, 1),
+        "figures": [row.as_json() for row in rows],
+        "measurements": bench.measurements,
+        "failures": bench.failures,
+        "sentry_envelopes_sent": sink.envelopes,
+    }
+    RESULTS.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    for name, failure in bench.failures.items():
+        console.print(f"[red]FAILED[/red] {name}: {failure}")
+    console.print(f"total {total:.0f} s; written to {RESULTS.relative_to(REPO)}")
+    return 1 if bench.failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,256 @@
+"""Rows for the benchmark, written in SQL: customers, the calls each figure works on, and a year of history.
+
+Ids follow patterns the wrk scripts can rebuild from a number, so a webhook names a seeded call without a lookup.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import psycopg
+from sqlalchemy.engine import make_url
+
+from shared.core.tokens import hash_token, new_api_token
+
+HISTORY_CUSTOMERS = 5_000
+HISTORY_CALLS = 1_000_000
+HISTORY_EVENTS_PER_CALL = 4  # 4,000,000 stored webhooks
+HISTORY_DAYS = 365
+PAYLOAD_RETENTION_DAYS = 30  # WEBHOOK_PAYLOAD_RETENTION_DAYS: older payloads were redacted to their ids
+PHONE_NUMBER = "+14155550123"
+FROM_NUMBER = "+918035735888"
+TRANSCRIPT = (
+    "assistant: Hello! This is Maya calling from Callflow. Is this a good time to talk?\n"
+    "user: Yes, go ahead.\n"
+    "assistant: I am calling to confirm your appointment for tomorrow at 11 am. Does that still work?\n"
+    "user: Yes, that works for me.\n"
+    "assistant: Great, you are all set. Thank you and have a nice day!\n"
+)
+
+
+def execution_id(number: int) -> str:
+    """The Bolna execution id of seeded live call `number`, as `live_calls` and bench/wrk/webhooks.lua write it."""
+    return f"e0000000-0000-4000-8000-{number:012d}"
+
+
+def conninfo(database_url: str) -> str:
+    """The services' SQLAlchemy DATABASE_URL as plain psycopg takes it."""
+    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def connect(database_url: str) -> psycopg.Connection:
+    """A plain psycopg connection (autocommit) to the database the services use."""
+    return psycopg.connect(conninfo(database_url), autocommit=True)
+
+
+@dataclass(frozen=True)
+class Customer:
+    user_id: uuid.UUID
+    agent_id: uuid.UUID
+    provider_agent_id: uuid.UUID
+    token: str
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+def customers(conn: psycopg.Connection, count: int, credits: int, max_concurrent_calls: int) -> list[Customer]:
+    """Customers with one configured agent each; their API tokens are stored hashed, as `callctl` stores them."""
+    made = [Customer(uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), new_api_token()) for _ in range(count)]
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            INSERT INTO users (id, email, api_token_hash, credits, max_concurrent_calls)
+            SELECT id, id || '@example.com', token_hash, %(credits)s, %(limit)s
+            FROM unnest(%(ids)s::uuid[], %(hashes)s::text[]) AS made(id, token_hash)
+            """,
+            {
+                "ids": [c.user_id for c in made],
+                "hashes": [hash_token(c.token) for c in made],
+                "credits": credits,
+                "limit": max_concurrent_calls,
+            },
+        )
+        cur.execute(
+            """
+            INSERT INTO agents (id, user_id, name, provider_agent_id)
+            SELECT id, user_id, 'Maya', provider_agent_id::text
+            FROM unnest(%s::uuid[], %s::uuid[], %s::uuid[]) AS made(id, user_id, provider_agent_id)
+            """,
+            ([c.agent_id for c in made], [c.user_id for c in made], [c.provider_agent_id for c in made]),
+        )
+    return made
+
+
+def live_calls(conn: psycopg.Connection, first: int, count: int, owners: Sequence[Customer]) -> None:
+    """Calls `first` .. `first + count - 1` as Bolna has just started them: `initiated` with their execution id,
+    their slot held on the full lease, as the call-initiator leaves a call once Bolna answered. A fifth carry a
+    sampled trace, like the calls POST /api/calls traced at SENTRY_TRACES_SAMPLE_RATE 0.2."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            INSERT INTO calls (id, user_id, agent_id, phone_number, status, execution_id, slot_held,
+                               slot_lease_expires_at, initiated_at, provider_checked_at, trace_headers)
+            SELECT ('00000000-0000-4000-8000-' || lpad(n::text, 12, '0'))::uuid, owner.user_id, owner.agent_id,
+                   %(phone)s, 'initiated', 'e0000000-0000-4000-8000-' || lpad(n::text, 12, '0'), true,
+                   now() + interval '1 hour', now(), now(),
+                   jsonb_build_object('sentry-trace', md5('trace' || n) || '-' || left(md5('span' || n), 16) || '-'
+                                      || CASE WHEN n %% 5 = 0 THEN '1' ELSE '0' END)
+            FROM generate_series(%(first)s::bigint, %(last)s::bigint) n
+            JOIN unnest(%(users)s::uuid[], %(agents)s::uuid[]) WITH ORDINALITY AS owner(user_id, agent_id, position)
+              ON owner.position = 1 + n %% %(owners)s
+            """,
+            {
+                "phone": PHONE_NUMBER,
+                "first": first,
+                "last": first + count - 1,
+                "users": [c.user_id for c in owners],
+                "agents": [c.agent_id for c in owners],
+                "owners": len(owners),
+            },
+        )
+
+
+def pending_calls(conn: psycopg.Connection, owners: Sequence[Customer], per_customer: int) -> list[tuple[str, str]]:
+    """Calls waiting in the queue, as POST /api/calls leaves them when their customer is at its limit; returns
+    (user id, call id) of each, oldest first."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            INSERT INTO calls (id, user_id, agent_id, phone_number, status, created_at, updated_at)
+            SELECT gen_random_uuid(), owner.user_id, owner.agent_id, %(phone)s, 'pending', queued_at, queued_at
+            FROM unnest(%(users)s::uuid[], %(agents)s::uuid[]) AS owner(user_id, agent_id),
+                 generate_series(1, %(per)s) k,
+                 LATERAL (SELECT now() - k * interval '1 millisecond' AS queued_at) queued
+            RETURNING user_id::text, id::text, created_at
+            """,
+            {
+                "phone": PHONE_NUMBER,
+                "users": [c.user_id for c in owners],
+                "agents": [c.agent_id for c in owners],
+                "per": per_customer,
+            },
+        )
+        rows = cur.fetchall()
+    return [(user, call) for user, call, _ in sorted(rows, key=lambda row: row[2])]
+
+
+_TRANSCRIPT_SQL = f"$transcript${TRANSCRIPT}$transcript$"  # dollar-quoted: the statements run without parameters
+# The history's SQL expressions of call number `n`. Mostly completed calls; the rest ended without a conversation.
+# Derived from the number, so the calls and their webhooks, written by separate statements, agree.
+_HISTORY_STATUS = """CASE WHEN n % 200 < 156 THEN 'completed' WHEN n % 200 < 172 THEN 'no-answer'
+    WHEN n % 200 < 184 THEN 'busy' WHEN n % 200 < 194 THEN 'failed' WHEN n % 200 < 197 THEN 'canceled'
+    WHEN n % 200 < 198 THEN 'stopped' ELSE 'error' END"""
+# Oldest first, over the past year, so the tables' physical order follows time as in production.
+_HISTORY_CREATED = f"now() - interval '1 hour' - (1 - n::float / {HISTORY_CALLS}) * interval '{HISTORY_DAYS} days'"
+_HISTORY_DURATION = "(20 + n::bigint * 7919 % 580)::int"
+
+_HISTORY_CUSTOMERS_SQL = f"""
+INSERT INTO users (id, email, api_token_hash, credits, max_concurrent_calls, created_at)
+SELECT md5('history-user' || u)::uuid, 'history-' || u || '@example.com', md5('token' || u) || md5('hash' || u),
+       100 + u % 5000, 2 + u % 9, now() - interval '{HISTORY_DAYS + 30} days'
+FROM generate_series(1, {HISTORY_CUSTOMERS}) u;
+INSERT INTO agents (id, user_id, name, provider_agent_id, created_at)
+SELECT md5('history-agent' || u)::uuid, md5('history-user' || u)::uuid, 'Agent ' || u,
+       md5('history-provider-agent' || u)::uuid::text, now() - interval '{HISTORY_DAYS + 30} days'
+FROM generate_series(1, {HISTORY_CUSTOMERS}) u;
+"""
+
+_HISTORY_CALLS_SQL = f"""
+SET session_replication_role = replica;  -- every reference is consistent by construction: skip the FK triggers
+INSERT INTO calls (id, user_id, agent_id, phone_number, status, execution_id, error_type, error_detail, slot_held,
+                   initiated_at, provider_checked_at, duration_seconds, credits_charged, transcript, recording_url,
+                   trace_headers, created_at, updated_at)
+SELECT md5('history-call' || n)::uuid, md5('history-user' || u)::uuid, md5('history-agent' || u)::uuid,
+       '{PHONE_NUMBER}', status, md5('history-execution' || n)::uuid::text,
+       CASE WHEN status = 'failed' THEN 'bolna_call_failed' END,
+       CASE WHEN status = 'failed' THEN 'Call failed: the carrier rejected the call' END,
+       false, created, created + interval '3 minutes',
+       CASE WHEN completed THEN duration END, CASE WHEN completed THEN ceil(duration / 60.0)::int END,
+       CASE WHEN completed THEN {_TRANSCRIPT_SQL} END,
+       CASE WHEN completed THEN 'https://recordings.example.invalid/' || md5('recording' || n) || '.mp3' END,
+       jsonb_build_object('sentry-trace', md5('trace' || n) || '-' || left(md5('span' || n), 16) || '-0'),
+       created, created + interval '3 minutes'
+FROM (
+    SELECT n, 1 + n % {HISTORY_CUSTOMERS} AS u, {_HISTORY_STATUS} AS status,
+           {_HISTORY_STATUS} = 'completed' AS completed,
+           {_HISTORY_DURATION} AS duration, {_HISTORY_CREATED} AS created
+    FROM generate_series(1, {HISTORY_CALLS}) n
+) history;
+INSERT INTO credit_ledger (user_id, call_id, amount, reason, created_at)
+SELECT md5('history-user' || (1 + n % {HISTORY_CUSTOMERS}))::uuid, md5('history-call' || n)::uuid,
+       -ceil({_HISTORY_DURATION} / 60.0)::int, 'call_charge',
+       {_HISTORY_CREATED} + interval '3 minutes'
+FROM generate_series(1, {HISTORY_CALLS}) n
+WHERE {_HISTORY_STATUS} = 'completed';
+"""
+
+# Four webhooks per call, a few seconds apart, each applied 40 ms after it arrived. Payloads past their retention
+# hold only their ids (what the retention job leaves); recent ones are the whole execution object.
+_HISTORY_EVENTS_SQL = f"""
+SET session_replication_role = replica;
+INSERT INTO webhook_events (execution_id, status, attempt, payload, call_id, received_at, applied_at, redacted_at)
+SELECT execution, status, 0,
+       CASE WHEN redacted THEN jsonb_build_object('id', execution, 'status', status)
+            ELSE jsonb_build_object(
+                'id', execution, 'agent_id', md5('history-provider-agent' || (1 + n % {HISTORY_CUSTOMERS}))::uuid,
+                'status', status, 'created_at', created, 'updated_at', received,
+                'conversation_duration', CASE WHEN final THEN duration ELSE 0 END,
+                'transcript', CASE WHEN final AND status = 'completed' THEN {_TRANSCRIPT_SQL} END,
+                'telephony_data', jsonb_build_object(
+                    'duration', CASE WHEN final THEN duration ELSE 0 END::text, 'to_number', '{PHONE_NUMBER}',
+                    'from_number', '{FROM_NUMBER}', 'provider_call_id', 'CA' || md5('provider-call' || n),
+                    'call_type', 'outbound', 'provider', 'twilio', 'hosted_telephony', true),
+                'context_details', jsonb_build_object(
+                    'recipient_data', jsonb_build_object('callflow_call_id', md5('history-call' || n)::uuid),
+                    'recipient_phone_number', '{PHONE_NUMBER}'))
+       END,
+       md5('history-call' || n)::uuid, received, received + interval '40 milliseconds',
+       CASE WHEN redacted THEN received + interval '{PAYLOAD_RETENTION_DAYS} days' END
+FROM (
+    SELECT n, step, execution, created, duration, final,
+           CASE WHEN final THEN outcome
+                WHEN outcome = 'completed' THEN (ARRAY['initiated', 'ringing', 'in-progress'])[step]
+                ELSE (ARRAY['queued', 'initiated', 'ringing'])[step] END AS status,
+           created + step * interval '4 seconds' + CASE WHEN final THEN duration * interval '1 second'
+                                                        ELSE interval '0' END AS received,
+           created < now() - interval '{PAYLOAD_RETENTION_DAYS} days' AS redacted
+    FROM (
+        SELECT n, step, md5('history-execution' || n)::uuid::text AS execution,
+               {_HISTORY_CREATED} AS created, {_HISTORY_DURATION} AS duration,
+               {_HISTORY_STATUS} AS outcome, step = {HISTORY_EVENTS_PER_CALL} AS final
+        FROM generate_series({{first}}, {{last}}) n, generate_series(1, {HISTORY_EVENTS_PER_CALL}) step
+    ) per_step
+) events;
+"""
+HISTORY_EVENT_BATCHES = 10  # statements writing the webhooks, so that two connections share the work evenly
+
+
+def history(database_url: str) -> float:
+    """A year of finished calls (1,000,000, with their charges) and their 4,000,000 webhooks, then VACUUM ANALYZE
+    and a checkpoint, so no figure pays for the seeding's writes. The calls and the webhooks are written at once
+    on two connections (two cores). Returns the seconds it took."""
+    started = time.monotonic()
+    with connect(database_url) as conn:
+        conn.execute(_HISTORY_CUSTOMERS_SQL)
+
+    def run(statements: str) -> None:
+        with connect(database_url) as conn:
+            conn.execute(statements)
+
+    batch = HISTORY_CALLS // HISTORY_EVENT_BATCHES
+    event_batches = [
+        _HISTORY_EVENTS_SQL.format(first=first, last=first + batch - 1) for first in range(1, HISTORY_CALLS, batch)
+    ]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for done in [pool.submit(run, statements) for statements in [_HISTORY_CALLS_SQL, *event_batches]]:
+            done.result()
+    with connect(database_url) as conn:
+        conn.execute("VACUUM ANALYZE")
+        conn.execute("CHECKPOINT")
+    return time.monotonic() - started
