@@ -1,0 +1,59 @@
+"""The dispatcher reserves a slot only for a call a placing thread can place at once: a reservation never waits
+behind others long enough for its short lease to run out while its call may still be dialled."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+from sqlalchemy import func, select
+
+from services.queue_processor.dispatch import Dispatcher, DispatchTrigger
+from shared.calls import statuses
+from shared.calls.initiation import CallPlacer
+from shared.core.models import Call
+from tests.support.components import components
+from tests.support.factories import call_row, customer
+from tests.support.stack import wait_until
+
+
+class _HeldPlacer(CallPlacer):
+    """Places nothing until released: each call it is handed stays with its placing thread."""
+
+    def __init__(self) -> None:
+        super().__init__(components().uow, components().bolna, max_attempts=3)
+        self.release = threading.Event()
+        self.handed: list[uuid.UUID] = []
+
+    def initiate(self, call: Call, provider_agent_id: str, retry_transient: bool) -> Call | None:
+        self.handed.append(call.id)
+        self.release.wait(30)
+        return None
+
+
+def _reserved(user_id: uuid.UUID) -> int:
+    with components().uow() as uow:
+        return uow.session.scalar(select(func.count()).where(Call.user_id == user_id, Call.slot_held))
+
+
+def test_no_call_is_reserved_while_every_placing_thread_is_busy():
+    owner = customer(credits=100, max_concurrent_calls=10)
+    waiting = [call_row(owner).id for _ in range(5)]
+    placer = _HeldPlacer()
+    dispatcher = Dispatcher(placer, concurrency=2)
+    dispatching = threading.Thread(target=dispatcher.dispatch_pending, args=(owner.user_id, DispatchTrigger.MESSAGE))
+    dispatching.start()
+    try:
+        wait_until(lambda: len(placer.handed) == 2, 10, "both placing threads have a call")
+        time.sleep(0.5)  # room for a third reservation, if the dispatcher would make one
+        assert _reserved(owner.user_id) == 2, "free slots remain, but no thread is free to place another call"
+    finally:
+        placer.release.set()
+    dispatching.join(30)
+    assert dispatcher.wait_until_idle(30)
+    assert sorted(placer.handed) == sorted(waiting), "every call handed over once, oldest first"
+    assert set(placer.handed[:2]) == set(waiting[:2]), "the oldest first"
+    with components().uow() as uow:
+        left = uow.session.scalars(select(Call.status).where(Call.user_id == owner.user_id)).all()
+    assert set(left) == {statuses.INITIATING}
