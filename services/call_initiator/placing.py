@@ -5,6 +5,8 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+from sqlalchemy import Select, select
+
 from services.call_initiator.idempotency import Claim, claim_key
 from services.call_initiator.request_models import PlaceCallRequest
 from shared.calls import lifecycle, statuses
@@ -27,7 +29,8 @@ def place_call(
     placer: CallPlacer, user: User, request: PlaceCallRequest, idempotency: Claim | None = None
 ) -> AcceptedCall:
     with placer.uow_factory() as uow:
-        agent = uow.session.get(Agent, request.agent_id)
+        # One round trip: the customer, locked (slots are taken under this lock), and the agent asked for.
+        locked_user, agent = uow.session.execute(user_and_agent_query(user.id, request.agent_id)).one()
         tags = {"user_id": user.id, "agent_id": request.agent_id}
         if agent is None:
             raise CallflowError(ErrorType.AGENT_NOT_FOUND, f"Agent {request.agent_id} does not exist.", **tags)
@@ -37,7 +40,6 @@ def place_call(
             raise CallflowError(
                 ErrorType.AGENT_NOT_CONFIGURED, "The agent has no provider agent id configured.", **tags
             )
-        locked_user = uow.calls.lock_user(user.id)
         if locked_user.credits <= 0:
             raise CallflowError(ErrorType.INSUFFICIENT_CREDITS, "The account has no credits left.", **tags)
         call = Call(
@@ -65,3 +67,13 @@ def place_call(
         with placer.uow_factory() as uow:
             return AcceptedCall(uow.session.get_one(Call, call.id), placed=False)
     return AcceptedCall(placed, placed=True)
+
+
+def user_and_agent_query(user_id: uuid.UUID, agent_id: uuid.UUID) -> Select[tuple[User, Agent | None]]:
+    """The user, locked, and the agent with this id whoever owns it (None when there is none)."""
+    return (
+        select(User, Agent)
+        .join(Agent, Agent.id == agent_id, isouter=True)
+        .where(User.id == user_id)
+        .with_for_update(of=User)
+    )

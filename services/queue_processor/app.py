@@ -54,7 +54,7 @@ class QueueProcessor:
         self.consumer.run()  # returns once `stopping` is set and the message in hand is acknowledged
         jobs.join()
         if not self.dispatcher.wait_until_idle(STOP_TIMEOUT_SECONDS):
-            log.warning("stopping with calls still being placed; their short leases bring them back")
+            log.warning("calls are still being placed after %.0f s; waiting for Bolna's answers", STOP_TIMEOUT_SECONDS)
         self.after_commit.wait_until_idle(STOP_TIMEOUT_SECONDS)  # what is left, the relay publishes
         health.shutdown()
         sentry_sdk.flush(timeout=5)

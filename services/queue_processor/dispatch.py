@@ -63,8 +63,8 @@ class Dispatcher:
     def dispatch_pending(self, user_id: uuid.UUID, trigger: DispatchTrigger) -> int:
         """Reserves the user's due calls, oldest first, while they have free slots, and hands each to a placing
         thread; returns how many. It does not wait for Bolna's answers: a reservation is committed before its call
-        is placed, and one whose placing never finishes (the process stopped) comes back when its short lease
-        runs out or the reconcile job settles it."""
+        is placed, and one whose placing never finishes (the process was killed) is settled by the reconcile job
+        once its short lease runs out: linked if Bolna has it, else failed as `bolna_outcome_unknown`."""
         dispatched = 0
         while not self._placer.provider_down and self._has_work(user_id):
             threads = self._take_free_threads()
@@ -76,9 +76,14 @@ class Dispatcher:
             self._give_back_threads(threads - len(reserved))
             if not reserved:
                 break
-            for call, provider_agent_id in reserved:
-                self._pool.submit(self._dispatch_on_thread, call, provider_agent_id, trigger)
-            dispatched += len(reserved)
+            handed = 0
+            try:
+                for call, provider_agent_id in reserved:
+                    self._pool.submit(self._dispatch_on_thread, call, provider_agent_id, trigger)
+                    handed += 1
+            finally:
+                self._give_back_threads(len(reserved) - handed)  # the pool is shutting down
+            dispatched += handed
         self._hold_back_while_provider_down(user_id)
         return dispatched
 

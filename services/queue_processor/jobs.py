@@ -22,7 +22,7 @@ from shared.core.errors import CallflowError, ErrorType
 from shared.messaging import outbox
 from shared.observability.sentry import cron, report
 
-OUTBOX_MIN_AGE = timedelta(seconds=5)  # younger rows are still being published by the request that wrote them
+OUTBOX_MIN_AGE = timedelta(seconds=5)  # younger rows are still being published by the process that wrote them
 KEPT_WEBHOOK_MIN_AGE_SECONDS = 2.0
 
 T = TypeVar("T")

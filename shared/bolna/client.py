@@ -87,7 +87,7 @@ class BolnaClient:
             settings.bolna_api_key,
             settings.bolna_timeout_seconds,
             breaker,
-            pool_size=settings.web_threads,
+            pool_size=max(settings.web_threads, settings.dispatch_concurrency),
         )
 
     def place_call(self, agent_id: str, phone_number: str, user_data: dict[str, Any]) -> PlacedCall:

@@ -118,10 +118,13 @@ class CallPlacer:
 
     def link_execution(self, call_id: uuid.UUID, placed: PlacedCall) -> Call:
         with self.uow_factory() as uow:
-            call = uow.calls.lock_call(call_id)
+            # Bolna can post webhooks before its answer reaches us: those kept for this execution are applied.
+            call, kept = uow.session.execute(
+                provider_events.call_and_kept_events_query(call_id, placed.execution_id)
+            ).one()
             lifecycle.link_execution(uow.calls, call, placed.execution_id, placed.status)
-            # Bolna can post webhooks before its answer reaches us: apply what was kept for this execution.
-            provider_events.apply_kept_events(uow, call)
+            if kept:
+                provider_events.apply_kept_events(uow, call)
             uow.commit()
         return call
 

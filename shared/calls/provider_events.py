@@ -61,11 +61,13 @@ def ingest(uow_factory: UnitOfWorkFactory, payload: Any, bolna: BolnaClient | No
         event_id = event.id if event is not None else None
         if event is None:  # already stored: apply it now if it is still waiting
             event = uow.session.scalar(waiting_duplicate_query(webhook))
-        waits_for_duration = event is not None and _apply_and_commit(uow, event, started)
-        if event is None:
+        outcome = _apply_and_commit(uow, event, started) if event is not None else None
+        if outcome is None:
             uow.commit()
-    if bolna is not None and waits_for_duration:
-        process(uow_factory, event.id, bolna)
+        elif event_id is not None:
+            event_id = outcome.event_id
+    if bolna is not None and outcome is not None and outcome.waits_for_duration:
+        process(uow_factory, outcome.event_id, bolna)
     return Receipt(event_id, webhook.execution_id, webhook.status, webhook.attempt)
 
 
@@ -127,46 +129,60 @@ def process(uow_factory: UnitOfWorkFactory, event_id: int, bolna: BolnaClient | 
             _apply_and_commit(uow, event, started, duration_asked=bolna is not None)
 
 
-def _apply_and_commit(uow: UnitOfWork, event: WebhookEvent, started: float, duration_asked: bool = False) -> bool:
-    """Applies a stored event (locked by this transaction) to its call, in the call's trace, and commits. Returns
-    whether it was kept to wait for its duration.
+@dataclass(frozen=True)
+class _Outcome:
+    event_id: int  # the row the event is stored in (a new one when a failure rolled the first away)
+    waits_for_duration: bool = False
 
-    When applying fails, the transaction is rolled back and the event stored again with the failure, in a
-    transaction of its own; the failure is reported when it first appears and only logged when a retry fails the
-    same way, so a stuck event cannot flood Sentry.
+
+def _apply_and_commit(uow: UnitOfWork, event: WebhookEvent, started: float, duration_asked: bool = False) -> _Outcome:
+    """Applies a stored event (locked by this transaction) to its call, in the call's trace, and commits.
+
+    When anything fails (finding the call included), the transaction is rolled back and the event stored again with
+    the failure, in a transaction of its own; the failure is reported when it first appears and only logged when a
+    retry fails the same way, so a stuck event cannot flood Sentry.
     """
-    call = _find_call(uow, AgentExecution(event.payload))
+    kept = _KeptEvent.of(event)
+    try:
+        call = _find_call(uow, AgentExecution(event.payload))
+    except Exception as exc:
+        return _keep_failed(uow, kept, exc, {}, started)
     with tracing.call_transaction(call.trace_headers if call else None, op=PROCESS_OP, name=PROCESS_NAME) as span:
         span.set_data("status", event.status)
         span.set_data("execution_id", event.execution_id)
         sentry_sdk.add_breadcrumb(category="webhook", message=f"Webhook received: {event.status}")
-        if call is None:  # not known (yet): applied when the call is linked, or by the sweep
-            _defer(event, "no call for this execution yet")
-            uow.commit()
-            return False
-        if _lacks_duration(event) and not duration_asked:
-            _defer(event, "completed without a duration: waiting to ask Bolna for it")
-            uow.commit()
-            return True
-        ids = {"call_id": call.id, "user_id": call.user_id, "agent_id": call.agent_id}
-        already_unbilled = call.error_type == ErrorType.BILLING_DURATION_MISSING
-        kept = _KeptEvent.of(event)
+        ids = {"call_id": call.id, "user_id": call.user_id, "agent_id": call.agent_id} if call else {}
         try:
+            if call is None:  # not known (yet): applied when the call is linked, or by the sweep
+                _defer(event, "no call for this execution yet")
+                uow.commit()
+                return _Outcome(event.id)
+            if _lacks_duration(event) and not duration_asked:
+                _defer(event, "completed without a duration: waiting to ask Bolna for it")
+                uow.commit()
+                return _Outcome(event.id, waits_for_duration=True)
+            already_unbilled = call.error_type == ErrorType.BILLING_DURATION_MISSING
             lifecycle.apply_provider_event(uow.calls, call, event)
             unbilled = not already_unbilled and call.error_type == ErrorType.BILLING_DURATION_MISSING
             uow.commit()
         except Exception as exc:
             span.set_status("internal_error")
-            uow.rollback()
-            attempts = kept.store_failed(uow, repr(exc))
-            if kept.last_error != repr(exc)[:2000]:
-                _report_failure(exc, kept, ids, attempts, started)
-            else:
-                log.warning("webhook %s still failing after %d attempts: %r", kept.execution_id, attempts, exc)
-            return False
+            return _keep_failed(uow, kept, exc, ids, started)
         if unbilled:
             _report_unbilled(call, event)
-        return False
+        return _Outcome(event.id)
+
+
+def _keep_failed(uow: UnitOfWork, kept: _KeptEvent, exc: Exception, ids: dict[str, Any], started: float) -> _Outcome:
+    uow.rollback()
+    event_id, attempts = kept.store_failed(uow, repr(exc))
+    if attempts is None:  # applied meanwhile, by another delivery of it: nothing is left failing
+        log.warning("webhook %s %s failed, then another delivery applied it: %r", kept.execution_id, kept.status, exc)
+    elif kept.last_error != repr(exc)[:2000]:
+        _report_failure(exc, kept, ids, attempts, started)
+    else:
+        log.warning("webhook %s still failing after %d attempts: %r", kept.execution_id, attempts, exc)
+    return _Outcome(event_id)
 
 
 @dataclass(frozen=True)
@@ -183,9 +199,9 @@ class _KeptEvent:
     def of(cls, event: WebhookEvent) -> _KeptEvent:
         return cls(event.execution_id, event.status, event.attempt, event.payload, event.last_error)
 
-    def store_failed(self, uow: UnitOfWork, reason: str) -> int:
+    def store_failed(self, uow: UnitOfWork, reason: str) -> tuple[int, int | None]:
         """Stores the event (unless it was stored before this transaction) with one more failed attempt, due for
-        a retry later and later; returns the attempts so far."""
+        a retry later and later; returns its id and the attempts so far (None when it has been applied since)."""
         events = WebhookEvent.__table__
         key = {"execution_id": self.execution_id, "status": self.status, "attempt": self.attempt}
         uow.session.execute(
@@ -193,9 +209,10 @@ class _KeptEvent:
             .values(**key, payload=self.payload)
             .on_conflict_do_nothing(constraint="uq_webhook_events_execution_status")
         )
+        event_id = uow.session.scalar(select(events.c.id).where(*(events.c[n] == v for n, v in key.items())))
         attempts = uow.session.scalar(
             update(events)
-            .where(*(events.c[name] == value for name, value in key.items()), events.c.applied_at.is_(None))
+            .where(events.c.id == event_id, events.c.applied_at.is_(None))
             .values(
                 attempts=events.c.attempts + 1,
                 last_error=reason[:2000],
@@ -207,7 +224,7 @@ class _KeptEvent:
             .returning(events.c.attempts)
         )
         uow.commit()
-        return attempts or 0
+        return event_id, attempts
 
 
 def _report_failure(exc: Exception, event: _KeptEvent, ids: dict[str, Any], attempts: int, started: float) -> None:
@@ -264,14 +281,12 @@ def _complete_duration(uow_factory: UnitOfWorkFactory, event: WebhookEvent, boln
     return True
 
 
-def _defer(event: WebhookEvent, reason: str) -> int:
+def _defer(event: WebhookEvent, reason: str) -> None:
     """Counts one more attempt at an event (locked by the caller) and sets when the sweep tries it next, later and
-    later; returns the attempts so far."""
-    attempts = (event.attempts or 0) + 1
-    event.attempts = attempts
+    later."""
+    event.attempts = (event.attempts or 0) + 1
     event.last_error = reason[:2000]
-    event.next_attempt_at = func.now() + timedelta(seconds=min(2**attempts, MAX_RETRY_DELAY_SECONDS))
-    return attempts
+    event.next_attempt_at = func.now() + timedelta(seconds=min(2**event.attempts, MAX_RETRY_DELAY_SECONDS))
 
 
 def _report_unbilled(call: Call, event: WebhookEvent) -> None:
@@ -361,6 +376,20 @@ def echoed_call_query(call_id: uuid.UUID, execution_id: str | None) -> Select[tu
         .where(Call.id == call_id, or_(Call.execution_id.is_(None), Call.execution_id == execution_id))
         .with_for_update()
     )
+
+
+def call_and_kept_events_query(call_id: uuid.UUID, execution_id: str) -> Select[tuple[Call, bool]]:
+    """The call, locked, and whether events are kept for the execution Bolna named for it (one round trip)."""
+    kept = (
+        select(WebhookEvent.id)
+        .where(
+            WebhookEvent.execution_id == execution_id,
+            WebhookEvent.applied_at.is_(None),
+            WebhookEvent.redacted_at.is_(None),
+        )
+        .exists()
+    )
+    return select(Call, kept).where(Call.id == call_id).with_for_update(of=Call)
 
 
 def kept_events_query(execution_id: str | None) -> Select[tuple[WebhookEvent]]:

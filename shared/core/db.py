@@ -21,7 +21,8 @@ _CHECKED_IN_AT = "callflow_checked_in_at"
 def create_db_engine(settings: Settings) -> Engine:
     engine = create_engine(
         settings.database_url,
-        pool_size=max(5, settings.web_threads),
+        # Each request thread, and in the queue-processor each placing thread, holds at most one connection.
+        pool_size=max(5, settings.web_threads, settings.dispatch_concurrency + 4),
         max_overflow=10,
         pool_recycle=RECYCLE_SECONDS,
         connect_args={"connect_timeout": 5},

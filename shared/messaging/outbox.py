@@ -64,6 +64,10 @@ class AfterCommitPublisher:
             return self._idle.wait_for(lambda: self._unfinished == 0, timeout)
 
     def _run(self) -> None:
+        # The thread was started inside some request and inherited copies of its scopes (tags, user, breadcrumbs):
+        # cleared once, so nothing of that request reaches what this thread sends.
+        sentry_sdk.get_isolation_scope().clear()
+        sentry_sdk.get_current_scope().clear()
         while True:
             batch = [self._rows.get()]
             while len(batch) < self.BATCH:
@@ -72,10 +76,7 @@ class AfterCommitPublisher:
                 except queue.Empty:
                     break
             try:
-                # The thread was started inside some request and inherited its scope: each batch starts without
-                # that request's (finished) transaction, and continues the trace each row was written in.
-                with sentry_sdk.isolation_scope(), sentry_sdk.new_scope() as scope:
-                    scope.span = None
+                with sentry_sdk.isolation_scope():  # each row's publish continues the trace the row was written in
                     publish_committed(self._sessions, self._publisher, batch)
             except Exception:  # committed rows are safe in the outbox; the relay publishes them
                 log.warning("publishing after commit failed; left to the outbox relay", exc_info=True)
@@ -85,30 +86,30 @@ class AfterCommitPublisher:
 
 
 def publish_committed(sessions: sessionmaker[Session], publisher: Publisher, rows: Sequence[OutboxMessage]) -> None:
-    """Publishes rows this process has just committed, as it holds them: nothing is read back, and one statement
-    marks them published. A row the broker did not take is left to the relay."""
-    published: list[int] = []
-    failed: tuple[OutboxMessage, Exception] | None = None
-    for row in rows:
-        try:
-            _publish(publisher, row)
-        except Exception as exc:  # the broker is away: leave the rest for the relay
-            failed = (row, exc)
-            break
-        published.append(row.id)
+    """Publishes rows this process has just committed, as it holds them: they are claimed (so the relay never
+    publishes them too) and marked published in one transaction, without reading them back. A row the broker did
+    not take is left to the relay."""
     with sessions() as session:
+        claimed = set(session.scalars(claim_query([row.id for row in rows])))
+        published: list[int] = []
+        for row in rows:
+            if row.id not in claimed:  # the relay has it, or published it already
+                continue
+            try:
+                _publish(publisher, row)
+            except Exception as exc:  # the broker is away: leave the rest for the relay
+                session.execute(
+                    update(OutboxMessage)
+                    .where(OutboxMessage.id == row.id)
+                    .values(attempts=OutboxMessage.attempts + 1, last_error=repr(exc)[:1000])
+                )
+                log.warning("outbox publish failed, the relay will retry: %r", exc)
+                break
+            published.append(row.id)
         if published:
             session.execute(
                 update(OutboxMessage).where(OutboxMessage.id.in_(published)).values(published_at=func.now())
             )
-        if failed is not None:
-            row, exc = failed
-            session.execute(
-                update(OutboxMessage)
-                .where(OutboxMessage.id == row.id)
-                .values(attempts=OutboxMessage.attempts + 1, last_error=repr(exc)[:1000])
-            )
-            log.warning("outbox publish failed, the relay will retry: %r", exc)
         session.commit()
 
 
@@ -140,6 +141,15 @@ def _publish(publisher: Publisher, row: OutboxMessage) -> None:
     destination = f"{EVENTS_EXCHANGE}/{row.message_type}"
     with tracing.publish_span(row.headers, destination, envelope.message_id, len(envelope.encode())) as headers:
         publisher.publish(replace(envelope, headers=headers))
+
+
+def claim_query(ids: Sequence[int]) -> Select[tuple[int]]:
+    """Of these rows, those still unpublished, locked; a row the relay holds is skipped."""
+    return (
+        select(OutboxMessage.id)
+        .where(OutboxMessage.id.in_(ids), OutboxMessage.published_at.is_(None))
+        .with_for_update(skip_locked=True)
+    )
 
 
 def unpublished_query(min_age: timedelta | None, limit: int) -> Select[tuple[OutboxMessage]]:

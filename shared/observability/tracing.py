@@ -1,6 +1,6 @@
 """Trace propagation over AMQP, and the spans of the messaging path.
 
-Every publish is a `queue.publish` span whose `sentry-trace` and `baggage` travel in the AMQP headers; every
+Every publish is a `queue.publish` transaction whose `sentry-trace` and `baggage` travel in the AMQP headers; every
 consume runs in a fresh isolation scope, continues that trace and opens a `queue.process` transaction with the
 data Sentry's Queues view reads. A call keeps the trace its request started, and work done later for that call
 (dispatch, webhooks) continues it.
@@ -58,15 +58,11 @@ def trace_id_of(headers: Mapping[str, object] | None) -> str | None:
 def publish_span(
     stored_headers: Mapping[str, Any], destination: str, message_id: str, body_size: int
 ) -> Iterator[dict[str, Any]]:
-    """A `queue.publish` span; yields the AMQP headers to send with the message.
+    """A `queue.publish` transaction; yields the AMQP headers to send with the message.
 
-    Inside a request the span is a child of it. The outbox relay has no request: it continues the trace the
-    message was written in, so the message still belongs to the trace of the change that caused it.
+    Messages are published after the change that caused them committed, apart from its request (the outbox): the
+    transaction continues the trace the message was written in, so the message still belongs to that trace.
     """
-    if sentry_sdk.get_current_span() is not None:
-        with sentry_sdk.start_span(op=OP.QUEUE_PUBLISH, name=destination) as span:
-            yield _publish_headers(span, stored_headers, destination, message_id, body_size)
-        return
     with sentry_sdk.isolation_scope(), _continued(stored_headers, OP.QUEUE_PUBLISH, destination) as span:
         yield _publish_headers(span, stored_headers, destination, message_id, body_size)
 

@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import Connection, Executable, create_engine, text
 from sqlalchemy.engine import make_url
 
+from services.call_initiator.placing import user_and_agent_query
 from services.queue_processor.dispatch import dispatchable_query, due_retries_query
 from services.queue_processor.jobs import KEPT_WEBHOOK_MIN_AGE_SECONDS, OUTBOX_MIN_AGE
 from services.queue_processor.reconcile import ReconcileBounds, silent_calls_query, unconfirmed_calls_query
@@ -164,10 +165,13 @@ HOT_QUERIES: dict[str, Callable[[], Executable]] = {
     "provider_events._find_call by execution id": lambda: provider_events.linked_call_query(EXECUTION),
     "provider_events._find_call by echoed call id": lambda: provider_events.echoed_call_query(CALL, EXECUTION),
     "provider_events.apply_kept_events": lambda: provider_events.kept_events_query(EXECUTION),
+    "CallPlacer.link_execution": lambda: provider_events.call_and_kept_events_query(CALL, EXECUTION),
+    "place_call": lambda: user_and_agent_query(USER, CALL),
     "provider_events.unapplied_event_ids": lambda: provider_events.unapplied_events_query(
         KEPT_WEBHOOK_MIN_AGE_SECONDS, 500
     ),
     "outbox.publish_pending": lambda: outbox.unpublished_query(OUTBOX_MIN_AGE, 200),
+    "outbox.publish_committed": lambda: outbox.claim_query([OUTBOX_ROWS - 1, OUTBOX_ROWS]),
     "ProviderReconciler.unconfirmed_calls": lambda: unconfirmed_calls_query(_reconcile),
     "ProviderReconciler.silent_calls": lambda: silent_calls_query(_reconcile),
     **{f"Retention.{name}": batch for name, batch in _retention.steps().items()},

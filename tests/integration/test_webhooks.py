@@ -16,11 +16,12 @@ from services.webhook_receiver.source_checks import SourceChecks
 from shared.bolna.client import PlacedCall
 from shared.calls import provider_events, statuses
 from shared.core.errors import CallflowError, ErrorType
-from shared.core.models import WebhookEvent
+from shared.core.models import OutboxMessage, WebhookEvent
 from shared.core.storable import MAX_JSON_DEPTH
 from tests.conftest import WEBHOOK_SECRET
 from tests.support.components import components
 from tests.support.factories import call_row, credits_of, customer, ledger_total, load_call
+from tests.support.faults import failing_writes
 
 
 def _event(execution_id: str, status: str, **fields) -> dict:
@@ -213,3 +214,24 @@ def test_a_webhook_body_over_the_limit_is_413():
 def test_a_webhook_that_is_not_json_is_still_400():
     answer = _post(b'{"id": "x", "status": ')
     assert (answer.status_code, answer.json["error_type"]) == (400, "validation_error")
+
+
+def test_a_webhook_whose_apply_fails_is_stored_with_its_failure_and_nothing_it_announced_goes_out():
+    owner = customer(credits=10)
+    execution_id = str(uuid.uuid4())
+    call = call_row(owner, status="in-progress", execution_id=execution_id, slot_held=True)
+    completed = _event(execution_id, "completed", telephony_data={"duration": "30"})
+    with failing_writes("credit_ledger", f"NEW.user_id = '{owner.user_id}'", timing="BEFORE INSERT"):
+        receipt = _deliver(completed)
+    with components().uow() as uow:
+        stored = uow.session.get_one(WebhookEvent, receipt.event_id)
+        announced = uow.session.scalars(
+            select(OutboxMessage).where(OutboxMessage.body["user_id"].astext == str(owner.user_id))
+        ).all()
+    assert (stored.applied_at, stored.attempts) == (None, 1), "the receipt names the stored row, kept for a retry"
+    assert "Charging 1 credits" in stored.last_error
+    assert announced == [], "the rolled-back slot.released is not written"
+    assert (load_call(call.id).status, ledger_total(owner.user_id)) == ("in-progress", (0, 0))
+
+    assert _deliver(completed).event_id is None, "a retry by Bolna is a duplicate of the stored event..."
+    assert (load_call(call.id).status, ledger_total(owner.user_id)) == ("completed", (1, -1)), "...and applies it"
