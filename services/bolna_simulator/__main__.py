@@ -26,6 +26,10 @@ def main() -> None:
         port=int(os.environ.get("PORT", "8010")),
         workers=1,
         threads=32,
+        # Like an API behind a load balancer: an idle connection stays open for a minute. With gunicorn's 2 s, a
+        # client reusing a connection as the server closes it gets a reset, which a POST /call must read as
+        # "Bolna may have the call".
+        keepalive_seconds=75,
     )
 
 

@@ -41,6 +41,7 @@ def run_http(
     workers: int,
     threads: int,
     graceful_timeout: int = 30,
+    keepalive_seconds: int = 2,
 ) -> None:
     _Gunicorn(
         factory,
@@ -51,6 +52,7 @@ def run_http(
             "worker_class": "gthread",
             "timeout": 60,
             "graceful_timeout": graceful_timeout,
+            "keepalive": keepalive_seconds,
             "errorlog": "-",
             "loglevel": "info",
             "control_socket_disable": True,  # several services share a host: no shared control socket path
