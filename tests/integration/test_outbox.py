@@ -5,15 +5,21 @@ import time
 import uuid
 
 import pika
+import sentry_sdk
 from sqlalchemy import select
 
 from shared.calls import lifecycle
+from shared.core.config import load_settings
 from shared.core.models import OutboxMessage
+from shared.core.uow import UnitOfWork
 from shared.messaging import outbox
+from shared.messaging.outbox import AfterCommitPublisher
 from shared.messaging.publisher import Publisher
+from shared.observability.sentry import init_sentry
 from tests.support import broker
 from tests.support.components import components
 from tests.support.factories import call_row, customer
+from tests.support.sentry_sink import SentrySink
 
 
 def _unpublished(message_id: uuid.UUID) -> OutboxMessage:
@@ -112,3 +118,50 @@ def test_a_calls_announcement_is_written_once_with_its_commit_and_never_after_a_
         uow.commit()
         uow.commit()  # nothing left to announce
     assert released_rows() == 1
+
+
+def test_a_change_rolled_back_within_a_unit_of_work_announces_nothing_when_the_next_one_commits():
+    owner = customer()
+    call = call_row(owner, status="in-progress", slot_held=True)
+    with components().uow() as uow:
+        locked = uow.calls.lock_call(call.id)
+        lifecycle.release_slot(locked)
+        uow.session.flush()
+        uow.rollback()  # as after a failure: the unit of work goes on with a new transaction
+        uow.emit("slot.released", {"user_id": f"sentinel-{owner.user_id}"})
+        uow.commit()
+    with components().uow() as uow:
+        bodies = uow.session.scalars(
+            select(OutboxMessage.body).where(OutboxMessage.body["user_id"].astext.contains(str(owner.user_id)))
+        ).all()
+    assert bodies == [{"user_id": f"sentinel-{owner.user_id}"}], "only what the committed transaction wrote"
+
+
+def test_the_publishing_thread_publishes_in_the_writers_trace_and_carries_nothing_of_the_request_that_started_it():
+    sink = SentrySink().start()
+    settings = load_settings().model_copy(
+        update={"sentry_dsn": sink.dsn, "sentry_send_in_development": True, "sentry_traces_sample_rate": 1.0}
+    )
+    after_commit = AfterCommitPublisher(components().sessions, components().publisher)
+    uow = UnitOfWork(components().sessions, after_commit, components().leases)
+    init_sentry("tests", settings)
+    try:
+        traces = []
+        for user in ("first-user", "second-user"):
+            with sentry_sdk.start_transaction(op="http.server", name=f"request of {user}") as request:
+                sentry_sdk.set_tag("user_id", user)
+                sentry_sdk.set_user({"id": user})
+                with uow:
+                    uow.emit("slot.released", {"user_id": str(uuid.uuid4())})
+                    uow.commit()
+                traces.append(request.trace_id)
+            assert after_commit.wait_until_idle(10)
+        sentry_sdk.flush()
+        published = sink.transactions(lambda t: t.payload["contexts"]["trace"].get("op") == "queue.publish")
+    finally:
+        init_sentry("tests", load_settings())  # back to no client
+        sink.stop()
+    assert [t.trace_id for t in published] == traces, "each message is published in the trace that wrote it"
+    for transaction in published:
+        assert "user_id" not in transaction.tags, "the first request's tags stay with that request"
+        assert "user" not in transaction.payload, "and so does its user"
