@@ -1,12 +1,12 @@
 """`make bench`: Callflow's performance figures, each against a baseline measured in the same run.
 
 The whole stack runs as real processes (as in the end-to-end tests) with production's Sentry settings, sending to
-a local endpoint that reads and discards what it gets (bench/sink.py), on a database and vhost of its own, dropped
-at the end. Webhook ingest is measured on the empty database first; then a year of history is seeded and every
-other figure is measured on top of it. Targets are ratios to the baselines, except where the issue sets an
-absolute bound. Prints one table and writes the same data to bench/results/latest.json. Exits 1 when a measurement
-failed (an unexpected answer, a socket error, a webhook answered but not applied); a target missed is a figure,
-not a failure.
+a local endpoint that counts envelopes and keeps nothing (`SentrySink(keep=False)`), on a database and vhost of its
+own, dropped at the end. Webhook ingest is measured on the empty database first; then a year of history is seeded
+and every other figure is measured on top of it. Targets are ratios to the baselines, except where the issue sets
+an absolute bound. Prints one table and writes the same data to bench/results/latest.json. Exits 1 when a
+measurement failed (an unexpected answer, a socket error, a webhook answered but not applied); a target missed is
+a figure, not a failure.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from rich.table import Table
 
 from bench import seed
 from bench.load import LoadFailure, WrkResult, alternating, wrk
-from bench.sink import DiscardingSink
 from shared.bolna.execution import CONTEXT_CALL_ID_KEY
 from shared.core import migrate
 from shared.messaging.publisher import Envelope
@@ -38,6 +37,7 @@ from shared.messaging.topology import EVENTS_EXCHANGE, MessageType, open_channel
 from tests.conftest import WEBHOOK_SECRET
 from tests.support.isolation import Isolation
 from tests.support.processes import ServiceProcess, free_port
+from tests.support.sentry_sink import SentrySink
 from tests.support.stack import BOLNA_API_KEY, FAST_CALLS, Stack, running_stack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ class Bench:
         console.print(f"{name}: measured in {time.monotonic() - started:.0f} s")
         return result
 
-    def run(self, sink: DiscardingSink) -> list[Row]:
+    def run(self, sink: SentrySink) -> list[Row]:
         with running_stack(sink, self.logs, PRODUCTION_SENTRY, LIVE_FOR_THE_RUN) as stack:
             self._ingest_owners = seed.customers(self.conn, INGEST_CUSTOMERS, CREDITS, NO_LIMIT)
             receiver = stack.webhook_receiver.url
@@ -417,7 +417,7 @@ def main() -> int:
         DATABASE_URL=isolation.database_url, RABBITMQ_URL=isolation.rabbitmq_url, WEBHOOK_SECRET=WEBHOOK_SECRET
     )
     isolation.create()
-    sink = DiscardingSink().start()
+    sink = SentrySink(keep=False).start()
     try:
         migrate.upgrade(isolation.database_url)
         with tempfile.TemporaryDirectory() as logs:

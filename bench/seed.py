@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import psycopg
 from sqlalchemy.engine import make_url
 
+from services.bolna_simulator.config import SIMULATED_FROM_NUMBER, TRANSCRIPT
 from shared.core.tokens import hash_token, new_api_token
 
 HISTORY_CUSTOMERS = 5_000
@@ -22,14 +23,6 @@ HISTORY_EVENTS_PER_CALL = 4  # 4,000,000 stored webhooks
 HISTORY_DAYS = 365
 PAYLOAD_RETENTION_DAYS = 30  # WEBHOOK_PAYLOAD_RETENTION_DAYS: older payloads were redacted to their ids
 PHONE_NUMBER = "+14155550123"
-FROM_NUMBER = "+918035735888"
-TRANSCRIPT = (
-    "assistant: Hello! This is Maya calling from Callflow. Is this a good time to talk?\n"
-    "user: Yes, go ahead.\n"
-    "assistant: I am calling to confirm your appointment for tomorrow at 11 am. Does that still work?\n"
-    "user: Yes, that works for me.\n"
-    "assistant: Great, you are all set. Thank you and have a nice day!\n"
-)
 
 
 def execution_id(number: int) -> str:
@@ -204,7 +197,7 @@ SELECT execution, status, 0,
                 'transcript', CASE WHEN final AND status = 'completed' THEN {_TRANSCRIPT_SQL} END,
                 'telephony_data', jsonb_build_object(
                     'duration', CASE WHEN final THEN duration ELSE 0 END::text, 'to_number', '{PHONE_NUMBER}',
-                    'from_number', '{FROM_NUMBER}', 'provider_call_id', 'CA' || md5('provider-call' || n),
+                    'from_number', '{SIMULATED_FROM_NUMBER}', 'provider_call_id', 'CA' || md5('provider-call' || n),
                     'call_type', 'outbound', 'provider', 'twilio', 'hosted_telephony', true),
                 'context_details', jsonb_build_object(
                     'recipient_data', jsonb_build_object('callflow_call_id', md5('history-call' || n)::uuid),
