@@ -216,10 +216,7 @@ class _KeptEvent:
             .values(
                 attempts=events.c.attempts + 1,
                 last_error=reason[:2000],
-                next_attempt_at=func.now()
-                + func.make_interval(
-                    0, 0, 0, 0, 0, 0, func.least(func.power(2, events.c.attempts + 1), MAX_RETRY_DELAY_SECONDS)
-                ),
+                next_attempt_at=_next_try_at(events.c.attempts + 1),
             )
             .returning(events.c.attempts)
         )
@@ -286,7 +283,14 @@ def _defer(event: WebhookEvent, reason: str) -> None:
     later."""
     event.attempts = (event.attempts or 0) + 1
     event.last_error = reason[:2000]
-    event.next_attempt_at = func.now() + timedelta(seconds=min(2**event.attempts, MAX_RETRY_DELAY_SECONDS))
+    event.next_attempt_at = _next_try_at(event.attempts)
+
+
+def _next_try_at(attempts: Any) -> Any:
+    """When the sweep tries an event again after `attempts` failed ones (a number, or the column's expression):
+    2^attempts seconds from now, at most MAX_RETRY_DELAY_SECONDS."""
+    delay = func.least(func.power(2, attempts), MAX_RETRY_DELAY_SECONDS)
+    return func.now() + func.make_interval(0, 0, 0, 0, 0, 0, delay)
 
 
 def _report_unbilled(call: Call, event: WebhookEvent) -> None:
