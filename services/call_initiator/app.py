@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from services.call_initiator import idempotency
 from services.call_initiator.auth import authenticate
+from services.call_initiator.campaign_routes import add_campaign_routes
 from services.call_initiator.placing import place_call
 from services.call_initiator.request_models import PlaceCallRequest
 from services.call_initiator.views import call_view, get_call
@@ -64,4 +65,5 @@ def _api(components: Components) -> Blueprint:
         user = authenticate(uow, request.headers.get("Authorization"))
         return jsonify(call_view(get_call(uow, user, call_id)))
 
+    add_campaign_routes(api, components)
     return api

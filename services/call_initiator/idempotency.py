@@ -1,5 +1,5 @@
-"""`Idempotency-Key` on POST /api/calls, with Stripe's semantics: claiming a key, replaying its answer, and
-recording the answer.
+"""`Idempotency-Key` on POST /api/calls and POST /api/campaigns, with Stripe's semantics: claiming a key, replaying
+its answer, and recording the answer.
 
 The same key and the same body replay the first answer (status and body) for IDEMPOTENCY_KEY_RETENTION_HOURS (24
 by default); the same key with another body is refused (422); the same key while its first request still runs is
@@ -84,11 +84,20 @@ def replayed(replay: Replay) -> Response:
     return response
 
 
-def claim_key(session: Session, claim: Claim, call_id: uuid.UUID) -> None:
-    """Claims the key in the caller's transaction; a concurrent request with the same key waits, then gets 409."""
+def claim_key(
+    session: Session, claim: Claim, call_id: uuid.UUID | None = None, campaign_id: uuid.UUID | None = None
+) -> None:
+    """Claims the key for the call (or campaign) the caller's transaction creates; a concurrent request with the
+    same key waits, then gets 409."""
     claimed = session.execute(
         pg_insert(IdempotencyKey)
-        .values(user_id=claim.user_id, key=claim.key, request_hash=claim.request_hash, call_id=call_id)
+        .values(
+            user_id=claim.user_id,
+            key=claim.key,
+            request_hash=claim.request_hash,
+            call_id=call_id,
+            campaign_id=campaign_id,
+        )
         .on_conflict_do_nothing()
         .returning(IdempotencyKey.key)
     ).first()
@@ -103,7 +112,7 @@ def record(uow_factory: UnitOfWorkFactory, claim: Claim, response: Response) -> 
     then answers 409 with the callId until it expires, so a retry cannot make a second call.
     """
     body = response.get_json(silent=True) if response.is_json else None
-    if response.status_code == 409 or not isinstance(body, dict) or "callId" not in body:
+    if response.status_code == 409 or not isinstance(body, dict) or not ({"callId", "campaignId"} & body.keys()):
         return
     try:
         _store_answer(uow_factory, claim, response.status_code, body)

@@ -41,6 +41,7 @@ def call_view(call: Call) -> dict[str, Any]:
         "status": call.status,
         "executionId": call.execution_id,
         "agentId": str(call.agent_id),
+        "campaignId": str(call.campaign_id) if call.campaign_id else None,
         "phoneNumber": call.phone_number,
         "durationSeconds": call.duration_seconds,
         "creditsCharged": call.credits_charged,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 from services.queue_processor.app import SERVICE, QueueProcessor
+from services.queue_processor.campaigns import CampaignDispatch
 from services.queue_processor.consumer import Consumer
 from services.queue_processor.dispatch import Dispatcher
 from services.queue_processor.handlers import DispatchQueueHandler
@@ -18,7 +19,7 @@ from shared.messaging.topology import DISPATCH_QUEUE
 
 def bootstrap(settings: Settings) -> QueueProcessor:
     components = start_service(SERVICE, settings)
-    dispatcher = Dispatcher(components.placer, settings.dispatch_concurrency)
+    dispatcher = Dispatcher(components.placer, settings.dispatch_concurrency, CampaignDispatch())
     reconciler = ProviderReconciler(components.uow, components.bolna, ReconcileBounds.from_settings(settings))
     stopping = threading.Event()
     return QueueProcessor(

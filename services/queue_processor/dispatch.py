@@ -1,4 +1,5 @@
-"""Dispatching queued calls: a user's pending calls are placed, oldest first, while they have free slots."""
+"""Dispatching queued calls: a user's pending direct calls are placed, oldest first, while they have free slots;
+the slots left go to their running campaigns (services/queue_processor/campaigns.py)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,19 @@ from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 
 import sentry_sdk
-from sqlalchemy import Select, select
+from sqlalchemy import Select, exists, select
 from sqlalchemy.exc import DBAPIError
 
+from services.queue_processor.campaigns import CampaignDispatch, users_with_campaign_work_query
 from shared.calls import lifecycle
 from shared.calls.initiation import CallPlacer
 from shared.calls.store import due_pending, held_slots_query
+from shared.campaigns import states
 from shared.core.errors import CallflowError, ErrorType
-from shared.core.models import Agent, Call, User
+from shared.core.models import DIRECT_CALL, Agent, Call, Campaign, User
 from shared.observability import tracing
 from shared.observability.sentry import report, report_database_error
 
-DIRECT = "direct"
 TRIGGER_SPAN_DATA = "dispatch.trigger"
 NO_CREDITS_DETAIL = "The account ran out of credits while the call waited."
 
@@ -31,14 +33,17 @@ class DispatchTrigger(StrEnum):
     MESSAGE = "message"  # a call.queued or slot.released message
     RETRY = "retry"  # a queued call's retry delay passed, or Bolna is back after the breaker held dispatches back
     SWEEP = "sweep"  # the backstop for a missed message
+    SCHEDULE = "schedule"  # a campaign's start time, retry interval or calling window came due
 
 
 def dispatchable_query(user_id: uuid.UUID) -> Select[tuple[bool]]:
-    """Whether the user has a due call and a free slot (built apart so its plan can be tested)."""
+    """Whether the user has a free slot and a due call or an active campaign (built apart so its plan can be
+    tested)."""
     has_due = select(Call.id).where(Call.user_id == user_id, due_pending()).exists()
-    return select(has_due & (held_slots_query(user_id).scalar_subquery() < User.max_concurrent_calls)).where(
-        User.id == user_id
-    )
+    has_campaign = exists().where(Campaign.user_id == user_id, Campaign.status.in_(states.ACTIVE))
+    return select(
+        (has_due | has_campaign) & (held_slots_query(user_id).scalar_subquery() < User.max_concurrent_calls)
+    ).where(User.id == user_id)
 
 
 def due_retries_query() -> Select[tuple[uuid.UUID]]:
@@ -51,8 +56,9 @@ class Dispatcher:
     `concurrency` threads. A call is reserved only when a thread is free to place it at once, so no reservation
     waits out its short lease in a backlog."""
 
-    def __init__(self, placer: CallPlacer, concurrency: int):
+    def __init__(self, placer: CallPlacer, concurrency: int, campaigns: CampaignDispatch | None = None):
         self._placer = placer
+        self._campaigns = campaigns or CampaignDispatch()
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="dispatch")
         self._free_threads = threading.BoundedSemaphore(concurrency)
         self._concurrency = concurrency
@@ -96,6 +102,19 @@ class Dispatcher:
         self._give_back_threads(taken)
         return taken == self._concurrency
 
+    def settle_campaigns(self, user_id: uuid.UUID) -> None:
+        """Gives the user's finished campaign attempts their results (or retries) and completes the campaigns with
+        nothing left to call; a freed slot does this too, this catches what no message announces."""
+        with self._placer.uow_factory() as uow:
+            uow.calls.lock_user(user_id)
+            self._campaigns.settle(uow, user_id)
+            uow.commit()
+
+    def users_with_campaign_work(self) -> list[uuid.UUID]:
+        """Users with an active campaign, or a campaign call whose contact awaits its result."""
+        with self._placer.uow_factory() as uow:
+            return list(uow.reads_only().session.scalars(users_with_campaign_work_query()))
+
     def users_with_pending_calls(self) -> list[uuid.UUID]:
         """Users with a call waiting whose retry delay, if any, has passed."""
         with self._placer.uow_factory() as uow:
@@ -113,29 +132,31 @@ class Dispatcher:
         return due_retries | held_back
 
     def _dispatch(self, call: Call, provider_agent_id: str, trigger: DispatchTrigger) -> None:
-        """Places one queued call, in the trace its request started and a scope of its own."""
-        queue_details = {
-            "queue_id": str(call.id),
-            "user_id": str(call.user_id),
-            "call_type": DIRECT,
-            "campaign_id": None,
-            "priority": 0,
-        }
-        trace = call.trace_headers
-        with tracing.call_transaction(trace, op="queue.initiate_call", name="Dispatch Queued Call") as span:
+        """Places one queued call, in the trace its request (or its campaign's start) began, in a scope of its own."""
+        queue_details = _queue_details(call)
+        with tracing.call_transaction(
+            call.trace_headers,
+            op="queue.initiate_call",
+            name=f"Initiate {call.call_type} Call from Queue",
+            tags=call.kind_tags,
+        ) as span:
             for key, value in queue_details.items():
                 span.set_data(key, value)
             span.set_data(TRIGGER_SPAN_DATA, trigger.value)
-            sentry_sdk.add_breadcrumb(category="queue", message=f"Reserved {DIRECT} call slot", data=queue_details)
+            sentry_sdk.add_breadcrumb(
+                category="queue",
+                message=f"Reserved {call.call_type} call slot",
+                data={"call_id": str(call.id), "user_id": str(call.user_id)},
+            )
             try:
                 self._placer.initiate(call, provider_agent_id, retry_transient=True)
             except CallflowError as exc:
                 span.set_status("internal_error")
                 failure = CallflowError(
-                    ErrorType.DIRECT_CALL_QUEUE_FAILURE,
+                    _queue_failure(call),
                     exc.detail,
                     sentry_contexts={**exc.sentry_contexts, "queue_details": queue_details},
-                    **exc.tags,
+                    **{**exc.tags, "campaign_id": call.campaign_id},
                 )
                 report(failure, cause=exc, place="queue.initiate_call")
 
@@ -147,10 +168,12 @@ class Dispatcher:
         except Exception as exc:
             report(
                 CallflowError(
-                    ErrorType.DIRECT_CALL_QUEUE_FAILURE,
+                    _queue_failure(call),
                     f"Placing a queued call failed: {type(exc).__name__}",
+                    sentry_contexts={"queue_details": _queue_details(call)},
                     call_id=call.id,
                     user_id=call.user_id,
+                    campaign_id=call.campaign_id,
                 ),
                 cause=exc,
                 place="queue.initiate_call",
@@ -183,17 +206,46 @@ class Dispatcher:
             return bool(uow.reads_only().session.scalar(dispatchable_query(user_id)))
 
     def _reserve_due(self, user_id: uuid.UUID, most: int) -> list[tuple[Call, str]]:
-        """Up to `most` of the user's due calls, oldest first, each holding a slot now, with its agent's id at
-        Bolna. Calls that waited while the account ran out of credits fail instead."""
+        """Up to `most` calls, each holding a slot now, with its agent's id at Bolna: the user's due direct calls
+        first, oldest first, then their campaigns' calls. Direct calls that waited while the account ran out of
+        credits fail instead, and the campaigns pause."""
         with self._placer.uow_factory() as uow:
             user = uow.calls.lock_user(user_id)
+            self._campaigns.settle(uow, user_id)
             if user.credits <= 0:
                 # They must not be placed, and they must not wait forever.
                 for call in uow.calls.due_calls(user_id, None):
                     lifecycle.fail(call, ErrorType.INSUFFICIENT_CREDITS, NO_CREDITS_DETAIL)
+                self._campaigns.pause_for_credits(uow, user_id)
                 uow.commit()
                 return []
             reserved = self._placer.reserve_slots(uow.calls, user, uow.calls.due_calls(user_id, most))
+            free = min(most, user.max_concurrent_calls - uow.calls.held_slots(user_id))
+            if free > 0 and not self._placer.provider_down:
+                picked = self._campaigns.pick(uow, user, free)
+                reserved += self._placer.reserve_slots(uow.calls, user, picked)
+                uow.session.add_all(call for call in picked if call not in uow.session)
             agents = {call.agent_id: uow.session.get_one(Agent, call.agent_id) for call in reserved}
             uow.commit()
         return [(call, agents[call.agent_id].provider_agent_id or "") for call in reserved]
+
+
+def _queue_failure(call: Call) -> ErrorType:
+    return (
+        ErrorType.DIRECT_CALL_QUEUE_FAILURE if call.call_type == DIRECT_CALL else ErrorType.CAMPAIGN_CALL_QUEUE_FAILURE
+    )
+
+
+def _queue_details(call: Call) -> dict[str, object]:
+    """The seed's queue context: which queued call, whose, of which campaign and contact."""
+    return {
+        "queue_id": str(call.id),
+        "user_id": str(call.user_id),
+        "agent_id": str(call.agent_id),
+        "contact_id": call.contact_id,
+        "campaign_id": str(call.campaign_id) if call.campaign_id else None,
+        "call_type": call.call_type,
+        "call_id": str(call.id),
+        # Lower goes first: a customer's direct calls before their campaigns' calls.
+        "priority": 0 if call.call_type == DIRECT_CALL else 1,
+    }

@@ -52,6 +52,8 @@ class PeriodicJobs:
             Job(self.relay_outbox, every),
             Job(self.apply_kept_webhooks, every),
             Job(self.dispatch_due_retries, every),
+            # No message announces a campaign's startAt, a retry's interval, a calling window opening, or its end.
+            Job(self.schedule_campaigns, every),
             # Messages place queued calls; a frequent sweep would hide a message path that stopped working.
             Job(self.sweep_pending_calls, settings.pending_sweep_interval_seconds),
             Job(self.reconcile_unconfirmed_calls, every),
@@ -72,6 +74,15 @@ class PeriodicJobs:
     def dispatch_due_retries(self) -> None:
         """Dispatches for users whose queued call may be placed again: no message wakes a call at its retry time."""
         for_each(self._dispatcher.users_to_retry(), self._dispatch(DispatchTrigger.RETRY))
+
+    def schedule_campaigns(self) -> None:
+        """Settles finished campaign attempts, completes campaigns, and dispatches for every user with an active
+        campaign: startAt, retry intervals and calling windows come due without a message."""
+        for_each(self._dispatcher.users_with_campaign_work(), self._schedule_campaigns_of)
+
+    def _schedule_campaigns_of(self, user_id: uuid.UUID) -> None:
+        self._dispatcher.settle_campaigns(user_id)
+        self._dispatcher.dispatch_pending(user_id, DispatchTrigger.SCHEDULE)
 
     def sweep_pending_calls(self) -> None:
         """Dispatches for every user with waiting calls, in case their wake-up message was missed."""

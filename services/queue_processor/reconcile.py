@@ -122,7 +122,9 @@ class ProviderReconciler:
             now = uow.session.scalar(select(func.now()))
         if call.execution_id is not None or not call.slot_held:
             return  # settled since it was listed
-        with tracing.call_transaction(call.trace_headers, op="call.reconcile", name="Find Unconfirmed Call"):
+        with tracing.call_transaction(
+            call.trace_headers, op="call.reconcile", name="Find Unconfirmed Call", tags=call.kind_tags
+        ):
             sent_at = call.initiated_at or call.created_at
             answered, execution = _ask(lambda: self._search(agent.provider_agent_id or "", call.id, sent_at), call)
             if not answered:
@@ -139,7 +141,9 @@ class ProviderReconciler:
             call = uow.session.get_one(Call, call_id)
         if call.execution_id is None:
             return
-        with tracing.call_transaction(call.trace_headers, op="call.reconcile", name="Reconcile Silent Call"):
+        with tracing.call_transaction(
+            call.trace_headers, op="call.reconcile", name="Reconcile Silent Call", tags=call.kind_tags
+        ):
             execution_id = call.execution_id
             answered, execution = _ask(lambda: self._bolna.get_execution(execution_id), call)
             if not answered:

@@ -93,6 +93,13 @@ def requeue(store: CallStore, call: Call, delay_seconds: float, detail: str) -> 
     call.error_detail = detail[:2000]
 
 
+def cancel_queued(call: Call, detail: str) -> None:
+    """A call still waiting in the queue (it never reached Bolna) will not be placed."""
+    if call.status == statuses.PENDING:
+        call.status = statuses.CANCELED
+        call.error_detail = detail[:2000]
+
+
 def await_provider(call: Call, detail: str) -> None:
     """Bolna may have the call (its answer was lost): it keeps its slot and its status, with the reason on record,
     until Bolna's word, or the reconcile job, settles it."""

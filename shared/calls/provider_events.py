@@ -147,7 +147,9 @@ def _apply_and_commit(uow: UnitOfWork, event: WebhookEvent, started: float, dura
         call = _find_call(uow, AgentExecution(event.payload))
     except Exception as exc:
         return _keep_failed(uow, kept, exc, {}, started)
-    with tracing.call_transaction(call.trace_headers if call else None, op=PROCESS_OP, name=PROCESS_NAME) as span:
+    with tracing.call_transaction(
+        call.trace_headers if call else None, op=PROCESS_OP, name=PROCESS_NAME, tags=call.kind_tags if call else None
+    ) as span:
         span.set_data("status", event.status)
         span.set_data("execution_id", event.execution_id)
         sentry_sdk.add_breadcrumb(category="webhook", message=f"Webhook received: {event.status}")

@@ -9,9 +9,10 @@ PENDING = "pending"  # waiting in Callflow's queue for a free slot
 INITIATING = "initiating"  # slot reserved, the provider is being asked to place the call
 FAILED = "failed"  # also one of Bolna's terminal statuses
 COMPLETED = "completed"
+CANCELED = "canceled"  # also a status of Bolna's; Callflow gives it to a queued call of a canceled campaign
 CALL_DISCONNECTED = "call-disconnected"
 
-TERMINAL = frozenset({COMPLETED, "busy", "no-answer", FAILED, "canceled", "stopped", "error", "balance-low"})
+TERMINAL = frozenset({COMPLETED, "busy", "no-answer", FAILED, CANCELED, "stopped", "error", "balance-low"})
 # The line is free at the first of these: the call's slot goes back to the user.
 RELEASES_SLOT = TERMINAL | {CALL_DISCONNECTED}
 

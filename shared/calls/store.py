@@ -73,17 +73,23 @@ def held_slots_query(user_id: uuid.UUID) -> Select[tuple[int]]:
 
 
 def older_pending_query(call: Call) -> Select[tuple[int]]:
-    """A call not stored yet is created now: every call waiting is older."""
+    """Direct calls waiting that are older than `call` (a call not stored yet is created now: every one waiting is
+    older). Campaign calls wait behind direct calls, never in front of them."""
     created_at = call.created_at if call.created_at is not None else func.now()
     return select(func.count()).where(
-        Call.user_id == call.user_id, due_pending(), Call.id != call.id, Call.created_at <= created_at
+        Call.user_id == call.user_id,
+        due_pending(),
+        Call.campaign_id.is_(None),
+        Call.id != call.id,
+        Call.created_at <= created_at,
     )
 
 
 def due_calls_query(user_id: uuid.UUID, limit: int | None) -> Select[tuple[Call]]:
+    """The user's due direct calls, oldest first (a campaign's queued calls are the campaign dispatcher's)."""
     return (
         select(Call)
-        .where(Call.user_id == user_id, due_pending())
+        .where(Call.user_id == user_id, due_pending(), Call.campaign_id.is_(None))
         .order_by(Call.created_at, Call.id)
         .limit(limit)
         .with_for_update()
@@ -132,7 +138,7 @@ class SqlCallStore:
         return func.now() + timedelta(seconds=seconds)
 
     def due_calls(self, user_id: uuid.UUID, limit: int | None) -> list[Call]:
-        """The user's oldest calls waiting in the queue and due (all of them when `limit` is None), locked."""
+        """The user's oldest direct calls waiting in the queue and due (all of them when `limit` is None), locked."""
         return list(self.session.scalars(due_calls_query(user_id, limit)))
 
     def users_with_pending_calls(self) -> list[uuid.UUID]:

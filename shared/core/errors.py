@@ -35,6 +35,9 @@ class ErrorType(StrEnum):
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused"
     IDEMPOTENCY_KEY_IN_PROGRESS = "idempotency_key_in_progress"
     UNAUTHORIZED_CALL_ACCESS = "unauthorized_call_access"
+    CAMPAIGN_NOT_FOUND = "campaign_not_found"
+    UNAUTHORIZED_CAMPAIGN_ACCESS = "unauthorized_campaign_access"
+    INVALID_CAMPAIGN_TRANSITION = "invalid_campaign_transition"
     WEBHOOK_SOURCE_FORBIDDEN = "webhook_source_forbidden"
     CONCURRENCY_LIMIT = "concurrency_limit"
     BOLNA_API_FAILURE = "bolna_api_failure"
@@ -90,6 +93,13 @@ ERROR_TABLE: dict[ErrorType, ErrorSpec] = {
     ),
     ErrorType.UNAUTHORIZED_CALL_ACCESS: ErrorSpec(
         "Call belongs to another user", _HIGH, "error", _EVENT, "security", 404
+    ),
+    ErrorType.CAMPAIGN_NOT_FOUND: ErrorSpec("Campaign not found", _INFO, "info", _BREADCRUMB, "business", 404),
+    ErrorType.UNAUTHORIZED_CAMPAIGN_ACCESS: ErrorSpec(
+        "Campaign belongs to another user", _HIGH, "error", _EVENT, "security", 404
+    ),
+    ErrorType.INVALID_CAMPAIGN_TRANSITION: ErrorSpec(
+        "Campaign cannot make this move", _INFO, "info", _BREADCRUMB, "validation", 409
     ),
     ErrorType.WEBHOOK_SOURCE_FORBIDDEN: ErrorSpec(
         "Webhook from an address not allowed", _HIGH, "error", _EVENT, "security", 403

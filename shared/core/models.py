@@ -1,4 +1,5 @@
-"""The system of record: users, agents, calls, the credit ledger, stored webhooks and the outbox."""
+"""The system of record: users, agents, calls, campaigns and their contacts, the credit ledger, stored webhooks and
+the outbox."""
 
 from __future__ import annotations
 
@@ -69,6 +70,10 @@ LIVE_CALL_CONDITION = (
 )
 
 
+DIRECT_CALL = "direct"
+CAMPAIGN_CALL = "campaign"
+
+
 class Call(Base):
     __tablename__ = "calls"
 
@@ -98,11 +103,17 @@ class Call(Base):
     recording_url: Mapped[str | None] = mapped_column(Text)
     # The trace POST /api/calls started: dispatch, the Bolna request and every webhook continue it.
     trace_headers: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    # A campaign's call: one attempt at one of its contacts. A direct call (POST /api/calls) has neither.
+    campaign_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("campaigns.id"))
+    contact_id: Mapped[int | None] = mapped_column(BigInteger, ForeignKey("campaign_contacts.id"))
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
 
     __table_args__ = (
         Index("ix_calls_user_pending", "user_id", "created_at", postgresql_where=text("status = 'pending'")),
+        Index("ix_calls_campaign", "campaign_id", "created_at", "id", postgresql_where=text("campaign_id IS NOT NULL")),
+        Index("ix_calls_campaign_slot_held", "campaign_id", postgresql_where=text("slot_held")),
+        Index("ix_calls_campaign_pending", "campaign_id", "created_at", postgresql_where=text("status = 'pending'")),
         Index("ix_calls_user_slot_held", "user_id", postgresql_where=text("slot_held")),
         Index("ix_calls_slot_lease", "slot_lease_expires_at", postgresql_where=text("slot_held")),
         Index("ix_calls_live_provider_checked", "provider_checked_at", postgresql_where=text(LIVE_CALL_CONDITION)),
@@ -111,13 +122,104 @@ class Call(Base):
     __mapper_args__ = {"eager_defaults": True}
 
     @property
+    def call_type(self) -> str:
+        return CAMPAIGN_CALL if self.campaign_id is not None else DIRECT_CALL
+
+    @property
+    def kind_tags(self) -> dict[str, str]:
+        """What every Sentry event about the call carries, so errors can be counted by campaign."""
+        tags = {"call_type": self.call_type}
+        if self.campaign_id is not None:
+            tags["campaign_id"] = str(self.campaign_id)
+        return tags
+
+    @property
     def messages(self) -> list[Message]:
         """What the call's changes announce, collected by the unit of work when it commits (not a column)."""
         return self.__dict__.setdefault("_messages", [])
 
 
+class Campaign(Base):
+    """A list of contacts one agent calls, within the customer's limit, its own concurrency cap and calling window."""
+
+    __tablename__ = "campaigns"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    user_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("users.id"))
+    agent_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("agents.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16))
+    pause_reason: Mapped[str | None] = mapped_column(String(64))
+    max_concurrency: Mapped[int | None] = mapped_column(Integer)
+    start_at: Mapped[datetime | None]
+    # The retry policy: up to `retry_max_attempts` calls per contact, again after a final status in
+    # `retry_on_statuses`, waiting `retry_interval_minutes[attempt - 1]` (the last one repeats).
+    retry_max_attempts: Mapped[int] = mapped_column(Integer, server_default=text("1"))
+    retry_on_statuses: Mapped[list[str]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    retry_interval_minutes: Mapped[list[float]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    # The calling window, in each contact's local time: hours [start, end) on the ISO weekdays listed (1 = Monday).
+    window_start_hour: Mapped[int | None] = mapped_column(Integer)
+    window_end_hour: Mapped[int | None] = mapped_column(Integer)
+    window_days: Mapped[list[int] | None] = mapped_column(JSONB)
+    contacts_total: Mapped[int] = mapped_column(Integer)
+    # Round robin between one customer's campaigns: the one served longest ago gets the next free slot.
+    last_dispatched_at: Mapped[datetime | None]
+    # The trace its start request began: every call of the campaign continues it.
+    trace_headers: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
+
+    def retry_delay(self, attempts: int) -> timedelta:
+        """The wait before the next attempt at a contact called `attempts` times; the last interval repeats."""
+        intervals = self.retry_interval_minutes or [0]
+        return timedelta(minutes=intervals[min(attempts, len(intervals)) - 1])
+
+    __table_args__ = (
+        Index("ix_campaigns_user_created", "user_id", "created_at"),
+        Index("ix_campaigns_active", "user_id", postgresql_where=text("status IN ('scheduled', 'running')")),
+    )
+    __mapper_args__ = {"eager_defaults": True}
+
+
+class CampaignContact(Base):
+    """One number a campaign calls; each attempt is a call of its own."""
+
+    __tablename__ = "campaign_contacts"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    campaign_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("campaigns.id"))
+    row_number: Mapped[int] = mapped_column(Integer)  # where it was in the request, for the results
+    phone_number: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str | None] = mapped_column(String(200))
+    variables: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'::jsonb"))
+    # waiting (for its turn, its retry or its window), calling (an attempt is under way), done (a final result).
+    state: Mapped[str] = mapped_column(String(16))
+    # When it may be called next; the dispatcher takes the earliest due first.
+    next_attempt_at: Mapped[datetime]
+    waiting_for_window: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    attempts: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    last_call_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    final_status: Mapped[str | None] = mapped_column(String(32))
+
+    __table_args__ = (
+        UniqueConstraint("campaign_id", "phone_number", name="uq_campaign_contacts_number"),
+        Index(
+            "ix_campaign_contacts_due",
+            "campaign_id",
+            "next_attempt_at",
+            "id",
+            postgresql_where=text("state = 'waiting'"),
+        ),
+        Index("ix_campaign_contacts_calling", "campaign_id", postgresql_where=text("state = 'calling'")),
+        Index("ix_campaign_contacts_row", "campaign_id", "row_number"),
+    )
+
+
 class IdempotencyKey(Base):
-    """An `Idempotency-Key` seen on POST /api/calls: at most one call per key, and its first answer replayed."""
+    """An `Idempotency-Key` seen on POST /api/calls or /api/campaigns: at most one call (or campaign) per key, and its
+    first answer replayed."""
 
     __tablename__ = "idempotency_keys"
 
@@ -125,6 +227,7 @@ class IdempotencyKey(Base):
     key: Mapped[str] = mapped_column(String(255), primary_key=True)
     request_hash: Mapped[str] = mapped_column(String(64))
     call_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("calls.id"))
+    campaign_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("campaigns.id"))
     response_status: Mapped[int | None] = mapped_column(Integer)
     response_body: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(server_default=func.now(), index=True)

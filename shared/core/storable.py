@@ -3,6 +3,7 @@ storable rather than refused, because refusing a `completed` would lose it and i
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from typing import Any
@@ -24,4 +25,14 @@ def storable(value: Any, depth: int = 1) -> Any:
         return [storable(item, depth + 1) for item in value]
     if isinstance(value, dict):
         return {storable(key, depth): storable(item, depth + 1) for key, item in value.items()}
+    return value
+
+
+MAX_USER_DATA_BYTES = 16 * 1024  # a call's metadata, or a campaign contact's variables: what Bolna gets as user_data
+
+
+def bounded_user_data(value: dict[str, Any]) -> dict[str, Any]:
+    """A validator: `value` when its JSON fits in MAX_USER_DATA_BYTES."""
+    if len(json.dumps(value)) > MAX_USER_DATA_BYTES:
+        raise ValueError(f"must be at most {MAX_USER_DATA_BYTES} bytes of JSON")
     return value

@@ -28,9 +28,15 @@ class MessageType(StrEnum):
     CALL_QUEUED = "call.queued"  # a call waits for a slot: wake the dispatcher for its user
     SLOT_RELEASED = "slot.released"  # a slot came free: dispatch the user's next pending call
     EXECUTION_STOP = "execution.stop"  # ask Bolna to stop an execution it redialled on its own
+    CAMPAIGN_STARTED = "campaign.started"  # a campaign was started or resumed: wake the dispatcher for its user
 
 
-DISPATCH_BINDINGS = (MessageType.CALL_QUEUED, MessageType.SLOT_RELEASED, MessageType.EXECUTION_STOP)
+DISPATCH_BINDINGS = (
+    MessageType.CALL_QUEUED,
+    MessageType.SLOT_RELEASED,
+    MessageType.EXECUTION_STOP,
+    MessageType.CAMPAIGN_STARTED,
+)
 
 
 def connection_parameters(url: str) -> pika.URLParameters:

@@ -112,13 +112,19 @@ def _retry_count(headers: Mapping[str, Any], redelivered: bool) -> int:
 
 
 @contextmanager
-def call_transaction(call_trace_headers: Mapping[str, Any] | None, op: str, name: str) -> Iterator[Span]:
+def call_transaction(
+    call_trace_headers: Mapping[str, Any] | None, op: str, name: str, tags: Mapping[str, str] | None = None
+) -> Iterator[Span]:
     """Runs the block as a transaction in the call's own trace: one trace per call, whatever service works on it.
+    `tags` (the call's kind and campaign) go on everything the block reports.
 
     It gets an isolation scope of its own: continuing a trace changes the scope, and nothing of one call's work
     (trace, tags, breadcrumbs) may leak into the next piece of work in the same process.
     """
-    with sentry_sdk.isolation_scope(), _continued(call_trace_headers, op, name) as span:
+    with sentry_sdk.isolation_scope() as scope, _continued(call_trace_headers, op, name) as span:
+        for key, value in (tags or {}).items():
+            scope.set_tag(key, value)
+            span.set_tag(key, value)
         yield span
 
 

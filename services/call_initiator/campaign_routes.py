@@ -1,0 +1,163 @@
+"""`/api/campaigns`: create a campaign from JSON or CSV, start, pause, resume or cancel it, and read its progress,
+its calls and its results."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from datetime import timedelta
+from typing import Any
+
+from flask import Blueprint, Response, g, jsonify, request, stream_with_context
+from pydantic import ValidationError
+
+from services.call_initiator import idempotency
+from services.call_initiator.auth import authenticate
+from services.call_initiator.views import call_view
+from shared.bootstrap import Components
+from shared.campaigns import commands, spec, states, views
+from shared.core.errors import CallflowError, ErrorType
+from shared.core.models import User
+from shared.http.bodies import json_body, validation_error
+
+# Ten thousand contacts with a few variables each are about a megabyte of JSON.
+MAX_CAMPAIGN_BODY_BYTES = 16 * 1024 * 1024
+CSV_TYPES = ("text/csv", "application/csv")
+_FORMULA_STARTS = ("=", "+", "-", "@")
+_NUMBER = re.compile(r"[+-]?\d+(\.\d+)?")
+
+
+def add_campaign_routes(api: Blueprint, components: Components) -> None:
+    uow = components.uow
+    key_retention = timedelta(hours=components.settings.idempotency_key_retention_hours)
+
+    def customer() -> User:
+        return authenticate(uow, request.headers.get("Authorization"))
+
+    @api.post("/campaigns")
+    def create_campaign():
+        user = customer()
+        request.max_content_length = MAX_CAMPAIGN_BODY_BYTES
+        raw, settings, contacts = _read_campaign()
+        claim = None
+        if (key := request.headers.get(idempotency.HEADER)) is not None:
+            claim = idempotency.claim_for(user.id, key, raw)
+            if (replay := idempotency.replay_of(uow, claim, key_retention)) is not None:
+                return idempotency.replayed(replay)
+            g.idempotency_claim = claim
+        with uow() as unit:
+            created = commands.create_campaign(unit, user.id, settings, contacts)
+            if claim is not None:
+                idempotency.claim_key(unit.session, claim, campaign_id=created.campaign.id)
+            unit.commit()
+        return jsonify(commands.created_answer(created)), 201
+
+    @api.post("/campaigns/<campaign_id>/<action>")
+    def change_campaign(campaign_id: str, action: str):
+        user = customer()
+        try:
+            move = states.Action(action)
+        except ValueError as exc:
+            raise CallflowError(
+                ErrorType.NOT_FOUND, f"No action {action!r}; use start, pause, resume or cancel."
+            ) from exc
+        campaign = commands.change_status(uow, user.id, campaign_id, move)
+        return jsonify(views.summary_view(campaign))
+
+    @api.get("/campaigns/<campaign_id>")
+    def read_campaign(campaign_id: str):
+        user = customer()
+        campaign = commands.find_campaign(uow, user.id, campaign_id)
+        with uow() as unit:
+            return jsonify(views.campaign_view(unit.reads_only().session, campaign))
+
+    @api.get("/campaigns")
+    def list_campaigns():
+        user = customer()
+        limit = _limit()
+        with uow() as unit:
+            campaigns = unit.reads_only().session.scalars(views.campaigns_of_query(user.id, limit)).all()
+        return jsonify({"campaigns": [views.summary_view(campaign) for campaign in campaigns]})
+
+    @api.get("/campaigns/<campaign_id>/calls")
+    def campaign_calls(campaign_id: str):
+        user = customer()
+        campaign = commands.find_campaign(uow, user.id, campaign_id)
+        with uow() as unit:
+            page, cursor = views.calls_page(
+                unit.reads_only().session,
+                campaign.id,
+                request.args.get("status") or None,
+                request.args.get("cursor"),
+                _limit(),
+            )
+            return jsonify({"calls": [call_view(call) for call in page], "nextCursor": cursor})
+
+    @api.get("/campaigns/<campaign_id>/results.csv")
+    def campaign_results(campaign_id: str):
+        user = customer()
+        campaign = commands.find_campaign(uow, user.id, campaign_id)
+
+        def rows():
+            yield _csv_line(views.RESULT_COLUMNS)
+            with uow() as unit:
+                for row in views.result_rows(unit.session, campaign.id):
+                    yield _csv_line(row)
+
+        headers = {"Content-Disposition": f'attachment; filename="campaign-{campaign.id}-results.csv"'}
+        return Response(stream_with_context(rows()), mimetype="text/csv", headers=headers)
+
+
+def _read_campaign() -> tuple[Any, spec.CampaignSettings, spec.ContactList]:
+    """The settings and contacts from a JSON body, or from a CSV body and the query string."""
+    if request.mimetype in CSV_TYPES:
+        text = request.get_data(as_text=True)
+        query = request.args.to_dict()
+        try:
+            settings_raw = spec.settings_from_query(query)
+            contacts = spec.contacts_from_csv(text)
+        except ValueError as exc:
+            raise CallflowError(ErrorType.VALIDATION_ERROR, f"Invalid campaign upload: {exc}") from exc
+        raw: Any = {"query": query, "csv": text}
+    else:
+        raw = json_body()
+        if not isinstance(raw, dict):
+            raise CallflowError(ErrorType.VALIDATION_ERROR, "The body must be a JSON object (or a text/csv upload).")
+        settings_raw = {key: value for key, value in raw.items() if key != "contacts"}
+        listed = raw.get("contacts")
+        if not isinstance(listed, list):
+            raise CallflowError(ErrorType.VALIDATION_ERROR, "contacts: must be a list of contacts.")
+        contacts = spec.contacts_from_json(listed)
+    if len(contacts.contacts) + len(contacts.rejected) + contacts.duplicates > spec.MAX_CONTACTS:
+        raise CallflowError(ErrorType.VALIDATION_ERROR, f"A campaign holds at most {spec.MAX_CONTACTS} contacts.")
+    try:
+        settings = spec.CampaignSettings.model_validate(settings_raw)
+    except ValidationError as exc:
+        raise validation_error(exc) from exc
+    return raw, settings, contacts
+
+
+def _limit() -> int:
+    try:
+        limit = int(request.args.get("limit", views.MAX_PAGE))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= views.MAX_PAGE:
+        raise CallflowError(ErrorType.VALIDATION_ERROR, f"limit must be 1 to {views.MAX_PAGE}.")
+    return limit
+
+
+def _csv_line(values: Any) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow([_safe_cell(value) for value in values])
+    return buffer.getvalue()
+
+
+def _safe_cell(value: Any) -> str:
+    """A leading formula character is neutralised (a name such as `=HYPERLINK(...)` from an upload), so a spreadsheet
+    shows the text and never runs it; numbers such as +14155550123 stay as they are."""
+    text = "" if value is None else str(value)
+    if text[:1] in _FORMULA_STARTS and not _NUMBER.fullmatch(text):
+        return "'" + text
+    return text

@@ -1,0 +1,317 @@
+"""Choosing a customer's next campaign calls, within the slots their direct calls left free.
+
+How the next contact is chosen, and at what cost (docs/architecture.md has the picture):
+- The customer's running campaigns share the free slots round robin: one slot at a time, starting with the
+  campaign served longest ago (`last_dispatched_at`), each up to its `maxConcurrency` (its calls holding a slot
+  are counted by an index on held slots per campaign).
+- Within a campaign, its calls Bolna sent back to the queue go first, then its waiting contacts in the order they
+  became due (`next_attempt_at`, then their row): one index range scan of `ix_campaign_contacts_due` that stops
+  after the few rows it needs, whatever the campaign's size.
+- A contact whose calling window is closed (in its own time zone) is not called: its `next_attempt_at` moves to the
+  window's next opening, so it is looked at once per opening, never rescanned per freed slot.
+Campaign scheduling (startAt, retry intervals, calling windows) runs on the queue-processor's clock, which the
+tests control; slots and leases stay on the database's.
+"""
+
+from __future__ import annotations
+
+import functools
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import phonenumbers
+from phonenumbers import timezone as number_time_zones
+from sqlalchemy import Select, and_, exists, func, or_, select
+
+from shared.calls import statuses
+from shared.campaigns import states
+from shared.core.models import Call, Campaign, CampaignContact, User
+from shared.core.uow import UnitOfWork
+
+Clock = Callable[[], datetime]
+MAX_WINDOW_SEARCH_DAYS = 8
+CONTACT_BATCH = 50  # contacts read at once: enough to skip those outside their window without a read per contact
+_UTC = ZoneInfo("UTC")
+
+
+def system_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+@functools.lru_cache(maxsize=65_536)
+def time_zones_of(phone_number: str) -> tuple[ZoneInfo, ...]:
+    """The time zones the number may ring in (several for some countries); UTC when phonenumbers knows none."""
+    try:
+        names = number_time_zones.time_zones_for_number(phonenumbers.parse(phone_number, None))
+    except phonenumbers.NumberParseException:
+        names = ()
+    zones = []
+    for name in names:
+        try:
+            zones.append(ZoneInfo(name))
+        except (ZoneInfoNotFoundError, ValueError):
+            continue
+    return tuple(zones) or (_UTC,)
+
+
+class CallingWindow:
+    """Hours [start, end) on some ISO weekdays, in the recipient's local time. A number with several time zones
+    may be called only when the window is open in all of them (the most restrictive)."""
+
+    def __init__(self, start_hour: int, end_hour: int, days: list[int] | None):
+        self.start_hour, self.end_hour = start_hour, end_hour
+        self.days = frozenset(days or range(1, 8))
+
+    @classmethod
+    def of(cls, campaign: Campaign) -> CallingWindow | None:
+        if campaign.window_start_hour is None or campaign.window_end_hour is None:
+            return None
+        return cls(campaign.window_start_hour, campaign.window_end_hour, campaign.window_days)
+
+    def is_open(self, zone: ZoneInfo, at: datetime) -> bool:
+        local = at.astimezone(zone)
+        return local.isoweekday() in self.days and self.start_hour <= local.hour < self.end_hour
+
+    def next_opening(self, phone_number: str, now: datetime) -> datetime:
+        """`now` when the window is open for the number, else when it next opens in all its zones."""
+        zones = time_zones_of(phone_number)
+        candidate = now
+        for _ in range(4 * len(zones) + 4):
+            if all(self.is_open(zone, candidate) for zone in zones):
+                return candidate
+            candidate = max(self._opening_in(zone, candidate) for zone in zones)
+        # The zones' windows never overlap: it is called once the last of them opens.
+        return candidate
+
+    def _opening_in(self, zone: ZoneInfo, at: datetime) -> datetime:
+        if self.is_open(zone, at):
+            return at
+        local = at.astimezone(zone)
+        for days_ahead in range(MAX_WINDOW_SEARCH_DAYS):
+            day = local.date() + timedelta(days=days_ahead)
+            opening = datetime(day.year, day.month, day.day, self.start_hour, tzinfo=zone)
+            if day.isoweekday() in self.days and opening > local:
+                return opening.astimezone(UTC)
+        return at + timedelta(days=1)
+
+
+def running_campaigns_query(user_id: uuid.UUID) -> Select[tuple[Campaign]]:
+    """The user's active campaigns, the one served longest ago first, locked (built apart so its plan is tested)."""
+    return (
+        select(Campaign)
+        .where(Campaign.user_id == user_id, Campaign.status.in_(states.ACTIVE))
+        .order_by(Campaign.last_dispatched_at.asc().nulls_first(), Campaign.id)
+        .with_for_update()
+    )
+
+
+def held_by_campaign_query(campaign_id: uuid.UUID) -> Select[tuple[int]]:
+    return select(func.count()).where(Call.campaign_id == campaign_id, Call.slot_held)
+
+
+def queued_campaign_calls_query(campaign_id: uuid.UUID, limit: int) -> Select[tuple[Call]]:
+    """The campaign's calls Bolna sent back to the queue, due again."""
+    return (
+        select(Call)
+        .where(
+            Call.campaign_id == campaign_id,
+            Call.status == statuses.PENDING,
+            or_(Call.next_attempt_at.is_(None), Call.next_attempt_at <= func.now()),
+        )
+        .order_by(Call.created_at)
+        .limit(limit)
+        .with_for_update()
+    )
+
+
+def due_contacts_query(campaign_id: uuid.UUID, now: datetime, limit: int) -> Select[tuple[CampaignContact]]:
+    return (
+        select(CampaignContact)
+        .where(
+            CampaignContact.campaign_id == campaign_id,
+            CampaignContact.state == states.WAITING,
+            CampaignContact.next_attempt_at <= now,
+        )
+        .order_by(CampaignContact.next_attempt_at, CampaignContact.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+
+
+def finished_attempts_query(user_id: uuid.UUID) -> Select[tuple[CampaignContact, Call]]:
+    """The user's contacts being called whose call has ended: their result is settled next."""
+    return (
+        select(CampaignContact, Call)
+        .join(Campaign, Campaign.id == CampaignContact.campaign_id)
+        .join(Call, Call.id == CampaignContact.last_call_id)
+        .where(
+            Campaign.user_id == user_id,
+            CampaignContact.state == states.CALLING,
+            Call.status.in_(statuses.TERMINAL),
+        )
+        .with_for_update(of=CampaignContact)
+    )
+
+
+def has_open_contacts_query(campaign_id: uuid.UUID) -> Select[tuple[bool]]:
+    """Whether a contact still waits or is being called (two probes of the partial indexes, never a count)."""
+    contacts = CampaignContact
+    return select(
+        exists().where(contacts.campaign_id == campaign_id, contacts.state == states.WAITING)
+        | exists().where(contacts.campaign_id == campaign_id, contacts.state == states.CALLING)
+    )
+
+
+def users_with_campaign_work_query() -> Select[tuple[uuid.UUID]]:
+    """Users with an active campaign, or with a campaign call whose contact is still being called."""
+    active = select(Campaign.user_id).where(Campaign.status.in_(states.ACTIVE))
+    calling = (
+        select(Campaign.user_id)
+        .join(CampaignContact, and_(CampaignContact.campaign_id == Campaign.id))
+        .where(CampaignContact.state == states.CALLING)
+    )
+    return active.union(calling)
+
+
+class CampaignDispatch:
+    """Settles finished attempts and picks campaign calls for free slots; the caller holds the user's lock."""
+
+    def __init__(self, clock: Clock = system_clock):
+        self.clock = clock
+
+    def settle(self, uow: UnitOfWork, user_id: uuid.UUID) -> None:
+        """Gives each contact whose call ended its result, or a retry per its campaign's policy, and completes the
+        campaigns with nothing left to call."""
+        now = self.clock()
+        touched: dict[uuid.UUID, Campaign] = {}
+        for contact, call in uow.session.execute(finished_attempts_query(user_id)).all():
+            campaign = touched.get(contact.campaign_id) or uow.session.get_one(Campaign, contact.campaign_id)
+            touched[campaign.id] = campaign
+            if _retries(campaign, contact, call):
+                contact.state = states.WAITING
+                contact.next_attempt_at = now + campaign.retry_delay(contact.attempts)
+            else:
+                contact.state = states.DONE
+                contact.final_status = call.status
+        for campaign in touched.values():
+            self.finish_if_done(uow, campaign)
+
+    def finish_if_done(self, uow: UnitOfWork, campaign: Campaign) -> None:
+        if campaign.status in (states.RUNNING, states.PAUSED) and not uow.session.scalar(
+            has_open_contacts_query(campaign.id)
+        ):
+            campaign.status = states.COMPLETED
+            campaign.finished_at = func.now()
+
+    def pause_for_credits(self, uow: UnitOfWork, user_id: uuid.UUID) -> None:
+        """The customer ran out of credits: their campaigns stop until the customer resumes them."""
+        for campaign in uow.session.scalars(running_campaigns_query(user_id)):
+            campaign.status = states.PAUSED
+            campaign.pause_reason = states.PAUSED_NO_CREDITS
+
+    def pick(self, uow: UnitOfWork, user: User, free: int) -> list[Call]:
+        """Up to `free` campaign calls to place now, shared round robin between the user's running campaigns, each
+        within its `maxConcurrency`; new calls are added to the session (still `pending`: the caller reserves)."""
+        now = self.clock()
+        picked: list[Call] = []
+        rotation: list[_CampaignTurn] = []
+        for campaign in uow.session.scalars(running_campaigns_query(user.id)):
+            if campaign.status == states.SCHEDULED:
+                if campaign.start_at is not None and campaign.start_at > now:
+                    continue
+                campaign.status = states.RUNNING
+                campaign.started_at = func.now()
+            room = free
+            if campaign.max_concurrency is not None:
+                room = campaign.max_concurrency - (uow.session.scalar(held_by_campaign_query(campaign.id)) or 0)
+            if room > 0:
+                rotation.append(_CampaignTurn(uow, campaign, room, now))
+        served = 0
+        while len(picked) < free and rotation:
+            for turn in list(rotation):
+                if len(picked) >= free:
+                    break
+                call = turn.next_call(free - len(picked))
+                if call is None:
+                    rotation.remove(turn)
+                    if turn.exhausted:
+                        self.finish_if_done(uow, turn.campaign)
+                    continue
+                picked.append(call)
+                served += 1
+                # Served in this order: the next free slot goes to the one served longest ago.
+                turn.campaign.last_dispatched_at = now + timedelta(microseconds=served)
+        return picked
+
+
+def _retries(campaign: Campaign, contact: CampaignContact, call: Call) -> bool:
+    """Another attempt follows Bolna's word on the call (no-answer, busy, failed as the policy lists), never a
+    failure of Callflow's own (a refused request, an outcome it could not confirm): those could dial twice."""
+    return (
+        campaign.status not in states.FINISHED
+        and call.error_type is None
+        and call.status in campaign.retry_on_statuses
+        and contact.attempts < campaign.retry_max_attempts
+    )
+
+
+class _CampaignTurn:
+    """One campaign's place in the rotation: what it may still take, and its next candidates."""
+
+    def __init__(self, uow: UnitOfWork, campaign: Campaign, room: int, now: datetime):
+        self._uow, self.campaign, self._room, self._now = uow, campaign, room, now
+        self._window = CallingWindow.of(campaign)
+        self._queued: list[Call] | None = None
+        self._contacts: list[CampaignContact] = []
+        self.exhausted = False  # no contact is due now (as opposed to the campaign's cap being reached)
+
+    def next_call(self, wanted: int) -> Call | None:
+        if self._room <= 0:
+            return None
+        if self._queued is None:
+            self._queued = list(self._uow.session.scalars(queued_campaign_calls_query(self.campaign.id, self._room)))
+        call = self._queued.pop(0) if self._queued else self._next_contact_call(wanted)
+        if call is not None:
+            self._room -= 1
+        return call
+
+    def _next_contact_call(self, wanted: int) -> Call | None:
+        while True:
+            if not self._contacts:
+                batch = due_contacts_query(self.campaign.id, self._now, max(wanted, CONTACT_BATCH))
+                self._contacts = list(self._uow.session.scalars(batch))
+                if not self._contacts:
+                    self.exhausted = True
+                    return None
+            contact = self._contacts.pop(0)
+            if self._window is not None:
+                opening = self._window.next_opening(contact.phone_number, self._now)
+                if opening > self._now:
+                    contact.next_attempt_at = opening
+                    contact.waiting_for_window = True
+                    continue
+            return self._call_for(contact)
+
+    def _call_for(self, contact: CampaignContact) -> Call:
+        campaign = self.campaign
+        metadata = dict(contact.variables)
+        if contact.name:
+            metadata.setdefault("name", contact.name)
+        call = Call(
+            id=uuid.uuid4(),
+            user_id=campaign.user_id,
+            agent_id=campaign.agent_id,
+            phone_number=contact.phone_number,
+            call_metadata=metadata,
+            status=statuses.PENDING,
+            trace_headers=campaign.trace_headers,
+            campaign_id=campaign.id,
+            contact_id=contact.id,
+        )
+        contact.state = states.CALLING
+        contact.attempts += 1
+        contact.last_call_id = call.id
+        contact.waiting_for_window = False
+        return call

@@ -1,0 +1,193 @@
+"""What a campaign is created from: its settings and its contacts, as JSON or CSV, checked.
+
+A contact with a number that is not valid E.164 is rejected (and reported back), not fatal; a number given twice
+is called once.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import uuid
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+from shared.core.phones import e164
+from shared.core.storable import bounded_user_data
+
+MAX_CONTACTS = 50_000
+PHONE_COLUMN = "phone_number"
+NAME_COLUMN = "name"
+_PLAIN_QUERY_SETTINGS = ("name", "agentId", "maxConcurrency", "startAt")
+_QUERY_SETTINGS = {
+    *_PLAIN_QUERY_SETTINGS,
+    "retryMaxAttempts",
+    "retryOnStatuses",
+    "retryIntervalMinutes",
+    "window",
+    "windowDays",
+}
+RetryStatus = Literal["no-answer", "busy", "failed"]
+
+
+class RetryPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    max_attempts: Annotated[int, Field(alias="maxAttempts", ge=1, le=4)] = 1
+    on_statuses: Annotated[list[RetryStatus], Field(alias="onStatuses")] = Field(
+        default_factory=lambda: ["no-answer", "busy"]
+    )
+    # The wait before attempt n + 1 is interval_minutes[n - 1]; the last one repeats.
+    interval_minutes: Annotated[list[Annotated[float, Field(ge=0, le=7 * 24 * 60)]], Field(alias="intervalMinutes")] = (
+        Field(default_factory=lambda: [60.0], min_length=1, max_length=3)
+    )
+
+
+class CallingWindow(BaseModel):
+    """Hours [startHour, endHour) in the contact's local time, on the ISO weekdays in `days` (1 = Monday)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    start_hour: Annotated[int, Field(alias="startHour", ge=0, le=23)]
+    end_hour: Annotated[int, Field(alias="endHour", ge=1, le=24)]
+    days: list[Annotated[int, Field(ge=1, le=7)]] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _start_before_end(self) -> CallingWindow:
+        if self.start_hour >= self.end_hour:
+            raise ValueError("startHour must be before endHour")
+        return self
+
+
+class CampaignSettings(BaseModel):
+    """Everything but the contacts (a CSV upload gives these as query parameters)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+    agent_id: Annotated[uuid.UUID, Field(alias="agentId")]
+    max_concurrency: Annotated[int | None, Field(alias="maxConcurrency", ge=1, le=1000)] = None
+    start_at: Annotated[AwareDatetime | None, Field(alias="startAt")] = None
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    calling_window: Annotated[CallingWindow | None, Field(alias="callingWindow")] = None
+
+
+class ContactIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    phone_number: Annotated[str, Field(alias="phoneNumber")]
+    name: Annotated[str | None, StringConstraints(max_length=200)] = None
+    variables: Annotated[dict[str, Any], AfterValidator(bounded_user_data)] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NewContact:
+    row: int  # 1-based: the position in `contacts`, or the CSV's data row
+    phone_number: str
+    name: str | None
+    variables: dict[str, Any]
+
+
+@dataclass
+class ContactList:
+    contacts: list[NewContact] = field(default_factory=list)
+    duplicates: int = 0
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, row: int, raw: Any, seen: set[str]) -> None:
+        try:
+            contact = ContactIn.model_validate(raw)
+            number = e164(contact.phone_number.strip())
+        except (ValidationError, ValueError) as exc:
+            phone = raw.get("phoneNumber") if isinstance(raw, dict) else None
+            self.rejected.append({"row": row, "phoneNumber": phone, "reason": _reason(exc)})
+            return
+        if number in seen:
+            self.duplicates += 1
+            return
+        seen.add(number)
+        self.contacts.append(NewContact(row, number, contact.name or None, contact.variables))
+
+
+def contacts_from_json(items: list[Any]) -> ContactList:
+    listed, seen = ContactList(), set()
+    for row, raw in enumerate(items, start=1):
+        listed.add(row, raw, seen)
+    return listed
+
+
+def contacts_from_csv(text: str) -> ContactList:
+    """Rows of a CSV with a `phone_number` column; `name` is the contact's name, every other column a variable."""
+    reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
+    columns = [(column or "").strip() for column in reader.fieldnames or []]
+    if PHONE_COLUMN not in columns:
+        raise ValueError(f"the CSV header must name a {PHONE_COLUMN!r} column")
+    reader.fieldnames = columns
+    listed, seen = ContactList(), set()
+    for row, record in enumerate(reader, start=1):
+        if None in record:
+            listed.rejected.append(
+                {"row": row, "phoneNumber": record.get(PHONE_COLUMN), "reason": "more values than columns"}
+            )
+            continue
+        variables = {key: value for key, value in record.items() if key not in (PHONE_COLUMN, NAME_COLUMN) and key}
+        raw = {
+            "phoneNumber": record.get(PHONE_COLUMN) or "",
+            "name": record.get(NAME_COLUMN) or None,
+            "variables": variables,
+        }
+        listed.add(row, raw, seen)
+    return listed
+
+
+def settings_from_query(args: dict[str, str]) -> dict[str, Any]:
+    """A CSV upload's settings, from query parameters: name, agentId, maxConcurrency, startAt, retryMaxAttempts,
+    retryOnStatuses (comma-separated), retryIntervalMinutes (comma-separated), window (`9-18`), windowDays (`1,2,3`)."""
+    settings: dict[str, Any] = {
+        key: args[key] for key in ("name", "agentId", "maxConcurrency", "startAt") if key in args
+    }
+    retry: dict[str, Any] = {}
+    if "retryMaxAttempts" in args:
+        retry["maxAttempts"] = args["retryMaxAttempts"]
+    if "retryOnStatuses" in args:
+        retry["onStatuses"] = _listed(args["retryOnStatuses"])
+    if "retryIntervalMinutes" in args:
+        retry["intervalMinutes"] = _listed(args["retryIntervalMinutes"])
+    if retry:
+        settings["retry"] = retry
+    if "window" in args:
+        start, _, end = args["window"].partition("-")
+        window: dict[str, Any] = {"startHour": start.strip(), "endHour": end.strip()}
+        if "windowDays" in args:
+            window["days"] = _listed(args["windowDays"])
+        settings["callingWindow"] = window
+    unknown = sorted(
+        set(args) - {*settings, "retryMaxAttempts", "retryOnStatuses", "retryIntervalMinutes", "window", "windowDays"}
+    )
+    if unknown:
+        raise ValueError(f"unknown query parameters: {', '.join(unknown)}")
+    return settings
+
+
+def _listed(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(part) for part in err['loc']) or 'contact'}: {err['msg']}"
+            for err in exc.errors(include_url=False, include_input=False)
+        )
+    return f"phoneNumber: {exc}"
