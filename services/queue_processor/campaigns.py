@@ -217,7 +217,12 @@ class CampaignDispatch:
         now = self.clock()
         picked: list[Call] = []
         rotation: list[_CampaignTurn] = []
-        for campaign in uow.session.scalars(running_campaigns_query(user.id)):
+        campaigns = list(uow.session.scalars(running_campaigns_query(user.id)))
+        # Turns are ordered by when each campaign was last served; they only move forward, even on a clock that
+        # stands still within a burst.
+        last_turn = max((c.last_dispatched_at for c in campaigns if c.last_dispatched_at is not None), default=now)
+        turn_base = max(now, last_turn)
+        for campaign in campaigns:
             if campaign.status == states.SCHEDULED:
                 if campaign.start_at is not None and campaign.start_at > now:
                     continue
@@ -242,7 +247,7 @@ class CampaignDispatch:
                 picked.append(call)
                 served += 1
                 # Served in this order: the next free slot goes to the one served longest ago.
-                turn.campaign.last_dispatched_at = now + timedelta(microseconds=served)
+                turn.campaign.last_dispatched_at = turn_base + timedelta(microseconds=served)
         return picked
 
 

@@ -98,7 +98,7 @@ def change_status(
             raise CallflowError(
                 ErrorType.INVALID_CAMPAIGN_TRANSITION,
                 f"A {campaign.status} campaign cannot {action}.",
-                problem_fields={"campaignId": str(campaign.id), "status": campaign.status},
+                problem_fields={"campaignId": str(campaign.id), "campaignStatus": campaign.status},
                 user_id=user_id,
                 campaign_id=campaign.id,
             )
@@ -132,7 +132,7 @@ def cancel(uow: UnitOfWork, campaign: Campaign) -> None:
     """No contact is called again: those waiting end `canceled`, and so do the campaign's calls waiting in the queue.
     Calls already with Bolna finish normally and are billed."""
     campaign.status = states.CANCELED
-    campaign.finished_at = func.now()
+    campaign.finished_at = uow.session.scalar(select(func.now()))  # a value: the caller reads it after commit
     contacts = CampaignContact.__table__
     uow.session.execute(
         update(contacts)

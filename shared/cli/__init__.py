@@ -8,7 +8,7 @@ import uuid
 import click
 
 from shared.bootstrap import build_components
-from shared.cli import accounts
+from shared.cli import accounts, campaigns, demo
 from shared.core import migrate
 from shared.core.config import load_settings
 from shared.messaging import dead_letters
@@ -17,7 +17,11 @@ from shared.messaging.topology import declare_topology_at
 
 @click.group()
 def main() -> None:
-    """Operate Callflow: schema, broker topology, dead letters, users and agents."""
+    """Operate Callflow: schema, broker topology, dead letters, users, agents and campaigns."""
+
+
+main.add_command(campaigns.campaigns)
+main.add_command(demo.demo)
 
 
 @main.group()

@@ -1,0 +1,272 @@
+"""Campaign dispatch against this run's database, on a clock the test controls: direct calls first, round robin
+between campaigns within each cap, calling windows in the recipient's time zone, retries after their interval,
+pause, cancel and running out of credits."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from services.queue_processor.campaigns import CallingWindow, CampaignDispatch
+from services.queue_processor.dispatch import Dispatcher, DispatchTrigger
+from shared.calls import lifecycle, statuses
+from shared.calls.initiation import CallPlacer
+from shared.campaigns import commands, spec, states
+from shared.campaigns.views import campaign_view
+from shared.core.errors import CallflowError, ErrorType
+from shared.core.models import Call, Campaign, CampaignContact, User
+from tests.support.components import components
+from tests.support.factories import Customer, call_row, customer
+
+NEW_YORK, LONDON, TOKYO = "+1212555{:04d}", "+44207946{:04d}", "+8131234{:04d}"
+NOON_UTC = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)  # a Tuesday: London 12:00, New York 07:00, Tokyo 21:00
+
+
+class _Clock:
+    def __init__(self, now: datetime):
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+class _RecordingPlacer(CallPlacer):
+    """Bolna is never asked: each call handed over keeps its slot, as if Bolna were dialling it."""
+
+    def __init__(self) -> None:
+        super().__init__(components().uow, components().bolna, max_attempts=3)
+        self.placed: list[Call] = []
+
+    def initiate(self, call: Call, provider_agent_id: str, retry_transient: bool) -> Call | None:
+        self.placed.append(call)
+        return None
+
+
+def _campaign(owner: Customer, numbers: list[str], **settings: object) -> uuid.UUID:
+    contacts = spec.contacts_from_json([{"phoneNumber": number} for number in numbers])
+    body = {"name": "Reminders", "agentId": str(owner.agent_id), **settings}
+    with components().uow() as uow:
+        created = commands.create_campaign(uow, owner.user_id, spec.CampaignSettings.model_validate(body), contacts)
+        uow.commit()
+    commands.change_status(components().uow, owner.user_id, str(created.campaign.id), states.Action.START)
+    return created.campaign.id
+
+
+def _dispatch(owner: Customer, clock: _Clock, scheduled: bool = False) -> list[Call]:
+    """What a wake-up message makes the dispatcher do; `scheduled`: what the campaign scheduler job does."""
+    placer = _RecordingPlacer()
+    dispatcher = Dispatcher(placer, concurrency=8, campaigns=CampaignDispatch(clock))
+    if scheduled:
+        dispatcher.settle_campaigns(owner.user_id)
+    dispatcher.dispatch_pending(owner.user_id, DispatchTrigger.SCHEDULE if scheduled else DispatchTrigger.MESSAGE)
+    assert dispatcher.wait_until_idle(30)
+    return placer.placed
+
+
+def _end(call_ids: list[uuid.UUID], status: str) -> None:
+    """The calls ended at Bolna with `status` (as their webhooks would have it)."""
+    with components().uow() as uow:
+        for call_id in call_ids:
+            call = uow.calls.lock_call(call_id)
+            call.status = status
+            call.slot_held = False
+        uow.commit()
+
+
+def _contacts(campaign_id: uuid.UUID) -> list[CampaignContact]:
+    with components().uow() as uow:
+        query = select(CampaignContact).where(CampaignContact.campaign_id == campaign_id)
+        return list(uow.session.scalars(query.order_by(CampaignContact.row_number)))
+
+
+def _campaign_row(campaign_id: uuid.UUID) -> Campaign:
+    with components().uow() as uow:
+        return uow.session.get_one(Campaign, campaign_id)
+
+
+def _view(campaign_id: uuid.UUID) -> dict:
+    with components().uow() as uow:
+        return campaign_view(uow.session, uow.session.get_one(Campaign, campaign_id))
+
+
+def test_the_calling_window_follows_each_contacts_own_time_zone():
+    owner = customer(credits=1000, max_concurrent_calls=50)
+    numbers = [NEW_YORK.format(i) for i in range(3)] + [LONDON.format(i) for i in range(3)]
+    numbers += [TOKYO.format(i) for i in range(3)]
+    campaign_id = _campaign(owner, numbers, callingWindow={"startHour": 9, "endHour": 18})
+    clock = _Clock(NOON_UTC)
+
+    placed = _dispatch(owner, clock)
+    assert sorted(call.phone_number for call in placed) == sorted(LONDON.format(i) for i in range(3))
+    view = _view(campaign_id)
+    assert view["contacts"]["waitingForWindow"] == 6, "New York and Tokyo wait for their window"
+    waiting = {c.phone_number: c.next_attempt_at for c in _contacts(campaign_id) if c.state == states.WAITING}
+    assert {waiting[NEW_YORK.format(i)] for i in range(3)} == {datetime(2026, 12, 1, 14, 0, tzinfo=UTC)}
+    assert {waiting[TOKYO.format(i)] for i in range(3)} == {datetime(2026, 12, 2, 0, 0, tzinfo=UTC)}
+
+    clock.now = datetime(2026, 12, 1, 13, 59, tzinfo=UTC)
+    assert _dispatch(owner, clock) == [], "a minute before New York's 9:00 nobody is called"
+    clock.now = datetime(2026, 12, 1, 14, 0, 30, tzinfo=UTC)
+    assert sorted(call.phone_number for call in _dispatch(owner, clock)) == sorted(NEW_YORK.format(i) for i in range(3))
+    clock.now = datetime(2026, 12, 2, 0, 0, 30, tzinfo=UTC)
+    assert sorted(call.phone_number for call in _dispatch(owner, clock)) == sorted(TOKYO.format(i) for i in range(3))
+    assert _view(campaign_id)["contacts"]["waitingForWindow"] == 0
+
+
+def test_a_number_ringing_in_several_time_zones_is_called_only_when_the_window_is_open_in_all():
+    toll_free = "+18005550123"  # rings anywhere from Halifax to Honolulu
+    window = CallingWindow(9, 18, None)
+    new_york_ten = datetime(2026, 12, 1, 15, 0, tzinfo=UTC)  # New York 10:00, Los Angeles 07:00
+    assert window.next_opening("+12125550123", new_york_ten) == new_york_ten
+    assert window.next_opening(toll_free, new_york_ten) > new_york_ten
+
+
+def test_calling_days_are_the_contacts_local_weekdays():
+    window = CallingWindow(9, 18, [1, 2, 3, 4, 5])
+    saturday_noon_london = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+    assert window.next_opening(LONDON.format(1), saturday_noon_london) == datetime(2026, 12, 7, 9, 0, tzinfo=UTC)
+
+
+def test_direct_calls_waiting_go_before_the_customers_campaign_calls():
+    owner = customer(credits=1000, max_concurrent_calls=2)
+    _campaign(owner, [LONDON.format(i) for i in range(5)])
+    direct = [call_row(owner).id for _ in range(3)]
+    placed = _dispatch(owner, _Clock(NOON_UTC))
+    assert [call.id for call in placed] == direct[:2], "both free slots go to the oldest direct calls"
+    _end(direct[:2], "completed")
+    placed = _dispatch(owner, _Clock(NOON_UTC))
+    assert placed[0].id == direct[2] and all(call.campaign_id is not None for call in placed[1:])
+    assert len(placed) == 2
+
+
+def test_campaigns_of_one_customer_share_free_slots_round_robin_within_their_caps():
+    owner = customer(credits=1000, max_concurrent_calls=4)
+    first = _campaign(owner, [LONDON.format(i) for i in range(20)])
+    second = _campaign(owner, [LONDON.format(100 + i) for i in range(20)])
+    placed = _dispatch(owner, _Clock(NOON_UTC))
+    assert sorted(call.campaign_id for call in placed) == sorted([first, first, second, second])
+    split = {first: 0, second: 0}
+    for _ in range(10):  # one slot frees at a time: it alternates
+        freed = placed[0]
+        _end([freed.id], "completed")
+        placed = placed[1:] + _dispatch(owner, _Clock(NOON_UTC))
+        split[placed[-1].campaign_id] += 1
+    assert split == {first: 5, second: 5}
+
+    capped_owner = customer(credits=1000, max_concurrent_calls=4)
+    capped = _campaign(capped_owner, [LONDON.format(i) for i in range(20)], maxConcurrency=1)
+    free = _campaign(capped_owner, [LONDON.format(100 + i) for i in range(20)])
+    placed = _dispatch(capped_owner, _Clock(NOON_UTC))
+    assert sorted(str(call.campaign_id) for call in placed) == sorted([str(capped)] + [str(free)] * 3)
+
+
+def test_a_retry_waits_its_interval_and_the_campaign_completes_when_every_contact_is_final():
+    owner = customer(credits=1000, max_concurrent_calls=5)
+    retry = {"maxAttempts": 2, "onStatuses": ["no-answer"], "intervalMinutes": [30]}
+    campaign_id = _campaign(owner, [LONDON.format(1), LONDON.format(2)], retry=retry)
+    clock = _Clock(NOON_UTC)
+    first, second = _dispatch(owner, clock)
+    _end([first.id], "no-answer")
+    _end([second.id], "busy")  # not in the policy: final
+    assert _dispatch(owner, clock) == [], "the retry waits for its interval"
+    contacts = {c.phone_number: c for c in _contacts(campaign_id)}
+    assert contacts[first.phone_number].state == states.WAITING
+    assert contacts[first.phone_number].next_attempt_at == NOON_UTC + timedelta(minutes=30)
+    assert (contacts[second.phone_number].state, contacts[second.phone_number].final_status) == (states.DONE, "busy")
+
+    clock.now = NOON_UTC + timedelta(minutes=31)
+    (retried,) = _dispatch(owner, clock)
+    assert retried.phone_number == first.phone_number and retried.contact_id == first.contact_id
+    _end([retried.id], "no-answer")
+    assert _dispatch(owner, clock) == []
+    campaign = _campaign_row(campaign_id)
+    assert campaign.status == states.COMPLETED and campaign.finished_at is not None
+    view = _view(campaign_id)
+    assert view["results"] == {"no-answer": 1, "busy": 1}
+    assert view["attempts"] == 3 and view["calls"] == {"no-answer": 2, "busy": 1}
+
+
+def test_a_callflow_failure_is_never_retried_as_if_bolna_had_said_no_answer():
+    owner = customer(credits=1000, max_concurrent_calls=5)
+    retry = {"maxAttempts": 3, "onStatuses": ["failed"], "intervalMinutes": [0]}
+    campaign_id = _campaign(owner, [LONDON.format(1)], retry=retry)
+    (call,) = _dispatch(owner, _Clock(NOON_UTC))
+    with components().uow() as uow:
+        locked = uow.calls.lock_call(call.id)
+        locked.status, locked.error_type, locked.slot_held = statuses.FAILED, "bolna_outcome_unknown", False
+        uow.commit()
+    assert _dispatch(owner, _Clock(NOON_UTC)) == [], "Bolna may have dialled it: not again"
+    assert _campaign_row(campaign_id).status == states.COMPLETED
+
+
+def test_cancel_ends_waiting_contacts_and_queued_calls_and_holds_no_slot():
+    owner = customer(credits=1000, max_concurrent_calls=2)
+    campaign_id = _campaign(owner, [LONDON.format(i) for i in range(6)])
+    placed = _dispatch(owner, _Clock(NOON_UTC))
+    assert len(placed) == 2
+    with components().uow() as uow:  # Bolna sent one back to the queue (a 429): it waits as a pending call
+        call = uow.calls.lock_call(placed[0].id)
+        lifecycle.requeue(uow.calls, call, 0, "429")
+        uow.commit()
+    commands.change_status(components().uow, owner.user_id, str(campaign_id), states.Action.CANCEL)
+    with components().uow() as uow:
+        assert uow.session.get_one(Call, placed[0].id).status == statuses.CANCELED
+    _end([placed[1].id], "completed")  # the call at Bolna finished normally
+    assert _dispatch(owner, _Clock(NOON_UTC), scheduled=True) == []
+    view = _view(campaign_id)
+    assert view["status"] == states.CANCELED
+    assert view["contacts"] == {"waiting": 0, "calling": 0, "done": 6, "total": 6, "waitingForWindow": 0}
+    assert view["results"] == {"canceled": 5, "completed": 1}
+    with components().uow() as uow:
+        held = uow.session.scalar(select(func.count()).where(Call.user_id == owner.user_id, Call.slot_held))
+    assert held == 0
+
+
+def test_pause_stops_dispatch_and_resume_picks_up_where_it_stopped():
+    owner = customer(credits=1000, max_concurrent_calls=2)
+    campaign_id = _campaign(owner, [LONDON.format(i) for i in range(4)])
+    commands.change_status(components().uow, owner.user_id, str(campaign_id), states.Action.PAUSE)
+    assert _dispatch(owner, _Clock(NOON_UTC)) == []
+    commands.change_status(components().uow, owner.user_id, str(campaign_id), states.Action.RESUME)
+    assert len(_dispatch(owner, _Clock(NOON_UTC))) == 2
+    view = _view(campaign_id)
+    assert (view["contacts"]["calling"], view["contacts"]["waiting"]) == (2, 2)
+
+
+def test_running_out_of_credits_pauses_the_campaign_with_the_reason_until_resumed():
+    owner = customer(credits=1000, max_concurrent_calls=2)
+    campaign_id = _campaign(owner, [LONDON.format(i) for i in range(4)])
+    with components().uow() as uow:
+        uow.calls.lock_user(owner.user_id).credits = 0
+        uow.commit()
+    assert _dispatch(owner, _Clock(NOON_UTC)) == []
+    campaign = _campaign_row(campaign_id)
+    assert (campaign.status, campaign.pause_reason) == (states.PAUSED, states.PAUSED_NO_CREDITS)
+    with components().uow() as uow:
+        uow.session.get_one(User, owner.user_id).credits = 10
+        uow.commit()
+    assert _dispatch(owner, _Clock(NOON_UTC)) == [], "it resumes only when asked"
+    commands.change_status(components().uow, owner.user_id, str(campaign_id), states.Action.RESUME)
+    assert len(_dispatch(owner, _Clock(NOON_UTC))) == 2
+
+
+def test_a_start_time_ahead_keeps_the_campaign_scheduled_until_it_comes():
+    owner = customer(credits=1000, max_concurrent_calls=2)
+    start = datetime(2030, 1, 1, 9, 0, tzinfo=UTC)
+    campaign_id = _campaign(owner, [LONDON.format(1)], startAt=start.isoformat())
+    assert _campaign_row(campaign_id).status == states.SCHEDULED
+    assert _dispatch(owner, _Clock(start - timedelta(seconds=1))) == []
+    assert len(_dispatch(owner, _Clock(start + timedelta(hours=1)))) == 1
+    assert _campaign_row(campaign_id).status == states.RUNNING
+
+
+def test_another_customers_agent_cannot_run_a_campaign():
+    owner, stranger = customer(), customer()
+    contacts = spec.contacts_from_json([{"phoneNumber": LONDON.format(1)}])
+    settings = spec.CampaignSettings.model_validate({"name": "x", "agentId": str(stranger.agent_id)})
+    with components().uow() as uow, pytest.raises(CallflowError) as refused:
+        commands.create_campaign(uow, owner.user_id, settings, contacts)
+    assert refused.value.error_type == ErrorType.UNAUTHORIZED_AGENT_ACCESS
