@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test bench lint clean
+.PHONY: install up demo test bench lint clean
 
 install: $(STAMP)
 
@@ -22,6 +22,10 @@ up: install .env
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho run callctl db upgrade
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho run callctl mq declare
 	PATH="$(CURDIR)/$(BIN):$$PATH" exec $(BIN)/honcho start
+
+# With `make up` running: a 200-contact campaign against the simulator, watched to its end.
+demo: install .env
+	@PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho run callctl demo
 
 test: install
 	$(BIN)/python -m pytest

@@ -117,7 +117,7 @@ def _read_campaign() -> tuple[Any, spec.CampaignSettings, spec.ContactList]:
         try:
             settings_raw = spec.settings_from_query(query)
             contacts = spec.contacts_from_csv(text)
-        except ValueError as exc:
+        except (ValueError, csv.Error) as exc:  # csv.Error: a field longer than the csv module takes
             raise CallflowError(ErrorType.VALIDATION_ERROR, f"Invalid campaign upload: {exc}") from exc
         raw: Any = {"query": query, "csv": text}
     else:

@@ -154,9 +154,12 @@ def contacts_from_csv(text: str) -> ContactList:
 def settings_from_query(args: dict[str, str]) -> dict[str, Any]:
     """A CSV upload's settings, from query parameters: name, agentId, maxConcurrency, startAt, retryMaxAttempts,
     retryOnStatuses (comma-separated), retryIntervalMinutes (comma-separated), window (`9-18`), windowDays (`1,2,3`)."""
-    settings: dict[str, Any] = {
-        key: args[key] for key in ("name", "agentId", "maxConcurrency", "startAt") if key in args
-    }
+    unknown = sorted(set(args) - _QUERY_SETTINGS)
+    if unknown:
+        raise ValueError(f"unknown query parameters: {', '.join(unknown)}")
+    if "windowDays" in args and "window" not in args:
+        raise ValueError("windowDays needs window (such as 9-18)")
+    settings: dict[str, Any] = {key: args[key] for key in _PLAIN_QUERY_SETTINGS if key in args}
     retry: dict[str, Any] = {}
     if "retryMaxAttempts" in args:
         retry["maxAttempts"] = args["retryMaxAttempts"]
@@ -172,11 +175,6 @@ def settings_from_query(args: dict[str, str]) -> dict[str, Any]:
         if "windowDays" in args:
             window["days"] = _listed(args["windowDays"])
         settings["callingWindow"] = window
-    unknown = sorted(
-        set(args) - {*settings, "retryMaxAttempts", "retryOnStatuses", "retryIntervalMinutes", "window", "windowDays"}
-    )
-    if unknown:
-        raise ValueError(f"unknown query parameters: {', '.join(unknown)}")
     return settings
 
 

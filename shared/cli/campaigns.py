@@ -281,7 +281,9 @@ def read_progress(components: Components, campaign_id: uuid.UUID) -> Progressed 
 
 @campaigns.command("watch")
 @click.argument("campaign_id", type=click.UUID)
-@click.option("--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True, help="Seconds.")
+@click.option(
+    "--interval", type=click.FloatRange(min=0.1), default=1.0, show_default=True, help="Seconds between readings."
+)
 def watch_command(campaign_id: uuid.UUID, interval: float) -> None:
     """Watch a campaign's progress, then its results.
 

@@ -1,4 +1,4 @@
-"""`callctl demo` (`make demo`): a campaign of 200 contacts run end to end against the stack of `make up`.
+"""`callctl demo` (`make demo`): a campaign (200 contacts by default) run end to end against the stack of `make up`.
 
 It creates a customer and an agent, sets the Bolna simulator to fast calls with some no-answers, busies and
 failures, creates a campaign that calls a no-answer or a busy again, starts it and watches it to its end. The
@@ -30,7 +30,8 @@ FAST_CALLS = {
     "duration_min_seconds": 20,
     "duration_max_seconds": 150,
 }
-CREDITS = 10_000
+# Enough for every contact: one is billed once at most (its completed call), 3 credits at most.
+CREDITS_PER_CONTACT = 3
 MAX_CONCURRENT_CALLS = 12
 CAMPAIGN_SETTINGS = {
     "name": "Demo: appointment reminders",
@@ -42,16 +43,22 @@ CAMPAIGN_SETTINGS = {
 
 
 @click.command("demo")
-@click.option("--contacts", "contact_count", type=click.IntRange(1, 9_999), default=200, show_default=True)
+# Numbers of one exchange: +1 415 555 0000 to 9999.
+@click.option("--contacts", "contact_count", type=click.IntRange(1, 10_000), default=200, show_default=True)
 @click.option("--simulator-url", default=None, help="The Bolna simulator  [default: BOLNA_API_URL]")
-@click.option("--interval", type=click.FloatRange(min=0.1), default=0.5, show_default=True, help="Seconds.")
+@click.option(
+    "--interval", type=click.FloatRange(min=0.1), default=0.5, show_default=True, help="Seconds between readings."
+)
 def demo(contact_count: int, simulator_url: str | None, interval: float) -> None:
-    """Run a campaign end to end against the running stack (`make up`) and its Bolna simulator."""
+    """Run a campaign end to end against the running stack.
+
+    It needs the services and the Bolna simulator of `make up` running, and the same environment (`.env`)."""
     simulator = (simulator_url or load_settings().bolna_api_url).rstrip("/")
     with campaigns.connected() as components, simulator_set_to(simulator, {"outcomes": OUTCOMES, **FAST_CALLS}):
         click.echo(f"simulator {simulator}: outcomes {_shares(OUTCOMES)}, calls of about half a second")
         email = f"demo-{uuid.uuid4().hex[:8]}@example.com"
-        user = accounts.create_user(components.uow, email, CREDITS, MAX_CONCURRENT_CALLS).user
+        credits = CREDITS_PER_CONTACT * contact_count
+        user = accounts.create_user(components.uow, email, credits, MAX_CONCURRENT_CALLS).user
         click.echo(f"customer {user.email} ({user.id}): {user.credits} credits, {MAX_CONCURRENT_CALLS} calls at once")
         agent = accounts.create_agent(components.uow, user.id, "Maya", str(uuid.uuid4()))
         click.echo(f"agent {agent.name} ({agent.id}), Bolna agent {agent.provider_agent_id}")
@@ -65,6 +72,10 @@ def demo(contact_count: int, simulator_url: str | None, interval: float) -> None
         started = campaigns.change_status(components, created.campaign.id, states.Action.START)
         click.echo(f"campaign {started.id}: {started.status}")
         campaigns.watch(components, created.campaign.id, interval)
+        # The agent is new: every call the simulator saw of it is one of this campaign's.
+        peaks = requests.get(f"{simulator}/_sim/stats", timeout=5).json()["max_active_calls"]
+        peak = peaks.get(agent.provider_agent_id, 0)
+        click.echo(f"  at once:    {peak} at most, as the simulator saw them (cap {query['maxConcurrency']})")
 
 
 def contacts_csv(count: int) -> str:

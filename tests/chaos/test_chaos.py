@@ -1,6 +1,6 @@
-"""Nothing lost, nothing dialled or billed twice, no limit exceeded: 500 calls through a broker outage, a flaky
-provider that loses answers after placing and drops `completed` webhooks, duplicated and reordered webhooks, and a
-killed queue-processor."""
+"""Nothing lost, nothing dialled or billed twice, no limit exceeded: 500 calls and a campaign through a broker
+outage, a flaky provider that loses answers after placing and drops `completed` webhooks, duplicated and reordered
+webhooks, and a killed queue-processor."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from services.queue_processor.dispatch import TRIGGER_SPAN_DATA, DispatchTrigger
 from shared.calls import statuses
 from shared.core.errors import ErrorType
-from shared.core.models import Call, CreditLedgerEntry, OutboxMessage, User
+from shared.core.models import Call, CampaignContact, CreditLedgerEntry, OutboxMessage, User
 from tests.support import broker
 from tests.support.components import components
 from tests.support.factories import Customer, call_row, customer, load_call
@@ -35,6 +35,8 @@ REQUEST_EVERY_SECONDS = 0.08  # paced over ~40 s, so every fault lands while req
 OUTAGE_AFTER_ANSWERS = 100
 OUTAGE_SECONDS = 8
 DISPATCH_OP = "queue.initiate_call"
+CAMPAIGN_CONTACTS = 120
+CAMPAIGN_LIMIT, CAMPAIGN_CAP = 4, 3
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ def test_500_calls_survive_broker_outage_flaky_provider_and_a_killed_consumer(
     owners = [customer(credits=CREDITS, max_concurrent_calls=limit) for limit in LIMITS]
     user_ids = [owner.user_id for owner in owners]
     answers: list[Answer] = []
+    campaigner = customer(credits=CREDITS, max_concurrent_calls=CAMPAIGN_LIMIT)
+    campaign_id = _start_campaign(stack, campaigner)
 
     def inject_faults() -> FaultTimes:
         wait_until(lambda: len(answers) >= OUTAGE_AFTER_ANSWERS, 60, "traffic before the broker outage")
@@ -129,6 +133,7 @@ def test_500_calls_survive_broker_outage_flaky_provider_and_a_killed_consumer(
         # Calls whose answer was lost hold their slot until Bolna's word or the bound: the queue drains slower.
         wait_until(lambda: all(statuses.is_terminal(call.status) for call in _calls(user_ids)), 180, "every call ends")
         all_ended = time.time()
+        wait_until(lambda: _campaign_status(stack, campaigner, campaign_id) == "completed", 180, "the campaign ends")
     wait_until(lambda: _unpublished() == 0, 30, "the outbox drains once the broker is back")
     calls = _calls(user_ids)
 
@@ -206,6 +211,7 @@ def test_500_calls_survive_broker_outage_flaky_provider_and_a_killed_consumer(
     assert [call.id for call in given_up if str(call.id) in ours] == [], "a call Bolna placed was given up"
     sim_stats = stack.sim_stats()
     assert sim_stats["answers_lost"] > 0 and sim_stats["webhooks_dropped"] > 0, sim_stats
+    campaign_summary = _assert_campaign_kept_its_promises(stack, campaigner, campaign_id, slots, executions)
 
     outcome = Counter(call.status for call in calls)
     errors = Counter(call.error_type for call in calls if call.error_type)
@@ -223,8 +229,67 @@ def test_500_calls_survive_broker_outage_flaky_provider_and_a_killed_consumer(
             f"{[peaks.get(o.provider_agent_id, 0) for o in owners]} for limits {list(LIMITS)}\n"
             f"chaos: queued calls retried {sum(call.dispatch_attempts for call in calls)} times; Bolna lost "
             f"{sim_stats['answers_lost']} answers after placing and dropped {sim_stats['webhooks_dropped']} webhooks; "
-            f"{len(ours)} calls dialled once each, {len(completed_at_bolna)} completed at Bolna"
+            f"{len(ours)} calls dialled once each, {len(completed_at_bolna)} completed at Bolna\n"
+            f"chaos: campaign of {CAMPAIGN_CONTACTS} contacts: {campaign_summary}"
         )
+
+
+def _start_campaign(stack: Stack, owner: Customer) -> str:
+    contacts = [{"phoneNumber": f"+1415556{i:04d}"} for i in range(CAMPAIGN_CONTACTS)]
+    body = {
+        "name": "Chaos",
+        "agentId": str(owner.agent_id),
+        "contacts": contacts,
+        "maxConcurrency": CAMPAIGN_CAP,
+        "retry": {"maxAttempts": 2, "onStatuses": ["no-answer", "busy"], "intervalMinutes": [0]},
+    }
+    created = stack.api("POST", "/api/campaigns", headers=owner.auth, json=body)
+    assert created.status_code == 201, created.text
+    campaign_id = created.json()["campaignId"]
+    assert stack.api("POST", f"/api/campaigns/{campaign_id}/start", headers=owner.auth).status_code == 200
+    return campaign_id
+
+
+def _campaign_status(stack: Stack, owner: Customer, campaign_id: str) -> str:
+    return stack.api("GET", f"/api/campaigns/{campaign_id}", headers=owner.auth).json()["status"]
+
+
+def _assert_campaign_kept_its_promises(
+    stack: Stack, owner: Customer, campaign_id: str, slots: SlotSampler, executions: list[dict]
+) -> str:
+    """Every contact has its final result; each attempt was dialled once; each completed call charged once; the
+    campaign's cap and the customer's limit held."""
+    view = stack.api("GET", f"/api/campaigns/{campaign_id}", headers=owner.auth).json()
+    assert view["contacts"]["done"] == CAMPAIGN_CONTACTS == sum(view["results"].values()), view
+    with components().uow() as uow:
+        calls = list(uow.session.scalars(select(Call).where(Call.campaign_id == uuid.UUID(campaign_id))))
+        attempts = dict(
+            uow.session.execute(
+                select(CampaignContact.id, CampaignContact.attempts).where(
+                    CampaignContact.campaign_id == uuid.UUID(campaign_id)
+                )
+            ).all()
+        )
+        charged = dict(
+            uow.session.execute(
+                select(CreditLedgerEntry.call_id, func.count())
+                .where(CreditLedgerEntry.user_id == owner.user_id)
+                .group_by(CreditLedgerEntry.call_id)
+            ).all()
+        )
+    assert Counter(call.contact_id for call in calls) == Counter({k: v for k, v in attempts.items() if v})
+    assert max(attempts.values()) <= 2
+    campaign_call_ids = {str(call.id) for call in calls}
+    dials = Counter(e["user_data"].get("callflow_call_id") for e in executions)
+    assert max(dials[call_id] for call_id in campaign_call_ids) <= 1, "a campaign call dialled twice"
+    completed = {call.id for call in calls if call.status == statuses.COMPLETED}
+    assert set(charged) == completed and set(charged.values()) <= {1}
+    assert slots.peak(owner.user_id) <= CAMPAIGN_LIMIT
+    assert stack.sim_stats()["max_active_calls"].get(owner.provider_agent_id, 0) <= CAMPAIGN_CAP
+    return (
+        f"{len(calls)} calls for {CAMPAIGN_CONTACTS} contacts, results {view['results']}, "
+        f"{len(completed)} charged once each, slot peak {slots.peak(owner.user_id)}"
+    )
 
 
 @pytest.mark.broker_outage

@@ -266,6 +266,47 @@ def test_a_csv_upload_reports_rejected_rows_and_duplicates_and_results_stream_ba
     assert [c["campaignId"] for c in listed] == [campaign_id]
 
 
+def test_ten_thousand_contacts_in_one_request_are_one_campaign(stack):
+    owner = customer()
+    numbers = _numbers(10_000)
+    campaign_id = _create(stack, owner, numbers)
+    view = _view(stack, owner, campaign_id)
+    assert view["contactsTotal"] == view["contacts"]["waiting"] == 10_000 and view["status"] == states.DRAFT
+    assert stack.api("POST", f"/api/campaigns/{campaign_id}/cancel", headers=owner.auth).status_code == 200
+
+
+def test_bad_campaign_requests_are_clear_problems(stack):
+    owner = customer()
+    cases = [
+        ({"name": "x", "agentId": str(owner.agent_id)}, "contacts"),
+        ({"name": "x", "agentId": str(owner.agent_id), "contacts": [{"phoneNumber": "nope"}]}, "no valid contact"),
+        ({"name": "x", "agentId": str(owner.agent_id), "contacts": [], "retry": {"maxAttempts": 9}}, "maxAttempts"),
+        (
+            {
+                "name": "x",
+                "agentId": str(owner.agent_id),
+                "contacts": [{"phoneNumber": "+14155550101"}],
+                "callingWindow": {"startHour": 18, "endHour": 9},
+            },
+            "startHour must be before endHour",
+        ),
+    ]
+    for body, reason in cases:
+        answer = stack.api("POST", "/api/campaigns", headers=owner.auth, json=body)
+        assert answer.status_code == 400 and answer.headers["content-type"] == "application/problem+json"
+        assert reason in answer.text, answer.text
+    bad_csv = stack.api(
+        "POST",
+        "/api/campaigns",
+        headers={**owner.auth, "Content-Type": "text/csv"},
+        params={"name": "x", "agentId": str(owner.agent_id)},
+        content=b"number,name\n+14155550101,Ada\n",
+    )
+    assert bad_csv.status_code == 400 and "phone_number" in bad_csv.json()["detail"]
+    unknown = stack.api("POST", f"/api/campaigns/{uuid.uuid4()}/launch", headers=owner.auth)
+    assert unknown.status_code == 404
+
+
 def test_another_customers_campaign_is_404_and_a_security_event(stack):
     owner, intruder = customer(), customer()
     campaign_id = _create(stack, owner, _numbers(2))

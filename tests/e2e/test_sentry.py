@@ -390,6 +390,7 @@ def test_periodic_jobs_check_in_with_crons(stack):
         "callflow-relay-outbox",
         "callflow-apply-kept-webhooks",
         "callflow-dispatch-due-retries",
+        "callflow-schedule-campaigns",
         "callflow-sweep-pending-calls",
         "callflow-reconcile-unconfirmed-calls",
         "callflow-reconcile-silent-calls",

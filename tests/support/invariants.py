@@ -33,6 +33,22 @@ RULES = {
     "a charge to another user than the call's": (
         "SELECT l.id FROM credit_ledger l JOIN calls c ON c.id = l.call_id WHERE l.user_id <> c.user_id"
     ),
+    "a campaign contact called more times than its attempts": (
+        "SELECT cc.id FROM campaign_contacts cc JOIN calls c ON c.contact_id = cc.id "
+        "GROUP BY cc.id, cc.attempts HAVING count(*) <> cc.attempts"
+    ),
+    "a campaign contact with two calls under way at once": (
+        "SELECT contact_id FROM calls WHERE contact_id IS NOT NULL AND NOT status = ANY(:terminal) "
+        "GROUP BY contact_id HAVING count(*) > 1"
+    ),
+    "a completed campaign with a contact still open": (
+        "SELECT cc.id FROM campaign_contacts cc JOIN campaigns c ON c.id = cc.campaign_id "
+        "WHERE c.status = 'completed' AND cc.state <> 'done'"
+    ),
+    "a contact done whose last call has not ended": (
+        "SELECT cc.id FROM campaign_contacts cc JOIN calls c ON c.id = cc.last_call_id "
+        "WHERE cc.state = 'done' AND NOT c.status = ANY(:terminal)"
+    ),
 }
 
 
