@@ -275,6 +275,20 @@ def test_ten_thousand_contacts_in_one_request_are_one_campaign(stack):
     assert stack.api("POST", f"/api/campaigns/{campaign_id}/cancel", headers=owner.auth).status_code == 200
 
 
+def test_a_retried_create_with_the_same_idempotency_key_makes_one_campaign(stack):
+    owner = customer()
+    body = {"name": "Once", "agentId": str(owner.agent_id), "contacts": [{"phoneNumber": "+14155550101"}]}
+    headers = {**owner.auth, "Idempotency-Key": f"create-{uuid.uuid4()}"}
+    first = stack.api("POST", "/api/campaigns", headers=headers, json=body)
+    again = stack.api("POST", "/api/campaigns", headers=headers, json=body)
+    assert first.status_code == again.status_code == 201
+    assert again.json() == first.json() and again.headers["Idempotent-Replayed"] == "true"
+    other = stack.api("POST", "/api/campaigns", headers=headers, json={**body, "name": "Twice"})
+    assert other.status_code == 422 and other.json()["error_type"] == "idempotency_key_reused"
+    listed = stack.api("GET", "/api/campaigns", headers=owner.auth).json()["campaigns"]
+    assert [c["campaignId"] for c in listed] == [first.json()["campaignId"]]
+
+
 def test_bad_campaign_requests_are_clear_problems(stack):
     owner = customer()
     cases = [
