@@ -16,6 +16,7 @@ from services.call_initiator import idempotency
 from services.call_initiator.auth import authenticate
 from services.call_initiator.views import call_view
 from shared.bootstrap import Components
+from shared.calls import statuses
 from shared.campaigns import commands, spec, states, views
 from shared.core.errors import CallflowError, ErrorType
 from shared.core.models import User
@@ -24,7 +25,7 @@ from shared.http.bodies import json_body, validation_error
 # Ten thousand contacts with a few variables each are about a megabyte of JSON.
 MAX_CAMPAIGN_BODY_BYTES = 16 * 1024 * 1024
 CSV_TYPES = ("text/csv", "application/csv")
-_FORMULA_STARTS = ("=", "+", "-", "@")
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 _NUMBER = re.compile(r"[+-]?\d+(\.\d+)?")
 
 
@@ -68,9 +69,11 @@ def add_campaign_routes(api: Blueprint, components: Components) -> None:
     @api.get("/campaigns/<campaign_id>")
     def read_campaign(campaign_id: str):
         user = customer()
-        campaign = commands.find_campaign(uow, user.id, campaign_id)
         with uow() as unit:
-            return jsonify(views.campaign_view(unit.reads_only().session, campaign))
+            # One snapshot: the status and every count agree with each other, even while the campaign runs.
+            unit.session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+            campaign = commands.owned_campaign(unit, user.id, campaign_id)
+            return jsonify(views.campaign_view(unit.session, campaign))
 
     @api.get("/campaigns")
     def list_campaigns():
@@ -88,7 +91,7 @@ def add_campaign_routes(api: Blueprint, components: Components) -> None:
             page, cursor = views.calls_page(
                 unit.reads_only().session,
                 campaign.id,
-                request.args.get("status") or None,
+                _call_status(),
                 request.args.get("cursor"),
                 _limit(),
             )
@@ -128,14 +131,22 @@ def _read_campaign() -> tuple[Any, spec.CampaignSettings, spec.ContactList]:
         listed = raw.get("contacts")
         if not isinstance(listed, list):
             raise CallflowError(ErrorType.VALIDATION_ERROR, "contacts: must be a list of contacts.")
-        contacts = spec.contacts_from_json(listed)
-    if len(contacts.contacts) + len(contacts.rejected) + contacts.duplicates > spec.MAX_CONTACTS:
-        raise CallflowError(ErrorType.VALIDATION_ERROR, f"A campaign holds at most {spec.MAX_CONTACTS} contacts.")
+        try:
+            contacts = spec.contacts_from_json(listed)
+        except ValueError as exc:
+            raise CallflowError(ErrorType.VALIDATION_ERROR, f"contacts: {exc}") from exc
     try:
         settings = spec.CampaignSettings.model_validate(settings_raw)
     except ValidationError as exc:
         raise validation_error(exc) from exc
     return raw, settings, contacts
+
+
+def _call_status() -> str | None:
+    status = request.args.get("status") or None
+    if status is not None and status not in statuses.RANKED:
+        raise CallflowError(ErrorType.VALIDATION_ERROR, f"status must be one of {', '.join(sorted(statuses.RANKED))}.")
+    return status
 
 
 def _limit() -> int:

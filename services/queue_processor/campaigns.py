@@ -16,6 +16,7 @@ tests control; slots and leases stay on the database's.
 from __future__ import annotations
 
 import functools
+import logging
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -25,13 +26,19 @@ import phonenumbers
 from phonenumbers import timezone as number_time_zones
 from sqlalchemy import Select, and_, exists, func, or_, select
 
-from shared.calls import statuses
+from shared.calls import lifecycle, statuses
 from shared.campaigns import states
 from shared.core.models import Call, Campaign, CampaignContact, User
 from shared.core.uow import UnitOfWork
+from shared.observability.scrubbing import mask_phone
 
 Clock = Callable[[], datetime]
+log = logging.getLogger(__name__)
 MAX_WINDOW_SEARCH_DAYS = 8
+MAX_WINDOW_ROUNDS = 8  # zones that overlap agree within a few rounds of "the latest of their next openings"
+# Contacts one campaign's turn reads in one dispatch: a window that just closed for thousands of them is pushed
+# forward a few hundred at a time, not in one transaction holding the customer's lock.
+MAX_CONTACTS_READ_PER_TURN = 500
 CONTACT_BATCH = 50  # contacts read at once: enough to skip those outside their window without a read per contact
 _UTC = ZoneInfo("UTC")
 
@@ -52,7 +59,9 @@ def time_zones_of(phone_number: str) -> tuple[ZoneInfo, ...]:
         try:
             zones.append(ZoneInfo(name))
         except (ZoneInfoNotFoundError, ValueError):
-            continue
+            log.warning("time zone %s of %s is unknown to this system's time zone data", name, mask_phone(phone_number))
+    if not zones:
+        log.warning("no known time zone for %s: its calling window is kept in UTC", mask_phone(phone_number))
     return tuple(zones) or (_UTC,)
 
 
@@ -75,15 +84,23 @@ class CallingWindow:
         return local.isoweekday() in self.days and self.start_hour <= local.hour < self.end_hour
 
     def next_opening(self, phone_number: str, now: datetime) -> datetime:
-        """`now` when the window is open for the number, else when it next opens in all its zones."""
+        """`now` when the window is open for the number, else when it next opens in all its zones. A number whose
+        zones' windows never overlap (a toll-free or a nationwide mobile range spanning many hours) is called in the
+        window of its middle zone instead: no single local time is right for it, and it must not wait forever."""
         zones = time_zones_of(phone_number)
+        if len(zones) > 1 and not self._overlaps(zones, now):
+            zones = (_middle_zone(zones, now),)
         candidate = now
-        for _ in range(4 * len(zones) + 4):
+        for _ in range(MAX_WINDOW_ROUNDS):
             if all(self.is_open(zone, candidate) for zone in zones):
                 return candidate
             candidate = max(self._opening_in(zone, candidate) for zone in zones)
-        # The zones' windows never overlap: it is called once the last of them opens.
-        return candidate
+        return self._opening_in(_middle_zone(zones, now), now)
+
+    def _overlaps(self, zones: tuple[ZoneInfo, ...], now: datetime) -> bool:
+        """Whether the window can be open in all the zones at once: their UTC offsets differ by less than its length."""
+        offsets = [now.astimezone(zone).utcoffset() or timedelta() for zone in zones]
+        return max(offsets) - min(offsets) < timedelta(hours=self.end_hour - self.start_hour)
 
     def _opening_in(self, zone: ZoneInfo, at: datetime) -> datetime:
         if self.is_open(zone, at):
@@ -95,6 +112,10 @@ class CallingWindow:
             if day.isoweekday() in self.days and opening > local:
                 return opening.astimezone(UTC)
         return at + timedelta(days=1)
+
+
+def _middle_zone(zones: tuple[ZoneInfo, ...], now: datetime) -> ZoneInfo:
+    return sorted(zones, key=lambda zone: now.astimezone(zone).utcoffset() or timedelta())[len(zones) // 2]
 
 
 def running_campaigns_query(user_id: uuid.UUID) -> Select[tuple[Campaign]]:
@@ -164,6 +185,49 @@ def has_open_contacts_query(campaign_id: uuid.UUID) -> Select[tuple[bool]]:
     )
 
 
+def campaign_work_due_query(user_id: uuid.UUID, now: datetime) -> Select[tuple[int]]:
+    """The user's campaigns with something to do at `now`: a start time reached, a contact due, a call back in the
+    queue and due, or an attempt that ended and awaits its result (so a wake-up for a campaign waiting on its window
+    or its retries costs one read)."""
+    contact_due = select(CampaignContact.id).where(
+        CampaignContact.campaign_id == Campaign.id,
+        CampaignContact.state == states.WAITING,
+        CampaignContact.next_attempt_at <= now,
+    )
+    call_due = select(Call.id).where(
+        Call.campaign_id == Campaign.id,
+        Call.status == statuses.PENDING,
+        or_(Call.next_attempt_at.is_(None), Call.next_attempt_at <= func.now()),
+    )
+    attempt_ended = (
+        select(CampaignContact.id)
+        .join(Call, Call.id == CampaignContact.last_call_id)
+        .where(
+            CampaignContact.campaign_id == Campaign.id,
+            CampaignContact.state == states.CALLING,
+            Call.status.in_(statuses.TERMINAL),
+        )
+    )
+    return select(Campaign.id).where(
+        Campaign.user_id == user_id,
+        Campaign.status.in_(states.ACTIVE),
+        or_(
+            (Campaign.status == states.SCHEDULED) & (Campaign.start_at <= now),
+            (Campaign.status == states.RUNNING) & (contact_due.exists() | call_due.exists() | attempt_ended.exists()),
+        ),
+    )
+
+
+def canceled_campaign_calls_query(user_id: uuid.UUID) -> Select[tuple[Call]]:
+    """Calls of the user's canceled campaigns that Bolna sent back to the queue after the cancel."""
+    return (
+        select(Call)
+        .join(Campaign, Campaign.id == Call.campaign_id)
+        .where(Campaign.user_id == user_id, Campaign.status == states.CANCELED, Call.status == statuses.PENDING)
+        .with_for_update(of=Call)
+    )
+
+
 def users_with_campaign_work_query() -> Select[tuple[uuid.UUID]]:
     """Users with an active campaign, or with a campaign call whose contact is still being called."""
     active = select(Campaign.user_id).where(Campaign.status.in_(states.ACTIVE))
@@ -185,6 +249,8 @@ class CampaignDispatch:
         """Gives each contact whose call ended its result, or a retry per its campaign's policy, and completes the
         campaigns with nothing left to call."""
         now = self.clock()
+        for call in uow.session.scalars(canceled_campaign_calls_query(user_id)):
+            lifecycle.cancel_queued(call, "The campaign was canceled before the call was placed.")
         touched: dict[uuid.UUID, Campaign] = {}
         for contact, call in uow.session.execute(finished_attempts_query(user_id)).all():
             campaign = touched.get(contact.campaign_id) or uow.session.get_one(Campaign, contact.campaign_id)
@@ -203,6 +269,7 @@ class CampaignDispatch:
             has_open_contacts_query(campaign.id)
         ):
             campaign.status = states.COMPLETED
+            campaign.pause_reason = None
             campaign.finished_at = func.now()
 
     def pause_for_credits(self, uow: UnitOfWork, user_id: uuid.UUID) -> None:
@@ -270,20 +337,31 @@ class _CampaignTurn:
         self._window = CallingWindow.of(campaign)
         self._queued: list[Call] | None = None
         self._contacts: list[CampaignContact] = []
+        self._read = 0
         self.exhausted = False  # no contact is due now (as opposed to the campaign's cap being reached)
 
     def next_call(self, wanted: int) -> Call | None:
         if self._room <= 0:
             return None
-        if self._queued is None:
-            self._queued = list(self._uow.session.scalars(queued_campaign_calls_query(self.campaign.id, self._room)))
-        call = self._queued.pop(0) if self._queued else self._next_contact_call(wanted)
+        call = self._next_queued_call() or self._next_contact_call(wanted)
         if call is not None:
             self._room -= 1
         return call
 
+    def _next_queued_call(self) -> Call | None:
+        """A call Bolna sent back to the queue (a 429, the breaker): it keeps to the calling window too."""
+        if self._queued is None:
+            self._queued = list(self._uow.session.scalars(queued_campaign_calls_query(self.campaign.id, self._room)))
+        while self._queued:
+            call = self._queued.pop(0)
+            opening = self._opening_for(call.phone_number)
+            if opening is None:
+                return call
+            call.next_attempt_at = opening
+        return None
+
     def _next_contact_call(self, wanted: int) -> Call | None:
-        while True:
+        while self._read < MAX_CONTACTS_READ_PER_TURN:
             if not self._contacts:
                 batch = due_contacts_query(self.campaign.id, self._now, max(wanted, CONTACT_BATCH))
                 self._contacts = list(self._uow.session.scalars(batch))
@@ -291,13 +369,21 @@ class _CampaignTurn:
                     self.exhausted = True
                     return None
             contact = self._contacts.pop(0)
-            if self._window is not None:
-                opening = self._window.next_opening(contact.phone_number, self._now)
-                if opening > self._now:
-                    contact.next_attempt_at = opening
-                    contact.waiting_for_window = True
-                    continue
+            self._read += 1
+            opening = self._opening_for(contact.phone_number)
+            if opening is not None:
+                contact.next_attempt_at = opening
+                contact.waiting_for_window = True
+                continue
             return self._call_for(contact)
+        return None  # the next dispatch, or the scheduler's next round, reads on
+
+    def _opening_for(self, phone_number: str) -> datetime | None:
+        """None while the number's calling window is open, else when it opens next."""
+        if self._window is None:
+            return None
+        opening = self._window.next_opening(phone_number, self._now)
+        return opening if opening > self._now else None
 
     def _call_for(self, contact: CampaignContact) -> Call:
         campaign = self.campaign

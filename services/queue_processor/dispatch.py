@@ -7,19 +7,23 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from enum import StrEnum
 
 import sentry_sdk
-from sqlalchemy import Select, exists, select
+from sqlalchemy import Select, select
 from sqlalchemy.exc import DBAPIError
 
-from services.queue_processor.campaigns import CampaignDispatch, users_with_campaign_work_query
+from services.queue_processor.campaigns import (
+    CampaignDispatch,
+    campaign_work_due_query,
+    users_with_campaign_work_query,
+)
 from shared.calls import lifecycle
 from shared.calls.initiation import CallPlacer
 from shared.calls.store import due_pending, held_slots_query
-from shared.campaigns import states
 from shared.core.errors import CallflowError, ErrorType
-from shared.core.models import DIRECT_CALL, Agent, Call, Campaign, User
+from shared.core.models import DIRECT_CALL, Agent, Call, User
 from shared.observability import tracing
 from shared.observability.sentry import report, report_database_error
 
@@ -36,13 +40,13 @@ class DispatchTrigger(StrEnum):
     SCHEDULE = "schedule"  # a campaign's start time, retry interval or calling window came due
 
 
-def dispatchable_query(user_id: uuid.UUID) -> Select[tuple[bool]]:
-    """Whether the user has a free slot and a due call or an active campaign (built apart so its plan can be
-    tested)."""
+def dispatchable_query(user_id: uuid.UUID, now: datetime) -> Select[tuple[bool]]:
+    """Whether the user has a free slot, and a due call or a campaign with a contact due at `now` (the campaign
+    clock) or a start time reached (built apart so its plan can be tested)."""
     has_due = select(Call.id).where(Call.user_id == user_id, due_pending()).exists()
-    has_campaign = exists().where(Campaign.user_id == user_id, Campaign.status.in_(states.ACTIVE))
     return select(
-        (has_due | has_campaign) & (held_slots_query(user_id).scalar_subquery() < User.max_concurrent_calls)
+        (has_due | campaign_work_due_query(user_id, now).exists())
+        & (held_slots_query(user_id).scalar_subquery() < User.max_concurrent_calls)
     ).where(User.id == user_id)
 
 
@@ -162,6 +166,16 @@ class Dispatcher:
 
     def _dispatch_on_thread(self, call: Call, provider_agent_id: str, trigger: DispatchTrigger) -> None:
         try:
+            with sentry_sdk.isolation_scope() as scope:
+                for key, value in call.kind_tags.items():  # on the failures reported below as well
+                    scope.set_tag(key, value)
+                self._dispatch_in_scope(call, provider_agent_id, trigger)
+        finally:
+            self._free_threads.release()
+        self._hold_back_while_provider_down(call.user_id)
+
+    def _dispatch_in_scope(self, call: Call, provider_agent_id: str, trigger: DispatchTrigger) -> None:
+        try:
             self._dispatch(call, provider_agent_id, trigger)
         except DBAPIError as exc:  # the call keeps its reservation; its lease or the reconcile job settles it
             report_database_error(exc, place="queue.initiate_call")
@@ -178,9 +192,6 @@ class Dispatcher:
                 cause=exc,
                 place="queue.initiate_call",
             )
-        finally:
-            self._free_threads.release()
-        self._hold_back_while_provider_down(call.user_id)
 
     def _hold_back_while_provider_down(self, user_id: uuid.UUID) -> None:
         if self._placer.provider_down:
@@ -203,7 +214,7 @@ class Dispatcher:
         """One unlocked read: whether the user has a due call and a free slot. A wake-up for calls already placed
         (a burst of messages drained by the first) costs no more than this."""
         with self._placer.uow_factory() as uow:
-            return bool(uow.reads_only().session.scalar(dispatchable_query(user_id)))
+            return bool(uow.reads_only().session.scalar(dispatchable_query(user_id, self._campaigns.clock())))
 
     def _reserve_due(self, user_id: uuid.UUID, most: int) -> list[tuple[Call, str]]:
         """Up to `most` calls, each holding a slot now, with its agent's id at Bolna: the user's due direct calls
@@ -220,7 +231,8 @@ class Dispatcher:
                 uow.commit()
                 return []
             reserved = self._placer.reserve_slots(uow.calls, user, uow.calls.due_calls(user_id, most))
-            free = min(most, user.max_concurrent_calls - uow.calls.held_slots(user_id))
+            # Campaign calls get only what is left of both the free slots and the free placing threads.
+            free = min(most - len(reserved), user.max_concurrent_calls - uow.calls.held_slots(user_id))
             if free > 0 and not self._placer.provider_down:
                 picked = self._campaigns.pick(uow, user, free)
                 reserved += self._placer.reserve_slots(uow.calls, user, picked)

@@ -167,6 +167,8 @@ def apply_provider_event(store: CallStore, call: Call, event: WebhookEvent) -> N
         call.error_type = call.error_detail = None
         if event.status not in statuses.RELEASES_SLOT:
             hold_slot(store, call)
+        if call.contact_id is not None:
+            store.reopen_campaign_attempt(call)
     call.status = event.status
     call.transcript = execution.transcript or call.transcript
     call.recording_url = execution.recording_url or call.recording_url

@@ -29,7 +29,8 @@ _RANKS = {
     CALL_DISCONNECTED: 5,
     **{status: _TERMINAL_RANK for status in TERMINAL},
 }
-PROVIDER_STATUSES = frozenset(_RANKS) - {PENDING, INITIATING}
+RANKED = frozenset(_RANKS)  # every status a call can have
+PROVIDER_STATUSES = RANKED - {PENDING, INITIATING}
 
 
 def rank(status: str) -> int:

@@ -16,7 +16,9 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from shared.calls import statuses
-from shared.core.models import LIVE_CALL_CONDITION, Call, CreditLedgerEntry, User
+from shared.campaigns.states import CALLING, DONE, RUNNING
+from shared.campaigns.states import COMPLETED as COMPLETED_CAMPAIGN
+from shared.core.models import LIVE_CALL_CONDITION, Call, Campaign, CampaignContact, CreditLedgerEntry, User
 
 CALL_CHARGE = "call_charge"
 
@@ -44,6 +46,11 @@ class CallStore(Protocol):
 
     def add_charge(self, call: Call, credits: int) -> bool:
         """Writes the call's charge to the ledger and takes it from the user's credits, once; False if it was."""
+        ...
+
+    def reopen_campaign_attempt(self, call: Call) -> None:
+        """Bolna overruled Callflow's failure of a campaign call: its contact's result is open again (and so is its
+        campaign, if that had completed), to be settled on the call's real outcome."""
         ...
 
     def now(self) -> Any:
@@ -130,6 +137,21 @@ class SqlCallStore:
             return False
         self.session.execute(update(users).where(users.c.id == call.user_id).values(credits=users.c.credits - credits))
         return True
+
+    def reopen_campaign_attempt(self, call: Call) -> None:
+        contacts, campaigns = CampaignContact.__table__, Campaign.__table__
+        reopened = self.session.scalar(
+            update(contacts)
+            .where(contacts.c.id == call.contact_id, contacts.c.last_call_id == call.id, contacts.c.state == DONE)
+            .values(state=CALLING, final_status=None)
+            .returning(contacts.c.campaign_id)
+        )
+        if reopened is not None:
+            self.session.execute(
+                update(campaigns)
+                .where(campaigns.c.id == reopened, campaigns.c.status == COMPLETED_CAMPAIGN)
+                .values(status=RUNNING, finished_at=None)
+            )
 
     def now(self) -> Any:
         return func.now()

@@ -15,13 +15,16 @@ from shared.calls import lifecycle, statuses
 from shared.campaigns import states
 from shared.campaigns.spec import CampaignSettings, ContactList
 from shared.core.errors import CallflowError, ErrorType
-from shared.core.models import Agent, Call, Campaign, CampaignContact, User
+from shared.core.models import Agent, Call, Campaign, CampaignContact
 from shared.core.uow import UnitOfWork, UnitOfWorkFactory
 from shared.messaging.topology import MessageType
 from shared.observability import tracing
 from shared.observability.sentry import report
 
 INSERT_BATCH = 2_000
+# A new contact is due from the start: the queue-processor's clock decides when it is called, whatever the clock of
+# the host that stored it says.
+FIRST_ATTEMPT_DUE = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ def create_campaign(
         raise CallflowError(
             ErrorType.VALIDATION_ERROR,
             "The campaign has no valid contact.",
-            problem_fields={"rejected": contacts.rejected[:100]},
+            problem_fields={"rejected": contacts.rejected[:100], "rejectedCount": contacts.rejected_count},
             **tags,
         )
     retry, window = settings.retry, settings.calling_window
@@ -69,7 +72,7 @@ def create_campaign(
     uow.session.add(campaign)
     uow.session.flush()
     # Plain multi-row inserts: ten thousand contacts are a few statements, not ten thousand ORM objects.
-    table, created = CampaignContact.__table__, datetime.now(UTC)
+    table = CampaignContact.__table__
     rows = [
         {
             "campaign_id": campaign.id,
@@ -78,7 +81,7 @@ def create_campaign(
             "name": contact.name,
             "variables": contact.variables,
             "state": states.WAITING,
-            "next_attempt_at": created,
+            "next_attempt_at": FIRST_ATTEMPT_DUE,
         }
         for contact in contacts.contacts
     ]
@@ -92,8 +95,10 @@ def change_status(
 ) -> Campaign:
     """Starts, pauses, resumes or cancels the customer's campaign; 409 for a move its status does not allow."""
     with uow_factory() as uow:
+        # Another customer's campaign is refused before anything is locked: the owner's lock always comes first.
+        owned = _owned(uow, user_id, campaign_id, lock=False)
         uow.calls.lock_user(user_id)
-        campaign = _owned(uow, user_id, campaign_id, lock=True)
+        campaign = uow.session.scalars(campaign_query(owned.id, lock=True)).one()
         if campaign.status not in states.ALLOWED_FROM[action]:
             raise CallflowError(
                 ErrorType.INVALID_CAMPAIGN_TRANSITION,
@@ -132,6 +137,7 @@ def cancel(uow: UnitOfWork, campaign: Campaign) -> None:
     """No contact is called again: those waiting end `canceled`, and so do the campaign's calls waiting in the queue.
     Calls already with Bolna finish normally and are billed."""
     campaign.status = states.CANCELED
+    campaign.pause_reason = None
     campaign.finished_at = uow.session.scalar(select(func.now()))  # a value: the caller reads it after commit
     contacts = CampaignContact.__table__
     uow.session.execute(
@@ -148,7 +154,12 @@ def cancel(uow: UnitOfWork, campaign: Campaign) -> None:
 
 def find_campaign(uow_factory: UnitOfWorkFactory, user_id: uuid.UUID, campaign_id: str) -> Campaign:
     with uow_factory() as uow:
-        return _owned(uow.reads_only(), user_id, campaign_id, lock=False)
+        return owned_campaign(uow.reads_only(), user_id, campaign_id)
+
+
+def owned_campaign(uow: UnitOfWork, user_id: uuid.UUID, campaign_id: str) -> Campaign:
+    """The customer's campaign, read in the caller's unit of work (404 for another customer's)."""
+    return _owned(uow, user_id, campaign_id, lock=False)
 
 
 def _owned(uow: UnitOfWork, user_id: uuid.UUID, campaign_id: str, *, lock: bool) -> Campaign:
@@ -185,8 +196,5 @@ def created_answer(created: CreatedCampaign) -> dict[str, Any]:
         "contacts": len(created.contacts.contacts),
         "duplicates": created.contacts.duplicates,
         "rejected": created.contacts.rejected,
+        "rejectedCount": created.contacts.rejected_count,
     }
-
-
-def lock_user_query(user_id: uuid.UUID) -> Select[tuple[User]]:
-    return select(User).where(User.id == user_id).with_for_update()

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import csv
 import io
+import unicodedata
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -20,13 +22,16 @@ from pydantic import (
     Field,
     StringConstraints,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
-from shared.core.phones import e164
+from shared.core.phones import normalised_e164
 from shared.core.storable import bounded_user_data
 
 MAX_CONTACTS = 50_000
+MAX_REJECTED_LISTED = 1_000  # an upload of garbage gets the first rejections and their count, not a copy of itself
+MAX_START_AHEAD = timedelta(days=366)
 PHONE_COLUMN = "phone_number"
 NAME_COLUMN = "name"
 _PLAIN_QUERY_SETTINGS = ("name", "agentId", "maxConcurrency", "startAt")
@@ -54,7 +59,7 @@ class RetryPolicy(BaseModel):
     )
 
 
-class CallingWindow(BaseModel):
+class CallingWindowSettings(BaseModel):
     """Hours [startHour, endHour) in the contact's local time, on the ISO weekdays in `days` (1 = Monday)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -64,7 +69,7 @@ class CallingWindow(BaseModel):
     days: list[Annotated[int, Field(ge=1, le=7)]] | None = Field(None, min_length=1)
 
     @model_validator(mode="after")
-    def _start_before_end(self) -> CallingWindow:
+    def _start_before_end(self) -> CallingWindowSettings:
         if self.start_hour >= self.end_hour:
             raise ValueError("startHour must be before endHour")
         return self
@@ -80,7 +85,21 @@ class CampaignSettings(BaseModel):
     max_concurrency: Annotated[int | None, Field(alias="maxConcurrency", ge=1, le=1000)] = None
     start_at: Annotated[AwareDatetime | None, Field(alias="startAt")] = None
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
-    calling_window: Annotated[CallingWindow | None, Field(alias="callingWindow")] = None
+    calling_window: Annotated[CallingWindowSettings | None, Field(alias="callingWindow")] = None
+
+    @field_validator("name")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        if any(unicodedata.category(char) == "Cc" for char in value):
+            raise ValueError("must not hold control characters")
+        return value
+
+    @field_validator("start_at")
+    @classmethod
+    def _within_a_year(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value > datetime.now(UTC) + MAX_START_AHEAD:
+            raise ValueError(f"must be within {MAX_START_AHEAD.days} days from now")
+        return value
 
 
 class ContactIn(BaseModel):
@@ -103,15 +122,22 @@ class NewContact:
 class ContactList:
     contacts: list[NewContact] = field(default_factory=list)
     duplicates: int = 0
-    rejected: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)  # the first MAX_REJECTED_LISTED
+    rejected_count: int = 0
+
+    def reject(self, row: int, phone: Any, reason: str) -> None:
+        self.rejected_count += 1
+        if len(self.rejected) < MAX_REJECTED_LISTED:
+            self.rejected.append(
+                {"row": row, "phoneNumber": phone if isinstance(phone, str) else None, "reason": reason}
+            )
 
     def add(self, row: int, raw: Any, seen: set[str]) -> None:
         try:
             contact = ContactIn.model_validate(raw)
-            number = e164(contact.phone_number.strip())
+            number = normalised_e164(contact.phone_number.strip())
         except (ValidationError, ValueError) as exc:
-            phone = raw.get("phoneNumber") if isinstance(raw, dict) else None
-            self.rejected.append({"row": row, "phoneNumber": phone, "reason": _reason(exc)})
+            self.reject(row, raw.get("phoneNumber") if isinstance(raw, dict) else None, _reason(exc))
             return
         if number in seen:
             self.duplicates += 1
@@ -121,6 +147,8 @@ class ContactList:
 
 
 def contacts_from_json(items: list[Any]) -> ContactList:
+    if len(items) > MAX_CONTACTS:
+        raise ValueError(f"a campaign holds at most {MAX_CONTACTS} contacts")
     listed, seen = ContactList(), set()
     for row, raw in enumerate(items, start=1):
         listed.add(row, raw, seen)
@@ -128,18 +156,22 @@ def contacts_from_json(items: list[Any]) -> ContactList:
 
 
 def contacts_from_csv(text: str) -> ContactList:
-    """Rows of a CSV with a `phone_number` column; `name` is the contact's name, every other column a variable."""
+    """Rows of a CSV with a `phone_number` column; `name` is the contact's name, every other column a variable.
+    Reading stops at the first row past MAX_CONTACTS."""
     reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
     columns = [(column or "").strip() for column in reader.fieldnames or []]
     if PHONE_COLUMN not in columns:
         raise ValueError(f"the CSV header must name a {PHONE_COLUMN!r} column")
+    repeated = sorted({column for column in columns if column and columns.count(column) > 1})
+    if repeated:
+        raise ValueError(f"the CSV header names {', '.join(repeated)} more than once")
     reader.fieldnames = columns
     listed, seen = ContactList(), set()
     for row, record in enumerate(reader, start=1):
+        if row > MAX_CONTACTS:
+            raise ValueError(f"a campaign holds at most {MAX_CONTACTS} contacts")
         if None in record:
-            listed.rejected.append(
-                {"row": row, "phoneNumber": record.get(PHONE_COLUMN), "reason": "more values than columns"}
-            )
+            listed.reject(row, record.get(PHONE_COLUMN), "more values than columns")
             continue
         variables = {key: value for key, value in record.items() if key not in (PHONE_COLUMN, NAME_COLUMN) and key}
         raw = {

@@ -17,3 +17,15 @@ def e164(value: str) -> str:
     if formatted != value or not phonenumbers.is_valid_number(number):
         raise ValueError(f"must be a valid E.164 phone number such as {E164_EXAMPLE}")
     return formatted
+
+
+def normalised_e164(value: str) -> str:
+    """A number written with spaces, dashes or brackets (`+1 (415) 555-0123`) in E.164; ValueError when it is not a
+    valid international number."""
+    try:
+        number = phonenumbers.parse(value, None)
+    except phonenumbers.NumberParseException as exc:
+        raise ValueError(f"must be an international phone number such as {E164_EXAMPLE}") from exc
+    if not phonenumbers.is_valid_number(number):
+        raise ValueError(f"must be a valid phone number such as {E164_EXAMPLE}")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import func, select
 
-from services.queue_processor.campaigns import CallingWindow, CampaignDispatch
+from services.queue_processor.campaigns import CallingWindow, CampaignDispatch, time_zones_of
 from services.queue_processor.dispatch import Dispatcher, DispatchTrigger
 from shared.calls import lifecycle, statuses
 from shared.calls.initiation import CallPlacer
@@ -22,6 +22,7 @@ from tests.support.components import components
 from tests.support.factories import Customer, call_row, customer
 
 NEW_YORK, LONDON, TOKYO = "+1212555{:04d}", "+44207946{:04d}", "+8131234{:04d}"
+TWO_ZONES = "+522001234567"  # Mexico: Mexico City (UTC-6) and Tijuana (UTC-8)
 NOON_UTC = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)  # a Tuesday: London 12:00, New York 07:00, Tokyo 21:00
 
 
@@ -117,11 +118,22 @@ def test_the_calling_window_follows_each_contacts_own_time_zone():
 
 
 def test_a_number_ringing_in_several_time_zones_is_called_only_when_the_window_is_open_in_all():
-    toll_free = "+18005550123"  # rings anywhere from Halifax to Honolulu
     window = CallingWindow(9, 18, None)
-    new_york_ten = datetime(2026, 12, 1, 15, 0, tzinfo=UTC)  # New York 10:00, Los Angeles 07:00
-    assert window.next_opening("+12125550123", new_york_ten) == new_york_ten
-    assert window.next_opening(toll_free, new_york_ten) > new_york_ten
+    tijuana_nine = datetime(2026, 12, 1, 17, 0, tzinfo=UTC)  # Mexico City 11:00, Tijuana 09:00
+    zones = time_zones_of(TWO_ZONES)
+    assert {zone.key for zone in zones} == {"America/Mexico_City", "America/Tijuana"}
+    opening = window.next_opening(TWO_ZONES, tijuana_nine - timedelta(hours=2))
+    assert opening == tijuana_nine, "open once it is 9:00 in the western of its zones, not at 9:00 in the eastern"
+    assert all(window.is_open(zone, opening) for zone in zones)
+
+
+def test_a_number_whose_zones_never_share_the_window_is_called_in_its_middle_zone():
+    window = CallingWindow(9, 18, None)
+    toll_free = "+18005550123"  # may ring anywhere from Halifax to Honolulu: 9 to 18 is never open in all at once
+    now = datetime(2026, 12, 1, 10, 0, tzinfo=UTC)
+    opening = window.next_opening(toll_free, now)
+    assert now < opening <= now + timedelta(days=1), "it is called, within a day"
+    assert window.next_opening(toll_free, opening) == opening, "and the window is open at that time"
 
 
 def test_calling_days_are_the_contacts_local_weekdays():
@@ -140,6 +152,54 @@ def test_direct_calls_waiting_go_before_the_customers_campaign_calls():
     placed = _dispatch(owner, _Clock(NOON_UTC))
     assert placed[0].id == direct[2] and all(call.campaign_id is not None for call in placed[1:])
     assert len(placed) == 2
+
+
+def test_campaign_calls_get_only_the_placing_threads_the_direct_backlog_left():
+    owner = customer(credits=1000, max_concurrent_calls=40)
+    _campaign(owner, [LONDON.format(i) for i in range(20)])
+    direct = [call_row(owner).id for _ in range(15)]
+    placer = _RecordingPlacer()
+    dispatcher = Dispatcher(placer, concurrency=4, campaigns=CampaignDispatch(_Clock(NOON_UTC)))
+    dispatcher.dispatch_pending(owner.user_id, DispatchTrigger.MESSAGE)
+    assert dispatcher.wait_until_idle(30)
+    assert len(placer.placed) == 35
+    with components().uow() as uow:
+        reserved = uow.session.execute(
+            select(Call.campaign_id.is_(None), Call.initiated_at).where(Call.user_id == owner.user_id)
+        ).all()
+    last_direct = max(at for is_direct, at in reserved if is_direct)
+    first_campaign = min(at for is_direct, at in reserved if not is_direct)
+    assert sorted(call.id for call in placer.placed if call.campaign_id is None) == sorted(direct)
+    assert first_campaign >= last_direct, "no campaign call reserved while a direct call still waited"
+
+
+def test_a_campaign_call_back_in_the_queue_keeps_to_the_calling_window():
+    owner = customer(credits=1000, max_concurrent_calls=5)
+    _campaign(owner, [NEW_YORK.format(1)], callingWindow={"startHour": 9, "endHour": 18})
+    evening = datetime(2026, 12, 1, 22, 0, tzinfo=UTC)  # New York 17:00: open
+    (call,) = _dispatch(owner, _Clock(evening))
+    with components().uow() as uow:  # a 429: back in the queue, due at once
+        lifecycle.requeue(uow.calls, uow.calls.lock_call(call.id), 0, "429")
+        uow.commit()
+    assert _dispatch(owner, _Clock(evening + timedelta(hours=2))) == [], "19:00 in New York: not now"
+    with components().uow() as uow:
+        waiting = uow.session.get_one(Call, call.id)
+    assert (waiting.status, waiting.next_attempt_at) == (statuses.PENDING, datetime(2026, 12, 2, 14, 0, tzinfo=UTC))
+
+
+def test_a_call_sent_back_to_the_queue_after_its_campaign_was_canceled_is_canceled_too():
+    owner = customer(credits=1000, max_concurrent_calls=5)
+    campaign_id = _campaign(owner, [LONDON.format(1), LONDON.format(2)])
+    (first, second) = _dispatch(owner, _Clock(NOON_UTC))
+    commands.change_status(components().uow, owner.user_id, str(campaign_id), states.Action.CANCEL)
+    with components().uow() as uow:  # Bolna's 429 arrives after the cancel: the call goes back to the queue
+        lifecycle.requeue(uow.calls, uow.calls.lock_call(first.id), 0, "429")
+        uow.commit()
+    _end([second.id], "completed")
+    _dispatch(owner, _Clock(NOON_UTC), scheduled=True)
+    with components().uow() as uow:
+        assert uow.session.get_one(Call, first.id).status == statuses.CANCELED
+    assert _view(campaign_id)["contacts"]["calling"] == 0
 
 
 def test_campaigns_of_one_customer_share_free_slots_round_robin_within_their_caps():
@@ -255,7 +315,7 @@ def test_running_out_of_credits_pauses_the_campaign_with_the_reason_until_resume
 
 def test_a_start_time_ahead_keeps_the_campaign_scheduled_until_it_comes():
     owner = customer(credits=1000, max_concurrent_calls=2)
-    start = datetime(2030, 1, 1, 9, 0, tzinfo=UTC)
+    start = datetime.now(UTC).replace(microsecond=0) + timedelta(days=30)
     campaign_id = _campaign(owner, [LONDON.format(1)], startAt=start.isoformat())
     assert _campaign_row(campaign_id).status == states.SCHEDULED
     assert _dispatch(owner, _Clock(start - timedelta(seconds=1))) == []

@@ -17,6 +17,7 @@ from tests.support.processes import ServiceProcess, free_port
 from tests.support.sentry_sink import SentrySink
 
 BOLNA_API_KEY = "test-bolna-key"
+KEEPALIVE_SECONDS = 1.0
 FAST_CALLS = {
     "step_delay_seconds": 0.1,
     "talk_seconds": 0.4,
@@ -44,7 +45,11 @@ class Stack:
     webhook_receiver: ServiceProcess
     queue_processor: ServiceProcess
     call_initiator: ServiceProcess
-    http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=30))
+    # A connection idle for gunicorn's keep-alive (2 s) is closed by the server; one reused at that moment fails
+    # before the request is read ("Server disconnected"). The client forgets idle connections well before that.
+    http: httpx.Client = field(
+        default_factory=lambda: httpx.Client(timeout=30, limits=httpx.Limits(keepalive_expiry=KEEPALIVE_SECONDS))
+    )
 
     def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         return self.http.request(method, f"{self.call_initiator.url}{path}", **kwargs)

@@ -23,6 +23,7 @@ class FakeCallStore:
         self.calls: dict[uuid.UUID, Call] = {}
         self.ledger: dict[uuid.UUID, int] = {}  # call id -> amount (negative: a charge)
         self.ledger_down = False
+        self.reopened_attempts: list[uuid.UUID] = []  # campaign calls whose contact's result was opened again
 
     def add_user(self, credits: int = 100, max_concurrent_calls: int = 2) -> User:
         user = User(id=uuid.uuid4(), credits=credits, max_concurrent_calls=max_concurrent_calls)
@@ -73,6 +74,9 @@ class FakeCallStore:
         self.ledger[call.id] = -credits
         self.users[call.user_id].credits -= credits
         return True
+
+    def reopen_campaign_attempt(self, call: Call) -> None:
+        self.reopened_attempts.append(call.id)
 
     def now(self) -> datetime:
         return self.clock

@@ -166,6 +166,14 @@ def test_bolnas_final_word_overrules_an_expired_lease_and_bills(store):
     assert store.ledger == {call.id: -2}
 
 
+def test_bolnas_word_on_a_campaign_call_callflow_failed_reopens_its_contacts_result(store):
+    campaign_call = _live(store, status=statuses.FAILED, error_type=ErrorType.BOLNA_OUTCOME_UNKNOWN, contact_id=7)
+    direct_call = _live(store, status=statuses.FAILED, error_type=ErrorType.BOLNA_OUTCOME_UNKNOWN)
+    for call in (campaign_call, direct_call):
+        lifecycle.apply_provider_event(store, call, _event(call, "no-answer"))
+    assert store.reopened_attempts == [campaign_call.id], "settled again on Bolna's word, not on Callflow's failure"
+
+
 def test_a_stale_live_status_does_not_overrule_an_expired_lease(store):
     call = _live(store, status=statuses.FAILED, error_type=ErrorType.SLOT_LEASE_EXPIRED)
     call.slot_held = False
