@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 from phonenumbers import timezone as number_time_zones
-from sqlalchemy import Select, and_, exists, func, or_, select
+from sqlalchemy import ColumnElement, Select, exists, func, or_, select
 
 from shared.calls import lifecycle, statuses
 from shared.campaigns import states
@@ -185,10 +185,9 @@ def has_open_contacts_query(campaign_id: uuid.UUID) -> Select[tuple[bool]]:
     )
 
 
-def campaign_work_due_query(user_id: uuid.UUID, now: datetime) -> Select[tuple[int]]:
-    """The user's campaigns with something to do at `now`: a start time reached, a contact due, a call back in the
-    queue and due, or an attempt that ended and awaits its result (so a wake-up for a campaign waiting on its window
-    or its retries costs one read)."""
+def _work_due(now: datetime) -> ColumnElement[bool]:
+    """An active campaign with something to do at `now`: its start time reached, a contact due, a call back in the
+    queue and due, or an attempt that ended and awaits its result."""
     contact_due = select(CampaignContact.id).where(
         CampaignContact.campaign_id == Campaign.id,
         CampaignContact.state == states.WAITING,
@@ -199,23 +198,26 @@ def campaign_work_due_query(user_id: uuid.UUID, now: datetime) -> Select[tuple[i
         Call.status == statuses.PENDING,
         or_(Call.next_attempt_at.is_(None), Call.next_attempt_at <= func.now()),
     )
-    attempt_ended = (
+    attempt_ended = _attempts_ended().where(CampaignContact.campaign_id == Campaign.id)
+    return Campaign.status.in_(states.ACTIVE) & or_(
+        (Campaign.status == states.SCHEDULED) & (Campaign.start_at <= now),
+        (Campaign.status == states.RUNNING) & (contact_due.exists() | call_due.exists() | attempt_ended.exists()),
+    )
+
+
+def _attempts_ended() -> Select[tuple[int]]:
+    """Contacts being called whose call has ended: their result is settled next."""
+    return (
         select(CampaignContact.id)
         .join(Call, Call.id == CampaignContact.last_call_id)
-        .where(
-            CampaignContact.campaign_id == Campaign.id,
-            CampaignContact.state == states.CALLING,
-            Call.status.in_(statuses.TERMINAL),
-        )
+        .where(CampaignContact.state == states.CALLING, Call.status.in_(statuses.TERMINAL))
     )
-    return select(Campaign.id).where(
-        Campaign.user_id == user_id,
-        Campaign.status.in_(states.ACTIVE),
-        or_(
-            (Campaign.status == states.SCHEDULED) & (Campaign.start_at <= now),
-            (Campaign.status == states.RUNNING) & (contact_due.exists() | call_due.exists() | attempt_ended.exists()),
-        ),
-    )
+
+
+def campaign_work_due_query(user_id: uuid.UUID, now: datetime) -> Select[tuple[uuid.UUID]]:
+    """The user's campaigns with something to do at `now` (so a wake-up for a campaign waiting on its window or its
+    retries costs one read and no lock)."""
+    return select(Campaign.id).where(Campaign.user_id == user_id, _work_due(now))
 
 
 def canceled_campaign_calls_query(user_id: uuid.UUID) -> Select[tuple[Call]]:
@@ -228,15 +230,17 @@ def canceled_campaign_calls_query(user_id: uuid.UUID) -> Select[tuple[Call]]:
     )
 
 
-def users_with_campaign_work_query() -> Select[tuple[uuid.UUID]]:
-    """Users with an active campaign, or with a campaign call whose contact is still being called."""
-    active = select(Campaign.user_id).where(Campaign.status.in_(states.ACTIVE))
-    calling = (
+def users_with_campaign_work_query(now: datetime) -> Select[tuple[uuid.UUID]]:
+    """Users with campaign work due at `now`: an active campaign with something to do, an attempt of any campaign
+    (a paused or canceled one too) awaiting its result, or a call of a canceled campaign back in the queue."""
+    active = select(Campaign.user_id).where(_work_due(now))
+    ended = select(Campaign.user_id).where(_attempts_ended().where(CampaignContact.campaign_id == Campaign.id).exists())
+    requeued_after_cancel = (
         select(Campaign.user_id)
-        .join(CampaignContact, and_(CampaignContact.campaign_id == Campaign.id))
-        .where(CampaignContact.state == states.CALLING)
+        .join(Call, Call.campaign_id == Campaign.id)
+        .where(Campaign.status == states.CANCELED, Call.status == statuses.PENDING)
     )
-    return active.union(calling)
+    return active.union(ended, requeued_after_cancel)
 
 
 class CampaignDispatch:

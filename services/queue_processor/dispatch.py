@@ -115,9 +115,10 @@ class Dispatcher:
             uow.commit()
 
     def users_with_campaign_work(self) -> list[uuid.UUID]:
-        """Users with an active campaign, or a campaign call whose contact awaits its result."""
+        """Users with campaign work due now: a campaign to start, a contact or a call due, an attempt to settle."""
         with self._placer.uow_factory() as uow:
-            return list(uow.reads_only().session.scalars(users_with_campaign_work_query()))
+            query = users_with_campaign_work_query(self._campaigns.clock())
+            return list(uow.reads_only().session.scalars(query))
 
     def users_with_pending_calls(self) -> list[uuid.UUID]:
         """Users with a call waiting whose retry delay, if any, has passed."""

@@ -61,8 +61,13 @@ class CallStore(Protocol):
 
 
 def due_pending() -> ColumnElement[bool]:
-    """Calls waiting in the queue whose retry delay, if any, has passed."""
-    return (Call.status == statuses.PENDING) & or_(Call.next_attempt_at.is_(None), Call.next_attempt_at <= func.now())
+    """Direct calls waiting in the queue whose retry delay, if any, has passed. A campaign's calls back in the queue
+    are its own dispatcher's (services/queue_processor/campaigns.py), behind every direct call."""
+    return (
+        (Call.status == statuses.PENDING)
+        & Call.campaign_id.is_(None)
+        & or_(Call.next_attempt_at.is_(None), Call.next_attempt_at <= func.now())
+    )
 
 
 def live_calls() -> TextClause:
@@ -86,7 +91,6 @@ def older_pending_query(call: Call) -> Select[tuple[int]]:
     return select(func.count()).where(
         Call.user_id == call.user_id,
         due_pending(),
-        Call.campaign_id.is_(None),
         Call.id != call.id,
         Call.created_at <= created_at,
     )
@@ -96,7 +100,7 @@ def due_calls_query(user_id: uuid.UUID, limit: int | None) -> Select[tuple[Call]
     """The user's due direct calls, oldest first (a campaign's queued calls are the campaign dispatcher's)."""
     return (
         select(Call)
-        .where(Call.user_id == user_id, due_pending(), Call.campaign_id.is_(None))
+        .where(Call.user_id == user_id, due_pending())
         .order_by(Call.created_at, Call.id)
         .limit(limit)
         .with_for_update()

@@ -330,3 +330,21 @@ def test_another_customers_agent_cannot_run_a_campaign():
     with components().uow() as uow, pytest.raises(CallflowError) as refused:
         commands.create_campaign(uow, owner.user_id, settings, contacts)
     assert refused.value.error_type == ErrorType.UNAUTHORIZED_AGENT_ACCESS
+
+
+def test_the_scheduler_visits_only_customers_with_campaign_work_due():
+    waiting_owner, ended_owner = customer(credits=1000), customer(credits=1000)
+    start = datetime.now(UTC).replace(microsecond=0) + timedelta(days=30)
+    _campaign(waiting_owner, [LONDON.format(1)], startAt=start.isoformat())
+    paused = _campaign(ended_owner, [LONDON.format(1), LONDON.format(2)])
+    (call, _) = _dispatch(ended_owner, _Clock(NOON_UTC))
+    commands.change_status(components().uow, ended_owner.user_id, str(paused), states.Action.PAUSE)
+
+    def visited(now: datetime) -> set[uuid.UUID]:
+        dispatcher = Dispatcher(_RecordingPlacer(), concurrency=1, campaigns=CampaignDispatch(_Clock(now)))
+        return set(dispatcher.users_with_campaign_work()) & {waiting_owner.user_id, ended_owner.user_id}
+
+    assert visited(NOON_UTC) == set(), "a start a month ahead and two calls under way: nothing to do"
+    _end([call.id], "completed")
+    assert visited(NOON_UTC) == {ended_owner.user_id}, "a paused campaign's ended attempt is settled"
+    assert visited(start + timedelta(seconds=1)) == {waiting_owner.user_id, ended_owner.user_id}
