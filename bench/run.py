@@ -57,6 +57,11 @@ DISPATCH_CALLS_PER_CUSTOMER = 10
 DISPATCH_DEADLINE_SECONDS = 45  # a slower dispatcher is measured on the calls placed by then
 CREDITS = 1_000_000_000
 NO_LIMIT = 1_000_000
+CAMPAIGN_CONTACTS = 10_000  # at most 10,000: their numbers are +1 415 555 0000 to 9999
+WARM_UP_CONTACTS = 100  # a fresh server's first upload also loads what a worker loads once (phone number metadata)
+UPLOAD_FORMS = ("JSON", "CSV")
+CAMPAIGN_LIMIT = 200  # the concurrent calls of the customer whose campaign is uploaded
+CAMPAIGN_DISPATCH_SECONDS = 20  # the campaign's calls placed in that time, or all of them if sooner
 
 PRODUCTION_SENTRY = {
     "SENTRY_ENVIRONMENT": "production",
@@ -68,7 +73,6 @@ PRODUCTION_SENTRY = {
 # holds its slot, so the limits above are high): each placed call costs one webhook, as in the first seconds of a
 # real call, without a flood of later statuses competing with the figures measured after it.
 LIVE_FOR_THE_RUN = {**FAST_CALLS, "step_delay_seconds": 3600.0}
-
 T = TypeVar("T")
 console = Console(width=None if sys.stdout.isatty() else 150)  # a log file gets the whole table unwrapped
 
@@ -165,10 +169,15 @@ class Bench:
                 queued = self.measure("POST /api/calls -> 202", lambda: self.queued_calls(stack, echo.url))
                 api = self.measure("POST /api/calls at 16 connections", lambda: self.api_load(stack))
                 dispatch = self.measure("dispatch burst", lambda: self.dispatch_burst(stack))
+                uploads = {
+                    form: self.measure(f"POST /api/campaigns as {form}", lambda form=form: self.upload(stack, form))
+                    for form in UPLOAD_FORMS
+                }
+                campaign = self.measure("campaign dispatch", lambda: self.campaign_dispatch(stack))
                 memory = {_service_name(process): _rss_mib(process) for process in stack.processes}
                 memory["bare Flask echo"] = _rss_mib(echo)
                 self.measurements["rss_mib"] = memory
-        return _rows(empty, bare, durable, ingest, no_sentry, placed, queued, api, dispatch, memory)
+        return _rows(empty, bare, durable, ingest, no_sentry, placed, queued, api, dispatch, uploads, campaign, memory)
 
     @contextmanager
     def serving(self, module: str, env: dict[str, str]) -> Iterator[ServiceProcess]:
@@ -302,23 +311,125 @@ class Bench:
             "calls_per_second": round(placed / seconds, 1),
         }
 
+    def upload(self, stack: Stack, form: str) -> dict[str, Any]:
+        """POST /api/campaigns creating CAMPAIGN_CONTACTS contacts sent as `form`, against the bare echo given the
+        same body: each on a fresh server of one gunicorn worker, warmed up by a small upload, so that neither an
+        earlier request's memory nor a first request's imports blur this one's. The request's wall time, and how far
+        the server's resident memory rose above what it was before."""
+        [owner] = seed.customers(self.conn, 1, CREDITS, CAMPAIGN_LIMIT)
+        warm_up, measured = (
+            _campaign_request(owner, contacts, form) for contacts in (WARM_UP_CONTACTS, CAMPAIGN_CONTACTS)
+        )
+        results: dict[str, Any] = {"body_bytes": len(measured["content"])}
+        one_worker = {"WEB_CONCURRENCY": "1"}
+        for side, module, env, status in (
+            ("callflow", "services.call_initiator", {**stack.call_initiator.env, **one_worker}, 201),
+            ("echo", "bench.baselines.echo", one_worker, 200),
+        ):
+            with self.serving(module, env) as server:
+                _measured_post(server, "/api/campaigns", warm_up, status)
+                answer, results[side] = _measured_post(server, "/api/campaigns", measured, status)
+            if side == "callflow" and (stored := answer.json()["contacts"]) != CAMPAIGN_CONTACTS:
+                raise LoadFailure(f"the campaign holds {stored} of {CAMPAIGN_CONTACTS} contacts")
+        return results
+
+    def campaign_dispatch(self, stack: Stack) -> dict[str, Any]:
+        """A campaign of CAMPAIGN_CONTACTS contacts, its customer without a limit, started while Bolna answers at once
+        and its calls stay live (as in the dispatch burst): the campaign's calls Bolna accepted per second, from the
+        start request until every contact was called or CAMPAIGN_DISPATCH_SECONDS passed."""
+        [owner] = seed.customers(self.conn, 1, CREDITS, NO_LIMIT)
+        created = stack.api("POST", "/api/campaigns", **_campaign_request(owner, CAMPAIGN_CONTACTS, "JSON"))
+        if created.status_code != 201:
+            raise LoadFailure(f"creating the campaign: {created.status_code} {created.text[:500]}")
+        campaign = f"/api/campaigns/{created.json()['campaignId']}"
+        stack.sim_config(webhook_drop_rate=1.0)  # as the dispatch burst: the figure is dispatch's, not ingest's
+        accepted_before = stack.sim_stats()["calls_accepted"]
+        started = time.monotonic()
+        answer = stack.api("POST", f"{campaign}/start", headers=owner.auth)
+        if answer.status_code != 200:
+            raise LoadFailure(f"starting the campaign: {answer.status_code} {answer.text[:500]}")
+        placed = 0
+        while placed < CAMPAIGN_CONTACTS and time.monotonic() - started < CAMPAIGN_DISPATCH_SECONDS:
+            time.sleep(0.1)
+            placed = stack.sim_stats()["calls_accepted"] - accepted_before
+        seconds = time.monotonic() - started
+        # Canceled, so that the contacts left are never called: the memory figures come after the run, not under it.
+        stack.api("POST", f"{campaign}/cancel", headers=owner.auth)
+        return {
+            "contacts": CAMPAIGN_CONTACTS,
+            "placed": placed,
+            "seconds": round(seconds, 2),
+            "calls_per_second": round(placed / seconds, 1),
+            "calls_by_status": stack.api("GET", campaign, headers=owner.auth).json()["calls"],
+        }
+
+
+def _campaign_request(owner: seed.Customer, contacts: int, form: str) -> dict[str, Any]:
+    """The httpx arguments of POST /api/campaigns creating `contacts` contacts, each with a name and two variables:
+    a JSON body, or a CSV body with the settings in the query string."""
+    settings = {"name": f"Bench {form} campaign", "agentId": str(owner.agent_id)}
+    listed = [(f"+1415555{n:04d}", f"Contact {n}", f"ref-{n}") for n in range(contacts)]
+    if form == "CSV":
+        rows = "".join(f"{number},{name},{reference},gold\n" for number, name, reference in listed)
+        return {
+            "params": settings,
+            "content": ("phone_number,name,customer_ref,plan\n" + rows).encode(),
+            "headers": {**owner.auth, "Content-Type": "text/csv"},
+        }
+    body = {
+        **settings,
+        "contacts": [
+            {"phoneNumber": number, "name": name, "variables": {"customer_ref": reference, "plan": "gold"}}
+            for number, name, reference in listed
+        ],
+    }
+    # Encoded here, so the request's wall time is the server's and the transport's alone.
+    return {"content": json.dumps(body).encode(), "headers": {**owner.auth, "Content-Type": "application/json"}}
+
+
+def _measured_post(
+    server: ServiceProcess, path: str, request: dict[str, Any], expected: int
+) -> tuple[httpx.Response, dict[str, float]]:
+    """POSTs `request` (any answer but `expected` fails), timing it; and the peak resident memory of the server's
+    processes while it ran (their VmHWM, reset just before) less their resident memory before, summed over them."""
+    pids = _process_tree(server)
+    before = {pid: _status_kib(pid, "VmRSS") for pid in pids}
+    for pid in pids:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak restarts from the resident memory now
+    started = time.perf_counter()
+    answer = httpx.post(f"{server.url}{path}", timeout=60, **request)
+    seconds = time.perf_counter() - started
+    if answer.status_code != expected:
+        raise LoadFailure(f"{server.module} POST {path}: {answer.status_code} {answer.text[:500]}")
+    growth_kib = sum(_status_kib(pid, "VmHWM") - before[pid] for pid in pids)
+    return answer, {"ms": round(seconds * 1000, 1), "peak_growth_mib": round(growth_kib / 1024, 1)}
+
 
 def _service_name(process: ServiceProcess) -> str:
     return process.module.rsplit(".", 1)[-1].replace("_", "-")
 
 
-def _rss_mib(process: ServiceProcess) -> float:
-    """Resident memory of a service: its main process (a gunicorn master) and every process under it."""
+def _process_tree(process: ServiceProcess) -> list[int]:
+    """A service's main process (a gunicorn master) and every process under it."""
     assert process.process is not None
-    pending, total_kib = [process.process.pid], 0
+    pending, found = [process.process.pid], []
     while pending:
         pid = pending.pop()
-        proc = Path(f"/proc/{pid}")
-        status = (proc / "status").read_text()
-        total_kib += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
-        for children in proc.glob("task/*/children"):
+        found.append(pid)
+        for children in Path(f"/proc/{pid}").glob("task/*/children"):
             pending.extend(int(child) for child in children.read_text().split())
-    return round(total_kib / 1024, 1)
+    return found
+
+
+def _status_kib(pid: int, field: str) -> int:
+    """A memory figure of /proc/<pid>/status, such as VmRSS (resident now) or VmHWM (the peak of it)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith(f"{field}:"))
+
+
+def _rss_mib(process: ServiceProcess) -> float:
+    """Resident memory of a service: its main process and every process under it."""
+    return round(sum(_status_kib(pid, "VmRSS") for pid in _process_tree(process)) / 1024, 1)
 
 
 def _rows(
@@ -331,6 +442,8 @@ def _rows(
     queued: dict[str, Any] | None,
     api: WrkResult | None,
     dispatch: dict[str, Any] | None,
+    uploads: dict[str, dict[str, Any] | None],
+    campaign: dict[str, Any] | None,
     memory: dict[str, float],
 ) -> list[Row]:
     def rate(result: WrkResult | None) -> float | None:
@@ -342,8 +455,26 @@ def _rows(
     def at_least(share: float) -> Callable[[float, float | None], bool]:
         return lambda callflow, baseline: baseline is not None and callflow >= share * baseline
 
+    def upload(form: str, side: str, figure: str) -> float | None:
+        result = uploads[form]
+        return result[side][figure] if result else None
+
     burst = f"{dispatch['placed']:,} of {dispatch['calls']:,} calls placed" if dispatch else "queued calls"
+    called = f"{campaign['placed']:,} of {CAMPAIGN_CONTACTS:,} contacts called" if campaign else "its contacts"
     echo_memory = "bare Flask echo, same gunicorn setup"
+    echo_upload = "bare Flask echo, same body"
+    campaign_rows = [
+        row
+        for form in UPLOAD_FORMS
+        for row in (
+            Row(f"POST /api/campaigns, {CAMPAIGN_CONTACTS:,} contacts as {form}", echo_upload, "ms",
+                upload(form, "callflow", "ms"), upload(form, "echo", "ms"), "< 5 s",
+                lambda callflow, _: callflow < 5000, absolute=True),
+            Row(f"POST /api/campaigns as {form}: call-initiator peak RSS growth", echo_upload, "MiB",
+                upload(form, "callflow", "peak_growth_mib"), upload(form, "echo", "peak_growth_mib"), "< 300 MiB",
+                lambda callflow, _: callflow < 300, absolute=True),
+        )
+    ]  # fmt: skip
     return [
         Row("webhook ingest, 16 connections", "minimal durable ingest", "req/s", rate(ingest), rate(durable),
             "≥ 75%", at_least(0.75)),
@@ -364,6 +495,10 @@ def _rows(
         Row(f"dispatch burst: {burst}", "simulator POST /call, 1 connection", "calls/s",
             dispatch and dispatch["calls_per_second"], placed and placed["provider"]["requests_per_second"],
             "≥ 300 calls/s", lambda callflow, _: callflow >= 300, absolute=True),
+        *campaign_rows,
+        Row(f"campaign dispatch, no limit: {called}", "dispatch burst (direct calls), this run",
+            "calls/s", campaign and campaign["calls_per_second"], dispatch and dispatch["calls_per_second"],
+            "≥ 100%", at_least(1.0)),
         Row("RSS of call-initiator after the run", echo_memory, "MiB", memory["call-initiator"],
             memory["bare Flask echo"], "—", None),
         Row("RSS of webhook-receiver after the run", echo_memory, "MiB", memory["webhook-receiver"],

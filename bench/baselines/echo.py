@@ -1,11 +1,12 @@
-"""`python -m bench.baselines.echo`: a bare Flask app that answers every POST with the JSON it got.
+"""`python -m bench.baselines.echo`: a bare Flask app that answers every POST with the body it got (JSON parsed and
+serialised again, anything else, such as a CSV upload, as it came).
 
-What serving a JSON request costs on its own under the services' gunicorn setup: no database, no broker, no Sentry.
+What serving a request costs on its own under the services' gunicorn setup: no database, no broker, no Sentry.
 """
 
 from __future__ import annotations
 
-from flask import Flask, jsonify, request
+from flask import Flask, Response, jsonify, request
 
 from shared.core.config import load_settings
 from shared.http.server import serve
@@ -22,7 +23,9 @@ def create_app() -> Flask:
 
     @app.post("/<path:path>")
     def echo(path: str):
-        return jsonify(request.get_json())
+        if request.is_json:
+            return jsonify(request.get_json())
+        return Response(request.get_data(), mimetype=request.mimetype)
 
     return app
 

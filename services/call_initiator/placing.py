@@ -75,5 +75,5 @@ def user_and_agent_query(user_id: uuid.UUID, agent_id: uuid.UUID) -> Select[tupl
         select(User, Agent)
         .join(Agent, Agent.id == agent_id, isouter=True)
         .where(User.id == user_id)
-        .with_for_update(of=User)
+        .with_for_update(of=User, key_share=True)  # as SqlCallStore.lock_user
     )

@@ -39,7 +39,7 @@ MAX_WINDOW_ROUNDS = 8  # zones that overlap agree within a few rounds of "the la
 # Contacts one campaign's turn reads in one dispatch: a window that just closed for thousands of them is pushed
 # forward a few hundred at a time, not in one transaction holding the customer's lock.
 MAX_CONTACTS_READ_PER_TURN = 500
-CONTACT_BATCH = 50  # contacts read at once: enough to skip those outside their window without a read per contact
+CONTACT_BATCH = 50  # contacts read at once with a window: enough to skip those outside it without a read for each
 _UTC = ZoneInfo("UTC")
 
 
@@ -124,7 +124,7 @@ def running_campaigns_query(user_id: uuid.UUID) -> Select[tuple[Campaign]]:
         select(Campaign)
         .where(Campaign.user_id == user_id, Campaign.status.in_(states.ACTIVE))
         .order_by(Campaign.last_dispatched_at.asc().nulls_first(), Campaign.id)
-        .with_for_update()
+        .with_for_update(key_share=True)
     )
 
 
@@ -143,7 +143,7 @@ def queued_campaign_calls_query(campaign_id: uuid.UUID, limit: int) -> Select[tu
         )
         .order_by(Call.created_at)
         .limit(limit)
-        .with_for_update()
+        .with_for_update(key_share=True)
     )
 
 
@@ -157,7 +157,7 @@ def due_contacts_query(campaign_id: uuid.UUID, now: datetime, limit: int) -> Sel
         )
         .order_by(CampaignContact.next_attempt_at, CampaignContact.id)
         .limit(limit)
-        .with_for_update(skip_locked=True)
+        .with_for_update(skip_locked=True, key_share=True)
     )
 
 
@@ -172,7 +172,7 @@ def finished_attempts_query(user_id: uuid.UUID) -> Select[tuple[CampaignContact,
             CampaignContact.state == states.CALLING,
             Call.status.in_(statuses.TERMINAL),
         )
-        .with_for_update(of=CampaignContact)
+        .with_for_update(of=CampaignContact, key_share=True)
     )
 
 
@@ -226,19 +226,21 @@ def canceled_campaign_calls_query(user_id: uuid.UUID) -> Select[tuple[Call]]:
         select(Call)
         .join(Campaign, Campaign.id == Call.campaign_id)
         .where(Campaign.user_id == user_id, Campaign.status == states.CANCELED, Call.status == statuses.PENDING)
-        .with_for_update(of=Call)
+        .with_for_update(of=Call, key_share=True)
     )
 
 
 def users_with_campaign_work_query(now: datetime) -> Select[tuple[uuid.UUID]]:
     """Users with campaign work due at `now`: an active campaign with something to do, an attempt of any campaign
-    (a paused or canceled one too) awaiting its result, or a call of a canceled campaign back in the queue."""
+    (a paused or canceled one too) awaiting its result, or a call of a canceled campaign back in the queue. The last
+    two start from their few rows (contacts being called, calls back in the queue), never from every campaign."""
+    owner_of_campaign = select(Campaign.user_id).where(Campaign.id == CampaignContact.campaign_id).scalar_subquery()
     active = select(Campaign.user_id).where(_work_due(now))
-    ended = select(Campaign.user_id).where(_attempts_ended().where(CampaignContact.campaign_id == Campaign.id).exists())
-    requeued_after_cancel = (
-        select(Campaign.user_id)
-        .join(Call, Call.campaign_id == Campaign.id)
-        .where(Campaign.status == states.CANCELED, Call.status == statuses.PENDING)
+    ended = _attempts_ended().with_only_columns(owner_of_campaign)
+    requeued_after_cancel = select(Call.user_id).where(
+        Call.status == statuses.PENDING,
+        Call.campaign_id.is_not(None),
+        select(Campaign.status).where(Campaign.id == Call.campaign_id).scalar_subquery() == states.CANCELED,
     )
     return active.union(ended, requeued_after_cancel)
 
@@ -367,7 +369,9 @@ class _CampaignTurn:
     def _next_contact_call(self, wanted: int) -> Call | None:
         while self._read < MAX_CONTACTS_READ_PER_TURN:
             if not self._contacts:
-                batch = due_contacts_query(self.campaign.id, self._now, max(wanted, CONTACT_BATCH))
+                # Without a window every contact read is called: read (and lock) only those wanted.
+                size = wanted if self._window is None else max(wanted, CONTACT_BATCH)
+                batch = due_contacts_query(self.campaign.id, self._now, size)
                 self._contacts = list(self._uow.session.scalars(batch))
                 if not self._contacts:
                     self.exhausted = True

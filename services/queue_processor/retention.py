@@ -100,7 +100,7 @@ class Retention:
             select(OutboxMessage.id)
             .where(OutboxMessage.published_at < func.now() - self._periods.outbox)
             .limit(self._batch_size)
-            .with_for_update(skip_locked=True)
+            .with_for_update(skip_locked=True, key_share=True)
         )
         return delete(OutboxMessage).where(OutboxMessage.id.in_(ids.scalar_subquery()))
 
@@ -116,7 +116,8 @@ class Retention:
                 or_(WebhookEvent.applied_at.is_not(None), WebhookEvent.received_at < func.now() - applicable),
             )
             .limit(self._batch_size)
-            .with_for_update(skip_locked=True)  # an event being applied right now is left for the next run
+            # An event being applied right now is left for the next run.
+            .with_for_update(skip_locked=True, key_share=True)
         )
         return (
             update(WebhookEvent)
@@ -135,7 +136,7 @@ class Retention:
             select(IdempotencyKey.user_id, IdempotencyKey.key)
             .where(expired)
             .limit(self._batch_size)
-            .with_for_update(skip_locked=True)
+            .with_for_update(skip_locked=True, key_share=True)
         )
         # `expired` again outside: PostgreSQL then reads only expired keys (by created_at), never the whole table.
         return delete(IdempotencyKey).where(expired, tuple_(IdempotencyKey.user_id, IdempotencyKey.key).in_(keys))

@@ -351,7 +351,7 @@ def waiting_event_query(event_id: int) -> Select[tuple[WebhookEvent]]:
     return (
         select(WebhookEvent)
         .where(WebhookEvent.id == event_id, WebhookEvent.applied_at.is_(None), WebhookEvent.redacted_at.is_(None))
-        .with_for_update(skip_locked=True)
+        .with_for_update(skip_locked=True, key_share=True)
     )
 
 
@@ -367,12 +367,12 @@ def waiting_duplicate_query(webhook: AgentExecution) -> Select[tuple[WebhookEven
             WebhookEvent.applied_at.is_(None),
             WebhookEvent.redacted_at.is_(None),
         )
-        .with_for_update(skip_locked=True)
+        .with_for_update(skip_locked=True, key_share=True)
     )
 
 
 def linked_call_query(execution_id: str | None) -> Select[tuple[Call]]:
-    return select(Call).where(Call.execution_id == execution_id).with_for_update()
+    return select(Call).where(Call.execution_id == execution_id).with_for_update(key_share=True)
 
 
 def echoed_call_query(call_id: uuid.UUID, execution_id: str | None) -> Select[tuple[Call]]:
@@ -380,7 +380,7 @@ def echoed_call_query(call_id: uuid.UUID, execution_id: str | None) -> Select[tu
     return (
         select(Call)
         .where(Call.id == call_id, or_(Call.execution_id.is_(None), Call.execution_id == execution_id))
-        .with_for_update()
+        .with_for_update(key_share=True)
     )
 
 
@@ -395,7 +395,7 @@ def call_and_kept_events_query(call_id: uuid.UUID, execution_id: str) -> Select[
         )
         .exists()
     )
-    return select(Call, kept).where(Call.id == call_id).with_for_update(of=Call)
+    return select(Call, kept).where(Call.id == call_id).with_for_update(of=Call, key_share=True)
 
 
 def kept_events_query(execution_id: str | None) -> Select[tuple[WebhookEvent]]:
@@ -407,7 +407,7 @@ def kept_events_query(execution_id: str | None) -> Select[tuple[WebhookEvent]]:
             WebhookEvent.redacted_at.is_(None),
         )
         .order_by(WebhookEvent.id)
-        .with_for_update(skip_locked=True)
+        .with_for_update(skip_locked=True, key_share=True)
     )
 
 

@@ -80,6 +80,13 @@ def live_calls() -> TextClause:
 # matches only the former to the partial indexes `WHERE slot_held`.
 
 
+def lock_user_query(user_id: uuid.UUID) -> Select[tuple[User]]:
+    """The customer's row, locked: slots are taken, and campaigns changed, only under this lock. FOR NO KEY UPDATE,
+    not FOR UPDATE: it must not wait for (nor deadlock with) the key-share lock a charge's ledger insert takes on
+    the same row through its foreign key."""
+    return select(User).where(User.id == user_id).with_for_update(key_share=True)
+
+
 def held_slots_query(user_id: uuid.UUID) -> Select[tuple[int]]:
     return select(func.count()).where(Call.user_id == user_id, Call.slot_held)
 
@@ -103,7 +110,7 @@ def due_calls_query(user_id: uuid.UUID, limit: int | None) -> Select[tuple[Call]
         .where(Call.user_id == user_id, due_pending())
         .order_by(Call.created_at, Call.id)
         .limit(limit)
-        .with_for_update()
+        .with_for_update(key_share=True)
     )
 
 
@@ -117,10 +124,10 @@ class SqlCallStore:
         self.leases = leases
 
     def lock_user(self, user_id: uuid.UUID) -> User:
-        return self.session.execute(select(User).where(User.id == user_id).with_for_update()).scalar_one()
+        return self.session.execute(lock_user_query(user_id)).scalar_one()
 
     def lock_call(self, call_id: uuid.UUID) -> Call:
-        return self.session.execute(select(Call).where(Call.id == call_id).with_for_update()).scalar_one()
+        return self.session.execute(select(Call).where(Call.id == call_id).with_for_update(key_share=True)).scalar_one()
 
     def held_slots(self, user_id: uuid.UUID) -> int:
         return self.session.scalar(held_slots_query(user_id)) or 0

@@ -146,7 +146,9 @@ def cancel(uow: UnitOfWork, campaign: Campaign) -> None:
         .values(state=states.DONE, final_status=statuses.CANCELED, waiting_for_window=False)
     )
     queued = uow.session.scalars(
-        select(Call).where(Call.campaign_id == campaign.id, Call.status == statuses.PENDING).with_for_update()
+        select(Call)
+        .where(Call.campaign_id == campaign.id, Call.status == statuses.PENDING)
+        .with_for_update(key_share=True)
     )
     for call in queued:
         lifecycle.cancel_queued(call, "The campaign was canceled before the call was placed.")
@@ -186,7 +188,7 @@ def _owned(uow: UnitOfWork, user_id: uuid.UUID, campaign_id: str, *, lock: bool)
 
 def campaign_query(campaign_id: uuid.UUID, lock: bool) -> Select[tuple[Campaign]]:
     query = select(Campaign).where(Campaign.id == campaign_id)
-    return query.with_for_update() if lock else query
+    return query.with_for_update(key_share=True) if lock else query
 
 
 def created_answer(created: CreatedCampaign) -> dict[str, Any]:

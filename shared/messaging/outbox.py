@@ -148,7 +148,7 @@ def claim_query(ids: Sequence[int]) -> Select[tuple[int]]:
     return (
         select(OutboxMessage.id)
         .where(OutboxMessage.id.in_(ids), OutboxMessage.published_at.is_(None))
-        .with_for_update(skip_locked=True)
+        .with_for_update(skip_locked=True, key_share=True)
     )
 
 
@@ -159,7 +159,7 @@ def unpublished_query(min_age: timedelta | None, limit: int) -> Select[tuple[Out
         .where(OutboxMessage.published_at.is_(None))
         .order_by(OutboxMessage.id)
         .limit(limit)
-        .with_for_update(skip_locked=True)
+        .with_for_update(skip_locked=True, key_share=True)
     )
     if min_age is not None:
         query = query.where(OutboxMessage.created_at < func.now() - min_age)

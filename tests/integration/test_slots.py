@@ -3,10 +3,11 @@
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from shared.calls import lifecycle, statuses
-from shared.core.models import Call, OutboxMessage
+from shared.calls.store import CALL_CHARGE
+from shared.core.models import Call, CreditLedgerEntry, OutboxMessage
 from tests.support.components import components
 from tests.support.factories import call_row, customer, load_call
 
@@ -77,3 +78,19 @@ def test_a_request_the_breaker_holds_back_gives_the_slot_back_and_requeues_the_c
     requeued = load_call(call.id)
     assert (requeued.status, requeued.slot_held, requeued.dispatch_attempts) == ("pending", False, 0)
     assert "circuit open" in requeued.error_detail
+
+
+def test_the_customers_lock_does_not_wait_for_a_charge_being_written():
+    """A charge's ledger insert takes a key-share lock on the customer's row (its foreign key). The slot-takers'
+    lock must not wait for it: waiting there, while the charge then waits to update the same row's credits, is a
+    deadlock PostgreSQL breaks by failing one of them."""
+    owner = customer(max_concurrent_calls=3)
+    call = call_row(owner, status=statuses.COMPLETED)
+    with components().uow() as charging, components().uow() as dispatching:
+        # The first half of SqlCallStore.add_charge: the ledger row, its credits update not yet made.
+        charging.session.add(CreditLedgerEntry(user_id=owner.user_id, call_id=call.id, amount=-1, reason=CALL_CHARGE))
+        charging.session.flush()
+        dispatching.session.execute(text("SET LOCAL lock_timeout = '2s'"))
+        assert dispatching.calls.lock_user(owner.user_id).id == owner.user_id
+        dispatching.commit()
+        charging.commit()
