@@ -255,8 +255,6 @@ class CampaignDispatch:
         """Gives each contact whose call ended its result, or a retry per its campaign's policy, and completes the
         campaigns with nothing left to call."""
         now = self.clock()
-        for call in uow.session.scalars(canceled_campaign_calls_query(user_id)):
-            lifecycle.cancel_queued(call, "The campaign was canceled before the call was placed.")
         touched: dict[uuid.UUID, Campaign] = {}
         for contact, call in uow.session.execute(finished_attempts_query(user_id)).all():
             campaign = touched.get(contact.campaign_id) or uow.session.get_one(Campaign, contact.campaign_id)
@@ -269,6 +267,12 @@ class CampaignDispatch:
                 contact.final_status = call.status
         for campaign in touched.values():
             self.finish_if_done(uow, campaign)
+
+    def cancel_requeued(self, uow: UnitOfWork, user_id: uuid.UUID) -> None:
+        """Cancels the calls Bolna sent back to the queue after their campaign was canceled (the scheduler's round;
+        a dispatch never picks them, so they wait for it harmlessly)."""
+        for call in uow.session.scalars(canceled_campaign_calls_query(user_id)):
+            lifecycle.cancel_queued(call, "The campaign was canceled before the call was placed.")
 
     def finish_if_done(self, uow: UnitOfWork, campaign: Campaign) -> None:
         if campaign.status in (states.RUNNING, states.PAUSED) and not uow.session.scalar(

@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 
@@ -40,14 +41,23 @@ class DispatchTrigger(StrEnum):
     SCHEDULE = "schedule"  # a campaign's start time, retry interval or calling window came due
 
 
-def dispatchable_query(user_id: uuid.UUID, now: datetime) -> Select[tuple[bool]]:
-    """Whether the user has a free slot, and a due call or a campaign with a contact due at `now` (the campaign
-    clock) or a start time reached (built apart so its plan can be tested)."""
-    has_due = select(Call.id).where(Call.user_id == user_id, due_pending()).exists()
+def dispatchable_query(user_id: uuid.UUID, now: datetime) -> Select[tuple[bool, bool, bool]]:
+    """Whether the user has a free slot, a due direct call, and campaign work due at `now` (the campaign clock)
+    (built apart so its plan can be tested)."""
     return select(
-        (has_due | campaign_work_due_query(user_id, now).exists())
-        & (held_slots_query(user_id).scalar_subquery() < User.max_concurrent_calls)
+        held_slots_query(user_id).scalar_subquery() < User.max_concurrent_calls,
+        select(Call.id).where(Call.user_id == user_id, due_pending()).exists(),
+        campaign_work_due_query(user_id, now).exists(),
     ).where(User.id == user_id)
+
+
+@dataclass(frozen=True)
+class _Work:
+    direct: bool
+    campaigns: bool
+
+    def __bool__(self) -> bool:
+        return self.direct or self.campaigns
 
 
 def due_retries_query() -> Select[tuple[uuid.UUID]]:
@@ -76,10 +86,10 @@ class Dispatcher:
         is placed, and one whose placing never finishes (the process was killed) is settled by the reconcile job
         once its short lease runs out: linked if Bolna has it, else failed as `bolna_outcome_unknown`."""
         dispatched = 0
-        while not self._placer.provider_down and self._has_work(user_id):
+        while not self._placer.provider_down and (work := self._work_due(user_id)):
             threads = self._take_free_threads()
             try:
-                reserved = self._reserve_due(user_id, threads)
+                reserved = self._reserve_due(user_id, threads, work.campaigns)
             except BaseException:
                 self._give_back_threads(threads)
                 raise
@@ -111,6 +121,7 @@ class Dispatcher:
         nothing left to call; a freed slot does this too, this catches what no message announces."""
         with self._placer.uow_factory() as uow:
             uow.calls.lock_user(user_id)
+            self._campaigns.cancel_requeued(uow, user_id)
             self._campaigns.settle(uow, user_id)
             uow.commit()
 
@@ -211,19 +222,23 @@ class Dispatcher:
         for _ in range(count):
             self._free_threads.release()
 
-    def _has_work(self, user_id: uuid.UUID) -> bool:
-        """One unlocked read: whether the user has a due call and a free slot. A wake-up for calls already placed
-        (a burst of messages drained by the first) costs no more than this."""
+    def _work_due(self, user_id: uuid.UUID) -> _Work:
+        """One unlocked read: whether the user has a free slot, and what for. A wake-up for calls already placed (a
+        burst of messages drained by the first) costs no more than this."""
         with self._placer.uow_factory() as uow:
-            return bool(uow.reads_only().session.scalar(dispatchable_query(user_id, self._campaigns.clock())))
+            row = uow.reads_only().session.execute(dispatchable_query(user_id, self._campaigns.clock())).first()
+        if row is None or not row[0]:
+            return _Work(direct=False, campaigns=False)
+        return _Work(direct=bool(row[1]), campaigns=bool(row[2]))
 
-    def _reserve_due(self, user_id: uuid.UUID, most: int) -> list[tuple[Call, str]]:
+    def _reserve_due(self, user_id: uuid.UUID, most: int, campaigns: bool) -> list[tuple[Call, str]]:
         """Up to `most` calls, each holding a slot now, with its agent's id at Bolna: the user's due direct calls
-        first, oldest first, then their campaigns' calls. Direct calls that waited while the account ran out of
-        credits fail instead, and the campaigns pause."""
+        first, oldest first, then (with `campaigns`: campaign work is due) their campaigns' calls. Direct calls that
+        waited while the account ran out of credits fail instead, and the campaigns pause."""
         with self._placer.uow_factory() as uow:
             user = uow.calls.lock_user(user_id)
-            self._campaigns.settle(uow, user_id)
+            if campaigns:
+                self._campaigns.settle(uow, user_id)
             if user.credits <= 0:
                 # They must not be placed, and they must not wait forever.
                 for call in uow.calls.due_calls(user_id, None):
@@ -234,7 +249,7 @@ class Dispatcher:
             reserved = self._placer.reserve_slots(uow.calls, user, uow.calls.due_calls(user_id, most))
             # Campaign calls get only what is left of both the free slots and the free placing threads.
             free = min(most - len(reserved), user.max_concurrent_calls - uow.calls.held_slots(user_id))
-            if free > 0 and not self._placer.provider_down:
+            if campaigns and free > 0 and not self._placer.provider_down:
                 picked = self._campaigns.pick(uow, user, free)
                 reserved += self._placer.reserve_slots(uow.calls, user, picked)
                 uow.session.add_all(call for call in picked if call not in uow.session)

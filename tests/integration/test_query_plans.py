@@ -283,7 +283,7 @@ HOT_QUERIES: dict[str, Callable[[], Executable]] = {
     "SqlCallStore.held_slots": lambda: store.held_slots_query(USER),
     "SqlCallStore.has_older_pending": lambda: store.older_pending_query(_new_call()),
     "SqlCallStore.due_calls": lambda: store.due_calls_query(USER, 8),
-    "Dispatcher._has_work": lambda: dispatchable_query(USER, datetime.now(UTC)),
+    "Dispatcher._work_due": lambda: dispatchable_query(USER, datetime.now(UTC)),
     "SqlCallStore.users_with_pending_calls": store.users_with_pending_calls_query,
     "Dispatcher.users_to_retry": due_retries_query,
     "provider_events.ingest duplicate": lambda: provider_events.waiting_duplicate_query(_webhook()),
