@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException
 
 from shared.core.errors import ERROR_TABLE, CallflowError, ErrorType
 from shared.http.health import HealthCheck
-from shared.observability.sentry import report, report_database_error
+from shared.observability.sentry import HEALTH_PATH, report, report_database_error
 
 PROBLEM_JSON = "application/problem+json"
 MAX_BODY_BYTES = 256 * 1024
@@ -47,7 +47,8 @@ class _EdgeApp(Flask):
 
 
 def create_http_app(service: str, health: HealthCheck) -> Flask:
-    """A Flask app with request ids, problem+json errors and `GET /health`; the service adds its routes."""
+    """A Flask app with request ids, problem+json errors and `GET /health` (with `/live` and `/ready`); the service
+    adds its routes."""
     app = _EdgeApp(service)
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
 
@@ -62,9 +63,19 @@ def create_http_app(service: str, health: HealthCheck) -> Flask:
         response.headers["X-Request-ID"] = g.get("request_id", "")
         return response
 
-    @app.get("/health")
+    @app.get(HEALTH_PATH)
     def _health():
         body, status = health.check()
+        return jsonify(body), status
+
+    @app.get(f"{HEALTH_PATH}/live")
+    def _live():
+        body, status = health.live()
+        return jsonify(body), status
+
+    @app.get(f"{HEALTH_PATH}/ready")
+    def _ready():
+        body, status = health.ready()
         return jsonify(body), status
 
     @app.errorhandler(CallflowError)

@@ -1,8 +1,15 @@
-"""Health: what every service's `GET /health` answers."""
+"""Health: what every service's `GET /health`, `GET /health/live` and `GET /health/ready` answer.
+
+`/health/live` is the process alone (a liveness probe must never restart a pod because a dependency is down);
+`/health/ready` and `/health` probe PostgreSQL and RabbitMQ, at most once per READY_CACHE_SECONDS, so probes from
+every replica, however frequent, cannot load them.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +23,9 @@ from shared.observability.sentry import database_recovered, sentry_status
 log = logging.getLogger(__name__)
 
 
+READY_CACHE_SECONDS = 2.0
+
+
 class HealthCheck:
     """Probes the service's dependencies (PostgreSQL and RabbitMQ) and says how Sentry is set up."""
 
@@ -23,15 +33,13 @@ class HealthCheck:
         self._service = service
         self._settings = settings
         self._engine = engine
+        self._lock = threading.Lock()
+        self._checked: tuple[float, dict[str, str]] | None = None
 
     def check(self) -> tuple[dict[str, Any], int]:
-        checks = {
-            "database": _probe(lambda: db.ping(self._engine)),
-            "rabbitmq": _probe(lambda: topology.ping(self._settings.rabbitmq_url)),
-        }
+        """`/health`: the dependencies and Sentry's settings; 503 naming a dependency that is down."""
+        checks = self._dependencies()
         healthy = all(result == "ok" for result in checks.values())
-        if checks["database"] == "ok":
-            database_recovered()
         body = {
             "status": "ok" if healthy else "unavailable",
             "service": self._service,
@@ -39,6 +47,32 @@ class HealthCheck:
             "checks": checks,
         }
         return body, 200 if healthy else 503
+
+    def ready(self) -> tuple[dict[str, Any], int]:
+        """`/health/ready`: whether the service can do its work (its database and broker answer)."""
+        checks = self._dependencies()
+        healthy = all(result == "ok" for result in checks.values())
+        return {"status": "ok" if healthy else "unavailable", "service": self._service, "checks": checks}, (
+            200 if healthy else 503
+        )
+
+    def live(self) -> tuple[dict[str, Any], int]:
+        """`/health/live`: the process answers; no dependency is asked."""
+        return {"status": "ok", "service": self._service}, 200
+
+    def _dependencies(self) -> dict[str, str]:
+        """Each dependency's state, probed at most once per READY_CACHE_SECONDS (one probe at a time)."""
+        with self._lock:
+            if self._checked is not None and time.monotonic() - self._checked[0] < READY_CACHE_SECONDS:
+                return self._checked[1]
+            checks = {
+                "database": _probe(lambda: db.ping(self._engine)),
+                "rabbitmq": _probe(lambda: topology.ping(self._settings.rabbitmq_url)),
+            }
+            self._checked = (time.monotonic(), checks)
+        if checks["database"] == "ok":
+            database_recovered()
+        return checks
 
 
 def _probe(probe: Callable[[], None]) -> str:

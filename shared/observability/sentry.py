@@ -279,11 +279,16 @@ def _current_place() -> str:
     return transaction.name if transaction is not None and transaction.name else _ProcessIdentity.service
 
 
+def _is_health(path: object) -> bool:
+    """Probes are never traced: `/health`, `/health/live`, `/health/ready`."""
+    return path in (HEALTH_PATH, f"{HEALTH_PATH}/live", f"{HEALTH_PATH}/ready")
+
+
 def _sample(context: dict[str, Any], rate: float) -> float:
     """The parent's decision where there is one: only internal hops (AMQP messages, a call's stored trace) have one,
     since the HTTP edge drops clients' trace headers (`shared/http/app.py`)."""
     environ = context.get("wsgi_environ") or {}
-    if environ.get("PATH_INFO") == HEALTH_PATH:
+    if _is_health(environ.get("PATH_INFO")):
         return 0.0
     parent = context.get("parent_sampled")
     return float(parent) if parent is not None else rate
@@ -307,7 +312,7 @@ def _before_send(event: Event, hint: Hint) -> Event | None:
 
 
 def _before_send_transaction(event: Event, hint: Hint) -> Event | None:
-    if event.get("transaction") == HEALTH_PATH:
+    if _is_health(event.get("transaction")):
         return None
     return _scrubbed(event)
 
