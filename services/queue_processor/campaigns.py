@@ -185,23 +185,30 @@ def has_open_contacts_query(campaign_id: uuid.UUID) -> Select[tuple[bool]]:
     )
 
 
-def _work_due(now: datetime) -> ColumnElement[bool]:
-    """An active campaign with something to do at `now`: its start time reached, a contact due, a call back in the
-    queue and due, or an attempt that ended and awaits its result."""
-    contact_due = select(CampaignContact.id).where(
+def _contact_due(now: datetime) -> Select[tuple[int]]:
+    return select(CampaignContact.id).where(
         CampaignContact.campaign_id == Campaign.id,
         CampaignContact.state == states.WAITING,
         CampaignContact.next_attempt_at <= now,
     )
-    call_due = select(Call.id).where(
+
+
+def _requeued_call_due() -> Select[tuple[uuid.UUID]]:
+    return select(Call.id).where(
         Call.campaign_id == Campaign.id,
         Call.status == statuses.PENDING,
         or_(Call.next_attempt_at.is_(None), Call.next_attempt_at <= func.now()),
     )
+
+
+def _work_due(now: datetime) -> ColumnElement[bool]:
+    """An active campaign with something to do at `now`: its start time reached, a contact due, a call back in the
+    queue and due, or an attempt that ended and awaits its result."""
     attempt_ended = _attempts_ended().where(CampaignContact.campaign_id == Campaign.id)
     return Campaign.status.in_(states.ACTIVE) & or_(
         (Campaign.status == states.SCHEDULED) & (Campaign.start_at <= now),
-        (Campaign.status == states.RUNNING) & (contact_due.exists() | call_due.exists() | attempt_ended.exists()),
+        (Campaign.status == states.RUNNING)
+        & (_contact_due(now).exists() | _requeued_call_due().exists() | attempt_ended.exists()),
     )
 
 
@@ -218,6 +225,18 @@ def campaign_work_due_query(user_id: uuid.UUID, now: datetime) -> Select[tuple[u
     """The user's campaigns with something to do at `now` (so a wake-up for a campaign waiting on its window or its
     retries costs one read and no lock)."""
     return select(Campaign.id).where(Campaign.user_id == user_id, _work_due(now))
+
+
+def attempts_ended_query(user_id: uuid.UUID) -> Select[tuple[int]]:
+    """Attempts of the user's running campaigns that ended and await their result (a dispatch settles them)."""
+    return _attempts_ended().where(
+        CampaignContact.campaign_id == Campaign.id, Campaign.user_id == user_id, Campaign.status == states.RUNNING
+    )
+
+
+def requeued_calls_due_query(user_id: uuid.UUID) -> Select[tuple[uuid.UUID]]:
+    """Calls of the user's running campaigns back in the queue and due (a dispatch places them first)."""
+    return _requeued_call_due().where(Campaign.user_id == user_id, Campaign.status == states.RUNNING)
 
 
 def canceled_campaign_calls_query(user_id: uuid.UUID) -> Select[tuple[Call]]:
@@ -288,7 +307,7 @@ class CampaignDispatch:
             campaign.status = states.PAUSED
             campaign.pause_reason = states.PAUSED_NO_CREDITS
 
-    def pick(self, uow: UnitOfWork, user: User, free: int) -> list[Call]:
+    def pick(self, uow: UnitOfWork, user: User, free: int, requeued: bool = True) -> list[Call]:
         """Up to `free` campaign calls to place now, shared round robin between the user's running campaigns, each
         within its `maxConcurrency`; new calls are added to the session (still `pending`: the caller reserves)."""
         now = self.clock()
@@ -309,8 +328,9 @@ class CampaignDispatch:
             if campaign.max_concurrency is not None:
                 room = campaign.max_concurrency - (uow.session.scalar(held_by_campaign_query(campaign.id)) or 0)
             if room > 0:
-                rotation.append(_CampaignTurn(uow, campaign, room, now))
+                rotation.append(_CampaignTurn(uow, campaign, room, now, requeued))
         served = 0
+        shared = len(rotation) > 1  # turns matter only between campaigns
         while len(picked) < free and rotation:
             for turn in list(rotation):
                 if len(picked) >= free:
@@ -323,8 +343,8 @@ class CampaignDispatch:
                     continue
                 picked.append(call)
                 served += 1
-                # Served in this order: the next free slot goes to the one served longest ago.
-                turn.campaign.last_dispatched_at = turn_base + timedelta(microseconds=served)
+                if shared:  # served in this order: the next free slot goes to the one served longest ago
+                    turn.campaign.last_dispatched_at = turn_base + timedelta(microseconds=served)
         return picked
 
 
@@ -342,10 +362,10 @@ def _retries(campaign: Campaign, contact: CampaignContact, call: Call) -> bool:
 class _CampaignTurn:
     """One campaign's place in the rotation: what it may still take, and its next candidates."""
 
-    def __init__(self, uow: UnitOfWork, campaign: Campaign, room: int, now: datetime):
+    def __init__(self, uow: UnitOfWork, campaign: Campaign, room: int, now: datetime, requeued: bool):
         self._uow, self.campaign, self._room, self._now = uow, campaign, room, now
         self._window = CallingWindow.of(campaign)
-        self._queued: list[Call] | None = None
+        self._queued: list[Call] | None = None if requeued else []  # [] when none is due: not read at all
         self._contacts: list[CampaignContact] = []
         self._read = 0
         self.exhausted = False  # no contact is due now (as opposed to the campaign's cap being reached)

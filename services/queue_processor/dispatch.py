@@ -17,7 +17,9 @@ from sqlalchemy.exc import DBAPIError
 
 from services.queue_processor.campaigns import (
     CampaignDispatch,
+    attempts_ended_query,
     campaign_work_due_query,
+    requeued_calls_due_query,
     users_with_campaign_work_query,
 )
 from shared.calls import lifecycle
@@ -41,20 +43,26 @@ class DispatchTrigger(StrEnum):
     SCHEDULE = "schedule"  # a campaign's start time, retry interval or calling window came due
 
 
-def dispatchable_query(user_id: uuid.UUID, now: datetime) -> Select[tuple[bool, bool, bool]]:
-    """Whether the user has a free slot, a due direct call, and campaign work due at `now` (the campaign clock)
-    (built apart so its plan can be tested)."""
+def dispatchable_query(user_id: uuid.UUID, now: datetime) -> Select[tuple[bool, bool, bool, bool, bool]]:
+    """What the user has due, in one read: a free slot, a due direct call, campaign work at `now` (the campaign
+    clock), attempts to settle, campaign calls back in the queue (built apart so its plan can be tested)."""
     return select(
         held_slots_query(user_id).scalar_subquery() < User.max_concurrent_calls,
         select(Call.id).where(Call.user_id == user_id, due_pending()).exists(),
         campaign_work_due_query(user_id, now).exists(),
+        attempts_ended_query(user_id).exists(),
+        requeued_calls_due_query(user_id).exists(),
     ).where(User.id == user_id)
 
 
 @dataclass(frozen=True)
 class _Work:
-    direct: bool
-    campaigns: bool
+    """What a dispatch has to do; it skips the reads of what is not due."""
+
+    direct: bool = False
+    campaigns: bool = False
+    settle: bool = False
+    requeued: bool = False
 
     def __bool__(self) -> bool:
         return self.direct or self.campaigns
@@ -89,7 +97,7 @@ class Dispatcher:
         while not self._placer.provider_down and (work := self._work_due(user_id)):
             threads = self._take_free_threads()
             try:
-                reserved = self._reserve_due(user_id, threads, work.campaigns)
+                reserved = self._reserve_due(user_id, threads, work)
             except BaseException:
                 self._give_back_threads(threads)
                 raise
@@ -228,16 +236,17 @@ class Dispatcher:
         with self._placer.uow_factory() as uow:
             row = uow.reads_only().session.execute(dispatchable_query(user_id, self._campaigns.clock())).first()
         if row is None or not row[0]:
-            return _Work(direct=False, campaigns=False)
-        return _Work(direct=bool(row[1]), campaigns=bool(row[2]))
+            return _Work()
+        free, direct, campaigns, settle, requeued = row
+        return _Work(direct=direct, campaigns=campaigns, settle=settle, requeued=requeued)
 
-    def _reserve_due(self, user_id: uuid.UUID, most: int, campaigns: bool) -> list[tuple[Call, str]]:
+    def _reserve_due(self, user_id: uuid.UUID, most: int, work: _Work) -> list[tuple[Call, str]]:
         """Up to `most` calls, each holding a slot now, with its agent's id at Bolna: the user's due direct calls
-        first, oldest first, then (with `campaigns`: campaign work is due) their campaigns' calls. Direct calls that
-        waited while the account ran out of credits fail instead, and the campaigns pause."""
+        first, oldest first, then their campaigns' calls. Direct calls that waited while the account ran out of
+        credits fail instead, and the campaigns pause."""
         with self._placer.uow_factory() as uow:
             user = uow.calls.lock_user(user_id)
-            if campaigns:
+            if work.settle:
                 self._campaigns.settle(uow, user_id)
             if user.credits <= 0:
                 # They must not be placed, and they must not wait forever.
@@ -246,14 +255,15 @@ class Dispatcher:
                 self._campaigns.pause_for_credits(uow, user_id)
                 uow.commit()
                 return []
-            reserved = self._placer.reserve_slots(uow.calls, user, uow.calls.due_calls(user_id, most))
+            free = min(most, user.max_concurrent_calls - uow.calls.held_slots(user_id))
+            candidates = uow.calls.due_calls(user_id, free) if work.direct and free > 0 else []
+            picked: list[Call] = []
             # Campaign calls get only what is left of both the free slots and the free placing threads.
-            free = min(most - len(reserved), user.max_concurrent_calls - uow.calls.held_slots(user_id))
-            if campaigns and free > 0 and not self._placer.provider_down:
-                picked = self._campaigns.pick(uow, user, free)
-                reserved += self._placer.reserve_slots(uow.calls, user, picked)
-                uow.session.add_all(call for call in picked if call not in uow.session)
-            agents = {call.agent_id: uow.session.get_one(Agent, call.agent_id) for call in reserved}
+            if work.campaigns and free > len(candidates) and not self._placer.provider_down:
+                picked = self._campaigns.pick(uow, user, free - len(candidates), requeued=work.requeued)
+            reserved = self._placer.reserve_slots(uow.calls, user, candidates + picked)
+            uow.session.add_all(call for call in picked if call not in uow.session)
+            agents = {agent_id: uow.session.get_one(Agent, agent_id) for agent_id in {c.agent_id for c in reserved}}
             uow.commit()
         return [(call, agents[call.agent_id].provider_agent_id or "") for call in reserved]
 
