@@ -330,7 +330,7 @@ class CampaignDispatch:
             if room > 0:
                 rotation.append(_CampaignTurn(uow, campaign, room, now, requeued))
         served = 0
-        shared = len(rotation) > 1  # turns matter only between campaigns
+        shared = len(campaigns) > 1  # turns matter only between campaigns (one at its cap now included)
         while len(picked) < free and rotation:
             for turn in list(rotation):
                 if len(picked) >= free:

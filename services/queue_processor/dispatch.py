@@ -256,7 +256,9 @@ class Dispatcher:
                 uow.commit()
                 return []
             free = min(most, user.max_concurrent_calls - uow.calls.held_slots(user_id))
-            candidates = uow.calls.due_calls(user_id, free) if work.direct and free > 0 else []
+            # Read under the lock whatever the unlocked read said: a direct call queued while this dispatch waited
+            # for a placing thread still goes before any campaign call.
+            candidates = uow.calls.due_calls(user_id, free) if free > 0 else []
             picked: list[Call] = []
             # Campaign calls get only what is left of both the free slots and the free placing threads.
             if work.campaigns and free > len(candidates) and not self._placer.provider_down:

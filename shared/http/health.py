@@ -65,11 +65,12 @@ class HealthCheck:
         with self._lock:
             if self._checked is not None and time.monotonic() - self._checked[0] < READY_CACHE_SECONDS:
                 return self._checked[1]
+            started = time.monotonic()  # the age of the oldest probe: a slow broker probe does not extend it
             checks = {
                 "database": _probe(lambda: db.ping(self._engine)),
                 "rabbitmq": _probe(lambda: topology.ping(self._settings.rabbitmq_url)),
             }
-            self._checked = (time.monotonic(), checks)
+            self._checked = (started, checks)
         if checks["database"] == "ok":
             database_recovered()
         return checks

@@ -348,3 +348,14 @@ def test_the_scheduler_visits_only_customers_with_campaign_work_due():
     _end([call.id], "completed")
     assert visited(NOON_UTC) == {ended_owner.user_id}, "a paused campaign's ended attempt is settled"
     assert visited(start + timedelta(seconds=1)) == {waiting_owner.user_id, ended_owner.user_id}
+
+
+def test_a_direct_call_queued_while_a_dispatch_waited_for_a_thread_still_goes_first():
+    owner = customer(credits=1000, max_concurrent_calls=1)
+    _campaign(owner, [LONDON.format(1)])
+    dispatcher = Dispatcher(_RecordingPlacer(), concurrency=1, campaigns=CampaignDispatch(_Clock(NOON_UTC)))
+    stale = dispatcher._work_due(owner.user_id)  # read before the direct call existed
+    assert (stale.direct, stale.campaigns) == (False, True)
+    direct = call_row(owner)
+    (reserved, _agent) = dispatcher._reserve_due(owner.user_id, 1, stale)[0]
+    assert reserved.id == direct.id
