@@ -40,13 +40,10 @@ def _api(components: Components) -> Blueprint:
             body = PlaceCallRequest.model_validate(raw)
         except ValidationError as exc:
             raise validation_error(exc) from exc
-        claim = None
-        if (key := request.headers.get(idempotency.HEADER)) is not None:
-            claim = idempotency.claim_for(user.id, key, raw)
-            if (replay := idempotency.replay_of(uow, claim, key_retention)) is not None:
-                return idempotency.replayed(replay)
-            g.idempotency_claim = claim
-        accepted = place_call(components.placer, user, body, claim)
+        begun = idempotency.begin(uow, user.id, raw, key_retention)
+        if begun.replay is not None:
+            return begun.replay
+        accepted = place_call(components.placer, user, body, begun.claim)
         answer = {"callId": str(accepted.call.id), "status": accepted.call.status}
         if accepted.placed:
             return jsonify({**answer, "executionId": accepted.call.execution_id}), 201

@@ -9,7 +9,7 @@ import re
 from datetime import timedelta
 from typing import Any
 
-from flask import Blueprint, Response, g, jsonify, request, stream_with_context
+from flask import Blueprint, Response, jsonify, request, stream_with_context
 from pydantic import ValidationError
 
 from services.call_initiator import idempotency
@@ -41,16 +41,13 @@ def add_campaign_routes(api: Blueprint, components: Components) -> None:
         user = customer()
         request.max_content_length = MAX_CAMPAIGN_BODY_BYTES
         raw, settings, contacts = _read_campaign()
-        claim = None
-        if (key := request.headers.get(idempotency.HEADER)) is not None:
-            claim = idempotency.claim_for(user.id, key, raw)
-            if (replay := idempotency.replay_of(uow, claim, key_retention)) is not None:
-                return idempotency.replayed(replay)
-            g.idempotency_claim = claim
+        begun = idempotency.begin(uow, user.id, raw, key_retention)
+        if begun.replay is not None:
+            return begun.replay
         with uow() as unit:
             created = commands.create_campaign(unit, user.id, settings, contacts)
-            if claim is not None:
-                idempotency.claim_key(unit.session, claim, campaign_id=created.campaign.id)
+            if begun.claim is not None:
+                idempotency.claim_key(unit.session, begun.claim, campaign_id=created.campaign.id)
             unit.commit()
         return jsonify(commands.created_answer(created)), 201
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from flask import Response, jsonify
+from flask import Response, g, jsonify, request
 from sqlalchemy import delete, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -73,6 +73,27 @@ def replay_of(uow_factory: UnitOfWorkFactory, claim: Claim, retention: timedelta
     if row.response_status is None or row.response_body is None:
         raise _in_progress(claim, row.call_id)
     return Replay(row.response_status, row.response_body)
+
+
+@dataclass(frozen=True)
+class Begun:
+    """What a request with a body that makes a call or a campaign starts with: its claim on the key (None without
+    the header), or the first answer to replay instead of running it."""
+
+    claim: Claim | None = None
+    replay: Response | None = None
+
+
+def begin(uow_factory: UnitOfWorkFactory, user_id: uuid.UUID, body: Any, retention: timedelta) -> Begun:
+    """Reads the request's `Idempotency-Key`; a claim is remembered (`g`) so the answer can be recorded after."""
+    key = request.headers.get(HEADER)
+    if key is None:
+        return Begun()
+    claim = claim_for(user_id, key, body)
+    if (replay := replay_of(uow_factory, claim, retention)) is not None:
+        return Begun(claim, replayed(replay))
+    g.idempotency_claim = claim
+    return Begun(claim)
 
 
 def replayed(replay: Replay) -> Response:
