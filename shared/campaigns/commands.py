@@ -188,7 +188,8 @@ def _owned(uow: UnitOfWork, user_id: uuid.UUID, campaign_id: str, *, lock: bool)
 
 def campaign_query(campaign_id: uuid.UUID, lock: bool) -> Select[tuple[Campaign]]:
     query = select(Campaign).where(Campaign.id == campaign_id)
-    return query.with_for_update(key_share=True) if lock else query
+    # Locked, it is read afresh: the row may have changed since the session first loaded it, before the lock.
+    return query.with_for_update(key_share=True).execution_options(populate_existing=True) if lock else query
 
 
 def created_answer(created: CreatedCampaign) -> dict[str, Any]:

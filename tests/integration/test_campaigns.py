@@ -4,6 +4,8 @@ pause, cancel and running out of credits."""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -359,3 +361,28 @@ def test_a_direct_call_queued_while_a_dispatch_waited_for_a_thread_still_goes_fi
     direct = call_row(owner)
     (reserved, _agent) = dispatcher._reserve_due(owner.user_id, 1, stale)[0]
     assert reserved.id == direct.id
+
+
+def test_a_move_is_judged_on_the_status_found_under_the_lock_not_on_an_earlier_read():
+    owner = customer(credits=1000)
+    campaign_id = _campaign(owner, [LONDON.format(1)])
+    with components().uow() as holder:
+        holder.calls.lock_user(owner.user_id)  # another move in progress: it holds the customer's lock
+        outcome: list[str] = []
+        pausing = threading.Thread(
+            target=lambda: outcome.append(_move(owner, campaign_id, states.Action.PAUSE)), daemon=True
+        )
+        pausing.start()
+        time.sleep(0.5)  # the pause has read the campaign (running) and waits for the lock
+        holder.session.get_one(Campaign, campaign_id).status = states.CANCELED
+        holder.commit()
+    pausing.join(10)
+    assert outcome == ["invalid_campaign_transition"], "a canceled campaign cannot be paused"
+    assert _campaign_row(campaign_id).status == states.CANCELED
+
+
+def _move(owner: Customer, campaign_id: uuid.UUID, action: states.Action) -> str:
+    try:
+        return commands.change_status(components().uow, owner.user_id, str(campaign_id), action).status
+    except CallflowError as exc:
+        return str(exc.error_type)
