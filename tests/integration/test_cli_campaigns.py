@@ -40,19 +40,23 @@ def _csv(tmp_path: Path, text: str = CONTACTS_CSV) -> Path:
     return path
 
 
-def _create(owner: Customer, tmp_path: Path, *options: str) -> dict:
-    result = _callctl(
+def _create_command(user_id: object, agent_id: object, csv_path: Path, *options: str) -> list[str]:
+    """`callctl campaigns create` for this customer, agent and CSV file, with more options."""
+    return [
         "campaigns",
         "create",
         "--user-id",
-        str(owner.user_id),
+        str(user_id),
         "--agent-id",
-        str(owner.agent_id),
+        str(agent_id),
         "--csv",
-        str(_csv(tmp_path)),
-        "--json",
+        str(csv_path),
         *options,
-    )
+    ]
+
+
+def _create(owner: Customer, tmp_path: Path, *options: str) -> dict:
+    result = _callctl(*_create_command(owner.user_id, owner.agent_id, _csv(tmp_path), "--json", *options))
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
 
@@ -108,18 +112,7 @@ def test_create_from_csv_counts_contacts_duplicates_and_rejected_and_stores_the_
 
 def test_create_prints_the_counts_and_each_rejected_row(tmp_path):
     owner = customer()
-    result = _callctl(
-        "campaigns",
-        "create",
-        "--user-id",
-        str(owner.user_id),
-        "--agent-id",
-        str(owner.agent_id),
-        "--csv",
-        str(_csv(tmp_path)),
-        "--name",
-        "Spring",
-    )
+    result = _callctl(*_create_command(owner.user_id, owner.agent_id, _csv(tmp_path), "--name", "Spring"))
 
     assert result.exit_code == 0, result.output
     assert "status: draft\ncontacts: 2\nduplicates: 1\nrejected: 1\n  row 2 ('not-a-number'): phoneNumber:" in (
@@ -142,17 +135,7 @@ def test_create_prints_the_counts_and_each_rejected_row(tmp_path):
 )
 def test_bad_input_is_a_usage_error_with_the_reason(tmp_path, options, csv_text, expected):
     owner = customer()
-    result = _callctl(
-        "campaigns",
-        "create",
-        "--user-id",
-        str(owner.user_id),
-        "--agent-id",
-        str(owner.agent_id),
-        "--csv",
-        str(_csv(tmp_path, csv_text)),
-        *options,
-    )
+    result = _callctl(*_create_command(owner.user_id, owner.agent_id, _csv(tmp_path, csv_text), *options))
 
     assert result.exit_code == USAGE_ERROR, result.output
     assert expected in result.stderr
@@ -162,16 +145,7 @@ def test_bad_input_is_a_usage_error_with_the_reason(tmp_path, options, csv_text,
 
 def test_create_with_another_customers_agent_is_refused(tmp_path):
     owner, other = customer(), customer()
-    result = _callctl(
-        "campaigns",
-        "create",
-        "--user-id",
-        str(owner.user_id),
-        "--agent-id",
-        str(other.agent_id),
-        "--csv",
-        str(_csv(tmp_path)),
-    )
+    result = _callctl(*_create_command(owner.user_id, other.agent_id, _csv(tmp_path)))
 
     assert result.exit_code == USAGE_ERROR
     assert "The agent belongs to another user." in result.stderr
