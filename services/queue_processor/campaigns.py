@@ -161,9 +161,12 @@ def due_contacts_query(campaign_id: uuid.UUID, now: datetime, limit: int) -> Sel
     )
 
 
-def finished_attempts_query(user_id: uuid.UUID) -> Select[tuple[CampaignContact, Call]]:
-    """The user's contacts being called whose call has ended: their result is settled next."""
-    return (
+def finished_attempts_query(
+    user_id: uuid.UUID, call_id: uuid.UUID | None = None
+) -> Select[tuple[CampaignContact, Call]]:
+    """The user's contacts being called whose call has ended: their result is settled next. With `call_id`, only
+    that call's contact: two primary-key reads, whatever the number of contacts being called."""
+    query = (
         select(CampaignContact, Call)
         .join(Campaign, Campaign.id == CampaignContact.campaign_id)
         .join(Call, Call.id == CampaignContact.last_call_id)
@@ -174,6 +177,9 @@ def finished_attempts_query(user_id: uuid.UUID) -> Select[tuple[CampaignContact,
         )
         .with_for_update(of=CampaignContact, key_share=True)
     )
+    if call_id is not None:
+        query = query.where(Call.id == call_id, CampaignContact.id == Call.contact_id)
+    return query
 
 
 def has_open_contacts_query(campaign_id: uuid.UUID) -> Select[tuple[bool]]:
@@ -201,14 +207,12 @@ def _requeued_call_due() -> Select[tuple[uuid.UUID]]:
     )
 
 
-def _work_due(now: datetime) -> ColumnElement[bool]:
-    """An active campaign with something to do at `now`: its start time reached, a contact due, a call back in the
-    queue and due, or an attempt that ended and awaits its result."""
-    attempt_ended = _attempts_ended().where(CampaignContact.campaign_id == Campaign.id)
+def _calls_due(now: datetime) -> ColumnElement[bool]:
+    """An active campaign with a call to place at `now`: its start time reached, a contact due, or a call back in
+    the queue and due. (Attempts that ended are not looked for here: that would visit every contact being called.)"""
     return Campaign.status.in_(states.ACTIVE) & or_(
         (Campaign.status == states.SCHEDULED) & (Campaign.start_at <= now),
-        (Campaign.status == states.RUNNING)
-        & (_contact_due(now).exists() | _requeued_call_due().exists() | attempt_ended.exists()),
+        (Campaign.status == states.RUNNING) & (_contact_due(now).exists() | _requeued_call_due().exists()),
     )
 
 
@@ -222,16 +226,14 @@ def _attempts_ended() -> Select[tuple[int]]:
 
 
 def campaign_work_due_query(user_id: uuid.UUID, now: datetime) -> Select[tuple[uuid.UUID]]:
-    """The user's campaigns with something to do at `now` (so a wake-up for a campaign waiting on its window or its
+    """The user's campaigns with a call to place at `now` (so a wake-up for a campaign waiting on its window or its
     retries costs one read and no lock)."""
-    return select(Campaign.id).where(Campaign.user_id == user_id, _work_due(now))
+    return select(Campaign.id).where(Campaign.user_id == user_id, _calls_due(now))
 
 
-def attempts_ended_query(user_id: uuid.UUID) -> Select[tuple[int]]:
-    """Attempts of the user's running campaigns that ended and await their result (a dispatch settles them)."""
-    return _attempts_ended().where(
-        CampaignContact.campaign_id == Campaign.id, Campaign.user_id == user_id, Campaign.status == states.RUNNING
-    )
+def attempt_ended_query(call_id: uuid.UUID) -> Select[tuple[int]]:
+    """The contact whose attempt `call_id` was, if that call ended and its result awaits settling."""
+    return _attempts_ended().where(Call.id == call_id, CampaignContact.id == Call.contact_id)
 
 
 def requeued_calls_due_query(user_id: uuid.UUID) -> Select[tuple[uuid.UUID]]:
@@ -254,7 +256,7 @@ def users_with_campaign_work_query(now: datetime) -> Select[tuple[uuid.UUID]]:
     (a paused or canceled one too) awaiting its result, or a call of a canceled campaign back in the queue. The last
     two start from their few rows (contacts being called, calls back in the queue), never from every campaign."""
     owner_of_campaign = select(Campaign.user_id).where(Campaign.id == CampaignContact.campaign_id).scalar_subquery()
-    active = select(Campaign.user_id).where(_work_due(now))
+    active = select(Campaign.user_id).where(_calls_due(now))
     ended = _attempts_ended().with_only_columns(owner_of_campaign)
     requeued_after_cancel = select(Call.user_id).where(
         Call.status == statuses.PENDING,
@@ -270,12 +272,12 @@ class CampaignDispatch:
     def __init__(self, clock: Clock = system_clock):
         self.clock = clock
 
-    def settle(self, uow: UnitOfWork, user_id: uuid.UUID) -> None:
-        """Gives each contact whose call ended its result, or a retry per its campaign's policy, and completes the
-        campaigns with nothing left to call."""
+    def settle(self, uow: UnitOfWork, user_id: uuid.UUID, call_id: uuid.UUID | None = None) -> None:
+        """Gives each contact whose call ended (or only `call_id`'s) its result, or a retry per its campaign's
+        policy, and completes the campaigns with nothing left to call."""
         now = self.clock()
         touched: dict[uuid.UUID, Campaign] = {}
-        for contact, call in uow.session.execute(finished_attempts_query(user_id)).all():
+        for contact, call in uow.session.execute(finished_attempts_query(user_id, call_id)).all():
             campaign = touched.get(contact.campaign_id) or uow.session.get_one(Campaign, contact.campaign_id)
             touched[campaign.id] = campaign
             if _retries(campaign, contact, call):

@@ -12,12 +12,12 @@ from datetime import datetime
 from enum import StrEnum
 
 import sentry_sdk
-from sqlalchemy import Select, select
+from sqlalchemy import Select, false, select
 from sqlalchemy.exc import DBAPIError
 
 from services.queue_processor.campaigns import (
     CampaignDispatch,
-    attempts_ended_query,
+    attempt_ended_query,
     campaign_work_due_query,
     requeued_calls_due_query,
     users_with_campaign_work_query,
@@ -43,14 +43,17 @@ class DispatchTrigger(StrEnum):
     SCHEDULE = "schedule"  # a campaign's start time, retry interval or calling window came due
 
 
-def dispatchable_query(user_id: uuid.UUID, now: datetime) -> Select[tuple[bool, bool, bool, bool, bool]]:
-    """What the user has due, in one read: a free slot, a due direct call, campaign work at `now` (the campaign
-    clock), attempts to settle, campaign calls back in the queue (built apart so its plan can be tested)."""
+def dispatchable_query(
+    user_id: uuid.UUID, now: datetime, ended_call_id: uuid.UUID | None = None
+) -> Select[tuple[bool, bool, bool, bool, bool]]:
+    """What the user has due, in one read: a free slot, a due direct call, campaign calls due at `now` (the
+    campaign clock), whether `ended_call_id` (the call whose freed slot woke the dispatcher) ended a campaign
+    attempt to settle, campaign calls back in the queue (built apart so its plan can be tested)."""
     return select(
         held_slots_query(user_id).scalar_subquery() < User.max_concurrent_calls,
         select(Call.id).where(Call.user_id == user_id, due_pending()).exists(),
         campaign_work_due_query(user_id, now).exists(),
-        attempts_ended_query(user_id).exists(),
+        attempt_ended_query(ended_call_id).exists() if ended_call_id else false(),
         requeued_calls_due_query(user_id).exists(),
     ).where(User.id == user_id)
 
@@ -61,11 +64,11 @@ class _Work:
 
     direct: bool = False
     campaigns: bool = False
-    settle: bool = False
+    settle: uuid.UUID | None = None  # the call whose campaign attempt ended: its contact's result comes first
     requeued: bool = False
 
     def __bool__(self) -> bool:
-        return self.direct or self.campaigns
+        return self.direct or self.campaigns or self.settle is not None
 
 
 def due_retries_query() -> Select[tuple[uuid.UUID]]:
@@ -88,13 +91,17 @@ class Dispatcher:
         self._held_back: set[uuid.UUID] = set()
         self._held_back_lock = threading.Lock()
 
-    def dispatch_pending(self, user_id: uuid.UUID, trigger: DispatchTrigger) -> int:
+    def dispatch_pending(
+        self, user_id: uuid.UUID, trigger: DispatchTrigger, ended_call_id: uuid.UUID | None = None
+    ) -> int:
         """Reserves the user's due calls, oldest first, while they have free slots, and hands each to a placing
         thread; returns how many. It does not wait for Bolna's answers: a reservation is committed before its call
         is placed, and one whose placing never finishes (the process was killed) is settled by the reconcile job
-        once its short lease runs out: linked if Bolna has it, else failed as `bolna_outcome_unknown`."""
+        once its short lease runs out: linked if Bolna has it, else failed as `bolna_outcome_unknown`. A campaign
+        attempt that `ended_call_id` ended is settled first (a retry, or the campaign's completion)."""
         dispatched = 0
-        while not self._placer.provider_down and (work := self._work_due(user_id)):
+        while not self._placer.provider_down and (work := self._work_due(user_id, ended_call_id)):
+            ended_call_id = None  # settled by this round
             threads = self._take_free_threads()
             try:
                 reserved = self._reserve_due(user_id, threads, work)
@@ -230,14 +237,19 @@ class Dispatcher:
         for _ in range(count):
             self._free_threads.release()
 
-    def _work_due(self, user_id: uuid.UUID) -> _Work:
-        """One unlocked read: whether the user has a free slot, and what for. A wake-up for calls already placed (a
-        burst of messages drained by the first) costs no more than this."""
+    def _work_due(self, user_id: uuid.UUID, ended_call_id: uuid.UUID | None) -> _Work:
+        """One unlocked read: whether the user has a free slot, and what for, and whether `ended_call_id` ended a
+        campaign attempt. A wake-up for calls already placed (a burst of messages drained by the first) costs no
+        more than this."""
+        query = dispatchable_query(user_id, self._campaigns.clock(), ended_call_id)
         with self._placer.uow_factory() as uow:
-            row = uow.reads_only().session.execute(dispatchable_query(user_id, self._campaigns.clock())).first()
-        if row is None or not row[0]:
+            row = uow.reads_only().session.execute(query).first()
+        if row is None:
             return _Work()
-        free, direct, campaigns, settle, requeued = row
+        free, direct, campaigns, attempt_ended, requeued = row
+        settle = ended_call_id if attempt_ended else None
+        if not free:
+            return _Work(settle=settle)
         return _Work(direct=direct, campaigns=campaigns, settle=settle, requeued=requeued)
 
     def _reserve_due(self, user_id: uuid.UUID, most: int, work: _Work) -> list[tuple[Call, str]]:
@@ -247,7 +259,7 @@ class Dispatcher:
         with self._placer.uow_factory() as uow:
             user = uow.calls.lock_user(user_id)
             if work.settle:
-                self._campaigns.settle(uow, user_id)
+                self._campaigns.settle(uow, user_id, work.settle)
             if user.credits <= 0:
                 # They must not be placed, and they must not wait forever.
                 for call in uow.calls.due_calls(user_id, None):
@@ -255,7 +267,7 @@ class Dispatcher:
                 self._campaigns.pause_for_credits(uow, user_id)
                 uow.commit()
                 return []
-            free = min(most, user.max_concurrent_calls - uow.calls.held_slots(user_id))
+            free = min(most, lifecycle.free_slots(uow.calls, user))
             # Read under the lock whatever the unlocked read said: a direct call queued while this dispatch waited
             # for a placing thread still goes before any campaign call.
             candidates = uow.calls.due_calls(user_id, free) if free > 0 else []
@@ -263,7 +275,7 @@ class Dispatcher:
             # Campaign calls get only what is left of both the free slots and the free placing threads.
             if work.campaigns and free > len(candidates) and not self._placer.provider_down:
                 picked = self._campaigns.pick(uow, user, free - len(candidates), requeued=work.requeued)
-            reserved = self._placer.reserve_slots(uow.calls, user, candidates + picked)
+            reserved = self._placer.reserve_slots(uow.calls, free, candidates + picked)
             uow.session.add_all(call for call in picked if call not in uow.session)
             agents = {agent_id: uow.session.get_one(Agent, agent_id) for agent_id in {c.agent_id for c in reserved}}
             uow.commit()

@@ -22,7 +22,9 @@ class DispatchQueueHandler:
         body = message.json()
         if message.message_type == MessageType.EXECUTION_STOP:
             self._stop_execution(body)
-        elif message.message_type in (MessageType.CALL_QUEUED, MessageType.SLOT_RELEASED, MessageType.CAMPAIGN_STARTED):
+        elif message.message_type == MessageType.SLOT_RELEASED:
+            self._dispatcher.dispatch_pending(_user_id(body), DispatchTrigger.MESSAGE, _ended_call_id(body))
+        elif message.message_type in (MessageType.CALL_QUEUED, MessageType.CAMPAIGN_STARTED):
             self._dispatcher.dispatch_pending(_user_id(body), DispatchTrigger.MESSAGE)
         else:
             raise PoisonMessage(f"unknown message type {message.message_type!r}")
@@ -44,3 +46,12 @@ def _user_id(body: dict) -> uuid.UUID:
         return uuid.UUID(str(body["user_id"]))
     except (KeyError, ValueError) as exc:
         raise PoisonMessage("body has no valid user_id") from exc
+
+
+def _ended_call_id(body: dict) -> uuid.UUID | None:
+    """The call that freed the slot; a message without one (published before calls named it) still dispatches, and
+    the scheduler settles its campaign attempt."""
+    try:
+        return uuid.UUID(str(body["call_id"]))
+    except (KeyError, ValueError):
+        return None

@@ -41,10 +41,10 @@ class CallPlacer:
         """Takes a slot for `call` (the caller holds `locked_user`'s lock), unless Bolna is down or none is free."""
         return not self.provider_down and lifecycle.reserve_slot(store, locked_user, call, behind_queue=behind_queue)
 
-    def reserve_slots(self, store: CallStore, locked_user: User, calls: list[Call]) -> list[Call]:
-        """Takes slots for as many queued `calls` as are free (the caller holds `locked_user`'s lock), none while
-        Bolna is down."""
-        return [] if self.provider_down else lifecycle.reserve_slots(store, locked_user, calls)
+    def reserve_slots(self, store: CallStore, free: int, calls: list[Call]) -> list[Call]:
+        """Takes slots for as many queued `calls` as are `free` (counted under the user's lock the caller holds),
+        none while Bolna is down."""
+        return [] if self.provider_down else lifecycle.reserve_slots(store, free, calls)
 
     def initiate(self, call: Call, provider_agent_id: str, retry_transient: bool) -> Call | None:
         """Asks Bolna to place `call`, which holds a slot (committed by the caller), with the agent Bolna knows as

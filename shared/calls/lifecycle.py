@@ -36,11 +36,15 @@ def reserve_slot(store: CallStore, locked_user: User, call: Call, *, behind_queu
     return True
 
 
-def reserve_slots(store: CallStore, locked_user: User, calls: list[Call]) -> list[Call]:
-    """Takes slots for as many of `calls` (queued, oldest first) as the user has free; the caller holds the lock
-    on `locked_user`. Returns the calls that got one."""
-    free = locked_user.max_concurrent_calls - store.held_slots(locked_user.id)
-    taken = calls[: max(0, free)]
+def free_slots(store: CallStore, locked_user: User) -> int:
+    """The user's slots not held now; the caller holds the lock on `locked_user`, so no other process takes one."""
+    return max(0, locked_user.max_concurrent_calls - store.held_slots(locked_user.id))
+
+
+def reserve_slots(store: CallStore, free: int, calls: list[Call]) -> list[Call]:
+    """Takes slots for as many of `calls` (queued, oldest first) as are `free` (counted by `free_slots` under the
+    lock the caller still holds). Returns the calls that got one."""
+    taken = calls[:free]
     for call in taken:
         _take_slot(store, call)
     return taken
@@ -73,7 +77,7 @@ def release_slot(call: Call) -> None:
         return
     call.slot_held = False
     call.slot_lease_expires_at = None
-    call.messages.append(Message(MessageType.SLOT_RELEASED, {"user_id": str(call.user_id)}))
+    call.messages.append(Message(MessageType.SLOT_RELEASED, {"user_id": str(call.user_id), "call_id": str(call.id)}))
 
 
 def fail(call: Call, error_type: str, detail: str) -> None:

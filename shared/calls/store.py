@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, Select, TextClause, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 from shared.calls import statuses
 from shared.campaigns.states import CALLING, DONE, RUNNING
@@ -122,6 +122,8 @@ class SqlCallStore:
     def __init__(self, session: Session, leases: SlotLeases):
         self.session = session
         self.leases = leases
+        self._now: datetime = datetime.min
+        self._now_of: SessionTransaction | None = None
 
     def lock_user(self, user_id: uuid.UUID) -> User:
         return self.session.execute(lock_user_query(user_id)).scalar_one()
@@ -164,11 +166,17 @@ class SqlCallStore:
                 .values(status=RUNNING, finished_at=None)
             )
 
-    def now(self) -> Any:
-        return func.now()
+    def now(self) -> datetime:
+        # The transaction's own now(), read once: rows written with a value rather than an SQL expression are sent
+        # to the database in one statement (a batch of reservations is one UPDATE or INSERT, not one per call).
+        transaction = self.session.get_transaction()
+        if transaction is None or transaction is not self._now_of:
+            self._now = self.session.scalar(select(func.now()))
+            self._now_of = self.session.get_transaction()
+        return self._now
 
-    def seconds_from_now(self, seconds: float) -> Any:
-        return func.now() + timedelta(seconds=seconds)
+    def seconds_from_now(self, seconds: float) -> datetime:
+        return self.now() + timedelta(seconds=seconds)
 
     def due_calls(self, user_id: uuid.UUID, limit: int | None) -> list[Call]:
         """The user's oldest direct calls waiting in the queue and due (all of them when `limit` is None), locked."""

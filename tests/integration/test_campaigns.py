@@ -58,13 +58,16 @@ def _campaign(owner: Customer, numbers: list[str], **settings: object) -> uuid.U
     return created.campaign.id
 
 
-def _dispatch(owner: Customer, clock: _Clock, scheduled: bool = False) -> list[Call]:
-    """What a wake-up message makes the dispatcher do; `scheduled`: what the campaign scheduler job does."""
+def _dispatch(owner: Customer, clock: _Clock, scheduled: bool = False, ended: tuple[uuid.UUID, ...] = ()) -> list[Call]:
+    """What a wake-up message makes the dispatcher do (the `slot.released` of each `ended` call, else one
+    `call.queued`); `scheduled`: what the campaign scheduler job does."""
     placer = _RecordingPlacer()
     dispatcher = Dispatcher(placer, concurrency=8, campaigns=CampaignDispatch(clock))
     if scheduled:
         dispatcher.settle_campaigns(owner.user_id)
-    dispatcher.dispatch_pending(owner.user_id, DispatchTrigger.SCHEDULE if scheduled else DispatchTrigger.MESSAGE)
+        dispatcher.dispatch_pending(owner.user_id, DispatchTrigger.SCHEDULE)
+    for call_id in ended or (None,):
+        dispatcher.dispatch_pending(owner.user_id, DispatchTrigger.MESSAGE, call_id)
     assert dispatcher.wait_until_idle(30)
     return placer.placed
 
@@ -151,7 +154,7 @@ def test_direct_calls_waiting_go_before_the_customers_campaign_calls():
     placed = _dispatch(owner, _Clock(NOON_UTC))
     assert [call.id for call in placed] == direct[:2], "both free slots go to the oldest direct calls"
     _end(direct[:2], "completed")
-    placed = _dispatch(owner, _Clock(NOON_UTC))
+    placed = _dispatch(owner, _Clock(NOON_UTC), ended=tuple(direct[:2]))
     assert placed[0].id == direct[2] and all(call.campaign_id is not None for call in placed[1:])
     assert len(placed) == 2
 
@@ -214,7 +217,7 @@ def test_campaigns_of_one_customer_share_free_slots_round_robin_within_their_cap
     for _ in range(10):  # one slot frees at a time: it alternates
         freed = placed[0]
         _end([freed.id], "completed")
-        placed = placed[1:] + _dispatch(owner, _Clock(NOON_UTC))
+        placed = placed[1:] + _dispatch(owner, _Clock(NOON_UTC), ended=(freed.id,))
         split[placed[-1].campaign_id] += 1
     assert split == {first: 5, second: 5}
 
@@ -233,7 +236,7 @@ def test_a_retry_waits_its_interval_and_the_campaign_completes_when_every_contac
     first, second = _dispatch(owner, clock)
     _end([first.id], "no-answer")
     _end([second.id], "busy")  # not in the policy: final
-    assert _dispatch(owner, clock) == [], "the retry waits for its interval"
+    assert _dispatch(owner, clock, ended=(first.id, second.id)) == [], "the retry waits for its interval"
     contacts = {c.phone_number: c for c in _contacts(campaign_id)}
     assert contacts[first.phone_number].state == states.WAITING
     assert contacts[first.phone_number].next_attempt_at == NOON_UTC + timedelta(minutes=30)
@@ -243,12 +246,23 @@ def test_a_retry_waits_its_interval_and_the_campaign_completes_when_every_contac
     (retried,) = _dispatch(owner, clock)
     assert retried.phone_number == first.phone_number and retried.contact_id == first.contact_id
     _end([retried.id], "no-answer")
-    assert _dispatch(owner, clock) == []
+    assert _dispatch(owner, clock, ended=(retried.id,)) == []
     campaign = _campaign_row(campaign_id)
     assert campaign.status == states.COMPLETED and campaign.finished_at is not None
     view = _view(campaign_id)
     assert view["results"] == {"no-answer": 1, "busy": 1}
     assert view["attempts"] == 3 and view["calls"] == {"no-answer": 2, "busy": 1}
+
+
+def test_the_slot_released_by_an_attempt_settles_its_contact_even_when_no_slot_is_free_any_more():
+    owner = customer(credits=1000, max_concurrent_calls=1)
+    campaign_id = _campaign(owner, [LONDON.format(1), LONDON.format(2)])
+    (call,) = _dispatch(owner, _Clock(NOON_UTC))
+    _end([call.id], "completed")
+    call_row(owner, status="in-progress", slot_held=True)  # a direct call took the freed slot first
+    assert _dispatch(owner, _Clock(NOON_UTC), ended=(call.id,)) == []
+    contact = next(c for c in _contacts(campaign_id) if c.phone_number == call.phone_number)
+    assert (contact.state, contact.final_status) == (states.DONE, "completed")
 
 
 def test_a_callflow_failure_is_never_retried_as_if_bolna_had_said_no_answer():
@@ -260,7 +274,7 @@ def test_a_callflow_failure_is_never_retried_as_if_bolna_had_said_no_answer():
         locked = uow.calls.lock_call(call.id)
         locked.status, locked.error_type, locked.slot_held = statuses.FAILED, "bolna_outcome_unknown", False
         uow.commit()
-    assert _dispatch(owner, _Clock(NOON_UTC)) == [], "Bolna may have dialled it: not again"
+    assert _dispatch(owner, _Clock(NOON_UTC), ended=(call.id,)) == [], "Bolna may have dialled it: not again"
     assert _campaign_row(campaign_id).status == states.COMPLETED
 
 
@@ -356,7 +370,7 @@ def test_a_direct_call_queued_while_a_dispatch_waited_for_a_thread_still_goes_fi
     owner = customer(credits=1000, max_concurrent_calls=1)
     _campaign(owner, [LONDON.format(1)])
     dispatcher = Dispatcher(_RecordingPlacer(), concurrency=1, campaigns=CampaignDispatch(_Clock(NOON_UTC)))
-    stale = dispatcher._work_due(owner.user_id)  # read before the direct call existed
+    stale = dispatcher._work_due(owner.user_id, None)  # read before the direct call existed
     assert (stale.direct, stale.campaigns) == (False, True)
     direct = call_row(owner)
     (reserved, _agent) = dispatcher._reserve_due(owner.user_id, 1, stale)[0]

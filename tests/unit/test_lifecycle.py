@@ -70,7 +70,8 @@ def test_a_released_slot_is_free_again_and_announced_once(store):
     lifecycle.release_slot(call)
     lifecycle.release_slot(call)
     assert (call.slot_held, call.slot_lease_expires_at) == (False, None)
-    assert call.messages == [Message(MessageType.SLOT_RELEASED, {"user_id": str(call.user_id)})]
+    released = {"user_id": str(call.user_id), "call_id": str(call.id)}  # the call: its campaign attempt is settled
+    assert call.messages == [Message(MessageType.SLOT_RELEASED, released)]
 
 
 def test_a_queued_call_wakes_its_dispatcher(store):
