@@ -12,7 +12,7 @@ from datetime import datetime
 from enum import StrEnum
 
 import sentry_sdk
-from sqlalchemy import Select, false, select
+from sqlalchemy import Select, select
 from sqlalchemy.exc import DBAPIError
 
 from services.queue_processor.campaigns import (
@@ -43,17 +43,13 @@ class DispatchTrigger(StrEnum):
     SCHEDULE = "schedule"  # a campaign's start time, retry interval or calling window came due
 
 
-def dispatchable_query(
-    user_id: uuid.UUID, now: datetime, ended_call_id: uuid.UUID | None = None
-) -> Select[tuple[bool, bool, bool, bool, bool]]:
+def dispatchable_query(user_id: uuid.UUID, now: datetime) -> Select[tuple[bool, bool, bool, bool]]:
     """What the user has due, in one read: a free slot, a due direct call, campaign calls due at `now` (the
-    campaign clock), whether `ended_call_id` (the call whose freed slot woke the dispatcher) ended a campaign
-    attempt to settle, campaign calls back in the queue (built apart so its plan can be tested)."""
+    campaign clock), campaign calls back in the queue (built apart so its plan can be tested)."""
     return select(
         held_slots_query(user_id).scalar_subquery() < User.max_concurrent_calls,
         select(Call.id).where(Call.user_id == user_id, due_pending()).exists(),
         campaign_work_due_query(user_id, now).exists(),
-        attempt_ended_query(ended_call_id).exists() if ended_call_id else false(),
         requeued_calls_due_query(user_id).exists(),
     ).where(User.id == user_id)
 
@@ -64,11 +60,10 @@ class _Work:
 
     direct: bool = False
     campaigns: bool = False
-    settle: uuid.UUID | None = None  # the call whose campaign attempt ended: its contact's result comes first
     requeued: bool = False
 
     def __bool__(self) -> bool:
-        return self.direct or self.campaigns or self.settle is not None
+        return self.direct or self.campaigns
 
 
 def due_retries_query() -> Select[tuple[uuid.UUID]]:
@@ -97,11 +92,13 @@ class Dispatcher:
         """Reserves the user's due calls, oldest first, while they have free slots, and hands each to a placing
         thread; returns how many. It does not wait for Bolna's answers: a reservation is committed before its call
         is placed, and one whose placing never finishes (the process was killed) is settled by the reconcile job
-        once its short lease runs out: linked if Bolna has it, else failed as `bolna_outcome_unknown`. A campaign
-        attempt that `ended_call_id` ended is settled first (a retry, or the campaign's completion)."""
+        once its short lease runs out: linked if Bolna has it, else failed as `bolna_outcome_unknown`. The campaign
+        attempt that `ended_call_id` ended is settled first (a retry, or the campaign's completion), Bolna up or not
+        and a slot free or not, so the contact's next call is among those dispatched."""
+        if ended_call_id is not None:
+            self._settle_attempt(user_id, ended_call_id)
         dispatched = 0
-        while not self._placer.provider_down and (work := self._work_due(user_id, ended_call_id)):
-            ended_call_id = None  # settled by this round
+        while not self._placer.provider_down and (work := self._work_due(user_id)):
             threads = self._take_free_threads()
             try:
                 reserved = self._reserve_due(user_id, threads, work)
@@ -133,7 +130,7 @@ class Dispatcher:
 
     def settle_campaigns(self, user_id: uuid.UUID) -> None:
         """Gives the user's finished campaign attempts their results (or retries) and completes the campaigns with
-        nothing left to call; a freed slot does this too, this catches what no message announces."""
+        nothing left to call: the scheduler's round, for attempts whose message was lost or not yet handled."""
         with self._placer.uow_factory() as uow:
             uow.calls.lock_user(user_id)
             self._campaigns.cancel_requeued(uow, user_id)
@@ -237,20 +234,26 @@ class Dispatcher:
         for _ in range(count):
             self._free_threads.release()
 
-    def _work_due(self, user_id: uuid.UUID, ended_call_id: uuid.UUID | None) -> _Work:
-        """One unlocked read: whether the user has a free slot, and what for, and whether `ended_call_id` ended a
-        campaign attempt. A wake-up for calls already placed (a burst of messages drained by the first) costs no
-        more than this."""
-        query = dispatchable_query(user_id, self._campaigns.clock(), ended_call_id)
+    def _settle_attempt(self, user_id: uuid.UUID, call_id: uuid.UUID) -> None:
+        """Settles the campaign attempt `call_id` ended, if it did: an unlocked primary-key read first, so the freed
+        slot of a direct call costs no lock."""
         with self._placer.uow_factory() as uow:
-            row = uow.reads_only().session.execute(query).first()
-        if row is None:
+            if not uow.reads_only().session.scalar(select(attempt_ended_query(call_id).exists())):
+                return
+        with self._placer.uow_factory() as uow:
+            uow.calls.lock_user(user_id)
+            self._campaigns.settle(uow, user_id, call_id)
+            uow.commit()
+
+    def _work_due(self, user_id: uuid.UUID) -> _Work:
+        """One unlocked read: whether the user has a free slot, and what for. A wake-up for calls already placed (a
+        burst of messages drained by the first) costs no more than this."""
+        with self._placer.uow_factory() as uow:
+            row = uow.reads_only().session.execute(dispatchable_query(user_id, self._campaigns.clock())).first()
+        if row is None or not row[0]:
             return _Work()
-        free, direct, campaigns, attempt_ended, requeued = row
-        settle = ended_call_id if attempt_ended else None
-        if not free:
-            return _Work(settle=settle)
-        return _Work(direct=direct, campaigns=campaigns, settle=settle, requeued=requeued)
+        free, direct, campaigns, requeued = row
+        return _Work(direct=direct, campaigns=campaigns, requeued=requeued)
 
     def _reserve_due(self, user_id: uuid.UUID, most: int, work: _Work) -> list[tuple[Call, str]]:
         """Up to `most` calls, each holding a slot now, with its agent's id at Bolna: the user's due direct calls
@@ -258,8 +261,6 @@ class Dispatcher:
         credits fail instead, and the campaigns pause."""
         with self._placer.uow_factory() as uow:
             user = uow.calls.lock_user(user_id)
-            if work.settle:
-                self._campaigns.settle(uow, user_id, work.settle)
             if user.credits <= 0:
                 # They must not be placed, and they must not wait forever.
                 for call in uow.calls.due_calls(user_id, None):

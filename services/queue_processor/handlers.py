@@ -22,7 +22,7 @@ class DispatchQueueHandler:
         body = message.json()
         if message.message_type == MessageType.EXECUTION_STOP:
             self._stop_execution(body)
-        elif message.message_type == MessageType.SLOT_RELEASED:
+        elif message.message_type in (MessageType.SLOT_RELEASED, MessageType.ATTEMPT_ENDED):
             self._dispatcher.dispatch_pending(_user_id(body), DispatchTrigger.MESSAGE, _ended_call_id(body))
         elif message.message_type in (MessageType.CALL_QUEUED, MessageType.CAMPAIGN_STARTED):
             self._dispatcher.dispatch_pending(_user_id(body), DispatchTrigger.MESSAGE)

@@ -44,7 +44,7 @@ def free_slots(store: CallStore, locked_user: User) -> int:
 def reserve_slots(store: CallStore, free: int, calls: list[Call]) -> list[Call]:
     """Takes slots for as many of `calls` (queued, oldest first) as are `free` (counted by `free_slots` under the
     lock the caller still holds). Returns the calls that got one."""
-    taken = calls[:free]
+    taken = calls[: max(0, free)]
     for call in taken:
         _take_slot(store, call)
     return taken
@@ -68,7 +68,12 @@ def hold_slot(store: CallStore, call: Call) -> None:
 
 def queue(call: Call) -> None:
     """The call waits for a slot: the dispatcher of its user is woken."""
-    call.messages.append(Message(MessageType.CALL_QUEUED, {"user_id": str(call.user_id), "call_id": str(call.id)}))
+    call.messages.append(_message(MessageType.CALL_QUEUED, call))
+
+
+def _message(message_type: MessageType, call: Call) -> Message:
+    """What the dispatcher of the call's user is told, naming the call."""
+    return Message(message_type, {"user_id": str(call.user_id), "call_id": str(call.id)})
 
 
 def release_slot(call: Call) -> None:
@@ -77,16 +82,29 @@ def release_slot(call: Call) -> None:
         return
     call.slot_held = False
     call.slot_lease_expires_at = None
-    call.messages.append(Message(MessageType.SLOT_RELEASED, {"user_id": str(call.user_id), "call_id": str(call.id)}))
+    call.messages.append(_message(MessageType.SLOT_RELEASED, call))
 
 
 def fail(call: Call, error_type: str, detail: str) -> None:
     """Releases the call's slot and fails it, unless it already ended."""
+    if statuses.is_terminal(call.status):
+        release_slot(call)
+        return
+    slot_was_held = call.slot_held
     release_slot(call)
-    if not statuses.is_terminal(call.status):
-        call.status = statuses.FAILED
-        call.error_type = error_type
-        call.error_detail = detail[:2000]
+    call.status = statuses.FAILED
+    call.error_type = error_type
+    call.error_detail = detail[:2000]
+    if not slot_was_held:
+        _announce_attempt_end(call)
+
+
+def _announce_attempt_end(call: Call) -> None:
+    """A campaign call reached its final status with its slot already given back (Bolna's `completed` comes after
+    `call-disconnected` freed the line), so no `slot.released` names it: its contact is settled on this message
+    rather than on the scheduler's next round."""
+    if call.contact_id is not None and statuses.is_terminal(call.status):
+        call.messages.append(_message(MessageType.ATTEMPT_ENDED, call))
 
 
 def requeue(store: CallStore, call: Call, delay_seconds: float, detail: str) -> None:
@@ -166,6 +184,7 @@ def apply_provider_event(store: CallStore, call: Call, event: WebhookEvent) -> N
     overruled = _provider_overrules_callflow_failure(call, event)
     if not (overruled or statuses.moves_forward(call.status, event.status)):
         return  # a duplicate or a late event: statuses never move backwards
+    slot_was_held = call.slot_held
     execution = AgentExecution(event.payload)
     if overruled:
         call.error_type = call.error_detail = None
@@ -178,6 +197,8 @@ def apply_provider_event(store: CallStore, call: Call, event: WebhookEvent) -> N
     call.recording_url = execution.recording_url or call.recording_url
     if event.status in statuses.RELEASES_SLOT:
         release_slot(call)
+    if not slot_was_held:
+        _announce_attempt_end(call)
     if event.status == statuses.COMPLETED:
         bill(store, call, execution.duration_seconds)
 

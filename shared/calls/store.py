@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, Select, TextClause, func, or_, select, text, update
@@ -122,11 +122,15 @@ class SqlCallStore:
     def __init__(self, session: Session, leases: SlotLeases):
         self.session = session
         self.leases = leases
-        self._now: datetime = datetime.min
-        self._now_of: SessionTransaction | None = None
+        self._now_under_lock: tuple[SessionTransaction, datetime] | None = None
 
     def lock_user(self, user_id: uuid.UUID) -> User:
-        return self.session.execute(lock_user_query(user_id)).scalar_one()
+        user, now = self.session.execute(lock_user_query(user_id).add_columns(func.now())).one()
+        transaction = self.session.get_transaction()
+        assert transaction is not None  # the lock's read began it
+        # In UTC, so that adding seconds adds elapsed time whatever the database session's time zone.
+        self._now_under_lock = (transaction, now.astimezone(UTC))
+        return user
 
     def lock_call(self, call_id: uuid.UUID) -> Call:
         return self.session.execute(select(Call).where(Call.id == call_id).with_for_update(key_share=True)).scalar_one()
@@ -166,16 +170,15 @@ class SqlCallStore:
                 .values(status=RUNNING, finished_at=None)
             )
 
-    def now(self) -> datetime:
-        # The transaction's own now(), read once: rows written with a value rather than an SQL expression are sent
-        # to the database in one statement (a batch of reservations is one UPDATE or INSERT, not one per call).
-        transaction = self.session.get_transaction()
-        if transaction is None or transaction is not self._now_of:
-            self._now = self.session.scalar(select(func.now()))
-            self._now_of = self.session.get_transaction()
-        return self._now
+    def now(self) -> Any:
+        # Under the customer's lock: the transaction's now() as the lock's read returned it. Rows written with a
+        # value rather than an SQL expression are batched by the ORM (a dispatch's new campaign calls are one
+        # INSERT, not one per call). Elsewhere now() itself, which costs no round trip.
+        if self._now_under_lock is not None and self._now_under_lock[0] is self.session.get_transaction():
+            return self._now_under_lock[1]
+        return func.now()
 
-    def seconds_from_now(self, seconds: float) -> datetime:
+    def seconds_from_now(self, seconds: float) -> Any:
         return self.now() + timedelta(seconds=seconds)
 
     def due_calls(self, user_id: uuid.UUID, limit: int | None) -> list[Call]:

@@ -29,6 +29,7 @@ class MessageType(StrEnum):
     SLOT_RELEASED = "slot.released"  # a slot came free: dispatch the user's next pending call
     EXECUTION_STOP = "execution.stop"  # ask Bolna to stop an execution it redialled on its own
     CAMPAIGN_STARTED = "campaign.started"  # a campaign was started or resumed: wake the dispatcher for its user
+    ATTEMPT_ENDED = "attempt.ended"  # a campaign call ended after its slot was given back: settle its contact
 
 
 DISPATCH_BINDINGS = (
@@ -36,6 +37,7 @@ DISPATCH_BINDINGS = (
     MessageType.SLOT_RELEASED,
     MessageType.EXECUTION_STOP,
     MessageType.CAMPAIGN_STARTED,
+    MessageType.ATTEMPT_ENDED,
 )
 
 

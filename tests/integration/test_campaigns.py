@@ -254,6 +254,16 @@ def test_a_retry_waits_its_interval_and_the_campaign_completes_when_every_contac
     assert view["attempts"] == 3 and view["calls"] == {"no-answer": 2, "busy": 1}
 
 
+def test_a_retry_due_at_once_takes_the_slot_its_own_attempt_freed_in_the_same_dispatch():
+    owner = customer(credits=1000, max_concurrent_calls=1)
+    retry = {"maxAttempts": 2, "onStatuses": ["no-answer"], "intervalMinutes": [0]}
+    _campaign(owner, [LONDON.format(1)], retry=retry)
+    (call,) = _dispatch(owner, _Clock(NOON_UTC))
+    _end([call.id], "no-answer")
+    (retried,) = _dispatch(owner, _Clock(NOON_UTC), ended=(call.id,))
+    assert (retried.contact_id, retried.id != call.id) == (call.contact_id, True)
+
+
 def test_the_slot_released_by_an_attempt_settles_its_contact_even_when_no_slot_is_free_any_more():
     owner = customer(credits=1000, max_concurrent_calls=1)
     campaign_id = _campaign(owner, [LONDON.format(1), LONDON.format(2)])
@@ -370,7 +380,7 @@ def test_a_direct_call_queued_while_a_dispatch_waited_for_a_thread_still_goes_fi
     owner = customer(credits=1000, max_concurrent_calls=1)
     _campaign(owner, [LONDON.format(1)])
     dispatcher = Dispatcher(_RecordingPlacer(), concurrency=1, campaigns=CampaignDispatch(_Clock(NOON_UTC)))
-    stale = dispatcher._work_due(owner.user_id, None)  # read before the direct call existed
+    stale = dispatcher._work_due(owner.user_id)  # read before the direct call existed
     assert (stale.direct, stale.campaigns) == (False, True)
     direct = call_row(owner)
     (reserved, _agent) = dispatcher._reserve_due(owner.user_id, 1, stale)[0]

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Executable, create_engine, text
+from sqlalchemy import Connection, Executable, create_engine, select, text
 from sqlalchemy.engine import make_url
 
 from services.call_initiator.placing import user_and_agent_query
@@ -258,6 +258,8 @@ CALL = _seeded_id("call", 450_007)  # one of the later direct calls, with no web
 EXECUTION = "exec-450007"
 SETTINGS = Settings.model_construct()  # the defaults
 CAMPAIGN = _seeded_id("campaign", 1)  # HOT_USER's running campaign of BIG_CAMPAIGN_CONTACTS
+# Its contact 8,001 (the first called after the first 40%) is being called, and its call has ended: not yet settled.
+ENDED_ATTEMPT = _seeded_id("campaign-call", "8001-1")
 
 
 def _webhook() -> AgentExecution:
@@ -284,7 +286,7 @@ HOT_QUERIES: dict[str, Callable[[], Executable]] = {
     "SqlCallStore.has_older_pending": lambda: store.older_pending_query(_new_call()),
     "SqlCallStore.due_calls": lambda: store.due_calls_query(USER, 8),
     "Dispatcher._work_due": lambda: dispatchable_query(USER, datetime.now(UTC)),
-    "Dispatcher._work_due of a freed slot": lambda: dispatchable_query(USER, datetime.now(UTC), CALL),
+    "Dispatcher._settle_attempt": lambda: select(campaigns.attempt_ended_query(ENDED_ATTEMPT).exists()),
     "SqlCallStore.users_with_pending_calls": store.users_with_pending_calls_query,
     "Dispatcher.users_to_retry": due_retries_query,
     "provider_events.ingest duplicate": lambda: provider_events.waiting_duplicate_query(_webhook()),
@@ -305,7 +307,7 @@ HOT_QUERIES: dict[str, Callable[[], Executable]] = {
     "Dispatcher.users_with_campaign_work": lambda: campaigns.users_with_campaign_work_query(datetime.now(UTC)),
     "CampaignDispatch.settle calls requeued after a cancel": lambda: campaigns.canceled_campaign_calls_query(USER),
     "CampaignDispatch.settle": lambda: campaigns.finished_attempts_query(USER),
-    "CampaignDispatch.settle of a freed slot": lambda: campaigns.finished_attempts_query(USER, CALL),
+    "CampaignDispatch.settle of an ended attempt": lambda: campaigns.finished_attempts_query(USER, ENDED_ATTEMPT),
     "CampaignDispatch.finish_if_done": lambda: campaigns.has_open_contacts_query(CAMPAIGN),
     "CampaignDispatch.pick running campaigns": lambda: campaigns.running_campaigns_query(USER),
     "CampaignDispatch.pick held by the campaign": lambda: campaigns.held_by_campaign_query(CAMPAIGN),

@@ -2,8 +2,9 @@
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 
 from shared.calls import lifecycle, statuses
 from shared.calls.store import CALL_CHARGE
@@ -94,3 +95,14 @@ def test_the_customers_lock_does_not_wait_for_a_charge_being_written():
         assert dispatching.calls.lock_user(owner.user_id).id == owner.user_id
         dispatching.commit()
         charging.commit()
+
+
+def test_the_clock_read_under_the_customers_lock_is_utc_whatever_the_sessions_time_zone():
+    """Leases are that clock plus seconds: in a zone with daylight saving, wall-clock arithmetic would be an hour
+    off around the change."""
+    owner = customer()
+    with components().uow() as uow:
+        uow.session.execute(text("SET TIME ZONE 'America/New_York'"))
+        uow.calls.lock_user(owner.user_id)
+        now, database_now = uow.calls.now(), uow.session.scalar(select(func.now()))
+        assert now.utcoffset() == timedelta(0) and now == database_now

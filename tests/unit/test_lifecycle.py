@@ -167,6 +167,26 @@ def test_bolnas_final_word_overrules_an_expired_lease_and_bills(store):
     assert store.ledger == {call.id: -2}
 
 
+def test_a_campaign_call_ending_after_its_line_was_freed_announces_its_end_so_its_contact_is_settled(store):
+    campaign_call = _live(store, contact_id=7)
+    direct_call = _live(store)
+    for call in (campaign_call, direct_call):
+        lifecycle.apply_provider_event(store, call, _event(call, statuses.CALL_DISCONNECTED))
+        lifecycle.apply_provider_event(store, call, _event(call, statuses.COMPLETED, conversation_duration=60))
+    released = [m.message_type for m in direct_call.messages]
+    assert released == [MessageType.SLOT_RELEASED], "a direct call's end needs no settling"
+    assert [(m.message_type, m.body["call_id"]) for m in campaign_call.messages] == [
+        (MessageType.SLOT_RELEASED, str(campaign_call.id)),
+        (MessageType.ATTEMPT_ENDED, str(campaign_call.id)),
+    ]
+
+
+def test_a_campaign_call_failed_after_its_slot_was_freed_announces_its_end(store):
+    call = _live(store, status=statuses.CALL_DISCONNECTED, slot_held=False, contact_id=7)
+    lifecycle.fail(call, ErrorType.BOLNA_API_FAILURE, "gone")
+    assert [m.message_type for m in call.messages] == [MessageType.ATTEMPT_ENDED]
+
+
 def test_bolnas_word_on_a_campaign_call_callflow_failed_reopens_its_contacts_result(store):
     campaign_call = _live(store, status=statuses.FAILED, error_type=ErrorType.BOLNA_OUTCOME_UNKNOWN, contact_id=7)
     direct_call = _live(store, status=statuses.FAILED, error_type=ErrorType.BOLNA_OUTCOME_UNKNOWN)
