@@ -3,10 +3,18 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# docker-compose 1.29.2 checks docker-compose.yml without a Docker engine. It pins jsonschema<4, which the dev tools
+# outgrow, so it has a venv of its own; its PyYAML 5.4.1 builds from source, which needs a Cython before 3.
+COMPOSE_VENV := $(VENV)/compose
+COMPOSE_CONSTRAINTS := $(COMPOSE_VENV)/constraints.txt
 
 .PHONY: install up demo test bench lint clean
 
 install: $(STAMP)
+	test -x $(COMPOSE_VENV)/bin/docker-compose || { \
+		$(PYTHON) -m venv $(COMPOSE_VENV) \
+		&& echo 'cython<3' > $(COMPOSE_CONSTRAINTS) \
+		&& PIP_CONSTRAINT=$(CURDIR)/$(COMPOSE_CONSTRAINTS) $(COMPOSE_VENV)/bin/pip install --quiet docker-compose==1.29.2 setuptools==80.9.0; }
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +29,8 @@ up: install .env
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho run deploy/bugsink/setup.sh
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho run callctl db upgrade
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho run callctl mq declare
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho run callctl mq migrate
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho run callctl mq console
 	PATH="$(CURDIR)/$(BIN):$$PATH" exec $(BIN)/honcho start
 
 # With `make up` running: a 200-contact campaign against the simulator, watched to its end.

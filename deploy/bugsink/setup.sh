@@ -75,46 +75,7 @@ PY
 manage migrate --noinput -v 0
 manage migrate snappea --database=snappea --noinput -v 0
 
-bootstrap=$(cat <<'PY'
-import os
-from pathlib import Path
-
-from django.contrib.auth import get_user_model
-
-from bsmain.models import AuthToken
-from phonehome.models import Installation
-from projects.models import Project, ProjectMembership, ProjectRole
-from teams.models import Team, TeamMembership, TeamRole
-
-NAME = "callflow"
-EMAIL = "admin@callflow.local"
-
-
-def write_if_changed(path: Path, text: str) -> None:
-    if not path.exists() or path.read_text() != text:
-        path.write_text(text)
-
-
-users = get_user_model().objects
-user = users.filter(username=EMAIL).first() or users.create_superuser(
-    username=EMAIL, email=EMAIL, password=os.environ["ADMIN_PASSWORD"]
-)
-team, _ = Team.objects.get_or_create(name=NAME)
-TeamMembership.objects.get_or_create(team=team, user=user, defaults={"role": TeamRole.ADMIN, "accepted": True})
-project, _ = Project.objects.get_or_create(name=NAME, defaults={"team": team})
-ProjectMembership.objects.get_or_create(
-    project=project, user=user, defaults={"role": ProjectRole.ADMIN, "accepted": True}
-)
-token = AuthToken.objects.filter(description=NAME).first() or AuthToken.create_full_access(description=NAME)
-# Local Bugsink sends no email on purpose: the banner asking to set it up would only be noise.
-Installation.objects.filter(silence_email_system_warning=False).update(silence_email_system_warning=True)
-
-state = Path(os.environ["STATE"])
-write_if_changed(state / "dsn", project.dsn + "\n")
-write_if_changed(state / "api-token", token.token + "\n")
-PY
-)
 STATE=$state ADMIN_PASSWORD=${BUGSINK_ADMIN_PASSWORD:-admin} \
-    manage shell --no-imports -v 0 -c "$bootstrap"
+    manage shell --no-imports -v 0 -c "$(cat "$repo/deploy/bugsink/bootstrap.py")"
 
 echo "Bugsink $BUGSINK_VERSION ready in $state: DSN $(cat "$state/dsn")"

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from services.call_initiator import idempotency
 from services.call_initiator.auth import authenticate
 from services.call_initiator.campaign_routes import add_campaign_routes
+from services.call_initiator.openapi import add_openapi_route
 from services.call_initiator.placing import place_call
 from services.call_initiator.request_models import PlaceCallRequest
 from services.call_initiator.views import call_view, get_call
@@ -24,6 +25,7 @@ SERVICE = "call-initiator"
 def create_app(components: Components) -> Flask:
     app = create_http_app(SERVICE, components.health(SERVICE))
     app.register_blueprint(_api(components))
+    add_openapi_route(app)
     return app
 
 

@@ -32,7 +32,7 @@ from shared.observability.sentry import report_database_error
 log = logging.getLogger(__name__)
 
 HEADER = "Idempotency-Key"
-_VALID_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, as the IETF draft's examples
+VALID_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, as the IETF draft's examples
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Replay:
 
 
 def claim_for(user_id: uuid.UUID, key: str, body: Any) -> Claim:
-    if not _VALID_KEY.match(key):
+    if not VALID_KEY.match(key):
         raise CallflowError(ErrorType.VALIDATION_ERROR, f"{HEADER} must be 1 to 255 printable ASCII characters.")
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
     return Claim(user_id, key, hashlib.sha256(canonical.encode()).hexdigest())

@@ -1,19 +1,27 @@
 """A RabbitMQ consumer that survives the broker: manual acks after the work commits, reconnects with backoff,
-retries failures after growing delays, and dead-letters what can never succeed, with the reason."""
+retries failures after growing delays, and dead-letters what can never succeed, with the reason.
+
+The handler runs on a thread of its own, one message at a time in delivery order, while the consumer's thread goes
+on serving the connection (answering heartbeats, however long a message takes); acks and publishes are handed back
+to that thread, the only one that may use a pika connection.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import AMQPError, UnroutableError
+from pika.spec import Basic
 from sqlalchemy.exc import InterfaceError, OperationalError
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
@@ -22,6 +30,7 @@ from shared.messaging.topology import (
     ATTEMPT_HEADER,
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_REASON_HEADER,
+    HEARTBEAT_SECONDS,
     ORIGINAL_QUEUE_HEADER,
     ORIGINAL_ROUTING_KEY_HEADER,
     RETRY_DELAYS_SECONDS,
@@ -36,6 +45,7 @@ from shared.observability import tracing
 from shared.observability.sentry import report, report_database_error
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HEALTHY_SECONDS = 30.0  # a connection lost after this long is a new outage: reconnecting starts at 0.5 s again
 
@@ -71,13 +81,124 @@ class IncomingMessage:
 Handler = Callable[[IncomingMessage], None]
 
 
+@dataclass(frozen=True)
+class _Delivery:
+    channel: BlockingChannel
+    method: Basic.Deliver
+    properties: pika.BasicProperties
+    body: bytes
+
+
+class ConnectionLost(AMQPError):
+    """The connection went away before a message was settled: the broker delivers it again."""
+
+
+class _HandlerThread:
+    """Handles one connection's deliveries, one at a time in the order they came, on a thread of its own.
+
+    The consumer's thread hands it deliveries (`submit`) and keeps serving the connection until it is `idle`; the
+    handling thread runs pika calls back on the consumer's thread (`on_connection_thread`). Once the connection is
+    `lost` those calls raise ConnectionLost; once it is lost, or settling a message failed, what is left unhandled is
+    skipped: the broker delivers it again.
+    """
+
+    def __init__(
+        self,
+        connection: pika.BlockingConnection,
+        handle: Callable[[_Delivery, _HandlerThread], None],
+        stopping: threading.Event,
+    ):
+        self._connection = connection
+        self._handle = handle
+        self._stopping = stopping
+        self._deliveries: queue.SimpleQueue[_Delivery | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._unsettled = 0  # delivered and not yet handled or skipped
+        self._is_lost = False
+        self._failure: Exception | None = None
+        self._waiting: Future[Any] | None = None
+        self._thread = threading.Thread(target=self._run, name="message-handler", daemon=True)
+        self._thread.start()
+
+    def submit(self, delivery: _Delivery) -> None:
+        with self._lock:
+            self._unsettled += 1
+        self._deliveries.put(delivery)
+
+    def idle(self) -> bool:
+        """Nothing in hand; once stopping, what is still queued is skipped (the broker gets it back)."""
+        with self._lock:
+            return self._unsettled == 0
+
+    def on_connection_thread(self, operation: Callable[[], T]) -> T:
+        """Runs `operation` on the consumer's thread and returns what it returned (or raises what it raised)."""
+        done: Future[T] = Future()
+
+        def run() -> None:
+            try:
+                done.set_result(operation())
+            except Exception as exc:
+                done.set_exception(exc)
+
+        with self._lock:
+            if self._is_lost:
+                raise ConnectionLost("the broker connection was lost")
+            try:
+                self._connection.add_callback_threadsafe(run)
+            except AMQPError as exc:  # closed, and the consumer's thread is about to learn it
+                raise ConnectionLost("the broker connection was lost") from exc
+            self._waiting = done
+        try:
+            return done.result()
+        finally:
+            with self._lock:
+                self._waiting = None
+
+    def lost(self) -> None:
+        """Called on the consumer's thread once it no longer serves the connection; waits for the message in hand."""
+        with self._lock:
+            self._is_lost = True
+            if self._waiting is not None and not self._waiting.done():
+                self._waiting.set_exception(ConnectionLost("the broker connection was lost"))
+        self._deliveries.put(None)
+        self._thread.join()
+
+    def raise_failure(self) -> None:
+        """Raises, on the consumer's thread, what went wrong settling a message (a channel the broker closed): the
+        connection is dropped, as if the broker had dropped it, and the message delivered again."""
+        if self._failure is not None:
+            raise self._failure
+
+    def _run(self) -> None:
+        while (delivery := self._deliveries.get()) is not None:
+            try:
+                if not (self._is_lost or self._failure or self._stopping.is_set()):
+                    self._handle(delivery, self)
+            except ConnectionLost:
+                log.warning("broker connection lost before message %s was settled", delivery.properties.message_id)
+            except Exception as exc:
+                self._failure = exc
+            finally:
+                with self._lock:
+                    self._unsettled -= 1
+
+
 class Consumer:
-    def __init__(self, url: str, queue: str, handler: Handler, prefetch: int, stopping: threading.Event):
+    def __init__(
+        self,
+        url: str,
+        queue: str,
+        handler: Handler,
+        prefetch: int,
+        stopping: threading.Event,
+        heartbeat_seconds: int = HEARTBEAT_SECONDS,
+    ):
         self._url = url
         self._queue = queue
         self._handler = handler
         self._prefetch = prefetch
         self._stopping = stopping
+        self._heartbeat_seconds = heartbeat_seconds
 
     def run(self) -> None:
         """Consumes until `stopping` is set, reconnecting with growing delays (0.5 s to 30 s) whenever the broker
@@ -94,107 +215,116 @@ class Consumer:
             outage(self._consume_until_lost)
 
     def _consume_until_lost(self) -> None:
-        """One connection's life. Raises when it was lost early (the outage goes on); returns when stopping, or
-        when a connection that had been healthy is lost (a new outage begins)."""
+        """One connection's life. Raises when it was lost early (the outage goes on); returns when stopping (once
+        the message in hand is settled), or when a connection that had been healthy is lost (a new outage begins)."""
         if self._stopping.is_set():
             return
-        connection = self._open_consuming_connection()
+        connection = self._connect()
+        handler_thread = _HandlerThread(connection, self._process, self._stopping)
         opened = time.monotonic()
         try:
-            while not self._stopping.is_set():
+            self._start_consuming(connection, handler_thread)
+            while not (self._stopping.is_set() and handler_thread.idle()):
                 connection.process_data_events(time_limit=1)
+                handler_thread.raise_failure()
         except (AMQPError, OSError) as exc:
             if time.monotonic() - opened < HEALTHY_SECONDS:
                 raise
             log.warning("broker connection lost (%r); reconnecting", exc)
         finally:
+            handler_thread.lost()
             _close(connection)
 
-    def _open_consuming_connection(self) -> pika.BlockingConnection:
-        connection = pika.BlockingConnection(connection_parameters(self._url))
-        try:
-            channel = connection.channel()
-            channel.confirm_delivery()
-            declare_topology(channel)
-            declare_retry_queues(channel, self._queue)
-            channel.basic_qos(prefetch_count=self._prefetch)
-            channel.basic_consume(self._queue, self._on_message)
-        except BaseException:
-            _close(connection)
-            raise
+    def _connect(self) -> pika.BlockingConnection:
+        nodes = connection_parameters(self._url)
+        for node in nodes:
+            node.heartbeat = self._heartbeat_seconds
+        return pika.BlockingConnection(nodes)
+
+    def _start_consuming(self, connection: pika.BlockingConnection, handler_thread: _HandlerThread) -> None:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        declare_topology(channel)
+        declare_retry_queues(channel, self._queue)
+        channel.basic_qos(prefetch_count=self._prefetch)
+        channel.basic_consume(
+            self._queue,
+            lambda channel, method, properties, body: handler_thread.submit(
+                _Delivery(channel, method, properties, body)
+            ),
+        )
         log.info("consuming %s", self._queue)
-        return connection
 
-    def _on_message(self, channel: BlockingChannel, method, properties: pika.BasicProperties, body: bytes) -> None:
+    def _process(self, delivery: _Delivery, connection_thread: _HandlerThread) -> None:
+        properties = delivery.properties
         message = IncomingMessage(
             message_id=properties.message_id,
             message_type=properties.type,
-            body=body,
+            body=delivery.body,
             headers=dict(properties.headers or {}),
             queue=self._queue,
-            redelivered=bool(method.redelivered),
+            redelivered=bool(delivery.method.redelivered),
         )
         with tracing.process_transaction(
-            message.headers, self._queue, message.message_id, len(body), message.redelivered
+            message.headers, self._queue, message.message_id, len(delivery.body), message.redelivered
         ):
-            self._handle(channel, method, properties, message)
+            self._handle(delivery, message, connection_thread)
 
-    def _handle(self, channel: BlockingChannel, method, properties: pika.BasicProperties, message: IncomingMessage):
+    def _handle(self, delivery: _Delivery, message: IncomingMessage, connection_thread: _HandlerThread) -> None:
         try:
             self._handler(message)
         except PoisonMessage as exc:
-            self._dead_letter(channel, method, properties, message.body, str(exc))
+            self._dead_letter(delivery, str(exc), connection_thread)
         except Exception as exc:
             if isinstance(exc, OperationalError | InterfaceError):
                 report_database_error(exc, place=self._queue)
-            self._retry_or_dead_letter(channel, method, properties, message, exc)
+            self._retry_or_dead_letter(delivery, message, exc, connection_thread)
         else:
-            channel.basic_ack(method.delivery_tag)
+            connection_thread.on_connection_thread(lambda: delivery.channel.basic_ack(delivery.method.delivery_tag))
 
     def _retry_or_dead_letter(
-        self,
-        channel: BlockingChannel,
-        method,
-        properties: pika.BasicProperties,
-        message: IncomingMessage,
-        exc: Exception,
+        self, delivery: _Delivery, message: IncomingMessage, exc: Exception, connection_thread: _HandlerThread
     ) -> None:
         """A failure that may pass (database away, a bug hit by bad timing) is retried after a growing delay."""
         attempt = message.attempt
         if attempt >= len(RETRY_DELAYS_SECONDS):
-            reason = f"gave up after {attempt + 1} attempts: {exc!r}"
-            self._dead_letter(channel, method, properties, message.body, reason, cause=exc)
+            self._dead_letter(delivery, f"gave up after {attempt + 1} attempts: {exc!r}", connection_thread, exc)
             return
         delay = RETRY_DELAYS_SECONDS[attempt]
         log.warning("message %s failed (%r); retry %d in %ds", message.message_id, exc, attempt + 1, delay)
+        properties = delivery.properties
         retry = persistent_copy(properties, {**(properties.headers or {}), ATTEMPT_HEADER: attempt + 1})
+
+        def publish_retry_then_ack() -> None:
+            delivery.channel.basic_publish(
+                RETRY_EXCHANGE, retry_queue(self._queue, delay), delivery.body, retry, mandatory=True
+            )
+            delivery.channel.basic_ack(delivery.method.delivery_tag)
+
         try:
-            channel.basic_publish(RETRY_EXCHANGE, retry_queue(self._queue, delay), message.body, retry, mandatory=True)
+            connection_thread.on_connection_thread(publish_retry_then_ack)
         except UnroutableError:
-            self._dead_letter(channel, method, properties, message.body, f"no retry queue; {exc!r}", cause=exc)
-            return
-        channel.basic_ack(method.delivery_tag)
+            self._dead_letter(delivery, f"no retry queue; {exc!r}", connection_thread, exc)
 
     def _dead_letter(
-        self,
-        channel: BlockingChannel,
-        method,
-        properties: pika.BasicProperties,
-        body: bytes,
-        reason: str,
-        cause: BaseException | None = None,
+        self, delivery: _Delivery, reason: str, connection_thread: _HandlerThread, cause: BaseException | None = None
     ) -> None:
+        properties, routing_key = delivery.properties, delivery.method.routing_key
         dead = persistent_copy(
             properties,
             {
                 **(properties.headers or {}),
                 DEAD_LETTER_REASON_HEADER: reason[:1000],
                 ORIGINAL_QUEUE_HEADER: self._queue,
-                ORIGINAL_ROUTING_KEY_HEADER: method.routing_key,
+                ORIGINAL_ROUTING_KEY_HEADER: routing_key,
             },
         )
-        channel.basic_publish(DEAD_LETTER_EXCHANGE, method.routing_key, body, dead)
-        channel.basic_ack(method.delivery_tag)
+
+        def publish_dead_letter_then_ack() -> None:
+            delivery.channel.basic_publish(DEAD_LETTER_EXCHANGE, routing_key, delivery.body, dead)
+            delivery.channel.basic_ack(delivery.method.delivery_tag)
+
+        connection_thread.on_connection_thread(publish_dead_letter_then_ack)
         report(
             CallflowError(
                 ErrorType.MESSAGE_DEAD_LETTERED,

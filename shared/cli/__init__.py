@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
 import uuid
+from pathlib import Path
+from urllib.parse import quote
 
 import click
 
@@ -12,7 +15,8 @@ from shared.cli import accounts, campaigns, demo
 from shared.core import migrate
 from shared.core.config import load_settings
 from shared.messaging import dead_letters
-from shared.messaging.topology import declare_topology_at
+from shared.messaging.definitions import DEFAULT_VHOST, definitions, render
+from shared.messaging.topology import connection_parameters, declare_topology_at, delete_former_retry_queues
 
 
 @click.group()
@@ -46,6 +50,71 @@ def mq_declare() -> None:
     """Declare the exchanges and queues (idempotent)."""
     declare_topology_at(load_settings().rabbitmq_url)
     click.echo("broker topology declared")
+
+
+@mq.command("migrate")
+def mq_migrate() -> None:
+    """Retire the queues earlier versions used; run once no instance of an earlier version runs (they still
+    publish to those queues)."""
+    url = load_settings().rabbitmq_url
+    moved = dead_letters.adopt_former_dead_letters(url)
+    if moved is not None:
+        click.echo(f"moved {moved} dead letters from {dead_letters.FORMER_DEAD_LETTER_QUEUE}; it is deleted")
+    waiting = delete_former_retry_queues(url)
+    for name in waiting:
+        click.echo(f"{name} (a former delay queue) still holds messages on their way back: run this again")
+    click.echo("no queue of an earlier version is left" if not waiting else "run again in a minute")
+
+
+@mq.command("definitions")
+@click.option("--vhost", default=DEFAULT_VHOST, show_default=True, help="The vhost the definitions declare.")
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Write the document to this file instead of printing it.",
+)
+def mq_definitions(vhost: str, output: Path | None) -> None:
+    """The topology as a RabbitMQ definitions document (deploy/rabbitmq/definitions.json is its default output)."""
+    if not vhost:
+        raise click.BadParameter("must not be empty", param_hint="--vhost")
+    text = render(definitions(vhost))
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text)
+        click.echo(f"definitions for vhost {vhost!r} written to {output}")
+
+
+@mq.command("console")
+@click.option("--port", type=click.IntRange(1, 65535), default=15672, show_default=True, help="Management port.")
+def mq_console(port: int) -> None:
+    """Where the broker's web console is, or how to turn it on."""
+    nodes = connection_parameters(load_settings().rabbitmq_url)
+    vhost = nodes[0].virtual_host
+    hosts = sorted({node.host for node in nodes})
+    queues_page = f"/#/queues/{quote(vhost, safe='')}"
+    running = [host for host in hosts if _listening(host, port)]
+    if running:
+        for host in running:
+            click.echo(f"RabbitMQ console: http://{host}:{port}{queues_page} (vhost {vhost!r})")
+        return
+    click.echo(
+        f"RabbitMQ console: off (nothing listens on {', '.join(hosts)}:{port}).\n"
+        "To turn it on, run on the broker's machine (as root, or the user the broker runs as):\n"
+        "  rabbitmq-plugins enable rabbitmq_management\n"
+        "  rabbitmqctl add_user callflow-admin '<a password>'\n"
+        "  rabbitmqctl set_user_tags callflow-admin administrator\n"
+        f"  rabbitmqctl set_permissions -p '{vhost}' callflow-admin '.*' '.*' '.*'\n"
+        f"then open http://{hosts[0]}:{port}{queues_page} and sign in as callflow-admin."
+    )
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 @main.group("dlq")

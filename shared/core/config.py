@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, PostgresDsn, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from shared.messaging.topology import connection_parameters
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 BOLNA_CONNECT_TIMEOUT_SECONDS = 5.0  # connecting is given at most this; the read timeout is BOLNA_TIMEOUT_SECONDS
 
@@ -43,7 +45,8 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int | None = Field(None, ge=1, le=65535)
-    web_concurrency: int = Field(2, ge=1)
+    # Gunicorn worker processes; unset: one per CPU the container is given (see shared/http/gunicorn_config.py).
+    web_concurrency: int | None = Field(None, ge=1)
     web_threads: int = Field(8, ge=1)
 
     slot_lease_seconds: int = Field(3600, gt=0)
@@ -115,9 +118,9 @@ class Settings(BaseSettings):
 
     @field_validator("rabbitmq_url")
     @classmethod
-    def _amqp_only(cls, value: str) -> str:
-        if not value.startswith(("amqp://", "amqps://")):
-            raise ValueError("must be an amqp:// or amqps:// URL")
+    def _amqp_nodes(cls, value: str) -> str:
+        """One amqp:// or amqps:// URL, or several (a cluster's nodes) separated by commas; connecting reads them."""
+        connection_parameters(value)  # the code that connects reads the nodes, so it alone says what is valid
         return value
 
 

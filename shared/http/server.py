@@ -1,21 +1,18 @@
-"""Runs a Flask app factory under gunicorn: the production server of every HTTP service."""
+"""Runs a Flask app factory under gunicorn, with the settings of `shared.http.gunicorn_config`: the production server
+of every HTTP service."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import sentry_sdk
 from flask import Flask
 from gunicorn.app.base import BaseApplication
 
 from shared.core.config import Settings
+from shared.http import gunicorn_config
+from shared.http.gunicorn_config import available_cpus, default_workers
 
-FLUSH_SECONDS = 5.0
-
-
-def _flush_sentry(server: object, worker: object) -> None:
-    """On SIGTERM a worker finishes its requests, then sends what Sentry still holds before it exits."""
-    sentry_sdk.flush(timeout=FLUSH_SECONDS)
+__all__ = ["run_http", "serve"]
 
 
 class _Gunicorn(BaseApplication):
@@ -25,7 +22,8 @@ class _Gunicorn(BaseApplication):
         super().__init__()
 
     def load_config(self) -> None:
-        for key, value in self._options.items():
+        shared_settings = {key: value for key, value in vars(gunicorn_config).items() if key in self.cfg.settings}
+        for key, value in {**shared_settings, **self._options}.items():
             self.cfg.set(key, value)
 
     def load(self) -> Flask:
@@ -40,33 +38,22 @@ def run_http(
     port: int,
     workers: int,
     threads: int,
-    graceful_timeout: int = 30,
-    keepalive_seconds: int = 2,
+    keepalive_seconds: int = gunicorn_config.keepalive,
 ) -> None:
+    """Serves the app the factory builds (once in each worker) with gunicorn_config's settings and these."""
     _Gunicorn(
         factory,
-        {
-            "bind": f"{host}:{port}",
-            "workers": workers,
-            "threads": threads,
-            "worker_class": "gthread",
-            "timeout": 60,
-            "graceful_timeout": graceful_timeout,
-            "keepalive": keepalive_seconds,
-            "errorlog": "-",
-            "loglevel": "info",
-            "control_socket_disable": True,  # several services share a host: no shared control socket path
-            "worker_exit": _flush_sentry,
-        },
+        {"bind": f"{host}:{port}", "workers": workers, "threads": threads, "keepalive": keepalive_seconds},
     ).run()
 
 
 def serve(factory: Callable[[], Flask], settings: Settings, default_port: int) -> None:
-    """Serves an HTTP service on HOST:PORT with the configured worker processes and threads."""
+    """Serves an HTTP service on HOST:PORT with WEB_CONCURRENCY workers (default: one per available CPU) of
+    WEB_THREADS threads."""
     run_http(
         factory,
         host=settings.host,
         port=settings.port or default_port,
-        workers=settings.web_concurrency,
+        workers=settings.web_concurrency or default_workers(available_cpus()),
         threads=settings.web_threads,
     )

@@ -1,4 +1,9 @@
-"""The dead-letter queue, for operators: what is in it and why, and sending messages back to be processed."""
+"""The dead-letter queue, for operators: what is in it and why, and sending messages back to be processed.
+
+Listing takes each letter and returns it to the queue, and RabbitMQ 4.x drops a quorum queue's message once it has
+been returned 20 times (its default delivery limit): dead letters are kept in a queue declared with a limit no
+listing reaches. The queue they were kept in before had none; `adopt_former_dead_letters` moves its letters.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pika
+from pika.exceptions import ChannelClosedByBroker
 
 from shared.messaging.topology import (
     ATTEMPT_HEADER,
+    DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
     DEAD_LETTER_REASON_HEADER,
     ORIGINAL_QUEUE_HEADER,
@@ -16,6 +23,9 @@ from shared.messaging.topology import (
     open_channel,
     persistent_copy,
 )
+
+# Where dead letters were kept before: a quorum queue without a delivery limit, bound to the dead-letter exchange.
+FORMER_DEAD_LETTER_QUEUE = "callflow.dead-letter"
 
 _DEAD_LETTER_HEADERS = (
     DEAD_LETTER_REASON_HEADER,
@@ -55,7 +65,8 @@ def _dead_letter(properties: pika.BasicProperties, body: bytes) -> DeadLetter:
 
 
 def list_dead_letters(url: str, limit: int = 100) -> list[DeadLetter]:
-    """Reads up to `limit` dead letters without removing them."""
+    """Reads up to `limit` dead letters without removing them: closing the channel returns them to the queue, in
+    their places, as often as they are listed."""
     found: list[DeadLetter] = []
     with open_channel(url) as channel:
         while len(found) < limit:
@@ -86,3 +97,32 @@ def replay(url: str, message_ids: set[str] | None = None, limit: int = 1000) -> 
             channel.basic_ack(method.delivery_tag)
             replayed.append(letter)
     return replayed
+
+
+def adopt_former_dead_letters(url: str) -> int | None:
+    """Moves the letters of the queue dead letters were kept in before into the dead-letter queue, then deletes it;
+    how many were moved, or None if there is no such queue.
+
+    It is unbound first, so no letter arrives while it is emptied; each letter leaves it only once the broker has
+    confirmed the copy. A letter being listed meanwhile (not in the queue) would be lost: run it when nobody lists
+    dead letters (quorum queues cannot be deleted only if empty)."""
+    with open_channel(url) as channel:
+        probe = channel.connection.channel()  # the broker closes the channel that asks for a missing queue
+        try:
+            probe.queue_declare(FORMER_DEAD_LETTER_QUEUE, passive=True)
+        except ChannelClosedByBroker as exc:
+            if exc.reply_code == pika.spec.NOT_FOUND:
+                return None
+            raise
+        probe.close()
+        channel.queue_unbind(FORMER_DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
+        moved = 0
+        while True:
+            method, properties, body = channel.basic_get(FORMER_DEAD_LETTER_QUEUE, auto_ack=False)
+            if method is None:
+                break
+            channel.basic_publish("", DEAD_LETTER_QUEUE, body, properties, mandatory=True)
+            channel.basic_ack(method.delivery_tag)
+            moved += 1
+        channel.queue_delete(FORMER_DEAD_LETTER_QUEUE)
+    return moved

@@ -1,8 +1,12 @@
 """The transactional outbox: messages are rows written with the change that causes them, published after commit.
 
 A row is published right after its transaction commits, by a thread of the process that wrote it (the request
-does not wait for the broker); the relay job publishes whatever is left (broker down, process stopped between
-commit and publish). Consumers are idempotent, so the rare double publish is harmless; a lost one is impossible.
+does not wait for the broker), which gives up within PUBLISH_AFTER_COMMIT_SECONDS; the relay job publishes whatever
+is left (broker down, slow or blocked, process stopped between commit and publish), as patiently as the connection
+settings allow. A lost message is impossible; a double one is possible: a publish given up on (its connection
+closed before the row is let go, so the relay never races it) may have reached the queue unconfirmed, and the relay
+publishes it again. Every message is a wake-up for the consumer to read the database (a duplicate finds its work
+done: see services/queue_processor/handlers.py), so a second copy is harmless.
 """
 
 from __future__ import annotations
@@ -10,21 +14,32 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
 import sentry_sdk
-from sqlalchemy import Select, func, select, update
+from pika.exceptions import AMQPConnectionError
+from sqlalchemy import Select, Update, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.core.models import OutboxMessage
-from shared.messaging.publisher import Envelope, Publisher
+from shared.messaging.publisher import BrokerTooSlow, Envelope, Publisher
 from shared.messaging.topology import EVENTS_EXCHANGE
 from shared.observability import tracing
 
 log = logging.getLogger(__name__)
+
+# A broker that does not take a message within this (not answering, blocked by an alarm, slow to confirm) leaves it
+# to the relay, rather than holding up every message committed after it.
+PUBLISH_AFTER_COMMIT_SECONDS = 2.0
+# Once the broker was too slow or unreachable, rows committed in this long are left to the relay untried, and those
+# waiting are given up on with the same error (they are safe in the outbox): otherwise each batch would wait
+# PUBLISH_AFTER_COMMIT_SECONDS for it again, holding its rows locked, while commits pile up in memory faster than
+# that drains them.
+BROKER_AWAY_PAUSE_SECONDS = 5.0
 
 
 def add(session: Session, message_type: str, body: dict[str, Any]) -> OutboxMessage:
@@ -35,21 +50,29 @@ def add(session: Session, message_type: str, body: dict[str, Any]) -> OutboxMess
 
 class AfterCommitPublisher:
     """Publishes committed rows on a thread of its own, in batches: each batch is marked published by one
-    statement. Started on first use, so each process (after any fork) has its own."""
+    statement. Started on first use, so each process (after any fork) has its own. `publisher` is used as one that
+    gives up after PUBLISH_AFTER_COMMIT_SECONDS. Rows it does not take (more than MAX_WAITING wait already, or the
+    broker was found away within BROKER_AWAY_PAUSE_SECONDS) are left to the relay."""
 
     BATCH = 100
+    # Bounds the memory held by rows committed faster than the broker takes them.
+    MAX_WAITING = 10 * BATCH
 
     def __init__(self, sessions: sessionmaker[Session], publisher: Publisher):
         self._sessions = sessions
-        self._publisher = publisher
+        self._publisher = publisher.giving_up_after(PUBLISH_AFTER_COMMIT_SECONDS)
         self._rows: queue.SimpleQueue[OutboxMessage] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._idle = threading.Condition()
         self._unfinished = 0
+        self._paused_until = 0.0  # time.monotonic()
+        self._paused_by: Exception | None = None
 
     def submit(self, rows: Sequence[OutboxMessage]) -> None:
         with self._idle:
+            if self._paused() or self._unfinished + len(rows) > self.MAX_WAITING:
+                return
             self._unfinished += len(rows)
         for row in rows:
             self._rows.put(row)
@@ -75,35 +98,65 @@ class AfterCommitPublisher:
                     batch.append(self._rows.get_nowait())
                 except queue.Empty:
                     break
-            try:
-                with sentry_sdk.isolation_scope():  # each row's publish continues the trace the row was written in
-                    publish_committed(self._sessions, self._publisher, batch)
-            except Exception:  # committed rows are safe in the outbox; the relay publishes them
-                log.warning("publishing after commit failed; left to the outbox relay", exc_info=True)
+            if self._paused():
+                self._give_up(batch)
+            else:
+                self._publish(batch)
             with self._idle:
                 self._unfinished -= len(batch)
                 self._idle.notify_all()
 
+    def _publish(self, batch: list[OutboxMessage]) -> None:
+        try:
+            with sentry_sdk.isolation_scope():  # each row's publish continues the trace the row was written in
+                stopped_by = publish_committed(self._sessions, self._publisher, batch)
+        except Exception:  # committed rows are safe in the outbox; the relay publishes them
+            log.warning("publishing after commit failed; left to the outbox relay", exc_info=True)
+            return
+        if isinstance(stopped_by, BrokerTooSlow | AMQPConnectionError):
+            log.warning(
+                "the broker is slow or away; messages waiting or committed in the next %s s are left to the relay",
+                BROKER_AWAY_PAUSE_SECONDS,
+            )
+            with self._idle:
+                self._paused_until = time.monotonic() + BROKER_AWAY_PAUSE_SECONDS
+                self._paused_by = stopped_by
 
-def publish_committed(sessions: sessionmaker[Session], publisher: Publisher, rows: Sequence[OutboxMessage]) -> None:
+    def _paused(self) -> bool:
+        return time.monotonic() < self._paused_until
+
+    def _give_up(self, batch: list[OutboxMessage]) -> None:
+        """Leaves the rows to the relay without waiting for the broker again, recording why."""
+        try:
+            with self._sessions() as session:
+                claimed = session.scalars(claim_query([row.id for row in batch])).all()
+                session.execute(_given_up(claimed, self._paused_by))
+                session.commit()
+        except Exception:  # the rows are left to the relay all the same
+            log.warning("recording messages left to the outbox relay failed", exc_info=True)
+
+
+def publish_committed(
+    sessions: sessionmaker[Session], publisher: Publisher, rows: Sequence[OutboxMessage]
+) -> Exception | None:
     """Publishes rows this process has just committed, as it holds them: they are claimed (so the relay never
     publishes them too) and marked published in one transaction, without reading them back. A row the broker did
-    not take is left to the relay."""
+    not take is left to the relay, with the rest; returns the error of that publish, if one failed. The claim holds
+    until the publish given up on is abandoned (see Publisher), so the relay never publishes a row whose publish is
+    still under way."""
     with sessions() as session:
         claimed = set(session.scalars(claim_query([row.id for row in rows])))
         published: list[int] = []
+        failure: Exception | None = None
         for row in rows:
             if row.id not in claimed:  # the relay has it, or published it already
                 continue
             try:
                 _publish(publisher, row)
             except Exception as exc:  # the broker is away: leave the rest for the relay
-                session.execute(
-                    update(OutboxMessage)
-                    .where(OutboxMessage.id == row.id)
-                    .values(attempts=OutboxMessage.attempts + 1, last_error=repr(exc)[:1000])
-                )
+                session.execute(_given_up([row.id], exc))
                 log.warning("outbox publish failed, the relay will retry: %r", exc)
+                failure = exc
                 break
             published.append(row.id)
         if published:
@@ -111,6 +164,15 @@ def publish_committed(sessions: sessionmaker[Session], publisher: Publisher, row
                 update(OutboxMessage).where(OutboxMessage.id.in_(published)).values(published_at=func.now())
             )
         session.commit()
+    return failure
+
+
+def _given_up(ids: Sequence[int], error: Exception | None) -> Update:
+    return (
+        update(OutboxMessage)
+        .where(OutboxMessage.id.in_(ids))
+        .values(attempts=OutboxMessage.attempts + 1, last_error=repr(error)[:1000])
+    )
 
 
 def publish_pending(
@@ -119,7 +181,9 @@ def publish_pending(
     min_age: timedelta | None = None,
     limit: int = 200,
 ) -> int:
-    """The relay: publishes unpublished rows older than `min_age`; returns how many went out."""
+    """The relay: publishes unpublished rows older than `min_age`; returns how many went out. `min_age` spares the
+    rows their writer is about to publish; it is not what keeps the two from both publishing one (a row being
+    published after commit is locked, and skipped here)."""
     published = 0
     with sessions() as session:
         for row in session.scalars(unpublished_query(min_age, limit)):

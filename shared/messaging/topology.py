@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
+from pika.exceptions import ChannelClosedByBroker
 
 EVENTS_EXCHANGE = "callflow.events"
 DEAD_LETTER_EXCHANGE = "callflow.dead-letter"
 RETRY_EXCHANGE = "callflow.retry"
 DISPATCH_QUEUE = "callflow.dispatch"
-DEAD_LETTER_QUEUE = "callflow.dead-letter"
+DEAD_LETTER_QUEUE = "callflow.dead-letters"
 DEAD_LETTER_REASON_HEADER = "x-callflow-dead-letter-reason"
 ORIGINAL_QUEUE_HEADER = "x-callflow-original-queue"
 ORIGINAL_ROUTING_KEY_HEADER = "x-callflow-original-routing-key"
 ATTEMPT_HEADER = "x-callflow-attempt"  # how many times the message has failed and been retried
 HEARTBEAT_SECONDS = 30
+PING_TIMEOUT_SECONDS = 1.0  # per node, for readiness
+# RABBITMQ_URL may name several nodes of one cluster: full URLs separated by this (a comma in a password is %2C).
+NODE_URL_SEPARATOR = ","
 # A message that keeps failing is retried after each of these delays, then dead-lettered.
 RETRY_DELAYS_SECONDS = (1, 5, 30)
 
@@ -41,50 +47,155 @@ DISPATCH_BINDINGS = (
 )
 
 
-def connection_parameters(url: str) -> pika.URLParameters:
-    params = pika.URLParameters(url)
-    params.heartbeat = HEARTBEAT_SECONDS
-    params.blocked_connection_timeout = 10  # a broker out of memory or disk must not hang a request for long
-    params.socket_timeout = 5
-    params.connection_attempts = 1
-    return params
+def connection_parameters(url: str) -> list[pika.URLParameters]:
+    """One entry per node `url` names, in random order, for `pika.BlockingConnection`, which tries them in turn: a
+    connection goes to the first live node, and replicas spread their connections over the cluster.
+
+    Raises ValueError for an entry that is not an amqp:// or amqps:// URL pika can read (naming its position, not
+    the URL, which holds a password)."""
+    nodes = [node.strip() for node in url.split(NODE_URL_SEPARATOR)]
+    parameters = []
+    for position, node in enumerate(nodes, start=1):
+        where = f"node {position} of {len(nodes)}" if len(nodes) > 1 else "it"
+        if not node.startswith(("amqp://", "amqps://")):
+            raise ValueError(
+                f"{where} is not an amqp:// or amqps:// URL (several nodes are full URLs separated by commas)"
+            )
+        try:
+            params = pika.URLParameters(node)
+        except ValueError as exc:
+            raise ValueError(f"{where} is malformed: {exc}") from None
+        params.heartbeat = HEARTBEAT_SECONDS
+        params.blocked_connection_timeout = 10  # a broker out of memory or disk must not hang a request for long
+        params.socket_timeout = 5
+        params.connection_attempts = 1
+        parameters.append(params)
+    random.shuffle(parameters)
+    return parameters
 
 
-def declare_topology(channel: BlockingChannel) -> None:
-    """Idempotent: every service calls it at start, so it runs against an empty vhost."""
-    channel.exchange_declare(EVENTS_EXCHANGE, "topic", durable=True)
-    channel.exchange_declare(DEAD_LETTER_EXCHANGE, "fanout", durable=True)
-    channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
-    channel.queue_bind(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
-    channel.queue_declare(
-        DISPATCH_QUEUE,
-        durable=True,
-        arguments={"x-queue-type": "quorum", "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE},
-    )
-    for message_type in DISPATCH_BINDINGS:
-        channel.queue_bind(DISPATCH_QUEUE, EVENTS_EXCHANGE, routing_key=message_type)
-    declare_retry_queues(channel, DISPATCH_QUEUE)
+@dataclass(frozen=True)
+class Exchange:
+    name: str
+    type: Literal["topic", "fanout", "direct"]
+
+
+@dataclass(frozen=True)
+class Queue:
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Binding:
+    queue: str
+    exchange: str
+    routing_key: str
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Exchanges, queues and bindings as data (all durable), so the services declare and
+    `shared.messaging.definitions` exports the same thing."""
+
+    exchanges: tuple[Exchange, ...] = ()
+    queues: tuple[Queue, ...] = ()
+    bindings: tuple[Binding, ...] = ()
+
+    def __add__(self, other: Topology) -> Topology:
+        return Topology(self.exchanges + other.exchanges, self.queues + other.queues, self.bindings + other.bindings)
 
 
 def retry_queue(queue: str, delay_seconds: int) -> str:
+    return f"{queue}.retry-in-{delay_seconds}s"
+
+
+def former_retry_queue(queue: str, delay_seconds: int) -> str:
+    """The name of a delay queue from when they were classic queues, which a cluster loses with their node."""
     return f"{queue}.retry.{delay_seconds}s"
 
 
-def declare_retry_queues(channel: BlockingChannel, queue: str) -> None:
+def retry_topology(queue: str) -> Topology:
     """Delay queues for `queue`: a message waits out its TTL there, then returns to `queue` by dead-lettering."""
-    channel.exchange_declare(RETRY_EXCHANGE, "direct", durable=True)
-    for delay in RETRY_DELAYS_SECONDS:
-        name = retry_queue(queue, delay)
-        channel.queue_declare(
-            name,
-            durable=True,
-            arguments={
+    delay_queues = tuple(
+        Queue(
+            retry_queue(queue, delay),
+            {
+                # Replicated like the queue it feeds (a classic queue lives on one node: with that node down, no
+                # process could declare the topology), and a message leaves it only once `queue` has taken it.
+                "x-queue-type": "quorum",
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
                 "x-message-ttl": delay * 1000,
                 "x-dead-letter-exchange": "",
                 "x-dead-letter-routing-key": queue,
             },
         )
-        channel.queue_bind(name, RETRY_EXCHANGE, routing_key=name)
+        for delay in RETRY_DELAYS_SECONDS
+    )
+    return Topology(
+        exchanges=(Exchange(RETRY_EXCHANGE, "direct"),),
+        queues=delay_queues,
+        bindings=tuple(Binding(delay.name, RETRY_EXCHANGE, routing_key=delay.name) for delay in delay_queues),
+    )
+
+
+# What every service declares at start, and what deploy/rabbitmq/definitions.json is generated from.
+TOPOLOGY = Topology(
+    exchanges=(Exchange(EVENTS_EXCHANGE, "topic"), Exchange(DEAD_LETTER_EXCHANGE, "fanout")),
+    queues=(
+        # Listing dead letters returns each to the queue; RabbitMQ 4.x drops a quorum queue's message returned 20
+        # times unless its limit says otherwise (3.10 reads -1 as "drop on first return").
+        Queue(DEAD_LETTER_QUEUE, {"x-queue-type": "quorum", "x-delivery-limit": 2**31 - 1}),
+        Queue(DISPATCH_QUEUE, {"x-queue-type": "quorum", "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}),
+    ),
+    bindings=(
+        # A fanout exchange ignores the key: the queue's name, the key a binding gets when none is given.
+        Binding(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, routing_key=DEAD_LETTER_QUEUE),
+        *(Binding(DISPATCH_QUEUE, EVENTS_EXCHANGE, routing_key=message_type) for message_type in DISPATCH_BINDINGS),
+    ),
+) + retry_topology(DISPATCH_QUEUE)
+
+
+def declare(channel: BlockingChannel, topology: Topology) -> None:
+    """Idempotent; exchanges and queues first, since a binding needs both of its ends."""
+    for exchange in topology.exchanges:
+        channel.exchange_declare(exchange.name, exchange.type, durable=True)
+    for queue in topology.queues:
+        channel.queue_declare(queue.name, durable=True, arguments=queue.arguments)
+    for binding in topology.bindings:
+        channel.queue_bind(binding.queue, binding.exchange, routing_key=binding.routing_key)
+
+
+def declare_topology(channel: BlockingChannel) -> None:
+    """Idempotent: every service calls it at start, so it runs against an empty vhost."""
+    declare(channel, TOPOLOGY)
+
+
+def declare_retry_queues(channel: BlockingChannel, queue: str) -> None:
+    declare(channel, retry_topology(queue))
+
+
+def delete_former_retry_queues(url: str) -> list[str]:
+    """Deletes the former classic delay queues once empty (nothing routes to them any more: what waits in one goes
+    back to its queue within its delay); returns those still holding messages, to delete on a later run."""
+    still_waiting = []
+    connection = pika.BlockingConnection(connection_parameters(url))
+    try:
+        for delay in RETRY_DELAYS_SECONDS:
+            name = former_retry_queue(DISPATCH_QUEUE, delay)
+            channel = connection.channel()
+            try:
+                channel.queue_delete(name, if_empty=True)
+            except ChannelClosedByBroker as exc:
+                if exc.reply_code != pika.spec.PRECONDITION_FAILED:  # 406 is "not empty yet"; anything else is not
+                    raise
+                still_waiting.append(name)
+            else:
+                channel.close()
+    finally:
+        connection.close()
+    return still_waiting
 
 
 @contextmanager
@@ -117,4 +228,9 @@ def persistent_copy(properties: pika.BasicProperties, headers: dict[str, Any]) -
 
 
 def ping(url: str) -> None:
-    pika.BlockingConnection(connection_parameters(url)).close()
+    """Raises unless some node answers. Each node gets a short timeout: a node that drops packets must not make a
+    readiness probe (itself timed out after a few seconds) fail while the others answer."""
+    nodes = connection_parameters(url)
+    for node in nodes:
+        node.socket_timeout = node.stack_timeout = PING_TIMEOUT_SECONDS
+    pika.BlockingConnection(nodes).close()

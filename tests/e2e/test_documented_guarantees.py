@@ -32,7 +32,7 @@ from shared.cli import accounts
 from shared.core import migrate
 from shared.core.config import Settings
 from shared.core.models import Call, IdempotencyKey, User
-from shared.http.server import FLUSH_SECONDS
+from shared.http.gunicorn_config import FLUSH_SECONDS
 from shared.messaging.topology import DISPATCH_QUEUE, EVENTS_EXCHANGE, MessageType, open_channel
 from tests.support.components import components
 from tests.support.factories import Customer, customer

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pika
@@ -16,14 +17,19 @@ import pytest
 
 from services.queue_processor.consumer import Consumer, IncomingMessage, PoisonMessage
 from shared.messaging import dead_letters
+from shared.messaging.dead_letters import FORMER_DEAD_LETTER_QUEUE
 from shared.messaging.publisher import Envelope
 from shared.messaging.topology import (
     ATTEMPT_HEADER,
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
     DEAD_LETTER_REASON_HEADER,
+    DISPATCH_QUEUE,
+    HEARTBEAT_SECONDS,
     ORIGINAL_QUEUE_HEADER,
     RETRY_DELAYS_SECONDS,
+    delete_former_retry_queues,
+    former_retry_queue,
     retry_queue,
 )
 from tests.support import broker
@@ -43,10 +49,12 @@ def work_queue():
 
 
 @contextmanager
-def _consuming(queue: str, handler) -> Iterator[threading.Thread]:
+def _consuming(queue: str, handler, heartbeat_seconds: int = HEARTBEAT_SECONDS) -> Iterator[threading.Thread]:
     """Runs a consumer on its own thread for the block, then stops it as SIGTERM would."""
     stopping = threading.Event()
-    consumer = Consumer(os.environ["RABBITMQ_URL"], queue, handler, prefetch=5, stopping=stopping)
+    consumer = Consumer(
+        os.environ["RABBITMQ_URL"], queue, handler, prefetch=5, stopping=stopping, heartbeat_seconds=heartbeat_seconds
+    )
     thread = threading.Thread(target=consumer.run, daemon=True)
     thread.start()
     try:
@@ -135,6 +143,30 @@ def test_good_messages_are_handled_poison_dead_lettered_and_failures_retried(wor
     assert not thread.is_alive()
 
 
+@pytest.mark.timeout(60)
+def test_a_message_handled_for_longer_than_the_heartbeat_timeout_keeps_the_connection_and_is_acked_once(work_queue):
+    heartbeat_seconds = 1  # RabbitMQ closes a connection silent for two heartbeats
+    handled: list[IncomingMessage] = []
+
+    def handler(message: IncomingMessage) -> None:
+        handled.append(message)
+        if message.json().get("slow"):
+            time.sleep(5 * heartbeat_seconds)
+
+    slow, sentinel = Envelope("test.slow", {"slow": True}), Envelope("test.sentinel", {})
+    with broker.channel() as ch:
+        for envelope in (slow, sentinel):
+            ch.basic_publish("", work_queue, envelope.encode(), envelope.properties())
+        with _consuming(work_queue, handler, heartbeat_seconds):
+            _handled_until(handled, sentinel.message_id, attempt=0, timeout=30)
+        remaining = ch.queue_declare(work_queue, passive=True).method.message_count
+    assert [(m.message_id, m.redelivered) for m in handled] == [
+        (slow.message_id, False),
+        (sentinel.message_id, False),
+    ], "each handled once, on the connection it was first delivered on"
+    assert remaining == 0, "both acknowledged"
+
+
 def test_poison_message_exception_is_dead_lettered_once(work_queue):
     def handler(message: IncomingMessage) -> None:
         raise PoisonMessage(f"unknown message type {message.message_type!r}")
@@ -194,3 +226,72 @@ def test_dead_letters_can_be_listed_and_replayed_into_their_queue(work_queue):
                 time.sleep(0.1)
     assert attempts == [envelope.message_id, envelope.message_id, sentinel.message_id]
     assert envelope.message_id not in _all_dead_letters(url)
+
+
+def _dead_letter_straight(ch, envelope: Envelope, original_queue: str, into: str | None = None) -> None:
+    """Sends `envelope` as a dead letter from `original_queue`: to the dead-letter exchange, or `into` a queue."""
+    letter = replace(envelope, headers={DEAD_LETTER_REASON_HEADER: "refused", ORIGINAL_QUEUE_HEADER: original_queue})
+    if into is None:
+        ch.basic_publish(DEAD_LETTER_EXCHANGE, "", letter.encode(), letter.properties())
+    else:
+        ch.basic_publish("", into, letter.encode(), letter.properties())
+
+
+def test_dead_letters_stay_however_often_they_are_listed():
+    """RabbitMQ 4.x drops a quorum queue's message returned 20 times unless the queue says otherwise. 3.10 has no
+    default limit: there the listing passes whatever the declaration, and the declaration is what holds on 4.x."""
+    url = os.environ["RABBITMQ_URL"]
+    envelope = Envelope("test.listed", {"n": 25})
+    with broker.channel() as ch:
+        _dead_letter_straight(ch, envelope, "test.listed")
+        try:
+            for listing in range(25):
+                assert envelope.message_id in _all_dead_letters(url), f"gone after {listing} listings"
+            declared = ch.connection.channel()
+            # The broker refuses (PRECONDITION_FAILED) a declaration that differs from the queue it has.
+            declared.queue_declare(
+                DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum", "x-delivery-limit": 2**31 - 1}
+            )
+            declared.close()
+        finally:
+            _dead_letters_up_to(ch, "test.listed", envelope.message_id)
+
+
+def test_letters_of_the_former_dead_letter_queue_are_moved_into_the_dead_letter_queue():
+    url = os.environ["RABBITMQ_URL"]
+    earlier = Envelope("test.earlier", {})
+    with broker.channel() as ch:
+        ch.queue_declare(FORMER_DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+        ch.queue_bind(FORMER_DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE)
+        _dead_letter_straight(ch, earlier, "test.earlier", into=FORMER_DEAD_LETTER_QUEUE)
+        try:
+            assert dead_letters.adopt_former_dead_letters(url) == 1
+            assert dead_letters.adopt_former_dead_letters(url) is None, "the former queue is gone"
+            adopted = _all_dead_letters(url)[earlier.message_id]
+            assert (adopted.reason, adopted.original_queue) == ("refused", "test.earlier")
+        finally:
+            _dead_letters_up_to(ch, "test.earlier", earlier.message_id)
+        probe = ch.connection.channel()
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as gone:
+            probe.queue_declare(FORMER_DEAD_LETTER_QUEUE, passive=True)
+        assert gone.value.reply_code == pika.spec.NOT_FOUND
+
+
+def test_the_former_classic_delay_queues_are_deleted_once_what_waits_in_them_went_back():
+    url = os.environ["RABBITMQ_URL"]
+    former = [former_retry_queue(DISPATCH_QUEUE, delay) for delay in RETRY_DELAYS_SECONDS]
+    with broker.channel() as ch:
+        for name in former:
+            arguments = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": "test.nowhere"}
+            ch.queue_declare(name, durable=True, arguments=arguments)
+        ch.basic_publish("", former[-1], b"on its way back")
+    assert delete_former_retry_queues(url) == [former[-1]], "one still holds a message: kept"
+    with broker.channel() as ch:
+        ch.queue_purge(former[-1])
+    assert delete_former_retry_queues(url) == []
+    with broker.channel() as ch:
+        for name in former:
+            probe = ch.connection.channel()
+            with pytest.raises(pika.exceptions.ChannelClosedByBroker) as gone:
+                probe.queue_declare(name, passive=True)
+            assert gone.value.reply_code == pika.spec.NOT_FOUND

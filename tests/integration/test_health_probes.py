@@ -41,3 +41,9 @@ def test_liveness_answers_while_the_broker_is_unreachable_and_readiness_names_it
 def test_readiness_is_200_when_both_answer():
     answer = _app(components().settings.rabbitmq_url).get("/health/ready")
     assert answer.status_code == 200 and answer.json["checks"] == {"database": "ok", "rabbitmq": "ok"}
+
+
+def test_readiness_is_200_while_any_node_of_the_cluster_answers():
+    down = "amqp://guest:guest@127.0.0.1:1/%2F"
+    answer = _app(f"{down},{components().settings.rabbitmq_url},{down}").get("/health/ready")
+    assert answer.status_code == 200 and answer.json["checks"] == {"database": "ok", "rabbitmq": "ok"}

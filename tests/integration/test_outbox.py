@@ -1,10 +1,15 @@
 """Messages are written with the change that causes them and reach the broker once it is there."""
 
 import json
+import os
+import threading
 import time
 import uuid
+from collections import Counter
+from collections.abc import Callable
 
 import pika
+import pytest
 import sentry_sdk
 from sqlalchemy import select
 
@@ -13,13 +18,20 @@ from shared.core.config import load_settings
 from shared.core.models import OutboxMessage
 from shared.core.uow import UnitOfWork
 from shared.messaging import outbox
-from shared.messaging.outbox import AfterCommitPublisher
-from shared.messaging.publisher import Publisher
+from shared.messaging.outbox import PUBLISH_AFTER_COMMIT_SECONDS, AfterCommitPublisher
+from shared.messaging.publisher import Envelope, Publisher
+from shared.messaging.topology import EVENTS_EXCHANGE
 from shared.observability.sentry import init_sentry
 from tests.support import broker
 from tests.support.components import components
 from tests.support.factories import call_row, customer
 from tests.support.sentry_sink import SentrySink
+from tests.support.slow_broker import BlackHoleBroker, HoldingBrokerProxy
+from tests.support.tcp_connections import open_connections_to
+
+# Far less than a publish held up by the broker took before it was bounded (a handshake that never comes waited
+# 15 s, twice; a blocked connection 10 s, then a reconnect), far more than the bound.
+GIVEN_UP_WITHIN_SECONDS = 5 * PUBLISH_AFTER_COMMIT_SECONDS
 
 
 def _unpublished(message_id: uuid.UUID) -> OutboxMessage:
@@ -165,3 +177,148 @@ def test_the_publishing_thread_publishes_in_the_writers_trace_and_carries_nothin
     for transaction in published:
         assert "user_id" not in transaction.tags, "the first request's tags stay with that request"
         assert "user" not in transaction.payload, "and so does its user"
+
+
+def _commit_a_message(after_commit: AfterCommitPublisher) -> str:
+    """Commits one message through a unit of work that publishes with `after_commit`; the user id it names."""
+    marker = str(uuid.uuid4())
+    with UnitOfWork(components().sessions, after_commit, components().leases) as uow:
+        uow.emit("slot.released", {"user_id": marker})
+        uow.commit()
+    return marker
+
+
+def _row(marker: str) -> OutboxMessage:
+    with components().uow() as uow:
+        return uow.session.scalar(select(OutboxMessage).where(OutboxMessage.body["user_id"].astext == marker))
+
+
+def _relayed(marker: str) -> None:
+    with broker.channel() as ch:
+        queue = broker.tap(ch, "slot.released")
+        outbox.publish_pending(components().sessions, components().publisher, limit=1_000_000)
+        messages = _received_before_a_sentinel(ch, queue)
+    assert {"user_id": marker} in [json.loads(body) for _, body in messages], "the relay published it"
+    assert _row(marker).published_at is not None
+
+
+def test_publishing_after_commit_gives_up_on_a_broker_that_never_answers_and_the_relay_publishes_later():
+    with BlackHoleBroker() as black_hole:
+        after_commit = AfterCommitPublisher(components().sessions, Publisher(black_hole.url))
+        marker = _commit_a_message(after_commit)
+        assert after_commit.wait_until_idle(GIVEN_UP_WITHIN_SECONDS), "still waiting for the handshake"
+    left = _row(marker)
+    assert left.published_at is None
+    assert left.attempts == 1
+    assert "BrokerTooSlow" in left.last_error
+    _relayed(marker)
+
+
+@pytest.mark.parametrize(
+    "hold_up",
+    [HoldingBrokerProxy.hold_answers, HoldingBrokerProxy.block_clients],
+    ids=["slow-to-confirm", "connection-blocked"],
+)
+@pytest.mark.timeout(60)
+def test_publishing_after_commit_gives_up_on_a_broker_that_holds_it_up_and_the_relay_publishes_later(
+    hold_up: Callable[[HoldingBrokerProxy], None],
+):
+    """The publish given up on is abandoned, its connection closed, before its row is let go: no confirm of it can
+    come once the relay may publish the row again."""
+    with HoldingBrokerProxy(os.environ["RABBITMQ_URL"]) as proxy:
+        after_commit = AfterCommitPublisher(components().sessions, Publisher(proxy.url))
+        answered = _commit_a_message(after_commit)
+        assert after_commit.wait_until_idle(10)
+        assert _row(answered).published_at is not None, "published through the proxy while it answered"
+
+        hold_up(proxy)
+        held_up = _commit_a_message(after_commit)
+        assert after_commit.wait_until_idle(GIVEN_UP_WITHIN_SECONDS), "still waiting for the broker"
+        assert open_connections_to(proxy.port) == 0, "the publish given up on still waits for its confirm"
+        left = _row(held_up)
+        assert left.published_at is None
+        assert left.attempts == 1
+    _relayed(held_up)
+
+
+def _committed_batches(batches: int) -> list[list[OutboxMessage]]:
+    """Rows committed at once, as AfterCommitPublisher.BATCH-sized submissions."""
+    size = AfterCommitPublisher.BATCH
+    with components().uow() as uow:
+        rows = [outbox.add(uow.session, "slot.released", {"user_id": str(uuid.uuid4())}) for _ in range(batches * size)]
+        uow.session.commit()
+    return [rows[start : start + size] for start in range(0, len(rows), size)]
+
+
+def _published_once_by_the_relay(rows: list[OutboxMessage]) -> None:
+    with broker.channel() as ch:
+        queue = broker.tap(ch, "slot.released")
+        outbox.publish_pending(components().sessions, components().publisher, limit=1_000_000)
+        received = Counter(json.loads(body)["user_id"] for _, body in _received_before_a_sentinel(ch, queue))
+    assert {received[row.body["user_id"]] for row in rows} == {1}, "each published once"
+    assert all(_row(row.body["user_id"]).published_at is not None for row in rows)
+
+
+@pytest.mark.timeout(120)
+def test_a_burst_committed_while_the_broker_never_answers_costs_one_wait_and_is_left_to_the_relay(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.setattr(outbox, "BROKER_AWAY_PAUSE_SECONDS", 60.0)  # outlasts the test however slow the machine
+    *burst, after_the_burst = batches = _committed_batches(21)
+    with BlackHoleBroker() as black_hole:
+        after_commit = AfterCommitPublisher(components().sessions, Publisher(black_hole.url))
+        for batch in burst:
+            after_commit.submit(batch)
+        # Far less than a wait for the broker per batch.
+        assert after_commit.wait_until_idle(GIVEN_UP_WITHIN_SECONDS), "each batch waited for the broker"
+        after_commit.submit(after_the_burst)  # the broker was found away: left to the relay untried
+        assert after_commit.wait_until_idle(GIVEN_UP_WITHIN_SECONDS)
+    rows = [row for batch in batches for row in batch]
+    with components().uow() as uow:
+        left = {
+            row.id: row
+            for row in uow.session.scalars(select(OutboxMessage).where(OutboxMessage.id.in_([row.id for row in rows])))
+        }
+    assert all(row.published_at is None for row in left.values())
+    given_up = [row for row in left.values() if row.attempts]
+    assert 0 < len(given_up) <= AfterCommitPublisher.MAX_WAITING, "rows held in memory, given up on"
+    assert all(row.attempts == 1 and "BrokerTooSlow" in row.last_error for row in given_up)
+    assert all(left[row.id].attempts == 0 for row in after_the_burst), "rows submitted during the pause are not held"
+    _published_once_by_the_relay(rows)
+
+
+class _GatedPublisher(Publisher):
+    """Takes every message once `gate` is open: a broker slower than the commits."""
+
+    def __init__(self) -> None:
+        super().__init__(os.environ["RABBITMQ_URL"])
+        self.gate = threading.Event()
+
+    def giving_up_after(self, seconds: float) -> Publisher:
+        return self
+
+    def publish(self, envelope: Envelope, exchange: str = EVENTS_EXCHANGE, routing_key: str | None = None) -> None:
+        assert self.gate.wait(30), "the test never opened the gate"
+
+
+@pytest.mark.timeout(60)
+def test_rows_committed_faster_than_the_broker_takes_them_wait_in_memory_up_to_a_bound_and_the_rest_for_the_relay(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    monkeypatch.setattr(AfterCommitPublisher, "MAX_WAITING", 2 * AfterCommitPublisher.BATCH)
+    batches = _committed_batches(5)
+    rows = [row for batch in batches for row in batch]
+    slow_broker = _GatedPublisher()
+    after_commit = AfterCommitPublisher(components().sessions, slow_broker)
+    for batch in batches:
+        after_commit.submit(batch)
+    slow_broker.gate.set()
+    assert after_commit.wait_until_idle(10)
+    with components().uow() as uow:
+        published = uow.session.scalars(
+            select(OutboxMessage.id).where(
+                OutboxMessage.id.in_([row.id for row in rows]), OutboxMessage.published_at.is_not(None)
+            )
+        ).all()
+    assert set(published) == {row.id for row in rows[: AfterCommitPublisher.MAX_WAITING]}
+    _published_once_by_the_relay(rows[AfterCommitPublisher.MAX_WAITING :])
