@@ -9,7 +9,7 @@ from sqlalchemy import Select, select
 
 from services.call_initiator.idempotency import Claim, claim_key
 from services.call_initiator.request_models import PlaceCallRequest
-from shared.calls import lifecycle, statuses
+from shared.calls import initiation, lifecycle, statuses
 from shared.calls.initiation import CallPlacer
 from shared.core.errors import CallflowError, ErrorType
 from shared.core.models import Agent, Call, User
@@ -28,29 +28,35 @@ class AcceptedCall:
 def place_call(
     placer: CallPlacer, user: User, request: PlaceCallRequest, idempotency: Claim | None = None
 ) -> AcceptedCall:
+    # The call gets its id before any check, so a refused request's report names the call it would have been.
+    call = Call(
+        id=uuid.uuid4(),
+        user_id=user.id,
+        agent_id=request.agent_id,
+        phone_number=request.phone_number,
+        call_metadata=request.metadata,
+        status=statuses.PENDING,
+        trace_headers=tracing.current_trace_headers(),
+    )
+    initiation.note_start(call)
+    tags = {"user_id": user.id, "agent_id": request.agent_id}
+
+    def refused(error_type: ErrorType, detail: str) -> CallflowError:
+        return CallflowError(
+            error_type, detail, sentry_contexts={"call_details": initiation.call_details(call)}, **tags
+        )
+
     with placer.uow_factory() as uow:
         # One round trip: the customer, locked (slots are taken under this lock), and the agent asked for.
         locked_user, agent = uow.session.execute(user_and_agent_query(user.id, request.agent_id)).one()
-        tags = {"user_id": user.id, "agent_id": request.agent_id}
         if agent is None:
-            raise CallflowError(ErrorType.AGENT_NOT_FOUND, f"Agent {request.agent_id} does not exist.", **tags)
+            raise refused(ErrorType.AGENT_NOT_FOUND, f"Agent {request.agent_id} does not exist.")
         if agent.user_id != user.id:
-            raise CallflowError(ErrorType.UNAUTHORIZED_AGENT_ACCESS, "The agent belongs to another user.", **tags)
+            raise refused(ErrorType.UNAUTHORIZED_AGENT_ACCESS, "The agent belongs to another user.")
         if not agent.provider_agent_id:
-            raise CallflowError(
-                ErrorType.AGENT_NOT_CONFIGURED, "The agent has no provider agent id configured.", **tags
-            )
+            raise refused(ErrorType.AGENT_NOT_CONFIGURED, "The agent has no provider agent id configured.")
         if locked_user.credits <= 0:
-            raise CallflowError(ErrorType.INSUFFICIENT_CREDITS, "The account has no credits left.", **tags)
-        call = Call(
-            id=uuid.uuid4(),
-            user_id=user.id,
-            agent_id=agent.id,
-            phone_number=request.phone_number,
-            call_metadata=request.metadata,
-            status=statuses.PENDING,
-            trace_headers=tracing.current_trace_headers(),
-        )
+            raise refused(ErrorType.INSUFFICIENT_CREDITS, "The account has no credits left.")
         # Decided before the call joins the session: it is inserted once, already holding its slot or queued.
         reserved = placer.reserve_slot(uow.calls, locked_user, call, behind_queue=True)
         if not reserved:

@@ -22,7 +22,7 @@ from services.queue_processor.campaigns import (
     requeued_calls_due_query,
     users_with_campaign_work_query,
 )
-from shared.calls import lifecycle
+from shared.calls import initiation, lifecycle
 from shared.calls.initiation import CallPlacer
 from shared.calls.store import due_pending, held_slots_query
 from shared.core.errors import CallflowError, ErrorType
@@ -32,6 +32,7 @@ from shared.observability.sentry import report, report_database_error
 
 TRIGGER_SPAN_DATA = "dispatch.trigger"
 NO_CREDITS_DETAIL = "The account ran out of credits while the call waited."
+NO_SLOT_FOR_CAMPAIGNS = "No free slot for campaign calls"
 
 
 class DispatchTrigger(StrEnum):
@@ -176,6 +177,7 @@ class Dispatcher:
                 message=f"Reserved {call.call_type} call slot",
                 data={"call_id": str(call.id), "user_id": str(call.user_id)},
             )
+            initiation.note_start(call)
             try:
                 self._placer.initiate(call, provider_agent_id, retry_transient=True)
             except CallflowError as exc:
@@ -250,9 +252,15 @@ class Dispatcher:
         burst of messages drained by the first) costs no more than this."""
         with self._placer.uow_factory() as uow:
             row = uow.reads_only().session.execute(dispatchable_query(user_id, self._campaigns.clock())).first()
-        if row is None or not row[0]:
+        if row is None:
             return _Work()
         free, direct, campaigns, requeued = row
+        if not free:
+            if campaigns:  # the customer's own limit, not a failure: never an event, a breadcrumb for what follows
+                sentry_sdk.add_breadcrumb(
+                    category="queue", message=NO_SLOT_FOR_CAMPAIGNS, level="info", data={"user_id": str(user_id)}
+                )
+            return _Work()
         return _Work(direct=direct, campaigns=campaigns, requeued=requeued)
 
     def _reserve_due(self, user_id: uuid.UUID, most: int, work: _Work) -> list[tuple[Call, str]]:

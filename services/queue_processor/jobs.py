@@ -133,17 +133,20 @@ _failures = _ItemFailures()
 
 def for_each(items: Iterable[T], handle: Callable[[T], object]) -> None:
     """Handles each item on its own: one that fails is reported (once while it fails the same way) and the rest
-    still run."""
+    still run. Each item has its own isolation scope, as each message has: what is noted while handling one (a
+    breadcrumb, a tag) goes on its own events, never on another item's."""
     for item in items:
-        try:
-            handle(item)
-        except Exception as exc:
-            if _failures.is_new(item, repr(exc)):
-                report(CallflowError(ErrorType.INTERNAL_ERROR, f"periodic job failed on {item}: {exc!r}"), cause=exc)
+        with sentry_sdk.isolation_scope():
+            try:
+                handle(item)
+            except Exception as exc:
+                if _failures.is_new(item, repr(exc)):
+                    error = CallflowError(ErrorType.INTERNAL_ERROR, f"periodic job failed on {item}: {exc!r}")
+                    report(error, cause=exc)
+                else:
+                    log.warning("periodic job still failing on %s: %r", item, exc)
             else:
-                log.warning("periodic job still failing on %s: %r", item, exc)
-        else:
-            _failures.recovered(item)
+                _failures.recovered(item)
 
 
 def run_periodically(jobs: tuple[Job, ...], stopping: threading.Event) -> None:

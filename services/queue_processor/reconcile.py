@@ -150,7 +150,7 @@ class ProviderReconciler:
                 return
             status = (execution or {}).get("status")
             if execution is not None and status in statuses.PROVIDER_STATUSES:
-                provider_events.ingest(self._uow, execution, self._bolna)
+                provider_events.ingest(self._uow, execution, self._bolna, fetched=True)
             self._after_check(call.id, status if isinstance(status, str) else None)
 
     def _search(self, agent_id: str, call_id: uuid.UUID, sent_at: datetime) -> dict[str, Any] | None:
@@ -172,7 +172,7 @@ class ProviderReconciler:
             if call.execution_id is None:
                 lifecycle.link_execution(uow.calls, call, execution_id)
                 uow.commit()
-        provider_events.ingest(self._uow, execution, self._bolna)
+        provider_events.ingest(self._uow, execution, self._bolna, fetched=True)
 
     def _searched(self, call_id: uuid.UUID) -> None:
         with self._uow() as uow:

@@ -66,9 +66,6 @@ class CallPlacer:
         user_data: dict[str, Any] = {**call.call_metadata, CONTEXT_CALL_ID_KEY: str(call.id)}
         with sentry_sdk.start_span(op="call.initiate", name="Initiate Call") as span:
             span.set_data("call_id", str(call.id))
-            sentry_sdk.add_breadcrumb(
-                category="call", message="Starting call initiation", data={"call_id": str(call.id)}
-            )
             sentry_sdk.add_breadcrumb(category="bolna", message="Calling Bolna.ai API", data={"endpoint": "/call"})
             try:
                 placed = self._bolna.place_call(provider_agent_id, call.phone_number, user_data)
@@ -161,6 +158,12 @@ class CallPlacer:
             uow.commit()
         log.warning("call %s back in the queue for %.1fs: %s", call_id, delay, error)
         return True
+
+
+def note_start(call: Call) -> None:
+    """The breadcrumb that opens the placing of a call: on the API before the request is checked (a refusal's
+    report shows it), on the queue path once the call holds its slot."""
+    sentry_sdk.add_breadcrumb(category="call", message="Starting call initiation", data={"call_id": str(call.id)})
 
 
 def call_details(call: Call) -> dict[str, object]:

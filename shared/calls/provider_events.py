@@ -36,6 +36,10 @@ MAX_RETRY_DELAY_SECONDS = 600
 PROCESS_OP = "webhook.process"
 PROCESS_NAME = "Process Bolna Webhook"
 KEPT_EVENT_RETENTION = timedelta(days=1)
+# The breadcrumb that opens the handling of an event says where it came from.
+WEBHOOK_RECEIVED = "Webhook received"
+EXECUTION_FETCHED = "Bolna execution fetched"  # Bolna's answer to GET /executions/{id} (reconciling)
+KEPT_EVENT_RETRIED = "Kept Bolna event retried"  # a stored event the sweep applies again
 
 
 @dataclass(frozen=True)
@@ -46,14 +50,18 @@ class Receipt:
     attempt: int
 
 
-def ingest(uow_factory: UnitOfWorkFactory, payload: Any, bolna: BolnaClient | None = None) -> Receipt:
-    """Stores one execution object (a webhook, or Bolna's answer to GET /executions/{id}) and applies it to its
-    call, in one transaction. Once this returns, the event cannot be lost: when applying fails, the event is stored
-    on its own, kept for a retry.
+def ingest(
+    uow_factory: UnitOfWorkFactory, payload: Any, bolna: BolnaClient | None = None, *, fetched: bool = False
+) -> Receipt:
+    """Stores one execution object (a webhook, or with `fetched` Bolna's answer to GET /executions/{id}) and
+    applies it to its call, in one transaction. Once this returns, the event cannot be lost: when applying fails,
+    the event is stored on its own, kept for a retry.
 
     Without `bolna` (the webhook-receiver never waits on Bolna), a `completed` that lacks its duration is kept for
     the queue-processor, which asks Bolna for it before billing.
     """
+    status = AgentExecution(payload).status if isinstance(payload, dict) else None
+    _note(EXECUTION_FETCHED if fetched else WEBHOOK_RECEIVED, status)
     payload, webhook = _validated(payload)
     started = time.monotonic()
     with uow_factory() as uow:
@@ -67,7 +75,7 @@ def ingest(uow_factory: UnitOfWorkFactory, payload: Any, bolna: BolnaClient | No
         elif event_id is not None:
             event_id = outcome.event_id
     if bolna is not None and outcome is not None and outcome.waits_for_duration:
-        process(uow_factory, outcome.event_id, bolna)
+        _process(uow_factory, outcome.event_id, bolna, noted=True)
     return Receipt(event_id, webhook.execution_id, webhook.status, webhook.attempt)
 
 
@@ -77,7 +85,11 @@ def _validated(payload: Any) -> tuple[dict[str, Any], AgentExecution]:
     payload = storable(payload)
     webhook = AgentExecution(payload)
     if webhook.execution_id is None:
-        raise CallflowError(ErrorType.MISSING_EXECUTION_ID, "The webhook has no execution id ('id').")
+        raise CallflowError(
+            ErrorType.MISSING_EXECUTION_ID,
+            "The webhook has no execution id ('id').",
+            sentry_contexts={"webhook_details": _webhook_details(webhook)},
+        )
     if webhook.status is None:
         raise CallflowError(ErrorType.VALIDATION_ERROR, "The webhook has no status.", execution_id=webhook.execution_id)
     return payload, webhook
@@ -116,6 +128,12 @@ def _insert(uow: UnitOfWork, payload: dict[str, Any], webhook: AgentExecution) -
 def process(uow_factory: UnitOfWorkFactory, event_id: int, bolna: BolnaClient | None = None) -> None:
     """Applies a stored event that is still waiting (the sweep's retry). A `completed` without its duration first
     gets it from Bolna, outside any transaction."""
+    _process(uow_factory, event_id, bolna, noted=False)
+
+
+def _process(uow_factory: UnitOfWorkFactory, event_id: int, bolna: BolnaClient | None, noted: bool) -> None:
+    """Applies the event as `process` says. `noted`: `ingest` stored it just now and noted it already, and the
+    isolation scope opened here inherits that breadcrumb, so it is not noted twice."""
     started = time.monotonic()
     with uow_factory() as uow:
         event = uow.session.get(WebhookEvent, event_id)
@@ -123,10 +141,20 @@ def process(uow_factory: UnitOfWorkFactory, event_id: int, bolna: BolnaClient | 
         return
     if _lacks_duration(event) and not _complete_duration(uow_factory, event, bolna):
         return  # Bolna cannot be asked now; the sweep comes back later
-    with uow_factory() as uow:
+    with uow_factory() as uow, sentry_sdk.isolation_scope():  # what is noted of this event stays with it
         event = uow.session.scalar(waiting_event_query(event_id))
         if event is not None:  # not applied meanwhile, nor being applied by another process right now
+            if not noted:
+                _note(KEPT_EVENT_RETRIED, event.status)
             _apply_and_commit(uow, event, started, duration_asked=bolna is not None)
+
+
+def _note(what: str, status: str | None) -> None:
+    """Marks what follows as the handling of an event of this status, from where `what` says: before it is
+    validated, so an event refused as invalid is reported with it too."""
+    sentry_sdk.add_breadcrumb(category="webhook", message=f"{what}: {status or 'no status'}")
+    if status is not None:
+        sentry_sdk.set_tag("webhook_status", status)
 
 
 @dataclass(frozen=True)
@@ -152,7 +180,6 @@ def _apply_and_commit(uow: UnitOfWork, event: WebhookEvent, started: float, dura
     ) as span:
         span.set_data("status", event.status)
         span.set_data("execution_id", event.execution_id)
-        sentry_sdk.add_breadcrumb(category="webhook", message=f"Webhook received: {event.status}")
         ids = {"call_id": call.id, "user_id": call.user_id, "agent_id": call.agent_id} if call else {}
         try:
             if call is None:  # not known (yet): applied when the call is linked, or by the sweep
@@ -239,15 +266,22 @@ def _report_failure(exc: Exception, event: _KeptEvent, ids: dict[str, Any], atte
         )
     )
     error.sentry_contexts["webhook_details"] = {
-        "status": event.status,
-        "execution_id": event.execution_id,
-        "agent_id": event.payload.get("agent_id"),
-        "has_transcript": webhook.transcript is not None,
-        "has_recording": webhook.recording_url is not None,
+        **_webhook_details(webhook),
         "processing_time_ms": round((time.monotonic() - started) * 1000, 1),
         "attempts": attempts,
     }
     report(error, cause=exc if error is not exc else None, place=PROCESS_OP)
+
+
+def _webhook_details(webhook: AgentExecution) -> dict[str, object]:
+    """What a report says of a webhook: what it is about and what it holds, never its transcript or numbers."""
+    return {
+        "status": webhook.status,
+        "execution_id": webhook.execution_id,
+        "agent_id": webhook.payload.get("agent_id"),
+        "has_transcript": webhook.transcript is not None,
+        "has_recording": webhook.recording_url is not None,
+    }
 
 
 def _lacks_duration(event: WebhookEvent) -> bool:

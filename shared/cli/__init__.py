@@ -11,7 +11,7 @@ from urllib.parse import quote
 import click
 
 from shared.bootstrap import build_components
-from shared.cli import accounts, campaigns, demo
+from shared.cli import accounts, campaigns, demo, sentry
 from shared.core import migrate
 from shared.core.config import load_settings
 from shared.messaging import dead_letters
@@ -26,6 +26,7 @@ def main() -> None:
 
 main.add_command(campaigns.campaigns)
 main.add_command(demo.demo)
+main.add_command(sentry.sentry)
 
 
 @main.group()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import sys
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, PostgresDsn, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -42,6 +43,29 @@ class Settings(BaseSettings):
     sentry_enable_logs: bool = False
     sentry_send_default_pii: bool = False
     sentry_send_in_development: bool = False
+    # Crons check-ins from the periodic jobs; off where the DSN is a local Bugsink, which drops them. Empty (as in
+    # .env.example, which every process `make up` starts reads) is the default: the Procfile derives the
+    # queue-processor's value from SENTRY_DSN.
+    sentry_crons: bool = True
+    # `callctl sentry apply|release`: the Sentry API (self-hosted: its own URL) and a token with the scopes
+    # SENTRY_TOKEN_SCOPES (shared/cli/sentry.py) names.
+    sentry_url: str = "https://sentry.io"
+    sentry_auth_token: str = ""
+    # Who alerts notify; an action is added only for a target that is set. The e-mail is an organization member's;
+    # the Slack workspace is the name of the organization's Slack integration; the channel is written `#name`.
+    sentry_alert_email: str = ""
+    sentry_alert_slack_workspace: str = ""
+    sentry_alert_slack_channel: str = ""
+    # Alert thresholds (deploy/sentry): events in the alert's window (more than this fires), then p95 durations
+    # (of queued call placement and of dispatch handling for PROVIDER and DISPATCH_LATENCY) and the failure rate.
+    sentry_alert_bolna_failures: int = Field(5, ge=0)
+    sentry_alert_webhook_failures: int = Field(3, ge=0)
+    sentry_alert_queue_failures: int = Field(5, ge=0)
+    sentry_alert_webhook_auth_failures: int = Field(10, ge=0)
+    sentry_alert_call_initiate_p95_ms: float = Field(3000.0, gt=0)
+    sentry_alert_provider_p95_ms: float = Field(5000.0, gt=0)
+    sentry_alert_dispatch_latency_p95_ms: float = Field(5000.0, gt=0)
+    sentry_alert_failure_rate: float = Field(0.05, gt=0, le=1)
 
     host: str = "127.0.0.1"
     port: int | None = Field(None, ge=1, le=65535)
@@ -103,11 +127,32 @@ class Settings(BaseSettings):
             )
         return self
 
+    @field_validator("sentry_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http(s) URL such as https://sentry.io, not {value!r}")
+        return value
+
+    @field_validator("sentry_alert_slack_channel")
+    @classmethod
+    def _slack_channel(cls, value: str) -> str:
+        # Sentry stores the channel as `#name`: one given without it would differ on every apply, and be updated.
+        if value and not value.startswith("#"):
+            raise ValueError(f"must start with # (#{value}), as Sentry stores it")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _postgres_only(cls, value: str) -> str:
         PostgresDsn(value)
         return value
+
+    @field_validator("sentry_crons", mode="before")
+    @classmethod
+    def _empty_is_the_default(cls, value: object) -> object:
+        return cls.model_fields["sentry_crons"].default if isinstance(value, str) and not value.strip() else value
 
     @field_validator("webhook_allowed_ips", mode="before")
     @classmethod

@@ -42,10 +42,12 @@ EVENTS_PER_TYPE = 10  # per window and process, whatever the source: a scanner r
 
 
 class _ProcessIdentity:
-    """Set once by `init_sentry`: the service this process runs, and the secrets its events must never carry."""
+    """Set once by `init_sentry`: the service this process runs, the secrets its events must never carry, and
+    whether its periodic jobs check in with Crons."""
 
     service = "callflow"
     secrets: tuple[str, ...] = ()
+    crons = True
 
 
 class EventThrottle:
@@ -125,6 +127,7 @@ def init_sentry(service: str, settings: Settings) -> bool:
     """Initialises the SDK for `service`; returns whether events are sent."""
     _ProcessIdentity.service = service
     _ProcessIdentity.secrets = tuple(s for s in (settings.webhook_secret, settings.bolna_api_key) if len(s) >= 6)
+    _ProcessIdentity.crons = settings.sentry_crons
     _Unauthenticated.throttle = EventThrottle()
     enabled = sending_enabled(settings)
     if enabled:
@@ -263,7 +266,10 @@ def database_recovered() -> None:
 
 @contextmanager
 def cron(slug: str, interval_seconds: float) -> Iterator[None]:
-    """A Sentry Crons check-in around one run of a periodic job."""
+    """A Sentry Crons check-in around one run of a periodic job (none with SENTRY_CRONS off)."""
+    if not _ProcessIdentity.crons:
+        yield
+        return
     minutes = max(1, round(interval_seconds / 60))
     config = {
         "schedule": {"type": "interval", "value": minutes, "unit": "minute"},
@@ -308,7 +314,25 @@ def _expected(hint: Hint) -> bool:
 def _before_send(event: Event, hint: Hint) -> Event | None:
     if _expected(hint):
         return None
+    exc_info = hint.get("exc_info")
+    if exc_info and isinstance(exc_info[1], CallflowError):
+        with capture_internal_exceptions():
+            _name_the_failure(event, exc_info[1].error_type)
     return _scrubbed(event)
+
+
+def exception_type_name(error_type: ErrorType) -> str:
+    """What an error type is called as an exception: `agent_not_found` is `AgentNotFound`."""
+    return "".join(word.capitalize() for word in str(error_type).split("_"))
+
+
+def _name_the_failure(event: Event, error_type: ErrorType) -> None:
+    """An issue's title is its exception's type and message: the type names the error type, not `CallflowError`,
+    so the issue list reads as the error table. Grouping is unchanged: the fingerprint is set apart (`_capture`).
+    The raised exception is the last of the chain; the causes before it keep their own types."""
+    raised = event["exception"]["values"][-1]
+    if raised.get("type") == CallflowError.__name__:
+        raised["type"] = exception_type_name(error_type)
 
 
 def _before_send_transaction(event: Event, hint: Hint) -> Event | None:

@@ -201,6 +201,13 @@ def test_callflow_servers_outlast_a_graceful_stop_and_report_to_bugsink_by_defau
         assert dsn is None or urlsplit(dsn).hostname == BUGSINK, f"{name} reports to {dsn}"
 
 
+def test_each_image_compose_builds_is_given_the_commit_as_its_release(tmp_path):
+    env = env_file(tmp_path)
+    env.write_text(env.read_text() + "GIT_SHA=0123abcd\n")
+    for name, service in _callflow_services(resolved_config(env)["services"]).items():
+        assert (service["build"].get("args") or {}).get("GIT_SHA") == "0123abcd", f"{name} is built without GIT_SHA"
+
+
 def test_data_lives_in_named_volumes_and_the_console_is_local(config):
     volumes = set(config["volumes"])
     for name in (POSTGRES, RABBITMQ, BUGSINK):

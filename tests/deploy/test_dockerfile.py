@@ -67,6 +67,16 @@ def test_the_image_runs_as_a_numeric_non_root_user_with_an_exec_form_command():
     assert command[:2] == ["python", "-m"] and importlib.util.find_spec(command[2]), command
 
 
+def test_an_image_built_as_documented_carries_its_commit_as_the_release():
+    runtime = _stages()[-1]
+    assert "GIT_SHA" in [arg.split("=")[0] for arg in _arguments(runtime, "ARG")]
+    assert "SENTRY_RELEASE=$GIT_SHA" in _arguments(runtime, "ENV")
+    documented = re.findall(r"docker build [^`\n]*", (REPO / "README.md").read_text() + DOCKERFILE.read_text())
+    assert documented, "no documented docker build command"
+    for command in documented:  # without the argument, the image's SENTRY_RELEASE is empty
+        assert "--build-arg GIT_SHA=$(git rev-parse HEAD)" in command, command
+
+
 def test_every_file_the_dockerfile_copies_is_in_the_build_context():
     lines = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()]
     assert "*" in lines, ".dockerignore does not leave everything out first (an allow-list)"

@@ -75,6 +75,7 @@ def test_bolna_api_failure_is_an_issue_in_bugsink_tagged_with_its_error_type(
         initiator.stop()
 
     assert len(issues) == 1, issues
+    assert issues[0]["calculated_type"] == "BolnaApiFailure", "the issue is titled with its error type"
     assert bugsink_server.issue_tags(issues[0]["id"])["error_type"] == {"bolna_api_failure"}
     events = bugsink_server.events(issues[0]["id"])
     assert events

@@ -21,6 +21,7 @@ from shared.core.errors import ErrorType
 from shared.core.models import Call, CampaignContact, CreditLedgerEntry, WebhookEvent
 from tests.support.components import components
 from tests.support.factories import Customer, customer
+from tests.support.queue_details import expected_queue_details
 from tests.support.slot_sampler import SlotSampler
 from tests.support.stack import Stack, wait_until
 
@@ -346,16 +347,7 @@ def test_a_failing_campaign_call_is_reported_with_its_queue_context_in_the_campa
     assert event.tags["call_type"] == "campaign" and event.tags["severity"] == "high"
     details = event.payload["contexts"]["queue_details"]
     (call,) = _campaign_calls(campaign_id)
-    assert details == {
-        "queue_id": str(call.id),
-        "user_id": str(owner.user_id),
-        "agent_id": str(owner.agent_id),
-        "contact_id": call.contact_id,
-        "campaign_id": campaign_id,
-        "call_type": "campaign",
-        "call_id": str(call.id),
-        "priority": 1,
-    }
+    assert details == expected_queue_details(call, owner, campaign_id)
     crumbs = [crumb for crumb in event.payload["breadcrumbs"]["values"] if crumb.get("category") == "queue"]
     assert crumbs[0]["message"] == "Reserved campaign call slot"
     assert crumbs[0]["data"] == {"call_id": str(call.id), "user_id": str(owner.user_id)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -16,6 +17,8 @@ from tests.support.isolation import POSTGRES_ADMIN_URL, Isolation
 from tests.support.processes import REPO, free_port
 
 PORTS = {"call-initiator": 8001, "webhook-receiver": 8002, "queue-processor": 8003, "bolna-simulator": 8010}
+# What services/queue_processor/retention.py logs for each step of a run.
+JOB_ROUND_DONE = re.compile(rb"queue-processor\.\d+ +\|.* retention: \w+ touched \d+ rows")
 
 
 def _healthy(port: int) -> bool:
@@ -69,6 +72,15 @@ def test_make_up_from_a_clean_clone(tmp_path, isolation, fresh_database):
             health = httpx.get("http://127.0.0.1:8001/health").json()
             assert health["checks"] == {"database": "ok", "rabbitmq": "ok"}
             assert health["sentry"]["enabled"] is True, "make up points the services at its Bugsink"
+            # Enforcing retention is the last job of the queue-processor's first round, and logs each step: once
+            # it has, every job has run, and each would have checked in.
+            deadline = time.monotonic() + 60
+            while not JOB_ROUND_DONE.search(log_path.read_bytes()):
+                assert time.monotonic() < deadline, f"no periodic job ran:\n{log_path.read_text()[-4000:]}"
+                time.sleep(1)
+            time.sleep(2)  # the SDK sends from a thread of its own: time for a check-in to reach Bugsink's log
+            quiet = b"non-supported envelope item: check_in" not in log_path.read_bytes()
+            assert quiet, "make up sends its Bugsink no Crons check-ins, which it could only log as unsupported"
         finally:
             os.killpg(make.pid, signal.SIGINT)
             try:

@@ -4,16 +4,22 @@ word overruling a call Callflow gave up on, and periodic jobs that handle each i
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
 
+import pytest
+import sentry_sdk
 from sqlalchemy import func, select
 
 from services.queue_processor import jobs
 from shared.calls import lifecycle, provider_events, statuses
+from shared.core.config import load_settings
 from shared.core.errors import ErrorType
 from shared.core.models import Call
+from shared.observability.sentry import init_sentry
 from tests.support.components import components
 from tests.support.factories import call_row, customer, ledger_total, load_call
+from tests.support.sentry_sink import SentrySink
 
 
 def test_a_reservation_holds_its_slot_on_the_short_lease_until_bolna_names_the_execution():
@@ -72,3 +78,48 @@ def test_one_item_that_fails_does_not_stop_a_periodic_job_from_handling_the_rest
     jobs.for_each([1, 2, 3], handle)  # the next round: the same failure is not reported again
     assert handled == [1, 3, 1, 3]
     assert len(reported) == 1
+
+
+class _BolnaWithoutDuration:
+    """Bolna's answer to GET /executions/{id}: completed, with no duration anywhere (the call is not billed)."""
+
+    def get_execution(self, execution_id: str) -> dict[str, str]:
+        return {"id": execution_id, "status": statuses.COMPLETED}
+
+
+@pytest.fixture
+def sentry_sink() -> Iterator[SentrySink]:
+    sink = SentrySink().start()
+    settings = load_settings().model_copy(update={"sentry_dsn": sink.dsn, "sentry_send_in_development": True})
+    init_sentry("tests", settings)
+    yield sink
+    init_sentry("tests", load_settings())  # back to no client
+    sink.stop()
+
+
+def _noted_of_unbilled_call(sink: SentrySink, call: Call) -> list[str]:
+    """The breadcrumbs that say where the event came from, on the report that the call was not billed."""
+    sentry_sdk.flush(timeout=10)
+    (event,) = sink.events(error_type=str(ErrorType.BILLING_DURATION_MISSING), call_id=str(call.id))
+    return [crumb["message"] for crumb in event.payload["breadcrumbs"]["values"] if crumb.get("category") == "webhook"]
+
+
+def test_an_execution_fetched_from_bolna_and_applied_at_once_is_noted_once_as_fetched(sentry_sink):
+    owner = customer(credits=10)
+    execution_id = str(uuid.uuid4())
+    call = call_row(owner, status="in-progress", execution_id=execution_id, slot_held=True)
+    answer = {"id": execution_id, "status": statuses.COMPLETED}  # no duration: Bolna is asked again, then applied
+    with sentry_sdk.isolation_scope():  # one call reconciled
+        provider_events.ingest(components().uow, answer, _BolnaWithoutDuration(), fetched=True)
+    assert _noted_of_unbilled_call(sentry_sink, call) == ["Bolna execution fetched: completed"]
+
+
+def test_a_kept_webhook_the_sweep_applies_is_noted_as_retried(sentry_sink):
+    owner = customer(credits=10)
+    execution_id = str(uuid.uuid4())
+    call = call_row(owner, status="in-progress", execution_id=execution_id, slot_held=True)
+    with sentry_sdk.isolation_scope():  # the webhook-receiver keeps it for the queue-processor to ask Bolna
+        receipt = provider_events.ingest(components().uow, {"id": execution_id, "status": statuses.COMPLETED})
+    with sentry_sdk.isolation_scope():  # the queue-processor's sweep
+        provider_events.process(components().uow, receipt.event_id, _BolnaWithoutDuration())
+    assert _noted_of_unbilled_call(sentry_sink, call) == ["Kept Bolna event retried: completed"]

@@ -78,3 +78,11 @@ def test_every_service_refuses_a_weak_webhook_secret_in_production(service, secr
 def test_production_accepts_a_long_webhook_secret_and_development_any():
     assert _start_with({**PRODUCTION, "WEBHOOK_SECRET": "0123456789abcdef0123456789abcdef"}).returncode == 0
     assert _start_with({"PATH": "/usr/bin", "WEBHOOK_SECRET": "short"}).returncode == 0
+
+
+def test_env_example_as_make_up_hands_it_to_every_process_loads():
+    lines = (REPO / ".env.example").read_text().splitlines()
+    env = dict(line.split("=", 1) for line in lines if "=" in line and not line.startswith("#"))
+    assert env["SENTRY_CRONS"] == "", "the Procfile derives it from SENTRY_DSN only when it is empty"
+    result = _start_with({**env, "PATH": "/usr/bin"})
+    assert result.returncode == 0, result.stderr

@@ -1,0 +1,146 @@
+"""What the SDK, set up as every service sets it up, sends for a report and for a periodic job: read from the real
+envelopes it posts to a stand-in for Sentry on this machine."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import pytest
+import sentry_sdk
+
+from services.queue_processor import jobs
+from services.queue_processor.dispatch import NO_SLOT_FOR_CAMPAIGNS, Dispatcher, DispatchTrigger
+from shared.core.config import Settings
+from shared.core.errors import ERROR_TABLE, CallflowError, ErrorType
+from shared.observability.sentry import cron, exception_type_name, init_sentry, report
+from tests.support.sentry_sink import Item, SentrySink
+
+Start = Callable[..., SentrySink]
+
+
+@pytest.fixture
+def sentry() -> Iterator[Start]:
+    """Starts the SDK against a fresh sink with the given settings; stops it (sending nothing) afterwards."""
+    sinks: list[SentrySink] = []
+
+    def start(**settings: object) -> SentrySink:
+        sink = SentrySink().start()
+        sinks.append(sink)
+        init_sentry(
+            "test",
+            Settings(
+                sentry_dsn=sink.dsn,
+                sentry_send_in_development=True,
+                sentry_traces_sample_rate=0,
+                sentry_profiles_sample_rate=0,
+                **settings,
+            ),
+        )
+        return sink
+
+    yield start
+    init_sentry("test", Settings(sentry_dsn=""))
+    for sink in sinks:
+        sink.stop()
+
+
+def _sent(sink: SentrySink, item_type: str) -> list[Item]:
+    sentry_sdk.flush(timeout=10)
+    return sink.of_type(item_type)
+
+
+def test_an_error_types_exception_name_is_its_type_in_camel_case_and_unique():
+    assert exception_type_name(ErrorType.AGENT_NOT_FOUND) == "AgentNotFound"
+    assert exception_type_name(ErrorType.BOLNA_API_FAILURE) == "BolnaApiFailure"
+    names = {exception_type_name(error_type) for error_type in ERROR_TABLE}
+    assert len(names) == len(ERROR_TABLE)
+    assert all(name.isidentifier() and name[0].isupper() for name in names)
+
+
+def test_an_issue_is_titled_with_its_error_type_and_still_grouped_by_type_and_place(sentry):
+    sink = sentry()
+    cause = KeyError("agent")
+    report(CallflowError(ErrorType.AGENT_NOT_FOUND, "Agent a1 does not exist."), cause=cause, place="/api/calls")
+    (event,) = _sent(sink, "event")
+    *causes, raised = event.payload["exception"]["values"]
+    assert (raised["type"], raised["value"]) == ("AgentNotFound", "Agent a1 does not exist.")
+    assert [value["type"] for value in causes] == ["KeyError"], "a cause keeps its own type"
+    assert event.payload["fingerprint"] == ["agent_not_found", "/api/calls"]
+
+
+def test_an_exception_that_is_not_a_callflow_error_keeps_its_type(sentry):
+    sink = sentry()
+    try:
+        raise ValueError("not of the table")
+    except ValueError as exc:
+        sentry_sdk.capture_exception(exc)
+    (event,) = _sent(sink, "event")
+    assert event.payload["exception"]["values"][-1]["type"] == "ValueError"
+
+
+@pytest.mark.parametrize(("crons", "check_ins"), [(True, 2), (False, 0)])
+def test_a_periodic_job_checks_in_only_with_crons_on(sentry, crons, check_ins):
+    sink = sentry(sentry_crons=crons)
+    ran = []
+    with cron("callflow-test-job", 60):
+        ran.append(True)
+    assert ran, "the job runs either way"
+    sent = _sent(sink, "check_in")
+    assert len(sent) == check_ins
+    assert {item.payload["monitor_slug"] for item in sent} == ({"callflow-test-job"} if crons else set())
+
+
+def test_crons_are_on_unless_turned_off():
+    assert Settings.model_fields["sentry_crons"].default is True
+
+
+def test_an_empty_sentry_crons_is_the_default(monkeypatch):
+    monkeypatch.setenv("SENTRY_CRONS", "")  # .env.example's value, which every process `make up` starts is given
+    assert Settings().sentry_crons is True
+
+
+class _NoFreeSlotPlacer:
+    """A placer whose user has campaign calls due and no free slot: what `Dispatcher` reads, and nothing else."""
+
+    provider_down = False
+
+    @contextmanager
+    def uow_factory(self) -> Iterator[SimpleNamespace]:
+        due = SimpleNamespace(first=lambda: (False, False, True, False))  # free slot, direct, campaigns, requeued
+        session = SimpleNamespace(execute=lambda query: due)
+        yield SimpleNamespace(reads_only=lambda: SimpleNamespace(session=session))
+
+
+def test_campaign_calls_without_a_free_slot_are_an_info_breadcrumb_not_an_event(sentry):
+    sink = sentry()
+    user_id = uuid.uuid4()
+    with sentry_sdk.isolation_scope():
+        assert Dispatcher(_NoFreeSlotPlacer(), concurrency=1).dispatch_pending(user_id, DispatchTrigger.MESSAGE) == 0
+        sentry_sdk.capture_message("what follows the dispatch")
+    (event,) = _sent(sink, "event")
+    (crumb,) = [crumb for crumb in event.payload["breadcrumbs"]["values"] if crumb.get("category") == "queue"]
+    assert crumb["message"] == NO_SLOT_FOR_CAMPAIGNS
+    assert crumb["level"] == "info"
+    assert crumb["data"] == {"user_id": str(user_id)}
+
+
+def test_a_periodic_jobs_item_reports_nothing_noted_while_handling_another(sentry):
+    sink = sentry()
+    user_a, user_b = uuid.uuid4(), uuid.uuid4()
+
+    def handle(user_id: uuid.UUID) -> None:
+        if user_id == user_a:  # no free slot for A's campaign calls: an info breadcrumb naming A
+            Dispatcher(_NoFreeSlotPlacer(), concurrency=1).dispatch_pending(user_id, DispatchTrigger.SCHEDULE)
+            return
+        sentry_sdk.add_breadcrumb(category="test", message=f"handling {user_id}")
+        raise ValueError(f"B fails: {user_id}")
+
+    with sentry_sdk.isolation_scope():  # one run of the job, as `_run_once` opens it
+        jobs.for_each([user_a, user_b], handle)
+    (event,) = _sent(sink, "event")
+    messages = [crumb.get("message") for crumb in event.payload["breadcrumbs"]["values"]]
+    assert f"handling {user_b}" in messages, "the failing item's own breadcrumbs stay on its event"
+    assert NO_SLOT_FOR_CAMPAIGNS not in messages, "A's breadcrumb is not on B's event"
