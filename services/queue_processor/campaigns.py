@@ -178,7 +178,7 @@ def finished_attempts_query(
         .with_for_update(of=CampaignContact, key_share=True)
     )
     if call_id is not None:
-        query = query.where(Call.id == call_id, CampaignContact.id == Call.contact_id)
+        query = query.where(_attempt_of(call_id))
     return query
 
 
@@ -233,7 +233,12 @@ def campaign_work_due_query(user_id: uuid.UUID, now: datetime) -> Select[tuple[u
 
 def attempt_ended_query(call_id: uuid.UUID) -> Select[tuple[int]]:
     """The contact whose attempt `call_id` was, if that call ended and its result awaits settling."""
-    return _attempts_ended().where(Call.id == call_id, CampaignContact.id == Call.contact_id)
+    return _attempts_ended().where(_attempt_of(call_id))
+
+
+def _attempt_of(call_id: uuid.UUID) -> ColumnElement[bool]:
+    """The call and the contact it is an attempt of, each by primary key, however many contacts are being called."""
+    return (Call.id == call_id) & (CampaignContact.id == Call.contact_id)
 
 
 def requeued_calls_due_query(user_id: uuid.UUID) -> Select[tuple[uuid.UUID]]:

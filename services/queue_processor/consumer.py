@@ -236,10 +236,7 @@ class Consumer:
             _close(connection)
 
     def _connect(self) -> pika.BlockingConnection:
-        nodes = connection_parameters(self._url)
-        for node in nodes:
-            node.heartbeat = self._heartbeat_seconds
-        return pika.BlockingConnection(nodes)
+        return pika.BlockingConnection(connection_parameters(self._url, heartbeat=self._heartbeat_seconds))
 
     def _start_consuming(self, connection: pika.BlockingConnection, handler_thread: _HandlerThread) -> None:
         channel = connection.channel()
@@ -295,14 +292,8 @@ class Consumer:
         properties = delivery.properties
         retry = persistent_copy(properties, {**(properties.headers or {}), ATTEMPT_HEADER: attempt + 1})
 
-        def publish_retry_then_ack() -> None:
-            delivery.channel.basic_publish(
-                RETRY_EXCHANGE, retry_queue(self._queue, delay), delivery.body, retry, mandatory=True
-            )
-            delivery.channel.basic_ack(delivery.method.delivery_tag)
-
         try:
-            connection_thread.on_connection_thread(publish_retry_then_ack)
+            _forward_then_ack(delivery, RETRY_EXCHANGE, retry_queue(self._queue, delay), retry, connection_thread)
         except UnroutableError:
             self._dead_letter(delivery, f"no retry queue; {exc!r}", connection_thread, exc)
 
@@ -320,11 +311,7 @@ class Consumer:
             },
         )
 
-        def publish_dead_letter_then_ack() -> None:
-            delivery.channel.basic_publish(DEAD_LETTER_EXCHANGE, routing_key, delivery.body, dead)
-            delivery.channel.basic_ack(delivery.method.delivery_tag)
-
-        connection_thread.on_connection_thread(publish_dead_letter_then_ack)
+        _forward_then_ack(delivery, DEAD_LETTER_EXCHANGE, routing_key, dead, connection_thread, mandatory=False)
         report(
             CallflowError(
                 ErrorType.MESSAGE_DEAD_LETTERED,
@@ -349,3 +336,21 @@ def _close(connection: pika.BlockingConnection) -> None:
             connection.close()
         except (AMQPError, OSError):
             log.debug("closing a broken broker connection failed", exc_info=True)
+
+
+def _forward_then_ack(
+    delivery: _Delivery,
+    exchange: str,
+    routing_key: str,
+    properties: pika.BasicProperties,
+    connection_thread: _HandlerThread,
+    mandatory: bool = True,
+) -> None:
+    """Publishes the delivery's body onward, then acks the delivery, on the connection's own thread (pika's
+    channels are not thread-safe); a message is acked only once its copy is confirmed."""
+
+    def forward_then_ack() -> None:
+        delivery.channel.basic_publish(exchange, routing_key, delivery.body, properties, mandatory=mandatory)
+        delivery.channel.basic_ack(delivery.method.delivery_tag)
+
+    connection_thread.on_connection_thread(forward_then_ack)

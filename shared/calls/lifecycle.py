@@ -28,7 +28,7 @@ def reserve_slot(store: CallStore, locked_user: User, call: Call, *, behind_queu
 
     With `behind_queue`, calls already waiting go first: a new call does not jump the queue.
     """
-    if store.held_slots(locked_user.id) >= locked_user.max_concurrent_calls:
+    if free_slots(store, locked_user) == 0:
         return False
     if behind_queue and store.has_older_pending(call):
         return False
@@ -87,11 +87,10 @@ def release_slot(call: Call) -> None:
 
 def fail(call: Call, error_type: str, detail: str) -> None:
     """Releases the call's slot and fails it, unless it already ended."""
-    if statuses.is_terminal(call.status):
-        release_slot(call)
-        return
     slot_was_held = call.slot_held
     release_slot(call)
+    if statuses.is_terminal(call.status):
+        return
     call.status = statuses.FAILED
     call.error_type = error_type
     call.error_detail = detail[:2000]

@@ -77,23 +77,21 @@ class Publisher:
         self._url = url
         self._give_up_after = give_up_after
         self._local = threading.local()
-        self._declared = False
+        self._topology_declared = threading.Event()
         self._requests: queue.SimpleQueue[tuple[Future[None], Callable[[], None]]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._thread_lock = threading.Lock()
 
     def giving_up_after(self, seconds: float) -> Publisher:
         """A publisher to the same broker whose publishes raise BrokerTooSlow after `seconds`."""
-        return Publisher(self._url, give_up_after=seconds)
+        copy = Publisher(self._url, give_up_after=seconds)
+        copy._topology_declared = self._topology_declared  # declared once per process, by whichever connects first
+        return copy
 
     def _connection_parameters(self, deadline: float | None) -> list[pika.URLParameters]:
-        nodes = connection_parameters(self._url)
-        if deadline is not None:
-            connecting_within = _seconds_left(deadline)
-            for node in nodes:
-                node.socket_timeout = node.stack_timeout = connecting_within
-                node.blocked_connection_timeout = self._give_up_after
-        return nodes
+        if deadline is None or self._give_up_after is None:
+            return connection_parameters(self._url)
+        return connection_parameters(self._url, timeout=_seconds_left(deadline), blocked_timeout=self._give_up_after)
 
     def _channel(self, deadline: float | None) -> BlockingChannel:
         channel = getattr(self._local, "channel", None)
@@ -110,9 +108,9 @@ class Publisher:
             with _abandoned_at(connection, deadline):
                 channel = connection.channel()
                 channel.confirm_delivery()
-                if not self._declared:  # once per process: the topology is durable, reconnects need not redo it
+                if not self._topology_declared.is_set():  # durable: reconnects need not declare it again
                     declare_topology(channel)
-                    self._declared = True
+                    self._topology_declared.set()
             self._local.channel = channel
         self._local.last_used = time.monotonic()
         return channel

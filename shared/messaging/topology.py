@@ -47,9 +47,17 @@ DISPATCH_BINDINGS = (
 )
 
 
-def connection_parameters(url: str) -> list[pika.URLParameters]:
+def connection_parameters(
+    url: str,
+    *,
+    timeout: float | None = None,
+    blocked_timeout: float = 10,
+    heartbeat: int = HEARTBEAT_SECONDS,
+) -> list[pika.URLParameters]:
     """One entry per node `url` names, in random order, for `pika.BlockingConnection`, which tries them in turn: a
-    connection goes to the first live node, and replicas spread their connections over the cluster.
+    connection goes to the first live node, and replicas spread their connections over the cluster. `timeout`, when
+    given, bounds each socket operation and the whole opening of a connection, per node (else 5 s and pika's 15 s);
+    `blocked_timeout`: how long a connection the broker blocked (out of memory or disk) may hold a publish.
 
     Raises ValueError for an entry that is not an amqp:// or amqps:// URL pika can read (naming its position, not
     the URL, which holds a password)."""
@@ -65,9 +73,11 @@ def connection_parameters(url: str) -> list[pika.URLParameters]:
             params = pika.URLParameters(node)
         except ValueError as exc:
             raise ValueError(f"{where} is malformed: {exc}") from None
-        params.heartbeat = HEARTBEAT_SECONDS
-        params.blocked_connection_timeout = 10  # a broker out of memory or disk must not hang a request for long
-        params.socket_timeout = 5
+        params.heartbeat = heartbeat
+        params.blocked_connection_timeout = blocked_timeout
+        params.socket_timeout = 5 if timeout is None else timeout
+        if timeout is not None:
+            params.stack_timeout = timeout
         params.connection_attempts = 1
         parameters.append(params)
     random.shuffle(parameters)
@@ -230,7 +240,4 @@ def persistent_copy(properties: pika.BasicProperties, headers: dict[str, Any]) -
 def ping(url: str) -> None:
     """Raises unless some node answers. Each node gets a short timeout: a node that drops packets must not make a
     readiness probe (itself timed out after a few seconds) fail while the others answer."""
-    nodes = connection_parameters(url)
-    for node in nodes:
-        node.socket_timeout = node.stack_timeout = PING_TIMEOUT_SECONDS
-    pika.BlockingConnection(nodes).close()
+    pika.BlockingConnection(connection_parameters(url, timeout=PING_TIMEOUT_SECONDS)).close()
