@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 # The first three refuse the call; the last two place it and then fail the answer.
 Fault = Literal["error", "timeout", "rate_limited", "lost_answer", "error_after_placing"]
 
-RECORDED_REQUESTS = 1000  # the most recent requests to Bolna's endpoints kept for `GET /_sim/requests`
+RECORDED_REQUESTS = 5000  # the most recent requests to Bolna's endpoints kept for `GET /_sim/requests`
 
 
 def _now() -> str:
