@@ -10,9 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import func, select
 
+from shared.calls import statuses
+from shared.core.models import Call
+from tests.support.components import components
 from tests.support.factories import Customer, customer
-from tests.support.stack import Stack
+from tests.support.stack import Stack, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -75,10 +79,28 @@ def test_every_answer_of_the_live_api_is_one_its_description_allows(stack: Stack
         text=True,
         timeout=240,
     )
-    assert run.returncode == 0, run.stdout + run.stderr
-    # The examples reached the customer's own agent: calls were placed, not only refused.
-    placed = [e for e in stack.sim_executions() if e["agent_id"] == owner.provider_agent_id]
-    assert len(placed) > 1
+    try:
+        assert run.returncode == 0, run.stdout + run.stderr
+        # The examples reached the customer's own agent: calls were placed, not only refused.
+        placed = [e for e in stack.sim_executions() if e["agent_id"] == owner.provider_agent_id]
+        assert len(placed) > 1
+    finally:
+        _stop_calling(stack, owner)
+
+
+def _stop_calling(stack: Stack, owner: Customer) -> None:
+    """The stack is the package's: the campaigns the examples created and started must not go on calling (through
+    the faults later tests inject) once this test is over."""
+    listed = stack.api("GET", "/api/campaigns", headers=owner.auth).json()
+    for campaign in listed.get("campaigns", []):
+        stack.api("POST", f"/api/campaigns/{campaign['campaignId']}/cancel", headers=owner.auth)
+    wait_until(lambda: not _live_calls(owner), 60, "the customer's calls end")
+
+
+def _live_calls(owner: Customer) -> int:
+    with components().uow() as uow:
+        query = select(func.count()).where(Call.user_id == owner.user_id, Call.status.not_in(statuses.TERMINAL))
+        return uow.session.scalar(query) or 0
 
 
 def _campaign_body(owner: Customer) -> dict[str, Any]:
