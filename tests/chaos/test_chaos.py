@@ -18,11 +18,11 @@ from sqlalchemy import func, select
 from services.queue_processor.dispatch import TRIGGER_SPAN_DATA, DispatchTrigger
 from shared.calls import statuses
 from shared.core.errors import ErrorType
-from shared.core.models import Call, CampaignContact, CreditLedgerEntry, OutboxMessage, User
+from shared.core.models import Call, CampaignContact, CreditLedgerEntry, User
 from tests.support import broker
 from tests.support.components import components
 from tests.support.factories import Customer, call_row, customer, load_call
-from tests.support.invariants import violations
+from tests.support.invariants import calls_of, unpublished_messages, violations
 from tests.support.sentry_sink import Item
 from tests.support.slot_sampler import SlotSampler
 from tests.support.stack import Stack, wait_until
@@ -59,16 +59,6 @@ def _place(stack: Stack, owner: Customer) -> Answer:
     body = {"agentId": str(owner.agent_id), "phoneNumber": PHONE}
     response = stack.api("POST", "/api/calls", headers=owner.auth, json=body)
     return Answer(response, time.time())
-
-
-def _calls(user_ids: list[uuid.UUID]) -> list[Call]:
-    with components().uow() as uow:
-        return list(uow.session.scalars(select(Call).where(Call.user_id.in_(user_ids))))
-
-
-def _unpublished() -> int:
-    with components().uow() as uow:
-        return uow.session.scalar(select(func.count()).where(OutboxMessage.published_at.is_(None)))
 
 
 def _dispatches(stack: Stack, user_ids: list[uuid.UUID], since: float) -> list[Item]:
@@ -131,11 +121,15 @@ def test_500_calls_survive_broker_outage_flaky_provider_and_a_killed_consumer(
             request.result()
         times = faults.result(timeout=180)
         # Calls whose answer was lost hold their slot until Bolna's word or the bound: the queue drains slower.
-        wait_until(lambda: all(statuses.is_terminal(call.status) for call in _calls(user_ids)), 180, "every call ends")
+
+        def every_call_ended() -> bool:
+            return all(statuses.is_terminal(call.status) for call in calls_of(user_ids))
+
+        wait_until(every_call_ended, 180, "every call ends")
         all_ended = time.time()
         wait_until(lambda: _campaign_status(stack, campaigner, campaign_id) == "completed", 180, "the campaign ends")
-    wait_until(lambda: _unpublished() == 0, 30, "the outbox drains once the broker is back")
-    calls = _calls(user_ids)
+    wait_until(lambda: unpublished_messages() == 0, 30, "the outbox drains once the broker is back")
+    calls = calls_of(user_ids)
 
     codes = Counter(answer.response.status_code for answer in answers)
     assert set(codes) <= {201, 202, 502}, {
@@ -306,11 +300,11 @@ def test_webhooks_posted_while_the_broker_is_down_are_applied_and_announced_afte
             completed = {"id": call.execution_id, "status": "completed", "telephony_data": {"duration": "30"}}
             assert stack.webhook(completed).status_code == 200
         assert all(load_call(call.id).status == "completed" for call in live)
-        assert _unpublished() >= len(live), "the slot releases wait in the outbox"
+        assert unpublished_messages() >= len(live), "the slot releases wait in the outbox"
     finally:
         broker.start_broker()
 
-    wait_until(lambda: _unpublished() == 0, 60, "the outbox is relayed once the broker is back")
+    wait_until(lambda: unpublished_messages() == 0, 60, "the outbox is relayed once the broker is back")
     wait_until(
         lambda: all(statuses.is_terminal(load_call(call.id).status) for call in waiting), 90, "the waiting calls run"
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,17 +19,17 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from shared.bolna.execution import CONTEXT_CALL_ID_KEY
 from shared.calls import statuses
-from shared.core.models import Call, CreditLedgerEntry, OutboxMessage, User
+from shared.core.models import CreditLedgerEntry, User
 from shared.messaging.topology import DISPATCH_QUEUE
 from tests.conftest import WEBHOOK_SECRET
 from tests.support import rabbitmq_cluster
 from tests.support.components import components
 from tests.support.factories import Customer, customer
-from tests.support.invariants import violations
+from tests.support.invariants import calls_of, unpublished_messages, violations
 from tests.support.isolation import Isolation
 from tests.support.processes import ServiceProcess, free_port
 from tests.support.rabbitmq_cluster import RabbitMQCluster
@@ -123,16 +122,6 @@ def _consumers_off(cluster: RabbitMQCluster, lost: str) -> list[str]:
     return [node for node in cluster.consumer_nodes(DISPATCH_QUEUE) if node != lost]
 
 
-def _calls(user_ids: list[uuid.UUID]) -> list[Call]:
-    with components().uow() as uow:
-        return list(uow.session.scalars(select(Call).where(Call.user_id.in_(user_ids))))
-
-
-def _unpublished() -> int:
-    with components().uow() as uow:
-        return uow.session.scalar(select(func.count()).where(OutboxMessage.published_at.is_(None)))
-
-
 @pytest.mark.timeout(360)
 def test_300_calls_survive_losing_the_node_the_consumers_use(isolation: Isolation, tmp_path: Path, capsys):
     with ExitStack() as resources:
@@ -180,10 +169,10 @@ def test_300_calls_survive_losing_the_node_the_consumers_use(isolation: Isolatio
                 request.result()
             victim, moved_to = lost.result(timeout=180)
             wait_until(
-                lambda: all(statuses.is_terminal(call.status) for call in _calls(user_ids)), 180, "every call ends"
+                lambda: all(statuses.is_terminal(call.status) for call in calls_of(user_ids)), 180, "every call ends"
             )
-        wait_until(lambda: _unpublished() == 0, 60, "the outbox drains through the cluster")
-        calls = _calls(user_ids)
+        wait_until(lambda: unpublished_messages() == 0, 60, "the outbox drains through the cluster")
+        calls = calls_of(user_ids)
         sim_stats = stack.sim("GET", "/_sim/stats").json()
         executions = stack.sim("GET", "/_sim/executions").json()["executions"]
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from sqlalchemy import text
+import uuid
+
+from sqlalchemy import func, select, text
 
 from shared.calls import statuses
+from shared.core.models import Call, OutboxMessage
 from tests.support.components import components
 
 _TERMINAL = sorted(statuses.TERMINAL)
@@ -61,3 +64,13 @@ def violations() -> dict[str, list[object]]:
             if rows:
                 found[rule] = rows[:10]
     return found
+
+
+def calls_of(user_ids: list[uuid.UUID]) -> list[Call]:
+    with components().uow() as uow:
+        return list(uow.session.scalars(select(Call).where(Call.user_id.in_(user_ids))))
+
+
+def unpublished_messages() -> int:
+    with components().uow() as uow:
+        return uow.session.scalar(select(func.count()).where(OutboxMessage.published_at.is_(None)))
