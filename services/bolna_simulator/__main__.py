@@ -30,6 +30,9 @@ def main() -> None:
         # client reusing a connection as the server closes it gets a reset, which a POST /call must read as
         # "Bolna may have the call".
         keepalive_seconds=75,
+        # A replaced worker would forget every call, its config and its record of requests: a test run sends the
+        # simulator more requests than gunicorn_config's max_requests.
+        recycle_workers=False,
     )
 
 

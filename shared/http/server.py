@@ -39,12 +39,19 @@ def run_http(
     workers: int,
     threads: int,
     keepalive_seconds: int = gunicorn_config.keepalive,
+    recycle_workers: bool = True,
 ) -> None:
-    """Serves the app the factory builds (once in each worker) with gunicorn_config's settings and these."""
-    _Gunicorn(
-        factory,
-        {"bind": f"{host}:{port}", "workers": workers, "threads": threads, "keepalive": keepalive_seconds},
-    ).run()
+    """Serves the app the factory builds (once in each worker) with gunicorn_config's settings and these.
+    `recycle_workers=False` keeps each worker for the life of the server: for an app whose state lives in memory."""
+    options: dict[str, object] = {
+        "bind": f"{host}:{port}",
+        "workers": workers,
+        "threads": threads,
+        "keepalive": keepalive_seconds,
+    }
+    if not recycle_workers:
+        options["max_requests"] = 0  # gunicorn's "never replace a worker for its request count"
+    _Gunicorn(factory, options).run()
 
 
 def serve(factory: Callable[[], Flask], settings: Settings, default_port: int) -> None:

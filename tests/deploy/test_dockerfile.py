@@ -10,11 +10,14 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
+from services.bolna_simulator.__main__ import main as simulator_main
 from shared.core.config import Settings
 from shared.http import gunicorn_config, server
 from shared.http.gunicorn_config import available_cpus, default_workers
@@ -172,3 +175,24 @@ def test_every_setting_of_the_config_module_reaches_gunicorn():
             assert getattr(application.cfg, name) == getattr(gunicorn_config, name), name
     assert application.cfg.worker_class_str == "gthread"
     assert (application.cfg.workers, application.cfg.threads, application.cfg.keepalive) == (3, 4, 9)
+
+
+def _served_settings(monkeypatch: pytest.MonkeyPatch, serve: Callable[[], None]) -> Any:
+    """The gunicorn settings `serve` would start the server with (it is not started)."""
+    started: list[Any] = []
+    monkeypatch.setattr(server._Gunicorn, "run", lambda application: started.append(application.cfg))
+    serve()
+    assert len(started) == 1
+    return started[0]
+
+
+def test_the_services_replace_their_workers_and_the_simulator_keeps_its_one(monkeypatch):
+    settings = _served_settings(
+        monkeypatch, lambda: server.run_http(lambda: None, host="127.0.0.1", port=1, workers=2, threads=2)
+    )
+    assert settings.max_requests == gunicorn_config.max_requests > 0
+    # The simulator's calls, config and record of requests live in its one worker: replacing it would lose them
+    # all in the middle of a test run.
+    monkeypatch.setenv("PORT", "1")
+    settings = _served_settings(monkeypatch, simulator_main)
+    assert (settings.workers, settings.max_requests, settings.keepalive) == (1, 0, 75)
