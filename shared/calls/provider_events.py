@@ -16,7 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 import sentry_sdk
-from sqlalchemy import Select, func, or_, select, update
+from sqlalchemy import Select, bindparam, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import make_transient_to_detached
 
@@ -60,9 +60,10 @@ def ingest(
     Without `bolna` (the webhook-receiver never waits on Bolna), a `completed` that lacks its duration is kept for
     the queue-processor, which asks Bolna for it before billing.
     """
+    payload = storable(payload)  # before anything reads it: what is noted of it must be storable too
     status = AgentExecution(payload).status if isinstance(payload, dict) else None
     _note(EXECUTION_FETCHED if fetched else WEBHOOK_RECEIVED, status)
-    payload, webhook = _validated(payload)
+    webhook = _validated(payload)
     started = time.monotonic()
     with uow_factory() as uow:
         event = _insert(uow, payload, webhook)
@@ -79,10 +80,9 @@ def ingest(
     return Receipt(event_id, webhook.execution_id, webhook.status, webhook.attempt)
 
 
-def _validated(payload: Any) -> tuple[dict[str, Any], AgentExecution]:
+def _validated(payload: Any) -> AgentExecution:
     if not isinstance(payload, dict) or not payload:
         raise CallflowError(ErrorType.EMPTY_WEBHOOK_PAYLOAD, "The webhook body is empty or not a JSON object.")
-    payload = storable(payload)
     webhook = AgentExecution(payload)
     if webhook.execution_id is None:
         raise CallflowError(
@@ -92,26 +92,28 @@ def _validated(payload: Any) -> tuple[dict[str, Any], AgentExecution]:
         )
     if webhook.status is None:
         raise CallflowError(ErrorType.VALIDATION_ERROR, "The webhook has no status.", execution_id=webhook.execution_id)
-    return payload, webhook
+    return webhook
+
+
+# The webhook path's statements are built once: SQLAlchemy keeps a statement's cache key on the statement, so one
+# built per request is coerced and keyed again each time, a large share of a webhook's CPU.
+_STORE_EVENT = (
+    pg_insert(WebhookEvent.__table__)
+    .on_conflict_do_nothing(constraint="uq_webhook_events_execution_status")
+    .returning(WebhookEvent.__table__.c.id)
+)
 
 
 def _insert(uow: UnitOfWork, payload: dict[str, Any], webhook: AgentExecution) -> WebhookEvent | None:
     """The new event, as a row of this transaction; None when it is a duplicate of one already stored."""
-    events = WebhookEvent.__table__
-    event_id = uow.session.scalar(
-        pg_insert(events)
-        .values(execution_id=webhook.execution_id, status=webhook.status, attempt=webhook.attempt, payload=payload)
-        .on_conflict_do_nothing(constraint="uq_webhook_events_execution_status")
-        .returning(events.c.id)
-    )
+    key = {"execution_id": webhook.execution_id, "status": webhook.status, "attempt": webhook.attempt}
+    event_id = uow.session.scalar(_STORE_EVENT, {**key, "payload": payload})
     if event_id is None:
         return None
     # Everything it holds is known here: it joins the session as if loaded, without reading its payload back.
     event = WebhookEvent(
         id=event_id,
-        execution_id=webhook.execution_id,
-        status=webhook.status,
-        attempt=webhook.attempt,
+        **key,
         payload=payload,
         call_id=None,
         applied_at=None,
@@ -369,7 +371,7 @@ def unapplied_event_ids(uow_factory: UnitOfWorkFactory, min_age_seconds: float, 
 
 def _find_call(uow: UnitOfWork, webhook: AgentExecution) -> Call | None:
     """The call for an execution: by execution id, else by our call id echoed back in context_details."""
-    call = uow.session.scalar(linked_call_query(webhook.execution_id))
+    call = uow.session.scalar(_LINKED_CALL, {"execution_id": webhook.execution_id})
     if call is None and webhook.context_call_id is not None:
         call = uow.session.scalar(echoed_call_query(webhook.context_call_id, webhook.execution_id))
         if call is not None:
@@ -405,8 +407,12 @@ def waiting_duplicate_query(webhook: AgentExecution) -> Select[tuple[WebhookEven
     )
 
 
+_LINKED_CALL = select(Call).where(Call.execution_id == bindparam("execution_id")).with_for_update(key_share=True)
+
+
 def linked_call_query(execution_id: str | None) -> Select[tuple[Call]]:
-    return select(Call).where(Call.execution_id == execution_id).with_for_update(key_share=True)
+    """The call Bolna's execution is linked to, locked (`_find_call` runs the same statement, built once)."""
+    return _LINKED_CALL.params(execution_id=execution_id)
 
 
 def echoed_call_query(call_id: uuid.UUID, execution_id: str | None) -> Select[tuple[Call]]:

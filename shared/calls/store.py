@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, Select, TextClause, func, or_, select, text, update
+from sqlalchemy import ColumnElement, Select, TextClause, bindparam, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -118,6 +118,20 @@ def users_with_pending_calls_query() -> Select[tuple[uuid.UUID]]:
     return select(Call.user_id).where(due_pending()).distinct()
 
 
+# A charge's statements: plain table statements (nothing here needs the ORM's bookkeeping), built once, since each
+# `completed` runs them (see provider_events._STORE_EVENT).
+_ADD_LEDGER_ENTRY = (
+    pg_insert(CreditLedgerEntry.__table__)
+    .on_conflict_do_nothing(constraint="uq_credit_ledger_call_reason")
+    .returning(CreditLedgerEntry.__table__.c.id)
+)
+_DEDUCT_CREDITS = (
+    update(User.__table__)
+    .where(User.__table__.c.id == bindparam("charged_user_id"))
+    .values(credits=User.__table__.c.credits - bindparam("charged_credits"))
+)
+
+
 class SqlCallStore:
     def __init__(self, session: Session, leases: SlotLeases):
         self.session = session
@@ -142,17 +156,12 @@ class SqlCallStore:
         return (self.session.scalar(older_pending_query(call)) or 0) > 0
 
     def add_charge(self, call: Call, credits: int) -> bool:
-        # Plain table statements: nothing here needs the ORM's bookkeeping.
-        ledger, users = CreditLedgerEntry.__table__, User.__table__
         entry_id = self.session.scalar(
-            pg_insert(ledger)
-            .values(user_id=call.user_id, call_id=call.id, amount=-credits, reason=CALL_CHARGE)
-            .on_conflict_do_nothing(constraint="uq_credit_ledger_call_reason")
-            .returning(ledger.c.id)
+            _ADD_LEDGER_ENTRY, {"user_id": call.user_id, "call_id": call.id, "amount": -credits, "reason": CALL_CHARGE}
         )
         if entry_id is None:
             return False
-        self.session.execute(update(users).where(users.c.id == call.user_id).values(credits=users.c.credits - credits))
+        self.session.execute(_DEDUCT_CREDITS, {"charged_user_id": call.user_id, "charged_credits": credits})
         return True
 
     def reopen_campaign_attempt(self, call: Call) -> None:

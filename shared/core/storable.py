@@ -18,7 +18,9 @@ def storable(value: Any, depth: int = 1) -> Any:
     if depth > MAX_JSON_DEPTH:
         return None
     if isinstance(value, str):
-        return _LONE_SURROGATE.sub("\ufffd", value).replace("\x00", "")
+        if not value.isascii():  # only text beyond ASCII can hold a surrogate: the common case skips the search
+            value = _LONE_SURROGATE.sub("\ufffd", value)
+        return value.replace("\x00", "")
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, list):

@@ -1,9 +1,9 @@
 """Request bodies: JSON as PostgreSQL can store it, within size and depth limits; validation errors answered
 with every field that failed.
 
-A client's body that PostgreSQL cannot store is refused (400). An authenticated provider's body is made storable
-instead: refusing it would make the provider retry the same body until it gives up, and a `completed` (and its
-charge) would be lost.
+A client's body that PostgreSQL cannot store is refused (400). An authenticated provider's body is read leniently
+and made storable where it is stored instead: refusing it would make the provider retry the same body until it
+gives up, and a `completed` (and its charge) would be lost.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
 from shared.core.errors import CallflowError, ErrorType
-from shared.core.storable import MAX_JSON_DEPTH, storable
+from shared.core.storable import MAX_JSON_DEPTH
 
 
 def json_body() -> Any:
@@ -35,9 +35,10 @@ def json_body() -> Any:
 
 
 def provider_json_body() -> Any:
-    """An authenticated provider's JSON body, made storable rather than refused: NaN, Infinity and numbers too large
-    to hold become null, lone surrogates (and bytes that are not UTF-8) U+FFFD, U+0000 is dropped, and whatever is
-    nested deeper than MAX_JSON_DEPTH becomes null. Only a body that is not JSON at all is a validation error."""
+    """An authenticated provider's JSON body, read leniently rather than refused: NaN, Infinity and numbers too
+    large to hold become null, bytes that are not UTF-8 U+FFFD. Only a body that is not JSON at all is a validation
+    error. The rest of making it storable (lone surrogates, U+0000, depth) is `provider_events.ingest`'s, which
+    does it for every execution object it stores, whether it came as a webhook or from Bolna's API."""
     raw = request.get_data(cache=True)
     if not raw.strip():
         return None
@@ -50,7 +51,7 @@ def provider_json_body() -> Any:
         )
     except (ValueError, RecursionError) as exc:
         raise CallflowError(ErrorType.VALIDATION_ERROR, "The body is not valid JSON.") from exc
-    return storable(body)
+    return body
 
 
 def _finite_or_none(text: str) -> float | None:
