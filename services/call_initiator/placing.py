@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from sqlalchemy import Select, select
+from sqlalchemy import BindParameter, Select, bindparam, select
 
 from services.call_initiator.idempotency import Claim, claim_key
 from services.call_initiator.request_models import PlaceCallRequest
@@ -48,7 +48,9 @@ def place_call(
 
     with placer.uow_factory() as uow:
         # One round trip: the customer, locked (slots are taken under this lock), and the agent asked for.
-        locked_user, agent = uow.session.execute(user_and_agent_query(user.id, request.agent_id)).one()
+        locked_user, agent = uow.session.execute(
+            _USER_AND_AGENT, {"user_id": user.id, "agent_id": request.agent_id}
+        ).one()
         if agent is None:
             raise refused(ErrorType.AGENT_NOT_FOUND, f"Agent {request.agent_id} does not exist.")
         if agent.user_id != user.id:
@@ -75,7 +77,9 @@ def place_call(
     return AcceptedCall(placed, placed=True)
 
 
-def user_and_agent_query(user_id: uuid.UUID, agent_id: uuid.UUID) -> Select[tuple[User, Agent | None]]:
+def user_and_agent_query(
+    user_id: uuid.UUID | BindParameter[uuid.UUID], agent_id: uuid.UUID | BindParameter[uuid.UUID]
+) -> Select[tuple[User, Agent | None]]:
     """The user, locked, and the agent with this id whoever owns it (None when there is none)."""
     return (
         select(User, Agent)
@@ -83,3 +87,7 @@ def user_and_agent_query(user_id: uuid.UUID, agent_id: uuid.UUID) -> Select[tupl
         .where(User.id == user_id)
         .with_for_update(of=User, key_share=True)  # as SqlCallStore.lock_user
     )
+
+
+# Built once: every call accepted runs it (see shared/calls/provider_events.py, _STORE_EVENT).
+_USER_AND_AGENT = user_and_agent_query(bindparam("user_id"), bindparam("agent_id"))

@@ -16,7 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 import sentry_sdk
-from sqlalchemy import Select, bindparam, func, or_, select, update
+from sqlalchemy import BindParameter, Select, bindparam, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import make_transient_to_detached
 
@@ -407,12 +407,11 @@ def waiting_duplicate_query(webhook: AgentExecution) -> Select[tuple[WebhookEven
     )
 
 
-_LINKED_CALL = select(Call).where(Call.execution_id == bindparam("execution_id")).with_for_update(key_share=True)
+def linked_call_query(execution_id: str | BindParameter[str] | None) -> Select[tuple[Call]]:
+    return select(Call).where(Call.execution_id == execution_id).with_for_update(key_share=True)
 
 
-def linked_call_query(execution_id: str | None) -> Select[tuple[Call]]:
-    """The call Bolna's execution is linked to, locked (`_find_call` runs the same statement, built once)."""
-    return _LINKED_CALL.params(execution_id=execution_id)
+_LINKED_CALL = linked_call_query(bindparam("execution_id"))  # built once: see _STORE_EVENT
 
 
 def echoed_call_query(call_id: uuid.UUID, execution_id: str | None) -> Select[tuple[Call]]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, Select, TextClause, bindparam, func, or_, select, text, update
+from sqlalchemy import BindParameter, ColumnElement, Select, TextClause, bindparam, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -87,8 +87,12 @@ def lock_user_query(user_id: uuid.UUID) -> Select[tuple[User]]:
     return select(User).where(User.id == user_id).with_for_update(key_share=True)
 
 
-def held_slots_query(user_id: uuid.UUID) -> Select[tuple[int]]:
+def held_slots_query(user_id: uuid.UUID | BindParameter[uuid.UUID]) -> Select[tuple[int]]:
     return select(func.count()).where(Call.user_id == user_id, Call.slot_held)
+
+
+# Built once, run on every call accepted and every dispatch (see provider_events._STORE_EVENT for why).
+_HELD_SLOTS = held_slots_query(bindparam("user_id"))
 
 
 def older_pending_query(call: Call) -> Select[tuple[int]]:
@@ -150,7 +154,7 @@ class SqlCallStore:
         return self.session.execute(select(Call).where(Call.id == call_id).with_for_update(key_share=True)).scalar_one()
 
     def held_slots(self, user_id: uuid.UUID) -> int:
-        return self.session.scalar(held_slots_query(user_id)) or 0
+        return self.session.scalar(_HELD_SLOTS, {"user_id": user_id}) or 0
 
     def has_older_pending(self, call: Call) -> bool:
         return (self.session.scalar(older_pending_query(call)) or 0) > 0
