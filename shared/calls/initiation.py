@@ -117,7 +117,7 @@ class CallPlacer:
         with self.uow_factory() as uow:
             # Bolna can post webhooks before its answer reaches us: those kept for this execution are applied.
             call, kept = uow.session.execute(
-                provider_events.call_and_kept_events_query(call_id, placed.execution_id)
+                provider_events.CALL_AND_KEPT_EVENTS, {"call_id": call_id, "execution_id": placed.execution_id}
             ).one()
             lifecycle.link_execution(uow.calls, call, placed.execution_id, placed.status)
             if kept:

@@ -423,7 +423,9 @@ def echoed_call_query(call_id: uuid.UUID, execution_id: str | None) -> Select[tu
     )
 
 
-def call_and_kept_events_query(call_id: uuid.UUID, execution_id: str) -> Select[tuple[Call, bool]]:
+def call_and_kept_events_query(
+    call_id: uuid.UUID | BindParameter[uuid.UUID], execution_id: str | BindParameter[str]
+) -> Select[tuple[Call, bool]]:
     """The call, locked, and whether events are kept for the execution Bolna named for it (one round trip)."""
     kept = (
         select(WebhookEvent.id)
@@ -435,6 +437,10 @@ def call_and_kept_events_query(call_id: uuid.UUID, execution_id: str) -> Select[
         .exists()
     )
     return select(Call, kept).where(Call.id == call_id).with_for_update(of=Call, key_share=True)
+
+
+# Built once: each call Bolna accepts runs it (see _STORE_EVENT).
+CALL_AND_KEPT_EVENTS = call_and_kept_events_query(bindparam("call_id"), bindparam("execution_id"))
 
 
 def kept_events_query(execution_id: str | None) -> Select[tuple[WebhookEvent]]:

@@ -136,6 +136,10 @@ _DEDUCT_CREDITS = (
 )
 
 
+# Built once as well: most changes to a call begin with it.
+_LOCK_CALL = select(Call).where(Call.id == bindparam("call_id")).with_for_update(key_share=True)
+
+
 class SqlCallStore:
     def __init__(self, session: Session, leases: SlotLeases):
         self.session = session
@@ -151,7 +155,7 @@ class SqlCallStore:
         return user
 
     def lock_call(self, call_id: uuid.UUID) -> Call:
-        return self.session.execute(select(Call).where(Call.id == call_id).with_for_update(key_share=True)).scalar_one()
+        return self.session.execute(_LOCK_CALL, {"call_id": call_id}).scalar_one()
 
     def held_slots(self, user_id: uuid.UUID) -> int:
         return self.session.scalar(_HELD_SLOTS, {"user_id": user_id}) or 0
