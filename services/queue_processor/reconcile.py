@@ -33,6 +33,7 @@ from shared.calls.store import live_calls
 from shared.core.config import Settings
 from shared.core.errors import CallflowError, ErrorType
 from shared.core.models import Agent, Call
+from shared.core.storable import storable
 from shared.core.uow import UnitOfWorkFactory
 from shared.observability import tracing
 from shared.observability.sentry import report
@@ -164,7 +165,9 @@ class ProviderReconciler:
 
     def _found(self, call_id: uuid.UUID, execution: dict[str, Any]) -> None:
         """Links the execution first, so the call is settled even if its state cannot be applied now (the silent
-        calls' round applies it later), then applies what Bolna says like a webhook."""
+        calls' round applies it later), then applies what Bolna says like a webhook. Bolna's answer is made storable
+        before anything of it is written (a U+0000 in its id would fail the link, and the call would stay unknown)."""
+        execution = storable(execution)
         execution_id = AgentExecution(execution).execution_id or ""
         log.info("call %s found at Bolna as execution %s", call_id, execution_id)
         with self._uow() as uow:

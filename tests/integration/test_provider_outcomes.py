@@ -12,6 +12,7 @@ import sentry_sdk
 from sqlalchemy import func, select
 
 from services.queue_processor import jobs
+from services.queue_processor.reconcile import ProviderReconciler, ReconcileBounds
 from shared.calls import lifecycle, provider_events, statuses
 from shared.core.config import load_settings
 from shared.core.errors import ErrorType
@@ -78,6 +79,30 @@ def test_one_item_that_fails_does_not_stop_a_periodic_job_from_handling_the_rest
     jobs.for_each([1, 2, 3], handle)  # the next round: the same failure is not reported again
     assert handled == [1, 3, 1, 3]
     assert len(reported) == 1
+
+
+class _BolnaFindingAnIdWithANul:
+    """Bolna's search of an agent's executions finds the call, under an id holding U+0000 (which PostgreSQL's text
+    cannot store)."""
+
+    def __init__(self, call_id: uuid.UUID, execution_id: str):
+        self._call_id, self._execution_id = call_id, execution_id
+
+    def find_executions(self, agent_id: str, since: object, until: object) -> list[dict[str, object]]:
+        context = {"recipient_data": {"callflow_call_id": str(self._call_id)}}
+        return [{"id": self._execution_id, "status": "ringing", "context_details": context}]
+
+
+def test_an_unconfirmed_call_found_at_bolna_under_an_id_holding_a_nul_is_linked_and_applied():
+    owner = customer()
+    long_ago = func.now() - timedelta(minutes=5)
+    call = call_row(owner, status=statuses.INITIATING, slot_held=True, initiated_at=long_ago, created_at=long_ago)
+    execution_id = str(uuid.uuid4())
+    bolna = _BolnaFindingAnIdWithANul(call.id, f"{execution_id}\x00")
+    bounds = ReconcileBounds.from_settings(components().settings)
+    ProviderReconciler(components().uow, bolna, bounds).settle_unconfirmed(call.id)  # type: ignore[arg-type]
+    found = load_call(call.id)
+    assert (found.execution_id, found.status) == (execution_id, "ringing")
 
 
 class _BolnaWithoutDuration:
