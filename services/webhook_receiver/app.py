@@ -15,6 +15,10 @@ SERVICE = "webhook-receiver"
 # A long call's transcript runs to megabytes, and a webhook refused for its size would be retried until Bolna gives
 # up on it. Far above any real execution object, and still a bound on what one request can make a worker hold.
 WEBHOOK_MAX_BODY_BYTES = 16 * 1024 * 1024
+# Each webhook's work is traced as `webhook.process` in its call's trace, sampled with the call: the request itself is
+# not sampled as a transaction too (shared/observability/sentry.py, `traced_elsewhere`).
+WEBHOOK_PATH = "/webhooks/bolna"
+TRACED_ELSEWHERE = (WEBHOOK_PATH,)
 
 
 def create_app(components: Components, checks: SourceChecks) -> Flask:
@@ -26,9 +30,9 @@ def create_app(components: Components, checks: SourceChecks) -> Flask:
 
 
 def _webhooks(components: Components, checks: SourceChecks) -> Blueprint:
-    hooks = Blueprint("webhooks", __name__, url_prefix="/webhooks")
+    hooks = Blueprint("webhooks", __name__)
 
-    @hooks.post("/bolna")
+    @hooks.post(WEBHOOK_PATH)
     def bolna_webhook():
         request.max_content_length = WEBHOOK_MAX_BODY_BYTES  # a signature is checked over the raw body: set first
         checks.check_source()

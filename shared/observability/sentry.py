@@ -6,17 +6,20 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import sentry_sdk
 from sentry_sdk.crons import monitor
+from sentry_sdk.integrations import sqlalchemy as sdk_sqlalchemy
 from sentry_sdk.integrations.flask import FlaskIntegration
 from sentry_sdk.integrations.logging import LoggingIntegration, ignore_logger
 from sentry_sdk.integrations.sqlalchemy import SqlalchemyIntegration
 from sentry_sdk.types import Event, Hint, Log
 from sentry_sdk.utils import capture_internal_exceptions
+from sqlalchemy import event as sqlalchemy_events
+from sqlalchemy.engine import Engine
 from werkzeug.exceptions import HTTPException
 
 from shared.core.config import Settings
@@ -117,21 +120,48 @@ class _DatabaseOutage:
     lock = threading.Lock()
 
 
+class SampledSqlalchemyIntegration(SqlalchemyIntegration):
+    """The SDK's SQLAlchemy instrumentation, run only inside a sampled transaction. Elsewhere a statement is only a
+    breadcrumb: the SDK would otherwise build, time and drop a span for every statement of every unsampled request,
+    the largest part of what Sentry costs a request that sends nothing. It keeps the SDK's identifier, so the SDK
+    enables this one in place of its own, and the SDK's listeners (which it guards) run as they are."""
+
+    @staticmethod
+    def setup_once() -> None:
+        sqlalchemy_events.listen(Engine, "before_cursor_execute", _before_cursor_execute)
+        sqlalchemy_events.listen(Engine, "after_cursor_execute", sdk_sqlalchemy._after_cursor_execute)
+        sqlalchemy_events.listen(Engine, "handle_error", sdk_sqlalchemy._handle_error)
+
+
+def _before_cursor_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+    span = sentry_sdk.get_current_span()
+    if span is not None and span.sampled:
+        sdk_sqlalchemy._before_cursor_execute(conn, cursor, statement, *args)
+        return
+    with capture_internal_exceptions():
+        sentry_sdk.add_breadcrumb(message=statement, category="query")
+
+
 def sending_enabled(settings: Settings) -> bool:
     return bool(settings.sentry_dsn) and (
         settings.sentry_environment == "production" or settings.sentry_send_in_development
     )
 
 
-def init_sentry(service: str, settings: Settings) -> bool:
-    """Initialises the SDK for `service`; returns whether events are sent."""
+def init_sentry(service: str, settings: Settings, traced_elsewhere: Collection[str] = ()) -> bool:
+    """Initialises the SDK for `service`; returns whether events are sent.
+
+    `traced_elsewhere`: the service's routes whose work is a transaction of its own in the trace of the call it
+    concerns. Their HTTP request is never sampled as a transaction too, so one piece of work sends one transaction
+    at the sample rate, not two.
+    """
     _ProcessIdentity.service = service
     _ProcessIdentity.secrets = tuple(s for s in (settings.webhook_secret, settings.bolna_api_key) if len(s) >= 6)
     _ProcessIdentity.crons = settings.sentry_crons
     _Unauthenticated.throttle = EventThrottle()
     enabled = sending_enabled(settings)
     if enabled:
-        _start_client(settings)
+        _start_client(settings, frozenset(traced_elsewhere))
     else:
         # Not initialised at all: with no client, spans, breadcrumbs and sampling decisions cost nothing.
         sentry_sdk.get_client().close()
@@ -150,12 +180,12 @@ def init_sentry(service: str, settings: Settings) -> bool:
     return enabled
 
 
-def _start_client(settings: Settings) -> None:
+def _start_client(settings: Settings, traced_elsewhere: frozenset[str]) -> None:
     sentry_sdk.init(
         dsn=settings.sentry_dsn,
         environment=settings.sentry_environment,
         release=settings.sentry_release or None,  # None: the SDK takes the git commit when it can find one
-        traces_sampler=lambda context: _sample(context, settings.sentry_traces_sample_rate),
+        traces_sampler=lambda context: _sample(context, settings.sentry_traces_sample_rate, traced_elsewhere),
         # No outgoing HTTP request carries trace headers: Bolna and any other third party learn nothing of our
         # traces. Traces cross processes only over AMQP (`tracing.py`), which this option does not govern.
         trace_propagation_targets=[],
@@ -169,7 +199,7 @@ def _start_client(settings: Settings) -> None:
         before_send_log=_before_send_log,  # SENTRY_ENABLE_LOGS: log records hold phone numbers and keys too
         integrations=[
             FlaskIntegration(transaction_style="url"),
-            SqlalchemyIntegration(),
+            SampledSqlalchemyIntegration(),
             LoggingIntegration(level=logging.INFO, event_level=logging.ERROR),
         ],
     )
@@ -290,11 +320,13 @@ def _is_health(path: object) -> bool:
     return path in (HEALTH_PATH, f"{HEALTH_PATH}/live", f"{HEALTH_PATH}/ready")
 
 
-def _sample(context: dict[str, Any], rate: float) -> float:
+def _sample(context: dict[str, Any], rate: float, traced_elsewhere: frozenset[str] = frozenset()) -> float:
     """The parent's decision where there is one: only internal hops (AMQP messages, a call's stored trace) have one,
-    since the HTTP edge drops clients' trace headers (`shared/http/app.py`)."""
+    since the HTTP edge drops clients' trace headers (`shared/http/app.py`). Probes, and the routes whose work is
+    traced in its call's trace, are never sampled."""
     environ = context.get("wsgi_environ") or {}
-    if _is_health(environ.get("PATH_INFO")):
+    path = environ.get("PATH_INFO")
+    if _is_health(path) or path in traced_elsewhere:
         return 0.0
     parent = context.get("parent_sampled")
     return float(parent) if parent is not None else rate

@@ -13,8 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import sentry_sdk
 from flask.testing import FlaskClient
+from sqlalchemy import text
 
 from services.call_initiator.app import create_app as create_api
+from services.webhook_receiver.app import TRACED_ELSEWHERE
 from services.webhook_receiver.app import create_app as create_webhook_receiver
 from services.webhook_receiver.source_checks import SourceChecks
 from shared.bolna.breaker import CircuitBreaker
@@ -58,7 +60,7 @@ def _send_to(sink: SentrySink, service: str, **overrides: object) -> Settings:
             **overrides,
         }
     )
-    init_sentry(service, settings)
+    init_sentry(service, settings, TRACED_ELSEWHERE if service == "webhook-receiver" else ())
     return settings
 
 
@@ -146,13 +148,50 @@ def test_a_clients_trace_headers_cannot_force_sampling(sentry_sink, service, for
 
 @pytest.mark.parametrize("service", EDGE_REQUESTS.keys())
 def test_a_request_at_the_edge_starts_its_own_trace(sentry_sink, service):
+    """The call-initiator's request is its own transaction; the webhook-receiver's empty webhook is refused before
+    any call's trace is known, and its event is in the request's own trace."""
     _send_to(sentry_sink, service, sentry_traces_sample_rate=1.0)
     EDGE_REQUESTS[service](FORCING_HEADERS["the sampled flag"])
     sentry_sdk.flush()
-    [transaction] = sentry_sink.transactions()
-    trace = transaction.payload["contexts"]["trace"]
+    sent = sentry_sink.transactions() + sentry_sink.events()
+    assert len(sent) == 1
+    trace = sent[0].payload["contexts"]["trace"]
     assert trace["trace_id"] != CLIENT_TRACE_ID
     assert trace.get("parent_span_id") is None
+
+
+def test_a_webhook_is_one_transaction_its_processing_and_its_request_is_not_a_second(sentry_sink):
+    """At any sample rate, a webhook sends its `webhook.process` transaction and no `http.server` one: sampling
+    both would send two transactions per webhook, doubling what Sentry costs the busiest path."""
+    client = _webhook_receiver(_send_to(sentry_sink, "webhook-receiver", sentry_traces_sample_rate=1.0))
+    for status in ("ringing", "in-progress"):
+        webhook = {"id": f"edge-{uuid.uuid4()}", "status": status}
+        assert client.post("/webhooks/bolna", query_string={"token": WEBHOOK_SECRET}, json=webhook).status_code == 200
+    sentry_sdk.flush()
+    assert [t.op for t in sentry_sink.transactions()] == ["webhook.process", "webhook.process"]
+
+
+def test_sql_statements_are_spans_in_a_sampled_transaction_and_breadcrumbs_in_an_unsampled_one(sentry_sink):
+    engine = components().engine
+    _send_to(sentry_sink, "queue-processor", sentry_traces_sample_rate=1.0)
+    with sentry_sdk.start_transaction(name="sampled", op="test"), engine.connect() as conn:
+        conn.execute(text("SELECT 'in a sampled transaction'"))
+    sentry_sdk.flush()
+    [transaction] = sentry_sink.transactions()
+    spans = [(span["op"], span["description"]) for span in transaction.payload["spans"]]
+    assert ("db", "SELECT 'in a sampled transaction'") in spans
+
+    _send_to(sentry_sink, "queue-processor", sentry_traces_sample_rate=NEVER)
+    with sentry_sdk.isolation_scope(), sentry_sdk.start_transaction(name="unsampled", op="test") as unsampled:
+        assert not unsampled.sampled
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 'in an unsampled transaction'"))
+        sentry_sdk.capture_message("after the statement")
+    sentry_sdk.flush()
+    assert len(sentry_sink.transactions()) == 1
+    [event] = sentry_sink.events()
+    crumbs = [(crumb["category"], crumb["message"]) for crumb in event.payload["breadcrumbs"]["values"]]
+    assert ("query", "SELECT 'in an unsampled transaction'") in crumbs
 
 
 def test_a_message_consumer_keeps_the_decision_of_the_trace_it_continues(sentry_sink):
