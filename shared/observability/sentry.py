@@ -320,7 +320,7 @@ def _is_health(path: object) -> bool:
     return path in (HEALTH_PATH, f"{HEALTH_PATH}/live", f"{HEALTH_PATH}/ready")
 
 
-def _sample(context: dict[str, Any], rate: float, traced_elsewhere: frozenset[str] = frozenset()) -> float:
+def _sample(context: dict[str, Any], rate: float, traced_elsewhere: frozenset[str]) -> float:
     """The parent's decision where there is one: only internal hops (AMQP messages, a call's stored trace) have one,
     since the HTTP edge drops clients' trace headers (`shared/http/app.py`). Probes, and the routes whose work is
     traced in its call's trace, are never sampled."""
