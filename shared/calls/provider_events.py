@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sentry_sdk
@@ -371,7 +371,11 @@ def unapplied_event_ids(uow_factory: UnitOfWorkFactory, min_age_seconds: float, 
 
 def _find_call(uow: UnitOfWork, webhook: AgentExecution) -> Call | None:
     """The call for an execution: by execution id, else by our call id echoed back in context_details."""
-    call = uow.session.scalar(_LINKED_CALL, {"execution_id": webhook.execution_id})
+    linked = uow.session.execute(_LINKED_CALL, {"execution_id": webhook.execution_id}).one_or_none()
+    call = None
+    if linked is not None:
+        call, now = linked
+        uow.calls.note_now(now)
     if call is None and webhook.context_call_id is not None:
         call = uow.session.scalar(echoed_call_query(webhook.context_call_id, webhook.execution_id))
         if call is not None:
@@ -407,8 +411,9 @@ def waiting_duplicate_query(webhook: AgentExecution) -> Select[tuple[WebhookEven
     )
 
 
-def linked_call_query(execution_id: str | BindParameter[str] | None) -> Select[tuple[Call]]:
-    return select(Call).where(Call.execution_id == execution_id).with_for_update(key_share=True)
+def linked_call_query(execution_id: str | BindParameter[str] | None) -> Select[tuple[Call, datetime]]:
+    """The call, locked, and the transaction's now() (`SqlCallStore.now`)."""
+    return select(Call, func.now()).where(Call.execution_id == execution_id).with_for_update(key_share=True)
 
 
 _LINKED_CALL = linked_call_query(bindparam("execution_id"))  # built once: see _STORE_EVENT

@@ -136,26 +136,32 @@ _DEDUCT_CREDITS = (
 )
 
 
-# Built once as well: most changes to a call begin with it.
-_LOCK_CALL = select(Call).where(Call.id == bindparam("call_id")).with_for_update(key_share=True)
+# Built once as well: most changes to a call begin with it. It reads the transaction's now() too (see `now`).
+_LOCK_CALL = select(Call, func.now()).where(Call.id == bindparam("call_id")).with_for_update(key_share=True)
 
 
 class SqlCallStore:
     def __init__(self, session: Session, leases: SlotLeases):
         self.session = session
         self.leases = leases
-        self._now_under_lock: tuple[SessionTransaction, datetime] | None = None
+        self._transaction_now: tuple[SessionTransaction, datetime] | None = None
 
     def lock_user(self, user_id: uuid.UUID) -> User:
         user, now = self.session.execute(lock_user_query(user_id).add_columns(func.now())).one()
-        transaction = self.session.get_transaction()
-        assert transaction is not None  # the lock's read began it
-        # In UTC, so that adding seconds adds elapsed time whatever the database session's time zone.
-        self._now_under_lock = (transaction, now.astimezone(UTC))
+        self.note_now(now)
         return user
 
     def lock_call(self, call_id: uuid.UUID) -> Call:
-        return self.session.execute(_LOCK_CALL, {"call_id": call_id}).scalar_one()
+        call, now = self.session.execute(_LOCK_CALL, {"call_id": call_id}).one()
+        self.note_now(now)
+        return call
+
+    def note_now(self, now: datetime) -> None:
+        """The transaction's now(), read along with a row the transaction locked: `now` returns it from then on."""
+        transaction = self.session.get_transaction()
+        assert transaction is not None  # the read began it
+        # In UTC, so that adding seconds adds elapsed time whatever the database session's time zone.
+        self._transaction_now = (transaction, now.astimezone(UTC))
 
     def held_slots(self, user_id: uuid.UUID) -> int:
         return self.session.scalar(_HELD_SLOTS, {"user_id": user_id}) or 0
@@ -164,12 +170,16 @@ class SqlCallStore:
         return (self.session.scalar(older_pending_query(call)) or 0) > 0
 
     def add_charge(self, call: Call, credits: int) -> bool:
-        entry_id = self.session.scalar(
-            _ADD_LEDGER_ENTRY, {"user_id": call.user_id, "call_id": call.id, "amount": -credits, "reason": CALL_CHARGE}
-        )
-        if entry_id is None:
-            return False
-        self.session.execute(_DEDUCT_CREDITS, {"charged_user_id": call.user_id, "charged_credits": credits})
+        # Neither statement reads what the session has still to write (the call's new status): without an
+        # autoflush before them, the call is written once, at commit, rather than once here and once more there.
+        with self.session.no_autoflush:
+            entry_id = self.session.scalar(
+                _ADD_LEDGER_ENTRY,
+                {"user_id": call.user_id, "call_id": call.id, "amount": -credits, "reason": CALL_CHARGE},
+            )
+            if entry_id is None:
+                return False
+            self.session.execute(_DEDUCT_CREDITS, {"charged_user_id": call.user_id, "charged_credits": credits})
         return True
 
     def reopen_campaign_attempt(self, call: Call) -> None:
@@ -188,11 +198,13 @@ class SqlCallStore:
             )
 
     def now(self) -> Any:
-        # Under the customer's lock: the transaction's now() as the lock's read returned it. Rows written with a
-        # value rather than an SQL expression are batched by the ORM (a dispatch's new campaign calls are one
-        # INSERT, not one per call). Elsewhere now() itself, which costs no round trip.
-        if self._now_under_lock is not None and self._now_under_lock[0] is self.session.get_transaction():
-            return self._now_under_lock[1]
+        # Once a lock's read returned it, the transaction's now() as a value (PostgreSQL's now() is the
+        # transaction's start, so it is the same instant). The ORM writes a row whose values are all plain values
+        # with a cached statement, and batches such rows (a dispatch's new campaign calls are one INSERT); an SQL
+        # expression among them makes it build and compile the statement anew for that row. Before any such read,
+        # now() itself, which costs no round trip.
+        if self._transaction_now is not None and self._transaction_now[0] is self.session.get_transaction():
+            return self._transaction_now[1]
         return func.now()
 
     def seconds_from_now(self, seconds: float) -> Any:

@@ -1,12 +1,15 @@
 """The concurrency limit holds when many transactions race for the last slots."""
 
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
+from datetime import datetime, timedelta
 
+import pytest
 from sqlalchemy import func, select, text
 
-from shared.calls import lifecycle, statuses
+from shared.bolna.execution import AgentExecution
+from shared.calls import lifecycle, provider_events, statuses
 from shared.calls.store import CALL_CHARGE
 from shared.core.models import Call, CreditLedgerEntry, OutboxMessage
 from tests.support.components import components
@@ -106,3 +109,20 @@ def test_the_clock_read_under_the_customers_lock_is_utc_whatever_the_sessions_ti
         uow.calls.lock_user(owner.user_id)
         now, database_now = uow.calls.now(), uow.session.scalar(select(func.now()))
         assert now.utcoffset() == timedelta(0) and now == database_now
+
+
+@pytest.mark.parametrize("lock", ["the call's lock", "the webhook's read of its call"])
+def test_a_call_locked_gives_the_transactions_clock_as_a_value(lock):
+    """After a call's lock, the lifecycle writes the transaction's now() as a value (the ORM then writes the row with
+    a cached statement): the same instant the database's now() gives."""
+    owner = customer()
+    execution_id = str(uuid.uuid4())
+    call = call_row(owner, status="ringing", execution_id=execution_id)
+    with components().uow() as uow:
+        uow.session.execute(text("SET TIME ZONE 'Asia/Kolkata'"))
+        if lock == "the call's lock":
+            assert uow.calls.lock_call(call.id).id == call.id
+        else:
+            assert provider_events._find_call(uow, AgentExecution({"id": execution_id})).id == call.id
+        now, database_now = uow.calls.now(), uow.session.scalar(select(func.now()))
+        assert isinstance(now, datetime) and now.utcoffset() == timedelta(0) and now == database_now
