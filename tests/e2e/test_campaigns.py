@@ -29,6 +29,7 @@ pytestmark = pytest.mark.e2e
 
 QUICK_CALLS = {"step_delay_seconds": 0.02, "talk_seconds": 0.05, "completed_delay_seconds": 0.02}
 RETRY_INTERVAL = timedelta(minutes=0.02)  # 1.2 s
+HELD_LINE_SECONDS = 3.0
 
 
 def _numbers(count: int, start: int = 0) -> list[str]:
@@ -84,6 +85,9 @@ def test_a_thousand_contacts_end_final_within_the_cap_with_retries_and_direct_ca
     with SlotSampler() as slots:
         _start(sim, owner, campaign_id)
         wait_until(lambda: _view(sim, owner, campaign_id)["contacts"]["done"] >= 100, 120, "a hundred done")
+        # Calls placed now hold their line for seconds, so at most 5 of the 8 direct calls can be placed at once
+        # and the rest must wait, however fast the API answers.
+        sim.sim_config(talk_seconds=HELD_LINE_SECONDS)
         direct = [
             sim.api(
                 "POST",
@@ -93,6 +97,7 @@ def test_a_thousand_contacts_end_final_within_the_cap_with_retries_and_direct_ca
             )
             for number in _numbers(8, start=5000)
         ]
+        sim.sim_config(**QUICK_CALLS)
         view = _finished(sim, owner, campaign_id, 480)
     assert slots.peak(owner.user_id) <= 5, "the customer's limit held"
     assert sim.sim_stats()["max_active_calls"][owner.provider_agent_id] <= 3, "Bolna never had more than 3 at once"
@@ -135,7 +140,7 @@ def test_a_thousand_contacts_end_final_within_the_cap_with_retries_and_direct_ca
     # Direct calls posted mid-campaign: a queued one is placed before any campaign call made after it.
     assert all(answer.status_code in (201, 202) for answer in direct)
     queued = [answer.json()["callId"] for answer in direct if answer.status_code == 202]
-    assert queued, "with the campaign holding its 3 slots, most direct calls had to wait"
+    assert len(queued) >= 3, "with every line held, at most 5 of the 8 direct calls could be placed at once"
     with components().uow() as uow:
         waited = list(uow.session.scalars(select(Call).where(Call.id.in_([uuid.UUID(c) for c in queued]))))
     margin = timedelta(milliseconds=50)  # a transaction's now() is its start, not its commit
