@@ -28,9 +28,11 @@ from shared.observability import scrubbing
 
 log = logging.getLogger(__name__)
 # report() logs each error it sends; that log line must not become a second event. pika logs a dropped
-# connection at ERROR although the publisher and the consumer reconnect by themselves.
+# connection at ERROR although the publisher and the consumer reconnect by themselves. gunicorn writes a request's
+# access line after the request's isolation scope has closed: as a breadcrumb it would reach no event, at a cost
+# on every request.
 report_log = logging.getLogger("callflow.report")
-for _logger in (report_log.name, "pika", "pika.*"):
+for _logger in (report_log.name, "pika", "pika.*", "gunicorn.access"):
     ignore_logger(_logger)
 
 # Tags every event may carry, when the error knows them.
@@ -129,17 +131,29 @@ class SampledSqlalchemyIntegration(SqlalchemyIntegration):
     @staticmethod
     def setup_once() -> None:
         sqlalchemy_events.listen(Engine, "before_cursor_execute", _before_cursor_execute)
-        sqlalchemy_events.listen(Engine, "after_cursor_execute", sdk_sqlalchemy._after_cursor_execute)
+        sqlalchemy_events.listen(Engine, "after_cursor_execute", _after_cursor_execute)
         sqlalchemy_events.listen(Engine, "handle_error", sdk_sqlalchemy._handle_error)
 
 
-def _before_cursor_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+# Set on a statement's execution context when the SDK's listener made it a span, which the SDK's own listener
+# closes once the statement has run.
+_TRACED_BY_SDK = "_callflow_traced_by_sdk"
+
+
+def _before_cursor_execute(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, *args: Any) -> None:
     span = sentry_sdk.get_current_span()
     if span is not None and span.sampled:
-        sdk_sqlalchemy._before_cursor_execute(conn, cursor, statement, *args)
+        sdk_sqlalchemy._before_cursor_execute(conn, cursor, statement, parameters, context, *args)
+        if context is not None:
+            setattr(context, _TRACED_BY_SDK, True)
         return
     with capture_internal_exceptions():
         sentry_sdk.add_breadcrumb(message=statement, category="query")
+
+
+def _after_cursor_execute(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, *args: Any) -> None:
+    if getattr(context, _TRACED_BY_SDK, False):
+        sdk_sqlalchemy._after_cursor_execute(conn, cursor, statement, parameters, context, *args)
 
 
 def sending_enabled(settings: Settings) -> bool:

@@ -3,6 +3,7 @@ envelopes it posts to a stand-in for Sentry on this machine."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -144,3 +145,16 @@ def test_a_periodic_jobs_item_reports_nothing_noted_while_handling_another(sentr
     messages = [crumb.get("message") for crumb in event.payload["breadcrumbs"]["values"]]
     assert f"handling {user_b}" in messages, "the failing item's own breadcrumbs stay on its event"
     assert NO_SLOT_FOR_CAMPAIGNS not in messages, "A's breadcrumb is not on B's event"
+
+
+def test_log_lines_are_breadcrumbs_except_gunicorns_access_line(sentry):
+    sink = sentry()
+    with sentry_sdk.isolation_scope():
+        # WARNING: a level that passes the loggers' default threshold, and the one below events.
+        logging.getLogger("services.call_initiator").warning("the app's own line")
+        logging.getLogger("gunicorn.access").warning('127.0.0.1 "POST /webhooks/bolna HTTP/1.1" 200')
+        sentry_sdk.capture_message("what follows the log lines")
+    (event,) = _sent(sink, "event")
+    messages = [crumb.get("message") for crumb in event.payload["breadcrumbs"]["values"]]
+    assert "the app's own line" in messages
+    assert not [message for message in messages if "POST /webhooks/bolna" in (message or "")]
