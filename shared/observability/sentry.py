@@ -144,8 +144,7 @@ def _before_cursor_execute(conn: Any, cursor: Any, statement: str, parameters: A
     span = sentry_sdk.get_current_span()
     if span is not None and span.sampled:
         sdk_sqlalchemy._before_cursor_execute(conn, cursor, statement, parameters, context, *args)
-        if context is not None:
-            setattr(context, _TRACED_BY_SDK, True)
+        setattr(context, _TRACED_BY_SDK, True)
         return
     with capture_internal_exceptions():
         sentry_sdk.add_breadcrumb(message=statement, category="query")

@@ -175,7 +175,7 @@ def test_sql_statements_are_spans_in_a_sampled_transaction_and_breadcrumbs_in_an
     engine = components().engine
     _send_to(sentry_sink, "queue-processor", sentry_traces_sample_rate=1.0)
     with sentry_sdk.start_transaction(name="sampled", op="test"), engine.connect() as conn:
-        # Its result outlives the transaction: the span ends when the statement has run, not when the result goes.
+        # Kept alive past the transaction, so that freeing it cannot finish a span the after-statement hook left open.
         result = conn.execute(text("SELECT 'in a sampled transaction'"))
     sentry_sdk.flush()
     del result
