@@ -28,9 +28,8 @@ def reserve_slot(store: CallStore, locked_user: User, call: Call, *, behind_queu
 
     With `behind_queue`, calls already waiting go first: a new call does not jump the queue.
     """
-    if free_slots(store, locked_user) == 0:
-        return False
-    if behind_queue and store.has_older_pending(call):
+    held, queue_ahead = store.slots_and_queue(call) if behind_queue else (store.held_slots(locked_user.id), False)
+    if held >= locked_user.max_concurrent_calls or queue_ahead:
         return False
     _take_slot(store, call)
     return True

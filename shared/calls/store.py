@@ -11,7 +11,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import BindParameter, ColumnElement, Select, TextClause, bindparam, func, or_, select, text, update
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    DateTime,
+    Select,
+    TextClause,
+    bindparam,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, SessionTransaction
 
@@ -40,8 +52,9 @@ class CallStore(Protocol):
 
     def held_slots(self, user_id: uuid.UUID) -> int: ...
 
-    def has_older_pending(self, call: Call) -> bool:
-        """Whether another of the user's calls, created no later than `call`, is waiting and due."""
+    def slots_and_queue(self, call: Call) -> tuple[int, bool]:
+        """The slots the call's user holds, and whether another of the user's calls, created no later than `call`,
+        is waiting and due."""
         ...
 
     def add_charge(self, call: Call, credits: int) -> bool:
@@ -95,16 +108,30 @@ def held_slots_query(user_id: uuid.UUID | BindParameter[uuid.UUID]) -> Select[tu
 _HELD_SLOTS = held_slots_query(bindparam("user_id"))
 
 
-def older_pending_query(call: Call) -> Select[tuple[int]]:
-    """Direct calls waiting that are older than `call` (a call not stored yet is created now: every one waiting is
-    older). Campaign calls wait behind direct calls, never in front of them."""
-    created_at = call.created_at if call.created_at is not None else func.now()
-    return select(func.count()).where(
-        Call.user_id == call.user_id,
+def slots_and_queue_query(
+    user_id: uuid.UUID | BindParameter[uuid.UUID],
+    call_id: uuid.UUID | BindParameter[uuid.UUID],
+    created_at: datetime | None | BindParameter[datetime],
+) -> Select[tuple[int, bool]]:
+    """The user's held slots, and whether a direct call of theirs other than `call_id`, created no later than
+    `created_at` (None: a call not stored yet, created now, so every one waiting is older), waits and is due: one
+    read, taken under the user's lock. Campaign calls wait behind direct calls, never in front of them."""
+    if not isinstance(created_at, BindParameter):
+        created_at = bindparam("created_at", created_at, type_=DateTime(timezone=True))
+    held = held_slots_query(user_id).scalar_subquery()
+    waiting = select(Call.id).where(
+        Call.user_id == user_id,
         due_pending(),
-        Call.id != call.id,
-        Call.created_at <= created_at,
+        Call.id != call_id,
+        Call.created_at <= func.coalesce(created_at, func.now()),
     )
+    return select(held, waiting.exists())
+
+
+# Built once: run on every call the API accepts.
+_SLOTS_AND_QUEUE = slots_and_queue_query(
+    bindparam("user_id"), bindparam("call_id"), bindparam("created_at", type_=DateTime(timezone=True))
+)
 
 
 def due_calls_query(user_id: uuid.UUID, limit: int | None) -> Select[tuple[Call]]:
@@ -166,8 +193,11 @@ class SqlCallStore:
     def held_slots(self, user_id: uuid.UUID) -> int:
         return self.session.scalar(_HELD_SLOTS, {"user_id": user_id}) or 0
 
-    def has_older_pending(self, call: Call) -> bool:
-        return (self.session.scalar(older_pending_query(call)) or 0) > 0
+    def slots_and_queue(self, call: Call) -> tuple[int, bool]:
+        held, waiting = self.session.execute(
+            _SLOTS_AND_QUEUE, {"user_id": call.user_id, "call_id": call.id, "created_at": call.created_at}
+        ).one()
+        return held, waiting
 
     def add_charge(self, call: Call, credits: int) -> bool:
         # Neither statement reads what the session has still to write (the call's new status): without an

@@ -31,7 +31,6 @@ from shared.campaigns import views
 from shared.campaigns.commands import FIRST_ATTEMPT_DUE
 from shared.core import migrate
 from shared.core.config import Settings
-from shared.core.models import Call
 from shared.messaging import outbox
 from tests.support.isolation import POSTGRES_ADMIN_URL, drop_database
 
@@ -267,11 +266,6 @@ def _webhook() -> AgentExecution:
     return AgentExecution({"id": EXECUTION, "status": "ringing", "context_details": context})
 
 
-def _new_call() -> Call:
-    """A call being placed now: has_older_pending looks for the user's calls waiting ahead of it."""
-    return Call(id=uuid.uuid4(), user_id=USER, created_at=datetime.now(UTC))
-
-
 def _next_calls_page() -> tuple[datetime, uuid.UUID]:
     """A cursor as GET /api/campaigns/{id}/calls gives for a next page: (created_at, id) some way into the campaign's
     calls."""
@@ -283,7 +277,8 @@ _reconcile = ReconcileBounds.from_settings(SETTINGS)
 
 HOT_QUERIES: dict[str, Callable[[], Executable]] = {
     "SqlCallStore.held_slots": lambda: store.held_slots_query(USER),
-    "SqlCallStore.has_older_pending": lambda: store.older_pending_query(_new_call()),
+    # A call being placed now (not stored yet): the user's calls waiting ahead of it, and the slots held.
+    "SqlCallStore.slots_and_queue": lambda: store.slots_and_queue_query(USER, uuid.uuid4(), None),
     "SqlCallStore.due_calls": lambda: store.due_calls_query(USER, 8),
     "Dispatcher._work_due": lambda: dispatchable_query(USER, datetime.now(UTC)),
     "Dispatcher._settle_attempt": lambda: select(campaigns.attempt_ended_query(ENDED_ATTEMPT).exists()),

@@ -56,7 +56,10 @@ class FakeCallStore:
     def held_slots(self, user_id: uuid.UUID) -> int:
         return sum(1 for call in self.calls.values() if call.user_id == user_id and call.slot_held)
 
-    def has_older_pending(self, call: Call) -> bool:
+    def slots_and_queue(self, call: Call) -> tuple[int, bool]:
+        return self.held_slots(call.user_id), self._has_older_pending(call)
+
+    def _has_older_pending(self, call: Call) -> bool:
         return any(
             other.user_id == call.user_id
             and other.id != call.id
