@@ -29,7 +29,7 @@ def reserve_slot(store: CallStore, locked_user: User, call: Call, *, behind_queu
     With `behind_queue`, calls already waiting go first: a new call does not jump the queue.
     """
     held, queue_ahead = store.slots_and_queue(call) if behind_queue else (store.held_slots(locked_user.id), False)
-    if held >= locked_user.max_concurrent_calls or queue_ahead:
+    if _free(locked_user, held) == 0 or queue_ahead:
         return False
     _take_slot(store, call)
     return True
@@ -37,7 +37,11 @@ def reserve_slot(store: CallStore, locked_user: User, call: Call, *, behind_queu
 
 def free_slots(store: CallStore, locked_user: User) -> int:
     """The user's slots not held now; the caller holds the lock on `locked_user`, so no other process takes one."""
-    return max(0, locked_user.max_concurrent_calls - store.held_slots(locked_user.id))
+    return _free(locked_user, store.held_slots(locked_user.id))
+
+
+def _free(locked_user: User, held: int) -> int:
+    return max(0, locked_user.max_concurrent_calls - held)
 
 
 def reserve_slots(store: CallStore, free: int, calls: list[Call]) -> list[Call]:

@@ -126,7 +126,7 @@ class SampledSqlalchemyIntegration(SqlalchemyIntegration):
     """The SDK's SQLAlchemy instrumentation, run only inside a sampled transaction. Elsewhere a statement is only a
     breadcrumb: the SDK would otherwise build, time and drop a span for every statement of every unsampled request,
     the largest part of what Sentry costs a request that sends nothing. It keeps the SDK's identifier, so the SDK
-    enables this one in place of its own, and the SDK's listeners (which it guards) run as they are."""
+    enables this one in place of its own; a statement it traces is traced by the SDK's own listeners."""
 
     @staticmethod
     def setup_once() -> None:
