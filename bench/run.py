@@ -25,8 +25,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-import pika
-from pika.adapters.blocking_connection import BlockingChannel
 from rich.console import Console
 from rich.table import Table
 
@@ -35,7 +33,7 @@ from bench.load import LoadFailure, WrkResult, alternating, wrk
 from shared.bolna.execution import CONTEXT_CALL_ID_KEY
 from shared.core import migrate
 from shared.messaging.publisher import Envelope
-from shared.messaging.topology import EVENTS_EXCHANGE, MessageType, connection_parameters
+from shared.messaging.topology import EVENTS_EXCHANGE, MessageType, open_channel
 from tests.conftest import WEBHOOK_SECRET
 from tests.support.isolation import Isolation
 from tests.support.processes import ServiceProcess, free_port
@@ -292,7 +290,9 @@ class Bench:
         # Bolna only answers: the webhooks of the calls placed are the ingest figures' business, not dispatch's.
         stack.sim_config(webhook_drop_rate=1.0)
         agents = [str(owner.provider_agent_id) for owner in owners]
-        with _unconfirmed_channel(os.environ["RABBITMQ_URL"]) as channel:
+        # Not confirmed: one confirm at a time, the benchmark publishes about 280 messages a second here, and would
+        # measure its own publishing rather than the dispatcher (a message lost would show as a call not placed).
+        with open_channel(os.environ["RABBITMQ_URL"], confirmed=False) as channel:
             started = time.monotonic()
             for user_id, call_id in queued:
                 message = Envelope(MessageType.CALL_QUEUED, {"user_id": user_id, "call_id": call_id})
@@ -373,18 +373,6 @@ class Bench:
             "calls_per_second": round(placed / seconds, 1),
             "calls_by_status": stack.api("GET", campaign, headers=owner.auth).json()["calls"],
         }
-
-
-@contextmanager
-def _unconfirmed_channel(url: str) -> Iterator[BlockingChannel]:
-    """A channel that does not wait for the broker to confirm each message, for the dispatch burst's wake-ups: one
-    confirm at a time, the benchmark publishes about 280 messages a second here, and would measure its own
-    publishing rather than the dispatcher (a message lost would show as a call not placed)."""
-    connection = pika.BlockingConnection(connection_parameters(url))
-    try:
-        yield connection.channel()
-    finally:
-        connection.close()
 
 
 def _live_calls_of(stack: Stack, agents: list[str]) -> int:

@@ -209,12 +209,14 @@ def delete_former_retry_queues(url: str) -> list[str]:
 
 
 @contextmanager
-def open_channel(url: str) -> Iterator[BlockingChannel]:
-    """A confirmed channel on a fresh connection, the topology declared; closing it returns unacked messages."""
+def open_channel(url: str, confirmed: bool = True) -> Iterator[BlockingChannel]:
+    """A channel on a fresh connection, the topology declared; closing it returns unacked messages. `confirmed`:
+    each publish waits for the broker's confirm."""
     connection = pika.BlockingConnection(connection_parameters(url))
     try:
         channel = connection.channel()
-        channel.confirm_delivery()
+        if confirmed:
+            channel.confirm_delivery()
         declare_topology(channel)
         yield channel
     finally:
