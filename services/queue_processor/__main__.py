@@ -1,6 +1,9 @@
 """`python -m services.queue_processor`: the dispatch consumer, the periodic jobs, and health on $PORT (8003)."""
 
 from services.queue_processor.bootstrap import bootstrap
+from shared.bootstrap import freeze_startup_heap
 from shared.core.config import load_settings
 
-bootstrap(load_settings()).run()
+processor = bootstrap(load_settings())
+freeze_startup_heap()
+processor.run()

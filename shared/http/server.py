@@ -8,6 +8,7 @@ from collections.abc import Callable
 from flask import Flask
 from gunicorn.app.base import BaseApplication
 
+from shared.bootstrap import freeze_startup_heap
 from shared.core.config import Settings
 from shared.http import gunicorn_config
 from shared.http.gunicorn_config import available_cpus, default_workers
@@ -28,7 +29,9 @@ class _Gunicorn(BaseApplication):
 
     def load(self) -> Flask:
         # Called in each worker after fork, so connections and pools are never shared across processes.
-        return self._factory()
+        app = self._factory()
+        freeze_startup_heap()
+        return app
 
 
 def run_http(

@@ -4,6 +4,7 @@ the CPUs given, apps built after the fork, the request id in the access log)."""
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import re
@@ -175,6 +176,19 @@ def test_every_setting_of_the_config_module_reaches_gunicorn():
             assert getattr(application.cfg, name) == getattr(gunicorn_config, name), name
     assert application.cfg.worker_class_str == "gthread"
     assert (application.cfg.workers, application.cfg.threads, application.cfg.keepalive) == (3, 4, 9)
+
+
+def test_a_worker_leaves_what_its_app_factory_built_out_of_the_garbage_collectors_walks():
+    """A full collection would otherwise walk every object the app holds for its whole life, all request threads
+    waiting (shared.bootstrap.freeze_startup_heap)."""
+    built = {"routes": ["/webhooks/bolna"]}
+    application = server._Gunicorn(lambda: built, {"bind": "127.0.0.1:1"})
+    try:
+        assert application.load() is built
+        assert not any(tracked is built for tracked in gc.get_objects())
+    finally:
+        gc.unfreeze()
+    assert any(tracked is built for tracked in gc.get_objects())
 
 
 def _served_settings(monkeypatch: pytest.MonkeyPatch, serve: Callable[[], None]) -> Any:
