@@ -8,7 +8,6 @@ into its app or its workers; nothing here runs on import.
 from __future__ import annotations
 
 import functools
-import gc
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -85,12 +84,3 @@ def start_service(service: str, settings: Settings, traced_elsewhere: Collection
 def configure_logging(settings: Settings) -> None:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     logging.getLogger("pika").setLevel(logging.WARNING)  # pika narrates every connection at INFO
-
-
-def freeze_startup_heap() -> None:
-    """Called once a process's composition root has built everything. What exists then (modules, mappers, the app)
-    lives as long as the process, so the garbage collector stops walking it: otherwise each full collection walks
-    some 120,000 such objects, a pause of over 100 ms with the interpreter lock held, which every request thread of
-    the worker waits out. Garbage is collected first, so none of it is kept for good."""
-    gc.collect()
-    gc.freeze()

@@ -28,7 +28,10 @@ def reserve_slot(store: CallStore, locked_user: User, call: Call, *, behind_queu
 
     With `behind_queue`, calls already waiting go first: a new call does not jump the queue.
     """
-    held, queue_ahead = store.slots_and_queue(call) if behind_queue else (store.held_slots(locked_user.id), False)
+    if behind_queue:
+        held, queue_ahead = store.slots_and_queue(locked_user.id, call)
+    else:
+        held, queue_ahead = store.held_slots(locked_user.id), False
     if _free(locked_user, held) == 0 or queue_ahead:
         return False
     _take_slot(store, call)

@@ -52,9 +52,9 @@ class CallStore(Protocol):
 
     def held_slots(self, user_id: uuid.UUID) -> int: ...
 
-    def slots_and_queue(self, call: Call) -> tuple[int, bool]:
-        """The slots the call's user holds, and whether another of the user's calls, created no later than `call`,
-        is waiting and due."""
+    def slots_and_queue(self, user_id: uuid.UUID, call: Call) -> tuple[int, bool]:
+        """The slots the user holds, and whether another of the user's calls, created no later than `call`, is
+        waiting and due."""
         ...
 
     def add_charge(self, call: Call, credits: int) -> bool:
@@ -104,7 +104,7 @@ def held_slots_query(user_id: uuid.UUID | BindParameter[uuid.UUID]) -> Select[tu
     return select(func.count()).where(Call.user_id == user_id, Call.slot_held)
 
 
-# Built once, run on every call accepted and every dispatch (see provider_events._STORE_EVENT for why).
+# Built once, run on every dispatch (see provider_events._STORE_EVENT for why).
 _HELD_SLOTS = held_slots_query(bindparam("user_id"))
 
 
@@ -193,9 +193,9 @@ class SqlCallStore:
     def held_slots(self, user_id: uuid.UUID) -> int:
         return self.session.scalar(_HELD_SLOTS, {"user_id": user_id}) or 0
 
-    def slots_and_queue(self, call: Call) -> tuple[int, bool]:
+    def slots_and_queue(self, user_id: uuid.UUID, call: Call) -> tuple[int, bool]:
         held, waiting = self.session.execute(
-            _SLOTS_AND_QUEUE, {"user_id": call.user_id, "call_id": call.id, "created_at": call.created_at}
+            _SLOTS_AND_QUEUE, {"user_id": user_id, "call_id": call.id, "created_at": call.created_at}
         ).one()
         return held, waiting
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import sentry_sdk
 
+from shared.core.heap import freeze_startup_heap
+
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 FLUSH_SECONDS = 5.0
 
@@ -36,6 +38,11 @@ access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms request_id=%({x-request-i
 errorlog = "-"
 loglevel = "info"
 control_socket_disable = True  # several services share a host: no shared control socket path
+
+
+def post_worker_init(worker: object) -> None:
+    """Once a worker has built its app, what it built is left out of the garbage collector's walks."""
+    freeze_startup_heap()
 
 
 def worker_exit(server: object, worker: object) -> None:

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from flask import Flask
 from gunicorn.app.base import BaseApplication
 
-from shared.bootstrap import freeze_startup_heap
 from shared.core.config import Settings
 from shared.http import gunicorn_config
 from shared.http.gunicorn_config import available_cpus, default_workers
@@ -29,9 +28,7 @@ class _Gunicorn(BaseApplication):
 
     def load(self) -> Flask:
         # Called in each worker after fork, so connections and pools are never shared across processes.
-        app = self._factory()
-        freeze_startup_heap()
-        return app
+        return self._factory()
 
 
 def run_http(

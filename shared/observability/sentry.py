@@ -29,8 +29,8 @@ from shared.observability import scrubbing
 log = logging.getLogger(__name__)
 # report() logs each error it sends; that log line must not become a second event. pika logs a dropped
 # connection at ERROR although the publisher and the consumer reconnect by themselves. gunicorn writes a request's
-# access line after the request's isolation scope has closed: as a breadcrumb it would reach no event, at a cost
-# on every request.
+# access line after the request's isolation scope has closed, on the thread's own scope, which the next request's
+# scope is copied from: as a breadcrumb it would reach later requests' events, never its own.
 report_log = logging.getLogger("callflow.report")
 for _logger in (report_log.name, "pika", "pika.*", "gunicorn.access"):
     ignore_logger(_logger)

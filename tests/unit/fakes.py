@@ -56,12 +56,12 @@ class FakeCallStore:
     def held_slots(self, user_id: uuid.UUID) -> int:
         return sum(1 for call in self.calls.values() if call.user_id == user_id and call.slot_held)
 
-    def slots_and_queue(self, call: Call) -> tuple[int, bool]:
-        return self.held_slots(call.user_id), self._has_older_pending(call)
+    def slots_and_queue(self, user_id: uuid.UUID, call: Call) -> tuple[int, bool]:
+        return self.held_slots(user_id), self._has_older_pending(user_id, call)
 
-    def _has_older_pending(self, call: Call) -> bool:
+    def _has_older_pending(self, user_id: uuid.UUID, call: Call) -> bool:
         return any(
-            other.user_id == call.user_id
+            other.user_id == user_id
             and other.id != call.id
             and other.status == statuses.PENDING
             and (other.next_attempt_at is None or other.next_attempt_at <= self.clock)
