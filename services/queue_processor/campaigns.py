@@ -24,7 +24,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import phonenumbers
 from phonenumbers import timezone as number_time_zones
-from sqlalchemy import ColumnElement, Select, exists, func, or_, select
+from sqlalchemy import BindParameter, ColumnElement, Select, exists, func, or_, select
 
 from shared.calls import lifecycle, statuses
 from shared.campaigns import states
@@ -191,7 +191,7 @@ def has_open_contacts_query(campaign_id: uuid.UUID) -> Select[tuple[bool]]:
     )
 
 
-def _contact_due(now: datetime) -> Select[tuple[int]]:
+def _contact_due(now: datetime | BindParameter[datetime]) -> Select[tuple[int]]:
     return select(CampaignContact.id).where(
         CampaignContact.campaign_id == Campaign.id,
         CampaignContact.state == states.WAITING,
@@ -207,7 +207,7 @@ def _requeued_call_due() -> Select[tuple[uuid.UUID]]:
     )
 
 
-def _calls_due(now: datetime) -> ColumnElement[bool]:
+def _calls_due(now: datetime | BindParameter[datetime]) -> ColumnElement[bool]:
     """An active campaign with a call to place at `now`: its start time reached, a contact due, or a call back in
     the queue and due. (Attempts that ended are not looked for here: that would visit every contact being called.)"""
     return Campaign.status.in_(states.ACTIVE) & or_(
@@ -225,23 +225,25 @@ def _attempts_ended() -> Select[tuple[int]]:
     )
 
 
-def campaign_work_due_query(user_id: uuid.UUID, now: datetime) -> Select[tuple[uuid.UUID]]:
+def campaign_work_due_query(
+    user_id: uuid.UUID | BindParameter[uuid.UUID], now: datetime | BindParameter[datetime]
+) -> Select[tuple[uuid.UUID]]:
     """The user's campaigns with a call to place at `now` (so a wake-up for a campaign waiting on its window or its
     retries costs one read and no lock)."""
     return select(Campaign.id).where(Campaign.user_id == user_id, _calls_due(now))
 
 
-def attempt_ended_query(call_id: uuid.UUID) -> Select[tuple[int]]:
+def attempt_ended_query(call_id: uuid.UUID | None | BindParameter[uuid.UUID | None]) -> Select[tuple[int]]:
     """The contact whose attempt `call_id` was, if that call ended and its result awaits settling."""
     return _attempts_ended().where(_attempt_of(call_id))
 
 
-def _attempt_of(call_id: uuid.UUID) -> ColumnElement[bool]:
+def _attempt_of(call_id: uuid.UUID | None | BindParameter[uuid.UUID | None]) -> ColumnElement[bool]:
     """The call and the contact it is an attempt of, each by primary key, however many contacts are being called."""
     return (Call.id == call_id) & (CampaignContact.id == Call.contact_id)
 
 
-def requeued_calls_due_query(user_id: uuid.UUID) -> Select[tuple[uuid.UUID]]:
+def requeued_calls_due_query(user_id: uuid.UUID | BindParameter[uuid.UUID]) -> Select[tuple[uuid.UUID]]:
     """Calls of the user's running campaigns back in the queue and due (a dispatch places them first)."""
     return _requeued_call_due().where(Campaign.user_id == user_id, Campaign.status == states.RUNNING)
 

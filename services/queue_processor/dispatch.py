@@ -12,7 +12,7 @@ from datetime import datetime
 from enum import StrEnum
 
 import sentry_sdk
-from sqlalchemy import Select, select
+from sqlalchemy import BindParameter, DateTime, Select, Uuid, bindparam, select
 from sqlalchemy.exc import DBAPIError
 
 from services.queue_processor.campaigns import (
@@ -44,15 +44,29 @@ class DispatchTrigger(StrEnum):
     SCHEDULE = "schedule"  # a campaign's start time, retry interval or calling window came due
 
 
-def dispatchable_query(user_id: uuid.UUID, now: datetime) -> Select[tuple[bool, bool, bool, bool]]:
-    """What the user has due, in one read: a free slot, a due direct call, campaign calls due at `now` (the
-    campaign clock), campaign calls back in the queue (built apart so its plan can be tested)."""
+def dispatchable_query(
+    user_id: uuid.UUID | BindParameter[uuid.UUID],
+    now: datetime | BindParameter[datetime],
+    ended_call_id: uuid.UUID | None | BindParameter[uuid.UUID | None],
+) -> Select[tuple[bool, bool, bool, bool, bool]]:
+    """What a wake-up has to do, in one read: whether `ended_call_id` (None: no call ended) ended a campaign attempt
+    still to settle, a free slot, a due direct call, campaign calls due at `now` (the campaign clock), campaign calls
+    back in the queue (built apart so its plan can be tested)."""
     return select(
+        attempt_ended_query(ended_call_id).exists(),
         held_slots_query(user_id).scalar_subquery() < User.max_concurrent_calls,
         select(Call.id).where(Call.user_id == user_id, due_pending()).exists(),
         campaign_work_due_query(user_id, now).exists(),
         requeued_calls_due_query(user_id).exists(),
     ).where(User.id == user_id)
+
+
+# Built once: each slot.released runs it, and building it was most of a wake-up's CPU (see provider_events).
+_DISPATCHABLE = dispatchable_query(
+    bindparam("user_id"),
+    bindparam("now", type_=DateTime(timezone=True)),
+    bindparam("ended_call_id", type_=Uuid()),
+)
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,7 @@ class _Work:
     direct: bool = False
     campaigns: bool = False
     requeued: bool = False
+    attempt_ended: bool = False  # the call that woke it ended a campaign attempt, settled before anything else
 
     def __bool__(self) -> bool:
         return self.direct or self.campaigns
@@ -96,10 +111,12 @@ class Dispatcher:
         once its short lease runs out: linked if Bolna has it, else failed as `bolna_outcome_unknown`. The campaign
         attempt that `ended_call_id` ended is settled first (a retry, or the campaign's completion), Bolna up or not
         and a slot free or not, so the contact's next call is among those dispatched."""
-        if ended_call_id is not None:
+        work = self._work_due(user_id, ended_call_id)
+        if work.attempt_ended and ended_call_id is not None:
             self._settle_attempt(user_id, ended_call_id)
+            work = self._work_due(user_id)
         dispatched = 0
-        while not self._placer.provider_down and (work := self._work_due(user_id)):
+        while not self._placer.provider_down and work:
             threads = self._take_free_threads()
             try:
                 reserved = self._reserve_due(user_id, threads, work)
@@ -117,6 +134,7 @@ class Dispatcher:
             finally:
                 self._give_back_threads(len(reserved) - handed)  # the pool is shutting down
             dispatched += handed
+            work = self._work_due(user_id)
         self._hold_back_while_provider_down(user_id)
         return dispatched
 
@@ -237,31 +255,30 @@ class Dispatcher:
             self._free_threads.release()
 
     def _settle_attempt(self, user_id: uuid.UUID, call_id: uuid.UUID) -> None:
-        """Settles the campaign attempt `call_id` ended, if it did: an unlocked primary-key read first, so the freed
-        slot of a direct call costs no lock."""
-        with self._placer.uow_factory() as uow:
-            if not uow.reads_only().session.scalar(select(attempt_ended_query(call_id).exists())):
-                return
+        """Settles the campaign attempt `call_id` ended (the wake-up's unlocked read found it), under the user's
+        lock."""
         with self._placer.uow_factory() as uow:
             uow.calls.lock_user(user_id)
             self._campaigns.settle(uow, user_id, call_id)
             uow.commit()
 
-    def _work_due(self, user_id: uuid.UUID) -> _Work:
-        """One unlocked read: whether the user has a free slot, and what for. A wake-up for calls already placed (a
-        burst of messages drained by the first) costs no more than this."""
+    def _work_due(self, user_id: uuid.UUID, ended_call_id: uuid.UUID | None = None) -> _Work:
+        """One unlocked read: whether `ended_call_id` ended a campaign attempt, whether the user has a free slot,
+        and what for. A wake-up for calls already placed (a burst of messages drained by the first), or for the
+        freed slot of a direct call, costs no more than this."""
+        parameters = {"user_id": user_id, "now": self._campaigns.clock(), "ended_call_id": ended_call_id}
         with self._placer.uow_factory() as uow:
-            row = uow.reads_only().session.execute(dispatchable_query(user_id, self._campaigns.clock())).first()
+            row = uow.reads_only().session.execute(_DISPATCHABLE, parameters).first()
         if row is None:
             return _Work()
-        free, direct, campaigns, requeued = row
+        attempt_ended, free, direct, campaigns, requeued = row
         if not free:
             if campaigns:  # the customer's own limit, not a failure: never an event, a breadcrumb for what follows
                 sentry_sdk.add_breadcrumb(
                     category="queue", message=NO_SLOT_FOR_CAMPAIGNS, level="info", data={"user_id": str(user_id)}
                 )
-            return _Work()
-        return _Work(direct=direct, campaigns=campaigns, requeued=requeued)
+            return _Work(attempt_ended=attempt_ended)
+        return _Work(direct=direct, campaigns=campaigns, requeued=requeued, attempt_ended=attempt_ended)
 
     def _reserve_due(self, user_id: uuid.UUID, most: int, work: _Work) -> list[tuple[Call, str]]:
         """Up to `most` calls, each holding a slot now, with its agent's id at Bolna: the user's due direct calls

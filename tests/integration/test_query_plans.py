@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Executable, create_engine, select, text
+from sqlalchemy import Connection, Executable, create_engine, text
 from sqlalchemy.engine import make_url
 
 from services.call_initiator.placing import user_and_agent_query
@@ -280,8 +280,7 @@ HOT_QUERIES: dict[str, Callable[[], Executable]] = {
     # A call being placed now (not stored yet): the user's calls waiting ahead of it, and the slots held.
     "SqlCallStore.slots_and_queue": lambda: store.slots_and_queue_query(USER, uuid.uuid4(), None),
     "SqlCallStore.due_calls": lambda: store.due_calls_query(USER, 8),
-    "Dispatcher._work_due": lambda: dispatchable_query(USER, datetime.now(UTC)),
-    "Dispatcher._settle_attempt": lambda: select(campaigns.attempt_ended_query(ENDED_ATTEMPT).exists()),
+    "Dispatcher._work_due": lambda: dispatchable_query(USER, datetime.now(UTC), ENDED_ATTEMPT),
     "SqlCallStore.users_with_pending_calls": store.users_with_pending_calls_query,
     "Dispatcher.users_to_retry": due_retries_query,
     "provider_events.ingest duplicate": lambda: provider_events.waiting_duplicate_query(_webhook()),

@@ -110,8 +110,9 @@ class _NoFreeSlotPlacer:
 
     @contextmanager
     def uow_factory(self) -> Iterator[SimpleNamespace]:
-        due = SimpleNamespace(first=lambda: (False, False, True, False))  # free slot, direct, campaigns, requeued
-        session = SimpleNamespace(execute=lambda query: due)
+        # attempt ended, free slot, direct, campaigns, requeued
+        due = SimpleNamespace(first=lambda: (False, False, False, True, False))
+        session = SimpleNamespace(execute=lambda query, parameters: due)
         yield SimpleNamespace(reads_only=lambda: SimpleNamespace(session=session))
 
 
