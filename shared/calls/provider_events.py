@@ -66,11 +66,12 @@ def ingest(
     webhook = _validated(payload)
     started = time.monotonic()
     with uow_factory() as uow:
-        event = _insert(uow, payload, webhook)
+        found = _found_call(uow, webhook)
+        event = _insert(uow, payload, webhook, _applied_values(uow, found, webhook))
         event_id = event.id if event is not None else None
         if event is None:  # already stored: apply it now if it is still waiting
             event = uow.session.scalar(waiting_duplicate_query(webhook))
-        outcome = _apply_and_commit(uow, event, started) if event is not None else None
+        outcome = _apply_and_commit(uow, event, started, found=found) if event is not None else None
         if outcome is None:
             uow.commit()
         elif event_id is not None:
@@ -104,19 +105,49 @@ _STORE_EVENT = (
 )
 
 
-def _insert(uow: UnitOfWork, payload: dict[str, Any], webhook: AgentExecution) -> WebhookEvent | None:
+@dataclass(frozen=True)
+class _Found:
+    """The outcome of looking for an event's call: the call, locked, or None when it is not known (yet)."""
+
+    call: Call | None
+
+
+def _found_call(uow: UnitOfWork, webhook: AgentExecution) -> _Found | None:
+    """The webhook's call, looked for before its event is stored; None when looking failed. The transaction is then
+    rolled back, and applying looks again once the event is stored, so a failure that persists is stored with it."""
+    try:
+        return _Found(_find_call(uow, webhook))
+    except Exception:
+        log.warning("finding the call of webhook %s %s failed; tried again", webhook.execution_id, webhook.status)
+        uow.rollback()
+        return None
+
+
+def _applied_values(uow: UnitOfWork, found: _Found | None, webhook: AgentExecution) -> dict[str, Any]:
+    """What applying the event to its call writes on the event (`lifecycle.apply_provider_event`: the call and the
+    transaction's now), when it is applied in this transaction: stored with the row itself, the ORM has no UPDATE
+    of it to write. Anything else the lifecycle sets is written as usual."""
+    now = uow.calls.now()
+    call = found.call if found is not None else None
+    if call is None or not isinstance(now, datetime) or _completed_without_duration(webhook.status, webhook):
+        return {"call_id": None, "applied_at": None}
+    return {"call_id": call.id, "applied_at": now}
+
+
+def _insert(
+    uow: UnitOfWork, payload: dict[str, Any], webhook: AgentExecution, applied: dict[str, Any]
+) -> WebhookEvent | None:
     """The new event, as a row of this transaction; None when it is a duplicate of one already stored."""
     key = {"execution_id": webhook.execution_id, "status": webhook.status, "attempt": webhook.attempt}
-    event_id = uow.session.scalar(_STORE_EVENT, {**key, "payload": payload})
+    event_id = uow.session.scalar(_STORE_EVENT, {**key, **applied, "payload": payload})
     if event_id is None:
         return None
     # Everything it holds is known here: it joins the session as if loaded, without reading its payload back.
     event = WebhookEvent(
         id=event_id,
         **key,
+        **applied,
         payload=payload,
-        call_id=None,
-        applied_at=None,
         attempts=0,
         last_error=None,
         next_attempt_at=None,
@@ -165,8 +196,11 @@ class _Outcome:
     waits_for_duration: bool = False
 
 
-def _apply_and_commit(uow: UnitOfWork, event: WebhookEvent, started: float, duration_asked: bool = False) -> _Outcome:
-    """Applies a stored event (locked by this transaction) to its call, in the call's trace, and commits.
+def _apply_and_commit(
+    uow: UnitOfWork, event: WebhookEvent, started: float, duration_asked: bool = False, found: _Found | None = None
+) -> _Outcome:
+    """Applies a stored event (locked by this transaction) to its call, in the call's trace, and commits. `found`:
+    the call, already looked for (and locked) in this transaction.
 
     When anything fails (finding the call included), the transaction is rolled back and the event stored again with
     the failure, in a transaction of its own; the failure is reported when it first appears and only logged when a
@@ -174,7 +208,7 @@ def _apply_and_commit(uow: UnitOfWork, event: WebhookEvent, started: float, dura
     """
     kept = _KeptEvent.of(event)
     try:
-        call = _find_call(uow, AgentExecution(event.payload))
+        call = found.call if found is not None else _find_call(uow, AgentExecution(event.payload))
     except Exception as exc:
         return _keep_failed(uow, kept, exc, {}, started)
     with tracing.call_transaction(
@@ -288,11 +322,14 @@ def _webhook_details(webhook: AgentExecution) -> dict[str, object]:
 
 def _lacks_duration(event: WebhookEvent) -> bool:
     return (
-        event.status == statuses.COMPLETED
-        and event.applied_at is None
+        event.applied_at is None
         and event.redacted_at is None
-        and not AgentExecution(event.payload).duration_seconds
+        and _completed_without_duration(event.status, AgentExecution(event.payload))
     )
+
+
+def _completed_without_duration(status: str, execution: AgentExecution) -> bool:
+    return status == statuses.COMPLETED and not execution.duration_seconds
 
 
 def _complete_duration(uow_factory: UnitOfWorkFactory, event: WebhookEvent, bolna: BolnaClient | None) -> bool:

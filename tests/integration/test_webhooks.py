@@ -9,7 +9,7 @@ from contextlib import contextmanager
 
 import pytest
 from flask.testing import FlaskClient
-from sqlalchemy import event, select
+from sqlalchemy import event, select, text
 
 from services.webhook_receiver.app import WEBHOOK_MAX_BODY_BYTES, create_app
 from services.webhook_receiver.source_checks import SourceChecks
@@ -147,6 +147,39 @@ def test_a_webhook_for_a_known_call_is_stored_and_applied_in_one_transaction():
     assert (load_call(call.id).status, ledger_total(owner.user_id)) == ("completed", (1, -1))
 
 
+@contextmanager
+def _statements() -> Iterator[list[str]]:
+    run: list[str] = []
+
+    def note(conn, cursor, statement, parameters, context, executemany) -> None:
+        run.append(" ".join(statement.split()))
+
+    event.listen(components().engine, "before_cursor_execute", note)
+    try:
+        yield run
+    finally:
+        event.remove(components().engine, "before_cursor_execute", note)
+
+
+def test_a_webhook_for_a_known_call_is_stored_already_applied_and_written_once():
+    owner = customer(credits=10)
+    execution_id = str(uuid.uuid4())
+    call = call_row(owner, status="queued", execution_id=execution_id, slot_held=True)
+    with _statements() as run:
+        receipt = _deliver(_event(execution_id, "ringing"))
+    writes = [statement for statement in run if "webhook_events" in statement.split("(")[0]]
+    assert [statement.split(" (")[0] for statement in writes] == ["INSERT INTO webhook_events"], run
+    stored = _stored_event(receipt.event_id)
+    applied = load_call(call.id)
+    assert (stored.call_id, applied.status) == (call.id, "ringing")
+    assert stored.applied_at == applied.provider_checked_at, "applied at the transaction's now, as the call heard"
+
+
+def _stored_event(event_id: int | None) -> WebhookEvent:
+    with components().uow() as uow:
+        return uow.session.get_one(WebhookEvent, event_id)
+
+
 def _webhook_receiver() -> FlaskClient:
     return create_app(components(), SourceChecks(components().settings)).test_client()
 
@@ -235,3 +268,36 @@ def test_a_webhook_whose_apply_fails_is_stored_with_its_failure_and_nothing_it_a
 
     assert _deliver(completed).event_id is None, "a retry by Bolna is a duplicate of the stored event..."
     assert (load_call(call.id).status, ledger_total(owner.user_id)) == ("completed", (1, -1)), "...and applies it"
+
+
+def test_a_webhook_whose_call_cannot_be_looked_for_is_stored_and_applied_when_a_second_look_succeeds(monkeypatch):
+    owner = customer(credits=10)
+    execution_id = str(uuid.uuid4())
+    call = call_row(owner, status="queued", execution_id=execution_id, slot_held=True)
+    find_call = provider_events._find_call
+    looks: list[str] = []
+
+    def first_look_fails(uow, webhook):
+        looks.append(webhook.status)
+        if len(looks) == 1:
+            uow.session.execute(text("SELECT 1 / 0"))  # an error of PostgreSQL, which aborts the transaction
+        return find_call(uow, webhook)
+
+    monkeypatch.setattr(provider_events, "_find_call", first_look_fails)
+    receipt = _deliver(_event(execution_id, "ringing"))
+    stored = _stored_event(receipt.event_id)
+    assert len(looks) == 2, "looked for again once the event was stored"
+    assert (stored.call_id, stored.attempts, load_call(call.id).status) == (call.id, 0, "ringing")
+
+
+def test_a_webhook_whose_call_can_never_be_looked_for_is_stored_with_the_failure(monkeypatch):
+    execution_id = str(uuid.uuid4())
+
+    def every_look_fails(uow, webhook):
+        uow.session.execute(text("SELECT 1 / 0"))
+
+    monkeypatch.setattr(provider_events, "_find_call", every_look_fails)
+    receipt = _deliver(_event(execution_id, "ringing"))
+    stored = _stored_event(receipt.event_id)
+    assert (stored.applied_at, stored.attempts) == (None, 1)
+    assert "DivisionByZero" in stored.last_error
