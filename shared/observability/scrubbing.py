@@ -53,12 +53,14 @@ _PATTERNS = (
     (re.compile(r"\bcf_[A-Za-z0-9_-]{16,}"), FILTERED),  # Callflow API tokens
     (re.compile(r"(?i)(amqps?|postgres(?:ql)?(?:\+\w+)?)://[^:@/\s]+:[^@/\s]+@"), rf"\1://{FILTERED}@"),
 )
-# E.164 numbers, also URL-encoded (%2B): all but the last four digits are masked.
-_PHONE = re.compile(r"(\+|%2B)([1-9]\d{6,14})\b")
+# E.164 numbers, also URL-encoded (%2B, or %2b: percent-encoding is not case-sensitive): all but the last four
+# digits are masked.
+_PHONE = re.compile(r"(\+|%2[Bb])([1-9]\d{6,14})\b")
 # Where any pattern above can match: most strings of an event (SQL, span names, ids) hold none of these, and one
-# search costs a fraction of the substitutions.
+# search costs a fraction of the substitutions. Searched in the lower-cased text, with the alternatives factored by
+# their first letter: several times faster than a case-insensitive search, on every string of every event sent.
 _MAY_HOLD_SENSITIVE = re.compile(
-    r"(?i)(?:token|api_key|apikey|secret|password|access_token)=|bearer|basic|cf_|://|\+[1-9]|%2B[1-9]"
+    r"token=|a(?:pi_?key|ccess_token)=|secret=|password=|b(?:earer|asic)|cf_|://|\+[1-9]|%2b[1-9]"
 )
 
 
@@ -71,7 +73,7 @@ def scrub_text(text: str, secrets: tuple[str, ...] = ()) -> str:
     for secret in secrets:
         if secret:
             text = text.replace(secret, FILTERED)
-    if _MAY_HOLD_SENSITIVE.search(text) is None:
+    if _MAY_HOLD_SENSITIVE.search(text.lower()) is None:
         return text
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
