@@ -61,7 +61,7 @@ def dispatchable_query(
     ).where(User.id == user_id)
 
 
-# Built once: each slot.released runs it, and building it was most of a wake-up's CPU (see provider_events).
+# Built once: each slot.released runs it, and building it was most of a wake-up's CPU (provider_events._STORE_EVENT).
 _DISPATCHABLE = dispatchable_query(
     bindparam("user_id"),
     bindparam("now", type_=DateTime(timezone=True)),
@@ -77,6 +77,7 @@ class _Work:
     campaigns: bool = False
     requeued: bool = False
     attempt_ended: bool = False  # the call that woke it ended a campaign attempt, settled before anything else
+    campaigns_without_slot: bool = False  # campaign calls are due, and the customer's limit leaves them no slot
 
     def __bool__(self) -> bool:
         return self.direct or self.campaigns
@@ -111,12 +112,20 @@ class Dispatcher:
         once its short lease runs out: linked if Bolna has it, else failed as `bolna_outcome_unknown`. The campaign
         attempt that `ended_call_id` ended is settled first (a retry, or the campaign's completion), Bolna up or not
         and a slot free or not, so the contact's next call is among those dispatched."""
-        work = self._work_due(user_id, ended_call_id)
-        if work.attempt_ended and ended_call_id is not None:
-            self._settle_attempt(user_id, ended_call_id)
-            work = self._work_due(user_id)
+        already_read: _Work | None = None
+        if ended_call_id is not None:
+            already_read = self._work_due(user_id, ended_call_id)
+            if already_read.attempt_ended:
+                self._settle_attempt(user_id, ended_call_id)
+                already_read = None  # settling may have made the contact's retry due: read again
         dispatched = 0
-        while not self._placer.provider_down and work:
+        while not self._placer.provider_down:
+            work = already_read if already_read is not None else self._work_due(user_id)
+            already_read = None
+            if not work:
+                if work.campaigns_without_slot:
+                    _note_no_slot_for_campaigns(user_id)
+                break
             threads = self._take_free_threads()
             try:
                 reserved = self._reserve_due(user_id, threads, work)
@@ -134,7 +143,6 @@ class Dispatcher:
             finally:
                 self._give_back_threads(len(reserved) - handed)  # the pool is shutting down
             dispatched += handed
-            work = self._work_due(user_id)
         self._hold_back_while_provider_down(user_id)
         return dispatched
 
@@ -273,11 +281,7 @@ class Dispatcher:
             return _Work()
         attempt_ended, free, direct, campaigns, requeued = row
         if not free:
-            if campaigns:  # the customer's own limit, not a failure: never an event, a breadcrumb for what follows
-                sentry_sdk.add_breadcrumb(
-                    category="queue", message=NO_SLOT_FOR_CAMPAIGNS, level="info", data={"user_id": str(user_id)}
-                )
-            return _Work(attempt_ended=attempt_ended)
+            return _Work(attempt_ended=attempt_ended, campaigns_without_slot=campaigns)
         return _Work(direct=direct, campaigns=campaigns, requeued=requeued, attempt_ended=attempt_ended)
 
     def _reserve_due(self, user_id: uuid.UUID, most: int, work: _Work) -> list[tuple[Call, str]]:
@@ -306,6 +310,14 @@ class Dispatcher:
             agents = {agent_id: uow.session.get_one(Agent, agent_id) for agent_id in {c.agent_id for c in reserved}}
             uow.commit()
         return [(call, agents[call.agent_id].provider_agent_id or "") for call in reserved]
+
+
+def _note_no_slot_for_campaigns(user_id: uuid.UUID) -> None:
+    """The customer's own limit holds their campaign calls back: not a failure, so never an event, but a breadcrumb
+    for whatever is reported next."""
+    sentry_sdk.add_breadcrumb(
+        category="queue", message=NO_SLOT_FOR_CAMPAIGNS, level="info", data={"user_id": str(user_id)}
+    )
 
 
 def _queue_failure(call: Call) -> ErrorType:

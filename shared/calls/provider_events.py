@@ -66,12 +66,12 @@ def ingest(
     webhook = _validated(payload)
     started = time.monotonic()
     with uow_factory() as uow:
-        found = _found_call(uow, webhook)
-        event = _insert(uow, payload, webhook, _applied_values(uow, found, webhook))
+        lookup = _look_for_call(uow, webhook)
+        event = _insert(uow, payload, webhook, _applied_values(uow, lookup, webhook))
         event_id = event.id if event is not None else None
         if event is None:  # already stored: apply it now if it is still waiting
             event = uow.session.scalar(waiting_duplicate_query(webhook))
-        outcome = _apply_and_commit(uow, event, started, found=found) if event is not None else None
+        outcome = _apply_and_commit(uow, event, started, lookup=lookup) if event is not None else None
         if outcome is None:
             uow.commit()
         elif event_id is not None:
@@ -106,32 +106,33 @@ _STORE_EVENT = (
 
 
 @dataclass(frozen=True)
-class _Found:
-    """The outcome of looking for an event's call: the call, locked, or None when it is not known (yet)."""
+class _CallLookup:
+    """An event's call, looked for (and locked) before the event is stored."""
 
-    call: Call | None
+    call: Call | None = None  # None: not known (yet)
+    failed: bool = False  # looking failed (and was rolled back): applying the stored event looks again
 
 
-def _found_call(uow: UnitOfWork, webhook: AgentExecution) -> _Found | None:
-    """The webhook's call, looked for before its event is stored; None when looking failed. The transaction is then
-    rolled back, and applying looks again once the event is stored, so a failure that persists is stored with it."""
+def _look_for_call(uow: UnitOfWork, webhook: AgentExecution) -> _CallLookup:
     try:
-        return _Found(_find_call(uow, webhook))
+        return _CallLookup(_find_call(uow, webhook))
     except Exception:
-        log.warning("finding the call of webhook %s %s failed; tried again", webhook.execution_id, webhook.status)
+        # The event is stored all the same; applying it looks again, and a failure that lasts is stored with it.
+        log.warning("looking for the call of webhook %s %s failed", webhook.execution_id, webhook.status, exc_info=True)
         uow.rollback()
-        return None
+        return _CallLookup(failed=True)
 
 
-def _applied_values(uow: UnitOfWork, found: _Found | None, webhook: AgentExecution) -> dict[str, Any]:
+def _applied_values(uow: UnitOfWork, lookup: _CallLookup, webhook: AgentExecution) -> dict[str, Any]:
     """What applying the event to its call writes on the event (`lifecycle.apply_provider_event`: the call and the
     transaction's now), when it is applied in this transaction: stored with the row itself, the ORM has no UPDATE
     of it to write. Anything else the lifecycle sets is written as usual."""
+    # The transaction's now is a value once the call's lock read it (found by its execution id); a call found by
+    # our id echoed back has only `now()` the SQL function, and its event is written by an UPDATE as before.
     now = uow.calls.now()
-    call = found.call if found is not None else None
-    if call is None or not isinstance(now, datetime) or _completed_without_duration(webhook.status, webhook):
+    if lookup.call is None or not isinstance(now, datetime) or _completed_without_duration(webhook):
         return {"call_id": None, "applied_at": None}
-    return {"call_id": call.id, "applied_at": now}
+    return {"call_id": lookup.call.id, "applied_at": now}
 
 
 def _insert(
@@ -197,9 +198,13 @@ class _Outcome:
 
 
 def _apply_and_commit(
-    uow: UnitOfWork, event: WebhookEvent, started: float, duration_asked: bool = False, found: _Found | None = None
+    uow: UnitOfWork,
+    event: WebhookEvent,
+    started: float,
+    duration_asked: bool = False,
+    lookup: _CallLookup | None = None,
 ) -> _Outcome:
-    """Applies a stored event (locked by this transaction) to its call, in the call's trace, and commits. `found`:
+    """Applies a stored event (locked by this transaction) to its call, in the call's trace, and commits. `lookup`:
     the call, already looked for (and locked) in this transaction.
 
     When anything fails (finding the call included), the transaction is rolled back and the event stored again with
@@ -208,7 +213,8 @@ def _apply_and_commit(
     """
     kept = _KeptEvent.of(event)
     try:
-        call = found.call if found is not None else _find_call(uow, AgentExecution(event.payload))
+        looked_up = lookup is not None and not lookup.failed
+        call = lookup.call if looked_up else _find_call(uow, AgentExecution(event.payload))
     except Exception as exc:
         return _keep_failed(uow, kept, exc, {}, started)
     with tracing.call_transaction(
@@ -324,12 +330,12 @@ def _lacks_duration(event: WebhookEvent) -> bool:
     return (
         event.applied_at is None
         and event.redacted_at is None
-        and _completed_without_duration(event.status, AgentExecution(event.payload))
+        and _completed_without_duration(AgentExecution(event.payload))
     )
 
 
-def _completed_without_duration(status: str, execution: AgentExecution) -> bool:
-    return status == statuses.COMPLETED and not execution.duration_seconds
+def _completed_without_duration(execution: AgentExecution) -> bool:
+    return execution.status == statuses.COMPLETED and not execution.duration_seconds
 
 
 def _complete_duration(uow_factory: UnitOfWorkFactory, event: WebhookEvent, bolna: BolnaClient | None) -> bool:
@@ -355,7 +361,8 @@ def _complete_duration(uow_factory: UnitOfWorkFactory, event: WebhookEvent, boln
 
 def _defer(event: WebhookEvent, reason: str) -> None:
     """Counts one more attempt at an event (locked by the caller) and sets when the sweep tries it next, later and
-    later."""
+    later. A deferred event is not applied, whatever its row was stored with."""
+    event.call_id = event.applied_at = None
     event.attempts = (event.attempts or 0) + 1
     event.last_error = reason[:2000]
     event.next_attempt_at = _next_try_at(event.attempts)

@@ -57,10 +57,14 @@ _PATTERNS = (
 # digits are masked.
 _PHONE = re.compile(r"(\+|%2[Bb])([1-9]\d{6,14})\b")
 # Where any pattern above can match: most strings of an event (SQL, span names, ids) hold none of these, and one
-# search costs a fraction of the substitutions. Searched in the lower-cased text, with the alternatives factored by
-# their first letter: several times faster than a case-insensitive search, on every string of every event sent.
-_MAY_HOLD_SENSITIVE = re.compile(
+# search costs a fraction of the substitutions. ASCII text is searched lower-cased, with the alternatives factored
+# by their first letter: several times faster than a case-insensitive search, on every string of every event sent.
+# Other text keeps the case-insensitive search, whose Unicode case folding also reads 'ſ' as 's' and 'ı' as 'i'.
+_MAY_HOLD_SENSITIVE_ASCII = re.compile(
     r"token=|a(?:pi_?key|ccess_token)=|secret=|password=|b(?:earer|asic)|cf_|://|\+[1-9]|%2b[1-9]"
+)
+_MAY_HOLD_SENSITIVE = re.compile(
+    r"(?i)(?:token|api_key|apikey|secret|password|access_token)=|bearer|basic|cf_|://|\+[1-9]|%2B[1-9]"
 )
 
 
@@ -73,11 +77,17 @@ def scrub_text(text: str, secrets: tuple[str, ...] = ()) -> str:
     for secret in secrets:
         if secret:
             text = text.replace(secret, FILTERED)
-    if _MAY_HOLD_SENSITIVE.search(text.lower()) is None:
+    if not _may_hold_sensitive(text):
         return text
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
     return _PHONE.sub(lambda m: mask_phone("+" + m.group(2)), text)
+
+
+def _may_hold_sensitive(text: str) -> bool:
+    if text.isascii():
+        return _MAY_HOLD_SENSITIVE_ASCII.search(text.lower()) is not None
+    return _MAY_HOLD_SENSITIVE.search(text) is not None
 
 
 def scrub(value: Any, secrets: tuple[str, ...] = ()) -> Any:

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Executable, create_engine, text
+from sqlalchemy import Connection, Executable, Uuid, bindparam, create_engine, text
 from sqlalchemy.engine import make_url
 
 from services.call_initiator.placing import user_and_agent_query
@@ -281,6 +281,10 @@ HOT_QUERIES: dict[str, Callable[[], Executable]] = {
     "SqlCallStore.slots_and_queue": lambda: store.slots_and_queue_query(USER, uuid.uuid4(), None),
     "SqlCallStore.due_calls": lambda: store.due_calls_query(USER, 8),
     "Dispatcher._work_due": lambda: dispatchable_query(USER, datetime.now(UTC), ENDED_ATTEMPT),
+    # A direct call's freed slot, or a queued call: no ended attempt to look for (a NULL parameter, as it runs).
+    "Dispatcher._work_due without an ended call": lambda: dispatchable_query(
+        USER, datetime.now(UTC), bindparam("ended_call_id", None, type_=Uuid())
+    ),
     "SqlCallStore.users_with_pending_calls": store.users_with_pending_calls_query,
     "Dispatcher.users_to_retry": due_retries_query,
     "provider_events.ingest duplicate": lambda: provider_events.waiting_duplicate_query(_webhook()),

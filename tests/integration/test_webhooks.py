@@ -293,11 +293,26 @@ def test_a_webhook_whose_call_cannot_be_looked_for_is_stored_and_applied_when_a_
 def test_a_webhook_whose_call_can_never_be_looked_for_is_stored_with_the_failure(monkeypatch):
     execution_id = str(uuid.uuid4())
 
+    looks: list[str] = []
+
     def every_look_fails(uow, webhook):
+        looks.append(webhook.status)
         uow.session.execute(text("SELECT 1 / 0"))
 
     monkeypatch.setattr(provider_events, "_find_call", every_look_fails)
     receipt = _deliver(_event(execution_id, "ringing"))
     stored = _stored_event(receipt.event_id)
+    assert len(looks) == 2, "looked for again once the event was stored"
     assert (stored.applied_at, stored.attempts) == (None, 1)
     assert "DivisionByZero" in stored.last_error
+
+
+def test_a_completed_webhook_without_a_duration_for_a_known_call_is_stored_unapplied_for_the_queue_processor():
+    owner = customer(credits=10)
+    execution_id = str(uuid.uuid4())
+    call = call_row(owner, status="in-progress", execution_id=execution_id, slot_held=True)
+    receipt = _deliver(_event(execution_id, "completed"))
+    stored = _stored_event(receipt.event_id)
+    assert (stored.applied_at, stored.call_id, stored.attempts) == (None, None, 1)
+    assert "waiting to ask Bolna" in stored.last_error
+    assert (load_call(call.id).status, ledger_total(owner.user_id)) == ("in-progress", (0, 0))

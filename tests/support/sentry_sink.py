@@ -75,6 +75,7 @@ class SentrySink:
         self.items: list[Item] = []
         self.envelopes = 0
         self._lock = threading.Lock()
+        self._stopped = threading.Event()
         sink = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -94,6 +95,7 @@ class SentrySink:
                 self.send_header("Content-Length", "2")
                 self.end_headers()
                 self.wfile.write(b"{}")
+                self.close_connection = sink._stopped.is_set()  # a stopped sink takes no more over an open connection
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -120,7 +122,9 @@ class SentrySink:
         return self
 
     def stop(self) -> None:
+        self._stopped.set()
         self._server.shutdown()
+        self._server.server_close()
 
     def of_type(self, item_type: str, where: Callable[[Item], bool] = lambda item: True) -> list[Item]:
         with self._lock:

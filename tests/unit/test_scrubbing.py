@@ -60,6 +60,9 @@ def test_ids_and_timestamps_are_left_alone():
         "POSTGRESQL://u:p@h/db",
         "to %2b14155550123",
         "to +14155550123",
+        "paſſword=hunter2",
+        "baſic dXNlcjpwYXNz",
+        "apıkey=x",
     ],
 )
 def test_the_quick_search_lets_through_every_string_a_pattern_would_change(text):
