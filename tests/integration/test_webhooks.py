@@ -4,8 +4,8 @@ what they hold once authenticated."""
 import json
 import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import pytest
 from flask.testing import FlaskClient
@@ -117,21 +117,31 @@ def test_event_links_its_call_through_our_id_in_context_details():
 
 
 @contextmanager
-def _transactions() -> Iterator[list[object]]:
-    """The database transactions this thread begins while the block runs (the outbox's own thread marks what it
-    published, apart from the request)."""
-    begun: list[object] = []
+def _noted(engine_event: str, note: Callable[..., object]) -> Iterator[list[object]]:
+    """What `note` makes of each `engine_event` of the engine this thread causes while the block runs (the outbox's
+    own thread marks what it published, apart from the request)."""
+    noted: list[object] = []
     thread = threading.get_ident()
 
-    def count(connection: object) -> None:
+    def listener(*args: object) -> None:
         if threading.get_ident() == thread:
-            begun.append(connection)
+            noted.append(note(*args))
 
-    event.listen(components().engine, "begin", count)
+    event.listen(components().engine, engine_event, listener)
     try:
-        yield begun
+        yield noted
     finally:
-        event.remove(components().engine, "begin", count)
+        event.remove(components().engine, engine_event, listener)
+
+
+def _transactions() -> AbstractContextManager[list[object]]:
+    """The database transactions this thread begins while the block runs."""
+    return _noted("begin", lambda connection: connection)
+
+
+def _statements() -> AbstractContextManager[list[object]]:
+    """The SQL statements this thread runs while the block runs, each on one line."""
+    return _noted("before_cursor_execute", lambda connection, cursor, statement, *rest: " ".join(statement.split()))
 
 
 def test_a_webhook_for_a_known_call_is_stored_and_applied_in_one_transaction():
@@ -145,20 +155,6 @@ def test_a_webhook_for_a_known_call_is_stored_and_applied_in_one_transaction():
         _deliver(_event(execution_id, "completed", telephony_data={"duration": "30"}))
     assert len(begun) == 1, "billed, and its slot.released message written, in the same transaction"
     assert (load_call(call.id).status, ledger_total(owner.user_id)) == ("completed", (1, -1))
-
-
-@contextmanager
-def _statements() -> Iterator[list[str]]:
-    run: list[str] = []
-
-    def note(conn, cursor, statement, parameters, context, executemany) -> None:
-        run.append(" ".join(statement.split()))
-
-    event.listen(components().engine, "before_cursor_execute", note)
-    try:
-        yield run
-    finally:
-        event.remove(components().engine, "before_cursor_execute", note)
 
 
 def test_a_webhook_for_a_known_call_is_stored_already_applied_and_written_once():
