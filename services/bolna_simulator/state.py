@@ -67,6 +67,8 @@ class Stats:
     webhooks_dropped: int = 0
     active_calls: dict[str, int] = field(default_factory=dict)
     max_active_calls: dict[str, int] = field(default_factory=dict)
+    # Kept as calls move, not counted when asked: a harness polls the stats while thousands of calls are held.
+    executions_by_status: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass
@@ -102,6 +104,8 @@ class Execution:
         self.updated_at = self.created_at
 
     def move_to(self, status: str) -> None:
+        self.stats.executions_by_status[self.status] -= 1
+        self.stats.executions_by_status[status] += 1
         self.status = status
         self.updated_at = _now()
         if status == "call-disconnected":
@@ -215,7 +219,7 @@ class Simulator:
                 "webhooks_sent": stats.webhooks_sent,
                 "webhook_failures": stats.webhook_failures,
                 "webhooks_dropped": stats.webhooks_dropped,
-                "executions_by_status": dict(Counter(e.status for e in self._executions.values())),
+                "executions_by_status": dict(+stats.executions_by_status),  # + drops the statuses no call has now
             }
 
     def record_request(self, method: str, path: str, body: Any, headers: dict[str, str]) -> None:
@@ -291,6 +295,7 @@ class Simulator:
             call_rng = random.Random(self._rng.getrandbits(64))
             self._executions[execution.id] = execution
             self._stats.calls_accepted += 1
+            self._stats.executions_by_status[execution.status] += 1
             active = self._stats.active_calls.get(execution.agent_id, 0) + 1
             self._stats.active_calls[execution.agent_id] = active
             maximum = self._stats.max_active_calls.get(execution.agent_id, 0)

@@ -93,7 +93,7 @@ def live_calls() -> TextClause:
 # matches only the former to the partial indexes `WHERE slot_held`.
 
 
-def lock_user_query(user_id: uuid.UUID) -> Select[tuple[User]]:
+def lock_user_query(user_id: uuid.UUID | BindParameter[uuid.UUID]) -> Select[tuple[User]]:
     """The customer's row, locked: slots are taken, and campaigns changed, only under this lock. FOR NO KEY UPDATE,
     not FOR UPDATE: it must not wait for (nor deadlock with) the key-share lock a charge's ledger insert takes on
     the same row through its foreign key."""
@@ -134,7 +134,9 @@ _SLOTS_AND_QUEUE = slots_and_queue_query(
 )
 
 
-def due_calls_query(user_id: uuid.UUID, limit: int | None) -> Select[tuple[Call]]:
+def due_calls_query(
+    user_id: uuid.UUID | BindParameter[uuid.UUID], limit: int | None | BindParameter[int]
+) -> Select[tuple[Call]]:
     """The user's due direct calls, oldest first (a campaign's queued calls are the campaign dispatcher's)."""
     return (
         select(Call)
@@ -143,6 +145,10 @@ def due_calls_query(user_id: uuid.UUID, limit: int | None) -> Select[tuple[Call]
         .limit(limit)
         .with_for_update(key_share=True)
     )
+
+
+# Built once: each dispatch reads its customer's due calls, up to its free slots (`limit`).
+_DUE_CALLS = due_calls_query(bindparam("user_id"), bindparam("limit"))
 
 
 def users_with_pending_calls_query() -> Select[tuple[uuid.UUID]]:
@@ -163,8 +169,10 @@ _DEDUCT_CREDITS = (
 )
 
 
-# Built once as well: most changes to a call begin with it. It reads the transaction's now() too (see `now`).
+# Built once as well: most changes to a call, or to what a customer holds, begin with them. They read the
+# transaction's now() too (see `now`).
 _LOCK_CALL = select(Call, func.now()).where(Call.id == bindparam("call_id")).with_for_update(key_share=True)
+_LOCK_USER = lock_user_query(bindparam("user_id")).add_columns(func.now())
 
 
 class SqlCallStore:
@@ -174,7 +182,7 @@ class SqlCallStore:
         self._transaction_now: tuple[SessionTransaction, datetime] | None = None
 
     def lock_user(self, user_id: uuid.UUID) -> User:
-        user, now = self.session.execute(lock_user_query(user_id).add_columns(func.now())).one()
+        user, now = self.session.execute(_LOCK_USER, {"user_id": user_id}).one()
         self.note_now(now)
         return user
 
@@ -242,7 +250,9 @@ class SqlCallStore:
 
     def due_calls(self, user_id: uuid.UUID, limit: int | None) -> list[Call]:
         """The user's oldest direct calls waiting in the queue and due (all of them when `limit` is None), locked."""
-        return list(self.session.scalars(due_calls_query(user_id, limit)))
+        if limit is None:
+            return list(self.session.scalars(due_calls_query(user_id, None)))
+        return list(self.session.scalars(_DUE_CALLS, {"user_id": user_id, "limit": limit}))
 
     def users_with_pending_calls(self) -> list[uuid.UUID]:
         return list(self.session.scalars(users_with_pending_calls_query()))
