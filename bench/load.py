@@ -6,7 +6,7 @@ import json
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,9 +34,37 @@ class WrkResult:
     statuses: dict[str, int]
     socket_errors: dict[str, int]
     exhausted: bool
+    rounds: tuple[WrkResult, ...] = ()  # the runs this one was taken from (`of_rounds`)
 
     def as_json(self) -> dict[str, object]:
         return asdict(self)
+
+    @classmethod
+    def of_rounds(cls, rounds: Sequence[WrkResult]) -> WrkResult:
+        """Runs against one server taken as one: their requests over their time, and the median of their
+        percentiles (each run's own; wrk gives no samples to pool)."""
+        requests, seconds = sum(r.requests for r in rounds), sum(r.seconds for r in rounds)
+
+        def median(field: str) -> float:
+            return statistics.median(getattr(r, field) for r in rounds)
+
+        return cls(
+            requests=requests,
+            seconds=round(seconds, 3),
+            requests_per_second=round(requests / seconds, 1),
+            p50_ms=median("p50_ms"),
+            p90_ms=median("p90_ms"),
+            p99_ms=median("p99_ms"),
+            max_ms=max(r.max_ms for r in rounds),
+            statuses=_summed([r.statuses for r in rounds]),
+            socket_errors=_summed([r.socket_errors for r in rounds]),
+            exhausted=any(r.exhausted for r in rounds),
+            rounds=tuple(rounds),
+        )
+
+
+def _summed(counts: Sequence[dict[str, int]]) -> dict[str, int]:
+    return {key: sum(count.get(key, 0) for count in counts) for key in sorted({key for c in counts for key in c})}
 
 
 def wrk(

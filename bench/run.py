@@ -45,6 +45,9 @@ RESULTS = REPO / "bench" / "results" / "latest.json"
 
 WARM_UP_SECONDS = 2
 MEASURE_SECONDS = 8
+# Webhook ingest and its baselines are measured in turn, round after round, MEASURE_SECONDS each in all: whatever
+# the shared machine does meanwhile falls on all of them alike, rather than on whichever ran when it happened.
+INGEST_ROUNDS = 4
 ROUNDS = 200  # sequential requests per figure at one connection
 WARM_UP_ROUNDS = 20
 # Seeded calls per wrk run, each taking four webhooks: room for 10,000 webhooks/s (a run that runs out fails).
@@ -143,7 +146,7 @@ class Bench:
             self.failures[name] = str(exc)
             console.print(f"[red]{name}: FAILED[/red] {exc}")
             return None
-        self.measurements[name] = result.as_json() if hasattr(result, "as_json") else result
+        self.measurements[name] = _as_json(result)
         console.print(f"{name}: measured in {time.monotonic() - started:.0f} s")
         return result
 
@@ -157,14 +160,25 @@ class Bench:
             console.print(f"seeded the history in {self.seeding_seconds:.1f} s (VACUUM ANALYZE included)")
             with self.serving("bench.baselines.echo", {}) as echo:
                 bare = self.measure("bare Flask echo", lambda: self.ingest(echo.url, applies=False))
-                with self.serving("bench.baselines.durable_ingest", {}) as durable_ingest:
-                    durable = self.measure(
-                        "minimal durable ingest", lambda: self.ingest(durable_ingest.url, bills=False)
-                    )
-                ingest = self.measure("webhook ingest", lambda: self.ingest(receiver))
                 without_sentry = {**PRODUCTION_SENTRY, "SENTRY_DSN": ""}
-                with self.serving("services.webhook_receiver", without_sentry) as unobserved:
-                    no_sentry = self.measure("webhook ingest without Sentry", lambda: self.ingest(unobserved.url))
+                with (
+                    self.serving("bench.baselines.durable_ingest", {}) as durable_ingest,
+                    self.serving("services.webhook_receiver", without_sentry) as unobserved,
+                ):
+                    in_turn = self.measure(
+                        "webhook ingest and its baselines, in turn",
+                        lambda: self.ingest_in_turn(
+                            {
+                                "minimal durable ingest": (durable_ingest.url, False),
+                                "webhook ingest": (receiver, True),
+                                "webhook ingest without Sentry": (unobserved.url, True),
+                            }
+                        ),
+                    )
+                durable, ingest, no_sentry = (
+                    in_turn[name] if in_turn else None
+                    for name in ("minimal durable ingest", "webhook ingest", "webhook ingest without Sentry")
+                )
                 placed = self.measure("POST /api/calls -> 201", lambda: self.placed_calls(stack))
                 queued = self.measure("POST /api/calls -> 202", lambda: self.queued_calls(stack, echo.url))
                 api = self.measure("POST /api/calls at 16 connections", lambda: self.api_load(stack))
@@ -194,6 +208,19 @@ class Bench:
         every webhook it answered."""
         self._webhooks(url, WARM_UP_SECONDS, WARM_UP_CALLS, applies, bills)
         return self._webhooks(url, MEASURE_SECONDS, MEASURED_CALLS, applies, bills)
+
+    def ingest_in_turn(self, servers: dict[str, tuple[str, bool]]) -> dict[str, WrkResult]:
+        """Unique webhooks at 16 connections to each server (name: url, and whether it bills), warmed up, then in
+        turn for INGEST_ROUNDS rounds of a share of MEASURE_SECONDS each; each server's rounds taken as one run."""
+        for url, bills in servers.values():
+            self._webhooks(url, WARM_UP_SECONDS, WARM_UP_CALLS, True, bills)
+        rounds: dict[str, list[WrkResult]] = {name: [] for name in servers}
+        for _ in range(INGEST_ROUNDS):
+            for name, (url, bills) in servers.items():
+                rounds[name].append(
+                    self._webhooks(url, MEASURE_SECONDS / INGEST_ROUNDS, MEASURED_CALLS // INGEST_ROUNDS, True, bills)
+                )
+        return {name: WrkResult.of_rounds(runs) for name, runs in rounds.items()}
 
     def _webhooks(self, url: str, seconds: float, calls: int, applies: bool, bills: bool) -> WrkResult:
         first, self._next_call = self._next_call, self._next_call + calls
@@ -375,6 +402,14 @@ class Bench:
         }
 
 
+def _as_json(value: Any) -> Any:
+    if hasattr(value, "as_json"):
+        return value.as_json()
+    if isinstance(value, dict):
+        return {key: _as_json(item) for key, item in value.items()}
+    return value
+
+
 def _live_calls_of(stack: Stack, agents: list[str]) -> int:
     """The simulator's live calls of these agents: no call of the run ends (LIVE_FOR_THE_RUN)."""
     active = stack.sim_stats()["active_calls"]
@@ -530,9 +565,9 @@ def _table(rows: list[Row], seeding_seconds: float | None) -> Table:
     table = Table(
         title="Callflow performance (issue 10): each figure against a baseline measured in this run",
         caption=(
-            f"{MEASURE_SECONDS} s wrk runs at 16 connections after a {WARM_UP_SECONDS} s warm-up; {ROUNDS} requests at "
-            f"1 connection; history seeded in {seeding_seconds or 0:.1f} s; ratio = Callflow / baseline, "
-            "except +ms = Callflow - baseline"
+            f"{MEASURE_SECONDS} s wrk runs at 16 connections after a {WARM_UP_SECONDS} s warm-up (webhook ingest and "
+            f"its baselines in turn, over {INGEST_ROUNDS} rounds); {ROUNDS} requests at 1 connection; history "
+            f"seeded in {seeding_seconds or 0:.1f} s; ratio = Callflow / baseline, except +ms = Callflow - baseline"
         ),
     )
     for column in ("figure", "Callflow", "baseline", "ratio", "target", "met?"):

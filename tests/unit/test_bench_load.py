@@ -1,0 +1,46 @@
+"""The benchmark's arithmetic: runs against one server, taken in turn with other servers' runs, read as one run."""
+
+from __future__ import annotations
+
+from bench.load import WrkResult
+
+
+def _run(requests: int, seconds: float, p99_ms: float, statuses: dict[str, int], exhausted: bool = False) -> WrkResult:
+    return WrkResult(
+        requests=requests,
+        seconds=seconds,
+        requests_per_second=round(requests / seconds, 1),
+        p50_ms=p99_ms / 4,
+        p90_ms=p99_ms / 2,
+        p99_ms=p99_ms,
+        max_ms=p99_ms * 2,
+        statuses=statuses,
+        socket_errors={"connect": 0, "read": 0, "write": 0, "timeout": 0},
+        exhausted=exhausted,
+    )
+
+
+def test_rounds_read_as_one_run_are_their_requests_over_their_time_with_the_median_of_their_percentiles():
+    rounds = [
+        _run(800, 2.0, 100.0, {"200": 800}),
+        _run(400, 4.0, 300.0, {"200": 399, "500": 1}),
+        _run(600, 2.0, 120.0, {"200": 600}),
+    ]
+
+    taken = WrkResult.of_rounds(rounds)
+
+    assert (taken.requests, taken.seconds) == (1800, 8.0)
+    assert taken.requests_per_second == 225.0  # not the mean of the rounds' rates (266.7): a short run weighs less
+    assert (taken.p50_ms, taken.p90_ms, taken.p99_ms) == (30.0, 60.0, 120.0)
+    assert taken.max_ms == 600.0
+    assert taken.statuses == {"200": 1799, "500": 1}
+    assert taken.socket_errors == {"connect": 0, "read": 0, "write": 0, "timeout": 0}
+    assert not taken.exhausted
+    assert taken.rounds == tuple(rounds)
+    assert [run["requests"] for run in taken.as_json()["rounds"]] == [800, 400, 600]
+
+
+def test_a_round_that_ran_out_of_seeded_calls_marks_the_whole_run():
+    taken = WrkResult.of_rounds([_run(100, 1.0, 10.0, {"200": 100}), _run(100, 1.0, 10.0, {"200": 100}, True)])
+
+    assert taken.exhausted
