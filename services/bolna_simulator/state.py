@@ -219,7 +219,9 @@ class Simulator:
                 "webhooks_sent": stats.webhooks_sent,
                 "webhook_failures": stats.webhook_failures,
                 "webhooks_dropped": stats.webhooks_dropped,
-                "executions_by_status": dict(+stats.executions_by_status),  # + drops the statuses no call has now
+                "executions_by_status": {
+                    status: count for status, count in stats.executions_by_status.items() if count != 0
+                },
             }
 
     def record_request(self, method: str, path: str, body: Any, headers: dict[str, str]) -> None:

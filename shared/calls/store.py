@@ -15,6 +15,7 @@ from sqlalchemy import (
     BindParameter,
     ColumnElement,
     DateTime,
+    Integer,
     Select,
     TextClause,
     bindparam,
@@ -93,7 +94,7 @@ def live_calls() -> TextClause:
 # matches only the former to the partial indexes `WHERE slot_held`.
 
 
-def lock_user_query(user_id: uuid.UUID | BindParameter[uuid.UUID]) -> Select[tuple[User]]:
+def lock_user_query(user_id: BindParameter[uuid.UUID]) -> Select[tuple[User]]:
     """The customer's row, locked: slots are taken, and campaigns changed, only under this lock. FOR NO KEY UPDATE,
     not FOR UPDATE: it must not wait for (nor deadlock with) the key-share lock a charge's ledger insert takes on
     the same row through its foreign key."""
@@ -148,7 +149,7 @@ def due_calls_query(
 
 
 # Built once: each dispatch reads its customer's due calls, up to its free slots (`limit`).
-_DUE_CALLS = due_calls_query(bindparam("user_id"), bindparam("limit"))
+_DUE_CALLS = due_calls_query(bindparam("user_id"), bindparam("limit", type_=Integer))  # LIMIT NULL: all of them
 
 
 def users_with_pending_calls_query() -> Select[tuple[uuid.UUID]]:
@@ -250,8 +251,6 @@ class SqlCallStore:
 
     def due_calls(self, user_id: uuid.UUID, limit: int | None) -> list[Call]:
         """The user's oldest direct calls waiting in the queue and due (all of them when `limit` is None), locked."""
-        if limit is None:
-            return list(self.session.scalars(due_calls_query(user_id, None)))
         return list(self.session.scalars(_DUE_CALLS, {"user_id": user_id, "limit": limit}))
 
     def users_with_pending_calls(self) -> list[uuid.UUID]:

@@ -379,12 +379,14 @@ def test_stop_a_queued_call(make_client: Callable[..., FlaskClient], receiver: W
     client = make_client(step_delay_seconds=5)
     execution_id = place(client)
     receiver.wait_for(execution_id, "queued")
+    assert stats(client)["executions_by_status"] == {"queued": 1}
 
     response = client.post(f"/call/{execution_id}/stop", headers=AUTH)
 
     assert response.status_code == 200
     assert response.json == {"message": "done", "status": "stopped", "execution_id": execution_id}
     assert stats(client)["active_calls"] == {AGENT_ID: 0}
+    assert stats(client)["executions_by_status"] == {"stopped": 1}
     # The stop cuts the 5 s step short: the webhook arrives well before the next status would have.
     receiver.wait_for(execution_id, "stopped", timeout=2)
     assert receiver.statuses(execution_id) == ["queued", "stopped"]
