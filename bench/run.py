@@ -130,6 +130,16 @@ def _rounded(value: float | None, digits: int = 2) -> float | None:
     return None if value is None else round(value, digits)
 
 
+@dataclass(frozen=True)
+class IngestServer:
+    """A server the webhook-ingest figures are measured on. One that `applies` the webhooks has their calls seeded,
+    and is checked to have applied (and `bills`: billed) every webhook it answered."""
+
+    url: str
+    applies: bool = True
+    bills: bool = True
+
+
 class Bench:
     def __init__(self, database_url: str, logs: Path):
         self.database_url = database_url
@@ -159,32 +169,27 @@ class Bench:
             self._ingest_owners = seed.customers(self.conn, INGEST_CUSTOMERS, CREDITS, NO_LIMIT)
             receiver = stack.webhook_receiver.url
             empty_database = "webhook ingest, empty database"
-            empty = self.measure(empty_database, lambda: self.ingest_in_turn({empty_database: (receiver, True)}))
+            empty = self.measure(empty_database, lambda: self.ingest_in_turn({empty_database: IngestServer(receiver)}))
             empty = empty[empty_database] if empty else None
             console.print("seeding 1,000,000 calls and 4,000,000 webhooks ...")
             self.seeding_seconds = seed.history(self.database_url)
             console.print(f"seeded the history in {self.seeding_seconds:.1f} s (VACUUM ANALYZE included)")
+            without_sentry = {**PRODUCTION_SENTRY, "SENTRY_DSN": ""}
             with self.serving("bench.baselines.echo", {}) as echo:
-                bare = self.measure("bare Flask echo", lambda: self.ingest(echo.url, applies=False))
-                without_sentry = {**PRODUCTION_SENTRY, "SENTRY_DSN": ""}
                 with (
                     self.serving("bench.baselines.durable_ingest", {}) as durable_ingest,
                     self.serving("services.webhook_receiver", without_sentry) as unobserved,
                 ):
+                    servers = {
+                        "bare Flask echo": IngestServer(echo.url, applies=False),
+                        "minimal durable ingest": IngestServer(durable_ingest.url, bills=False),
+                        "webhook ingest": IngestServer(receiver),
+                        "webhook ingest without Sentry": IngestServer(unobserved.url),
+                    }
                     in_turn = self.measure(
-                        "webhook ingest and its baselines, in turn",
-                        lambda: self.ingest_in_turn(
-                            {
-                                "minimal durable ingest": (durable_ingest.url, False),
-                                "webhook ingest": (receiver, True),
-                                "webhook ingest without Sentry": (unobserved.url, True),
-                            }
-                        ),
+                        "webhook ingest and its baselines, in turn", lambda: self.ingest_in_turn(servers)
                     )
-                durable, ingest, no_sentry = (
-                    in_turn[name] if in_turn else None
-                    for name in ("minimal durable ingest", "webhook ingest", "webhook ingest without Sentry")
-                )
+                bare, durable, ingest, no_sentry = (in_turn[name] if in_turn else None for name in servers)
                 placed = self.measure("POST /api/calls -> 201", lambda: self.placed_calls(stack))
                 queued = self.measure("POST /api/calls -> 202", lambda: self.queued_calls(stack, echo.url))
                 api = self.measure("POST /api/calls at 16 connections", lambda: self.api_load(stack))
@@ -208,39 +213,31 @@ class Bench:
         finally:
             process.stop()
 
-    def ingest(self, url: str, applies: bool = True, bills: bool = True) -> WrkResult:
-        """Unique webhooks at 16 connections: a warm-up, then the measured run, each on calls of its own. A server
-        that `applies` them has each run's calls seeded, and is checked to have applied (and `bills`: billed)
-        every webhook it answered."""
-        self._webhooks(url, WARM_UP_SECONDS, WARM_UP_CALLS, applies, bills)
-        return self._webhooks(url, MEASURE_SECONDS, MEASURED_CALLS, applies, bills)
-
-    def ingest_in_turn(self, servers: dict[str, tuple[str, bool]]) -> dict[str, WrkResult]:
-        """Unique webhooks at 16 connections to each server (name: url, and whether it bills), warmed up, then in
-        turn for INGEST_ROUNDS rounds of a share of MEASURE_SECONDS each, each round starting with the next server;
-        each server's rounds taken as one run."""
-        for url, bills in servers.values():
-            self._webhooks(url, WARM_UP_SECONDS, WARM_UP_CALLS, True, bills)
+    def ingest_in_turn(self, servers: dict[str, IngestServer]) -> dict[str, WrkResult]:
+        """Unique webhooks at 16 connections to each server, each on calls of its own: a warm-up each, then in turn
+        for INGEST_ROUNDS rounds of a share of MEASURE_SECONDS each, each round starting with the next server; each
+        server's rounds taken as one run."""
+        for server in servers.values():
+            self._webhooks(server, WARM_UP_SECONDS, WARM_UP_CALLS)
         names = list(servers)
         rounds: dict[str, list[WrkResult]] = {name: [] for name in names}
         for round_number in range(INGEST_ROUNDS):
             first = round_number % len(names)
             for name in names[first:] + names[:first]:
-                url, bills = servers[name]
                 time.sleep(ROUND_PAUSE_SECONDS)
                 rounds[name].append(
-                    self._webhooks(url, MEASURE_SECONDS / INGEST_ROUNDS, MEASURED_CALLS // INGEST_ROUNDS, True, bills)
+                    self._webhooks(servers[name], MEASURE_SECONDS / INGEST_ROUNDS, MEASURED_CALLS // INGEST_ROUNDS)
                 )
         return {name: WrkResult.of_rounds(runs) for name, runs in rounds.items()}
 
-    def _webhooks(self, url: str, seconds: float, calls: int, applies: bool, bills: bool) -> WrkResult:
+    def _webhooks(self, server: IngestServer, seconds: float, calls: int) -> WrkResult:
         first, self._next_call = self._next_call, self._next_call + calls
-        if applies:
+        if server.applies:
             seed.live_calls(self.conn, first, calls, self._ingest_owners)
-        target = f"{url}/webhooks/bolna?token={WEBHOOK_SECRET}"
+        target = f"{server.url}/webhooks/bolna?token={WEBHOOK_SECRET}"
         result = wrk("webhooks.lua", target, [str(first), str(calls)], seconds, expected={200})
-        if applies:
-            self._check_applied(first, calls, bills)
+        if server.applies:
+            self._check_applied(first, calls, server.bills)
         return result
 
     def _check_applied(self, first: int, calls: int, bills: bool) -> None:
