@@ -23,7 +23,7 @@ from shared.calls import provider_events
 from shared.core.config import Settings, load_settings
 from shared.core.models import IdempotencyKey, OutboxMessage, WebhookEvent
 from tests.support.components import components
-from tests.support.factories import Customer, call_row, customer
+from tests.support.factories import Customer, call_row, customer, load_event
 
 # The documented defaults (README Configuration, docs/reliability.md "Retention").
 DEFAULT_OUTBOX = timedelta(hours=24)
@@ -91,11 +91,6 @@ def _webhook(owner: Customer, received_ago: timedelta, applied: bool) -> tuple[i
     return event_id, payload
 
 
-def _event(event_id: int) -> WebhookEvent:
-    with components().uow() as uow:
-        return uow.session.get_one(WebhookEvent, event_id)
-
-
 def _key(owner: Customer, created_ago: timedelta, body: Any = None, **answer: Any) -> str:
     """A key claimed `created_ago` by a request with this body (its answer stored when given)."""
     key = f"key-{uuid.uuid4()}"
@@ -140,18 +135,18 @@ def test_webhook_payloads_past_the_period_are_redacted_to_their_ids_and_younger_
     unapplied_old, _ = _webhook(owner, old, applied=False)
     applied_fresh, applied_fresh_payload = _webhook(owner, fresh, applied=True)
     unapplied_fresh, unapplied_fresh_payload = _webhook(owner, fresh, applied=False)
-    applied_at = _event(applied_old).applied_at
+    applied_at = load_event(applied_old).applied_at
 
     _retention().run()
 
     for event_id in (applied_old, unapplied_old):
-        event = _event(event_id)
+        event = load_event(event_id)
         assert event.payload == {"id": event.execution_id, "status": "ringing", "retry_count": 0}
         assert event.redacted_at is not None
-    assert _event(applied_old).applied_at == applied_at, "redaction does not pretend to apply anything"
-    assert _event(unapplied_old).applied_at is None
+    assert load_event(applied_old).applied_at == applied_at, "redaction does not pretend to apply anything"
+    assert load_event(unapplied_old).applied_at is None
     for event_id, payload in ((applied_fresh, applied_fresh_payload), (unapplied_fresh, unapplied_fresh_payload)):
-        event = _event(event_id)
+        event = load_event(event_id)
         assert (event.payload, event.redacted_at) == (payload, None)
 
     duplicate = provider_events.ingest(components().uow, applied_old_payload)
@@ -213,10 +208,10 @@ def test_short_periods_set_through_the_settings_take_effect(monkeypatch, outbox_
     assert published_2h not in _outbox_ids_left(outbox_rows)
     assert _keys_left(owner) == {key_30min}
     assert answered_2h not in _keys_left(owner)
-    assert _event(applied_7h).redacted_at is not None
-    assert _event(past_its_day).redacted_at is not None
-    assert _event(applied_5h).redacted_at is None
-    assert _event(still_applicable_7h).redacted_at is None, "the sweep may still apply it: it stays whole"
+    assert load_event(applied_7h).redacted_at is not None
+    assert load_event(past_its_day).redacted_at is not None
+    assert load_event(applied_5h).redacted_at is None
+    assert load_event(still_applicable_7h).redacted_at is None, "the sweep may still apply it: it stays whole"
 
 
 def test_a_backlog_is_worked_off_in_batches_up_to_a_cap_per_run(outbox_rows):

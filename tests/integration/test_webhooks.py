@@ -20,7 +20,7 @@ from shared.core.models import OutboxMessage, WebhookEvent
 from shared.core.storable import MAX_JSON_DEPTH
 from tests.conftest import WEBHOOK_SECRET
 from tests.support.components import components
-from tests.support.factories import call_row, credits_of, customer, ledger_total, load_call
+from tests.support.factories import call_row, credits_of, customer, ledger_total, load_call, load_event
 from tests.support.faults import failing_writes
 
 
@@ -90,7 +90,6 @@ def test_event_for_an_unknown_execution_is_kept_and_applied_when_the_call_is_lin
     owner = customer()
     execution_id = str(uuid.uuid4())
     call = call_row(owner, status=statuses.INITIATING, slot_held=True)
-    uow = components().uow
     receipt = _deliver(_event(execution_id, "ringing"))
     assert receipt.event_id is not None
     assert load_call(call.id).status == statuses.INITIATING
@@ -99,8 +98,7 @@ def test_event_for_an_unknown_execution_is_kept_and_applied_when_the_call_is_lin
     linked = load_call(call.id)
     assert linked.execution_id == execution_id
     assert linked.status == "ringing"
-    with uow() as reading:
-        kept = reading.session.get_one(WebhookEvent, receipt.event_id)
+    kept = load_event(receipt.event_id)
     assert kept.applied_at is not None and kept.call_id == call.id, "the kept event is applied to the linked call"
 
 
@@ -165,15 +163,10 @@ def test_a_webhook_for_a_known_call_is_stored_already_applied_and_written_once()
         receipt = _deliver(_event(execution_id, "ringing"))
     writes = [statement for statement in run if "webhook_events" in statement.split("(")[0]]
     assert [statement.split(" (")[0] for statement in writes] == ["INSERT INTO webhook_events"], run
-    stored = _stored_event(receipt.event_id)
+    stored = load_event(receipt.event_id)
     applied = load_call(call.id)
     assert (stored.call_id, applied.status) == (call.id, "ringing")
     assert stored.applied_at == applied.provider_checked_at, "applied at the transaction's now, as the call heard"
-
-
-def _stored_event(event_id: int | None) -> WebhookEvent:
-    with components().uow() as uow:
-        return uow.session.get_one(WebhookEvent, event_id)
 
 
 def _webhook_receiver() -> FlaskClient:
@@ -281,7 +274,7 @@ def test_a_webhook_whose_call_cannot_be_looked_for_is_stored_and_applied_when_a_
 
     monkeypatch.setattr(provider_events, "_find_call", first_look_fails)
     receipt = _deliver(_event(execution_id, "ringing"))
-    stored = _stored_event(receipt.event_id)
+    stored = load_event(receipt.event_id)
     assert len(looks) == 2, "looked for again once the event was stored"
     assert (stored.call_id, stored.attempts, load_call(call.id).status) == (call.id, 0, "ringing")
 
@@ -297,7 +290,7 @@ def test_a_webhook_whose_call_can_never_be_looked_for_is_stored_with_the_failure
 
     monkeypatch.setattr(provider_events, "_find_call", every_look_fails)
     receipt = _deliver(_event(execution_id, "ringing"))
-    stored = _stored_event(receipt.event_id)
+    stored = load_event(receipt.event_id)
     assert len(looks) == 2, "looked for again once the event was stored"
     assert (stored.applied_at, stored.attempts) == (None, 1)
     assert "DivisionByZero" in stored.last_error
@@ -308,7 +301,7 @@ def test_a_completed_webhook_without_a_duration_for_a_known_call_is_stored_unapp
     execution_id = str(uuid.uuid4())
     call = call_row(owner, status="in-progress", execution_id=execution_id, slot_held=True)
     receipt = _deliver(_event(execution_id, "completed"))
-    stored = _stored_event(receipt.event_id)
+    stored = load_event(receipt.event_id)
     assert (stored.applied_at, stored.call_id, stored.attempts) == (None, None, 1)
     assert "waiting to ask Bolna" in stored.last_error
     assert (load_call(call.id).status, ledger_total(owner.user_id)) == ("in-progress", (0, 0))

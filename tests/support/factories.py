@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from shared.calls import statuses
 from shared.cli import accounts
-from shared.core.models import Call, CreditLedgerEntry, User
+from shared.core.models import Call, CreditLedgerEntry, User, WebhookEvent
 from tests.support.components import components
 
 
@@ -54,6 +54,11 @@ def call_row(owner: Customer, status: str = statuses.PENDING, **fields: object) 
 def load_call(call_id: uuid.UUID) -> Call:
     with components().uow() as uow:
         return uow.session.get_one(Call, call_id)
+
+
+def load_event(event_id: int | None) -> WebhookEvent:
+    with components().uow() as uow:
+        return uow.session.get_one(WebhookEvent, event_id)
 
 
 def credits_of(user_id: uuid.UUID) -> int:
