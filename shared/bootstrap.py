@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Collection
 from dataclasses import dataclass
 
 from pika.exceptions import AMQPError
@@ -70,10 +69,10 @@ def build_components(settings: Settings) -> Components:
     )
 
 
-def start_service(service: str, settings: Settings, traced_elsewhere: Collection[str] = ()) -> Components:
-    """`traced_elsewhere`: see `init_sentry`."""
+def start_service(service: str, settings: Settings, http_transactions: bool = True) -> Components:
+    """`http_transactions`: see `init_sentry`."""
     configure_logging(settings)
-    init_sentry(service, settings, traced_elsewhere)
+    init_sentry(service, settings, http_transactions)
     try:
         declare_topology_at(settings.rabbitmq_url)
     except (AMQPError, OSError) as exc:  # a broker that is down must not stop the service from answering

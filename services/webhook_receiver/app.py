@@ -15,10 +15,10 @@ SERVICE = "webhook-receiver"
 # A long call's transcript runs to megabytes, and a webhook refused for its size would be retried until Bolna gives
 # up on it. Far above any real execution object, and still a bound on what one request can make a worker hold.
 WEBHOOK_MAX_BODY_BYTES = 16 * 1024 * 1024
-# Each webhook's work is traced as `webhook.process` in its call's trace, sampled with the call: the request itself is
-# not sampled as a transaction too (shared/observability/sentry.py, `traced_elsewhere`).
 WEBHOOK_PATH = "/webhooks/bolna"
-TRACED_ELSEWHERE = (WEBHOOK_PATH,)
+# Each webhook's work is traced as `webhook.process` in its call's trace, sampled with the call; its other routes are
+# probes. So no request is a transaction of its own (shared/observability/sentry.py, `init_sentry`).
+HTTP_TRANSACTIONS = False
 
 
 def create_app(components: Components, checks: SourceChecks) -> Flask:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from services.webhook_receiver.app import SERVICE, TRACED_ELSEWHERE, create_app
+from services.webhook_receiver.app import HTTP_TRANSACTIONS, SERVICE, create_app
 from services.webhook_receiver.source_checks import SourceChecks
 from shared.bootstrap import start_service
 from shared.core.config import Settings, require
@@ -17,4 +17,4 @@ def source_checks(settings: Settings) -> SourceChecks:
 
 def bootstrap(settings: Settings) -> Flask:
     checks = source_checks(settings)
-    return create_app(start_service(SERVICE, settings, TRACED_ELSEWHERE), checks)
+    return create_app(start_service(SERVICE, settings, HTTP_TRANSACTIONS), checks)

@@ -58,6 +58,13 @@ def create_http_app(service: str, health: HealthCheck) -> Flask:
         g.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
         sentry_sdk.set_tag("request_id", g.request_id)
 
+    @app.before_request
+    def _start_own_trace() -> None:
+        """A request that is no transaction (the webhook-receiver's) still gets a trace of its own. Without one, its
+        events would carry the trace of the thread serving it, shared with every request that thread serves."""
+        if sentry_sdk.get_client().is_active() and sentry_sdk.get_current_span() is None:
+            sentry_sdk.get_isolation_scope().set_new_propagation_context()
+
     @app.after_request
     def _echo_request_id(response: Response) -> Response:
         response.headers["X-Request-ID"] = g.get("request_id", "")

@@ -6,11 +6,12 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import sentry_sdk
+from flask import has_request_context, request
 from sentry_sdk.crons import monitor
 from sentry_sdk.integrations import sqlalchemy as sdk_sqlalchemy
 from sentry_sdk.integrations.flask import FlaskIntegration
@@ -161,12 +162,13 @@ def sending_enabled(settings: Settings) -> bool:
     )
 
 
-def init_sentry(service: str, settings: Settings, traced_elsewhere: Collection[str] = ()) -> bool:
+def init_sentry(service: str, settings: Settings, http_transactions: bool = True) -> bool:
     """Initialises the SDK for `service`; returns whether events are sent.
 
-    `traced_elsewhere`: the service's routes whose work is a transaction of its own in the trace of the call it
-    concerns. Their HTTP request is never sampled as a transaction too, so one piece of work sends one transaction
-    at the sample rate, not two.
+    `http_transactions`: whether the service's HTTP requests are transactions. The webhook-receiver's are not: each
+    webhook's work is a transaction of its own in the trace of the call it concerns, and its other routes are
+    probes, never sampled. A transaction around the request would only be built, sampled out and dropped, on every
+    webhook. Its requests keep their isolation scope, request data and a trace of their own (`shared/http/app.py`).
     """
     _ProcessIdentity.service = service
     _ProcessIdentity.secrets = tuple(s for s in (settings.webhook_secret, settings.bolna_api_key) if len(s) >= 6)
@@ -174,7 +176,7 @@ def init_sentry(service: str, settings: Settings, traced_elsewhere: Collection[s
     _Unauthenticated.throttle = EventThrottle()
     enabled = sending_enabled(settings)
     if enabled:
-        _start_client(settings, frozenset(traced_elsewhere))
+        _start_client(settings, http_transactions)
     else:
         # Not initialised at all: with no client, spans, breadcrumbs and sampling decisions cost nothing.
         sentry_sdk.get_client().close()
@@ -193,12 +195,12 @@ def init_sentry(service: str, settings: Settings, traced_elsewhere: Collection[s
     return enabled
 
 
-def _start_client(settings: Settings, traced_elsewhere: frozenset[str]) -> None:
+def _start_client(settings: Settings, http_transactions: bool) -> None:
     sentry_sdk.init(
         dsn=settings.sentry_dsn,
         environment=settings.sentry_environment,
         release=settings.sentry_release or None,  # None: the SDK takes the git commit when it can find one
-        traces_sampler=lambda context: _sample(context, settings.sentry_traces_sample_rate, traced_elsewhere),
+        traces_sampler=lambda context: _sample(context, settings.sentry_traces_sample_rate),
         # No outgoing HTTP request carries trace headers: Bolna and any other third party learn nothing of our
         # traces. Traces cross processes only over AMQP (`tracing.py`), which this option does not govern.
         trace_propagation_targets=[],
@@ -211,7 +213,8 @@ def _start_client(settings: Settings, traced_elsewhere: frozenset[str]) -> None:
         before_send_transaction=_before_send_transaction,
         before_send_log=_before_send_log,  # SENTRY_ENABLE_LOGS: log records hold phone numbers and keys too
         integrations=[
-            FlaskIntegration(transaction_style="url"),
+            # Without HTTP transactions, no request method is one; else the SDK's default methods are.
+            FlaskIntegration(transaction_style="url", **({} if http_transactions else {"http_methods_to_capture": ()})),
             SampledSqlalchemyIntegration(),
             LoggingIntegration(level=logging.INFO, event_level=logging.ERROR),
         ],
@@ -324,8 +327,14 @@ def cron(slug: str, interval_seconds: float) -> Iterator[None]:
 
 
 def _current_place() -> str:
+    """The transaction's name; in a request that is no transaction (the webhook-receiver's), its route, as the
+    transaction would have been named."""
     transaction = sentry_sdk.get_current_scope().transaction
-    return transaction.name if transaction is not None and transaction.name else _ProcessIdentity.service
+    if transaction is not None and transaction.name:
+        return transaction.name
+    if has_request_context() and request.url_rule is not None:
+        return request.url_rule.rule
+    return _ProcessIdentity.service
 
 
 def _is_health(path: object) -> bool:
@@ -333,13 +342,11 @@ def _is_health(path: object) -> bool:
     return path in (HEALTH_PATH, f"{HEALTH_PATH}/live", f"{HEALTH_PATH}/ready")
 
 
-def _sample(context: dict[str, Any], rate: float, traced_elsewhere: frozenset[str]) -> float:
+def _sample(context: dict[str, Any], rate: float) -> float:
     """The parent's decision where there is one: only internal hops (AMQP messages, a call's stored trace) have one,
-    since the HTTP edge drops clients' trace headers (`shared/http/app.py`). Probes, and the routes whose work is
-    traced in its call's trace, are never sampled."""
+    since the HTTP edge drops clients' trace headers (`shared/http/app.py`). Probes are never sampled."""
     environ = context.get("wsgi_environ") or {}
-    path = environ.get("PATH_INFO")
-    if _is_health(path) or path in traced_elsewhere:
+    if _is_health(environ.get("PATH_INFO")):
         return 0.0
     parent = context.get("parent_sampled")
     return float(parent) if parent is not None else rate

@@ -16,7 +16,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import text
 
 from services.call_initiator.app import create_app as create_api
-from services.webhook_receiver.app import TRACED_ELSEWHERE
+from services.webhook_receiver.app import HTTP_TRANSACTIONS
 from services.webhook_receiver.app import create_app as create_webhook_receiver
 from services.webhook_receiver.source_checks import SourceChecks
 from shared.bolna.breaker import CircuitBreaker
@@ -60,7 +60,7 @@ def _send_to(sink: SentrySink, service: str, **overrides: object) -> Settings:
             **overrides,
         }
     )
-    init_sentry(service, settings, TRACED_ELSEWHERE if service == "webhook-receiver" else ())
+    init_sentry(service, settings, HTTP_TRANSACTIONS if service == "webhook-receiver" else True)
     return settings
 
 
@@ -158,6 +158,20 @@ def test_a_request_at_the_edge_starts_its_own_trace(sentry_sink, service):
     trace = sent.payload["contexts"]["trace"]
     assert trace["trace_id"] != CLIENT_TRACE_ID
     assert trace.get("parent_span_id") is None
+
+
+def test_webhooks_refused_before_their_call_is_known_are_each_in_a_trace_of_their_own(sentry_sink):
+    """A webhook's request is no transaction, yet its events are not in the trace of the thread that served it, and
+    they are grouped by its route, as the transaction was named."""
+    client = _webhook_receiver(_send_to(sentry_sink, "webhook-receiver", sentry_traces_sample_rate=1.0))
+    for _ in range(2):
+        assert client.post("/webhooks/bolna", query_string={"token": WEBHOOK_SECRET}, json={}).status_code == 400
+    sentry_sdk.flush()
+    events = sentry_sink.events()
+    assert len(events) == 2
+    assert len({event.trace_id for event in events}) == 2
+    assert all(event.trace_id for event in events)
+    assert {event.payload["fingerprint"][1] for event in events} == {"/webhooks/bolna"}
 
 
 def test_a_webhook_is_one_transaction_its_processing_and_its_request_is_not_a_second(sentry_sink):
