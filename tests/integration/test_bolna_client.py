@@ -53,6 +53,31 @@ def test_a_redirect_is_a_definite_failure_and_is_not_followed(redirecting_bolna)
     assert _Redirecting.requests_seen == ["/call"]
 
 
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+def _environment_proxy(monkeypatch: pytest.MonkeyPatch, proxy: str, no_proxy: str = "") -> None:
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.setenv("http_proxy", proxy)
+    monkeypatch.setenv("no_proxy", no_proxy)
+
+
+def test_bolna_is_reached_as_the_environment_said_when_the_client_was_built(redirecting_bolna, monkeypatch):
+    """The proxy settings are read once, at start: the proxy named then carries every request to Bolna, and a host
+    NO_PROXY names is reached directly."""
+    _Redirecting.requests_seen.clear()
+    _environment_proxy(monkeypatch, redirecting_bolna)
+    proxied = BolnaClient("http://bolna.invalid", "key", 2.0, CircuitBreaker(5, 30), pool_size=2)
+    _environment_proxy(monkeypatch, "http://127.0.0.1:9", no_proxy="127.0.0.1")
+    direct = BolnaClient(redirecting_bolna, "key", 2.0, CircuitBreaker(5, 30), pool_size=2)
+    for client in (proxied, direct):
+        with pytest.raises(BolnaError):
+            client.place_call("agent", "+14155550123", {})
+    assert _Redirecting.requests_seen == ["http://bolna.invalid/call", "/call"]
+
+
 class _Scripted(BaseHTTPRequestHandler):
     """Answers POST /call as `behaviour` says: a status (with headers), "hang" past the client's read timeout,
     or "reset" (the request is read, then the connection is dropped with no answer)."""
