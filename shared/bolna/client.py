@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import ssl
 import time
 from collections.abc import Iterator
@@ -74,11 +73,11 @@ class BolnaClient:
         self._timeout = (min(BOLNA_CONNECT_TIMEOUT_SECONDS, timeout_seconds), timeout_seconds)  # (connect, read)
         self._http = requests.Session()
         self._http.auth = _BearerToken(api_key)  # an explicit auth also keeps ~/.netrc from replacing the key
-        # What the environment says of reaching Bolna (a proxy, NO_PROXY, a CA bundle) is read once, for its one base
-        # URL: a process's environment does not change while it runs, and requests reading it again on every
-        # request cost about 4% of the queue-processor's CPU while it dispatched.
-        self._http.proxies = requests.utils.get_environ_proxies(self._base_url)
-        self._http.verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+        # What the environment says of reaching Bolna (a proxy, NO_PROXY, a CA bundle) is read once, by requests'
+        # own rules, for its one base URL: a process's environment does not change while it runs, and requests
+        # reading it again on every request cost about 4% of the queue-processor's CPU while it dispatched.
+        environment = self._http.merge_environment_settings(self._base_url, {}, None, None, None)
+        self._http.proxies, self._http.verify = environment["proxies"], environment["verify"]
         self._http.trust_env = False
         # One pooled connection per thread that may call Bolna at once; no retries here: every retry of a
         # request that may have placed a call is Callflow's decision, never the transport's.

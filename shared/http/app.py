@@ -60,8 +60,9 @@ def create_http_app(service: str, health: HealthCheck) -> Flask:
 
     @app.before_request
     def _start_own_trace() -> None:
-        """A request that is no transaction (the webhook-receiver's) still gets a trace of its own. Without one, its
-        events would carry the trace of the thread serving it, shared with every request that thread serves."""
+        """A request that is no transaction (every webhook-receiver request; HEAD and OPTIONS elsewhere) still gets a
+        trace of its own. Without one, its events would carry the trace of the thread serving it, shared with every
+        request that thread serves."""
         if sentry_sdk.get_client().is_active() and sentry_sdk.get_current_span() is None:
             sentry_sdk.get_isolation_scope().set_new_propagation_context()
 

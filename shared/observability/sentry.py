@@ -213,12 +213,17 @@ def _start_client(settings: Settings, http_transactions: bool) -> None:
         before_send_transaction=_before_send_transaction,
         before_send_log=_before_send_log,  # SENTRY_ENABLE_LOGS: log records hold phone numbers and keys too
         integrations=[
-            # Without HTTP transactions, no request method is one; else the SDK's default methods are.
-            FlaskIntegration(transaction_style="url", **({} if http_transactions else {"http_methods_to_capture": ()})),
+            _flask_integration(http_transactions),
             SampledSqlalchemyIntegration(),
             LoggingIntegration(level=logging.INFO, event_level=logging.ERROR),
         ],
     )
+
+
+def _flask_integration(http_transactions: bool) -> FlaskIntegration:
+    if http_transactions:
+        return FlaskIntegration(transaction_style="url")  # the SDK's default methods are transactions
+    return FlaskIntegration(transaction_style="url", http_methods_to_capture=())  # no method is
 
 
 def sentry_status(settings: Settings) -> dict[str, Any]:
@@ -327,8 +332,8 @@ def cron(slug: str, interval_seconds: float) -> Iterator[None]:
 
 
 def _current_place() -> str:
-    """The transaction's name; in a request that is no transaction (the webhook-receiver's), its route, as the
-    transaction would have been named."""
+    """The transaction's name; in a request that is no transaction (every request to the webhook-receiver, or any
+    service's with Sentry off), its route, as the transaction is named (`transaction_style="url"`)."""
     transaction = sentry_sdk.get_current_scope().transaction
     if transaction is not None and transaction.name:
         return transaction.name

@@ -176,7 +176,7 @@ def _served_app(container: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> F
     python, flag, module = container["command"]
     assert (python, flag) == ("python", "-m"), container["command"]
     composition_root = importlib.import_module(f"{module}.bootstrap")
-    monkeypatch.setattr(composition_root, "start_service", lambda *_: components())
+    monkeypatch.setattr(composition_root, "start_service", lambda *_, **__: components())
     built = composition_root.bootstrap(load_settings())
     return built.health_app if isinstance(built, QueueProcessor) else built
 

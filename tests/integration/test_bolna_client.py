@@ -78,6 +78,14 @@ def test_bolna_is_reached_as_the_environment_said_when_the_client_was_built(redi
     assert _Redirecting.requests_seen == ["http://bolna.invalid/call", "/call"]
 
 
+def test_the_ca_bundle_the_environment_named_when_the_client_was_built_verifies_bolna(monkeypatch):
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", "/nonexistent/bolna-ca.pem")
+    client = BolnaClient("https://127.0.0.1:9", "key", 2.0, CircuitBreaker(5, 30), pool_size=2)
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+    with pytest.raises(OSError, match="invalid path: /nonexistent/bolna-ca.pem"):
+        client.place_call("agent", "+14155550123", {})
+
+
 class _Scripted(BaseHTTPRequestHandler):
     """Answers POST /call as `behaviour` says: a status (with headers), "hang" past the client's read timeout,
     or "reset" (the request is read, then the connection is dropped with no answer)."""

@@ -176,13 +176,18 @@ def test_webhooks_refused_before_their_call_is_known_are_each_in_a_trace_of_thei
 
 def test_a_webhook_is_one_transaction_its_processing_and_its_request_is_not_a_second(sentry_sink):
     """At any sample rate, a webhook sends its `webhook.process` transaction and no `http.server` one: sampling
-    both would send two transactions per webhook, doubling what Sentry costs the busiest path."""
+    both would send two transactions per webhook, doubling what Sentry costs the busiest path. Its request is no
+    transaction at all, not even one built to be sampled out: the sampler is never asked about it."""
     client = _webhook_receiver(_send_to(sentry_sink, "webhook-receiver", sentry_traces_sample_rate=1.0))
+    options = sentry_sdk.get_client().options
+    sampler, asked = options["traces_sampler"], []
+    options["traces_sampler"] = lambda context: asked.append(context) or sampler(context)
     for status in ("ringing", "in-progress"):
         webhook = {"id": f"edge-{uuid.uuid4()}", "status": status}
         assert client.post("/webhooks/bolna", query_string={"token": WEBHOOK_SECRET}, json=webhook).status_code == 200
     sentry_sdk.flush()
     assert [t.op for t in sentry_sink.transactions()] == ["webhook.process", "webhook.process"]
+    assert [context["transaction_context"]["op"] for context in asked] == ["webhook.process", "webhook.process"]
 
 
 def test_sql_statements_are_spans_in_a_sampled_transaction_and_breadcrumbs_in_an_unsampled_one(sentry_sink):
