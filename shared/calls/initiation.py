@@ -116,9 +116,10 @@ class CallPlacer:
     def link_execution(self, call_id: uuid.UUID, placed: PlacedCall) -> Call:
         with self.uow_factory() as uow:
             # Bolna can post webhooks before its answer reaches us: those kept for this execution are applied.
-            call, kept = uow.session.execute(
+            call, kept, now = uow.session.execute(
                 provider_events.CALL_AND_KEPT_EVENTS, {"call_id": call_id, "execution_id": placed.execution_id}
             ).one()
+            uow.calls.note_now(now)
             lifecycle.link_execution(uow.calls, call, placed.execution_id, placed.status)
             if kept:
                 provider_events.apply_kept_events(uow, call)

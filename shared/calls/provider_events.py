@@ -474,8 +474,9 @@ def echoed_call_query(call_id: uuid.UUID, execution_id: str | None) -> Select[tu
 
 def call_and_kept_events_query(
     call_id: uuid.UUID | BindParameter[uuid.UUID], execution_id: str | BindParameter[str]
-) -> Select[tuple[Call, bool]]:
-    """The call, locked, and whether events are kept for the execution Bolna named for it (one round trip)."""
+) -> Select[tuple[Call, bool, datetime]]:
+    """The call, locked, whether events are kept for the execution Bolna named for it, and the transaction's now()
+    (`SqlCallStore.now`): one round trip."""
     kept = (
         select(WebhookEvent.id)
         .where(
@@ -485,7 +486,7 @@ def call_and_kept_events_query(
         )
         .exists()
     )
-    return select(Call, kept).where(Call.id == call_id).with_for_update(of=Call, key_share=True)
+    return select(Call, kept, func.now()).where(Call.id == call_id).with_for_update(of=Call, key_share=True)
 
 
 # Built once: each call Bolna accepts runs it (see _STORE_EVENT).

@@ -73,6 +73,11 @@ LIVE_CALL_CONDITION = (
 DIRECT_CALL = "direct"
 CAMPAIGN_CALL = "campaign"
 
+# Server-set values (ids, `created_at`) are read back by the INSERT's RETURNING, so a row can be shown after its
+# session closed. Not after an UPDATE: `updated_at` (its `onupdate`) would make every UPDATE a statement of its own,
+# built, keyed and compiled again with a RETURNING, and nothing reads it from a row this process changed.
+WRITTEN_DEFAULTS_READ_BACK = "auto"
+
 
 class Call(Base):
     __tablename__ = "calls"
@@ -118,8 +123,7 @@ class Call(Base):
         Index("ix_calls_slot_lease", "slot_lease_expires_at", postgresql_where=text("slot_held")),
         Index("ix_calls_live_provider_checked", "provider_checked_at", postgresql_where=text(LIVE_CALL_CONDITION)),
     )
-    # Read back server-set timestamps with RETURNING, so a call can be shown after its session closed.
-    __mapper_args__ = {"eager_defaults": True}
+    __mapper_args__ = {"eager_defaults": WRITTEN_DEFAULTS_READ_BACK}
 
     @property
     def call_type(self) -> str:
@@ -180,7 +184,7 @@ class Campaign(Base):
         Index("ix_campaigns_user_created", "user_id", "created_at"),
         Index("ix_campaigns_active", "user_id", postgresql_where=text("status IN ('scheduled', 'running')")),
     )
-    __mapper_args__ = {"eager_defaults": True}
+    __mapper_args__ = {"eager_defaults": WRITTEN_DEFAULTS_READ_BACK}
 
 
 class CampaignContact(Base):

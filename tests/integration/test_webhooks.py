@@ -169,6 +169,30 @@ def test_a_webhook_for_a_known_call_is_stored_already_applied_and_written_once()
     assert stored.applied_at == applied.provider_checked_at, "applied at the transaction's now, as the call heard"
 
 
+def _call_updates(run: list[object]) -> list[str]:
+    return [str(statement) for statement in run if str(statement).startswith("UPDATE calls SET")]
+
+
+def test_a_call_is_updated_with_plain_values_by_one_statement_that_reads_nothing_back():
+    """A call's UPDATE, on a webhook and on Bolna's answer to POST /call, carries its times as values (read with the
+    lock) and reads nothing back: an SQL expression among its values, or a RETURNING of `updated_at`, makes the ORM
+    build, key and compile the statement again for every row it writes."""
+    owner = customer()
+    execution_id = str(uuid.uuid4())
+    answered = call_row(owner, status=statuses.INITIATING, slot_held=True)
+    with _statements() as run:
+        components().placer.link_execution(answered.id, PlacedCall(execution_id, "queued", 1.0))
+        _deliver(_event(execution_id, "ringing"))
+    updates = _call_updates(run)
+    assert len(updates) == 2, run
+    for update in updates:
+        assert "RETURNING" not in update, update
+        assert "now() +" not in update, f"a time written as an SQL expression: {update}"
+    linked = load_call(answered.id)
+    assert (linked.execution_id, linked.status) == (execution_id, "ringing")
+    assert linked.slot_lease_expires_at > linked.provider_checked_at, "the lease runs from the transaction's now"
+
+
 def _webhook_receiver() -> FlaskClient:
     return create_app(components(), SourceChecks(components().settings)).test_client()
 
