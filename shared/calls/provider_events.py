@@ -127,8 +127,8 @@ def _applied_values(uow: UnitOfWork, lookup: _CallLookup, webhook: AgentExecutio
     """What applying the event to its call writes on the event (`lifecycle.apply_provider_event`: the call and the
     transaction's now), when it is applied in this transaction: stored with the row itself, the ORM has no UPDATE
     of it to write. Anything else the lifecycle sets is written as usual."""
-    # The transaction's now is a value once the call's lock read it (found by its execution id); a call found by
-    # our id echoed back has only `now()` the SQL function, and its event is written by an UPDATE as before.
+    # The transaction's now is a value once the call's lock read it; when looking failed, it is `now()` the SQL
+    # function, and the event is written by an UPDATE once applied.
     now = uow.calls.now()
     if lookup.call is None or not isinstance(now, datetime) or _completed_without_duration(webhook):
         return {"call_id": None, "applied_at": None}
@@ -140,7 +140,8 @@ def _insert(
 ) -> WebhookEvent | None:
     """The new event, as a row of this transaction; None when it is a duplicate of one already stored."""
     key = {"execution_id": webhook.execution_id, "status": webhook.status, "attempt": webhook.attempt}
-    event_id = uow.session.scalar(_STORE_EVENT, {**key, **applied, "payload": payload})
+    with uow.session.no_autoflush:  # a call linked by our echoed id is written once, with what applying changes
+        event_id = uow.session.scalar(_STORE_EVENT, {**key, **applied, "payload": payload})
     if event_id is None:
         return None
     # Everything it holds is known here: it joins the session as if loaded, without reading its payload back.
@@ -415,15 +416,17 @@ def unapplied_event_ids(uow_factory: UnitOfWorkFactory, min_age_seconds: float, 
 
 def _find_call(uow: UnitOfWork, webhook: AgentExecution) -> Call | None:
     """The call for an execution: by execution id, else by our call id echoed back in context_details."""
-    linked = uow.session.execute(_LINKED_CALL, {"execution_id": webhook.execution_id}).one_or_none()
-    call = None
-    if linked is not None:
-        call, now = linked
-        uow.calls.note_now(now)
-    if call is None and webhook.context_call_id is not None:
-        call = uow.session.scalar(echoed_call_query(webhook.context_call_id, webhook.execution_id))
-        if call is not None:
-            lifecycle.link_execution(uow.calls, call, webhook.execution_id)
+    found = uow.session.execute(_LINKED_CALL, {"execution_id": webhook.execution_id}).one_or_none()
+    echoed = found is None and webhook.context_call_id is not None
+    if echoed:
+        parameters = {"call_id": webhook.context_call_id, "execution_id": webhook.execution_id}
+        found = uow.session.execute(_ECHOED_CALL, parameters).one_or_none()
+    if found is None:
+        return None
+    call, now = found
+    uow.calls.note_now(now)
+    if echoed:
+        lifecycle.link_execution(uow.calls, call, webhook.execution_id)
     return call
 
 
@@ -463,13 +466,19 @@ def linked_call_query(execution_id: str | BindParameter[str] | None) -> Select[t
 _LINKED_CALL = linked_call_query(bindparam("execution_id"))  # built once: see _STORE_EVENT
 
 
-def echoed_call_query(call_id: uuid.UUID, execution_id: str | None) -> Select[tuple[Call]]:
-    """Our call named in context_details, unless another execution is linked to it already."""
+def echoed_call_query(
+    call_id: uuid.UUID | BindParameter[uuid.UUID], execution_id: str | BindParameter[str]
+) -> Select[tuple[Call, datetime]]:
+    """Our call named in context_details, unless another execution is linked to it already, locked, and the
+    transaction's now() (`SqlCallStore.now`)."""
     return (
-        select(Call)
+        select(Call, func.now())
         .where(Call.id == call_id, or_(Call.execution_id.is_(None), Call.execution_id == execution_id))
         .with_for_update(key_share=True)
     )
+
+
+_ECHOED_CALL = echoed_call_query(bindparam("call_id"), bindparam("execution_id"))  # built once: see _STORE_EVENT
 
 
 def call_and_kept_events_query(

@@ -169,6 +169,24 @@ def test_a_webhook_for_a_known_call_is_stored_already_applied_and_written_once()
     assert stored.applied_at == applied.provider_checked_at, "applied at the transaction's now, as the call heard"
 
 
+def test_a_webhook_that_links_its_call_by_our_echoed_id_is_stored_already_applied():
+    """Bolna's webhook can come before its answer to POST /call: the call is found by our id, linked, and the event
+    stored applied, as for a call found by its execution id."""
+    owner = customer()
+    call = call_row(owner, status=statuses.INITIATING, slot_held=True)
+    execution_id = str(uuid.uuid4())
+    echoed = {"recipient_data": {"callflow_call_id": str(call.id)}}
+    with _statements() as run:
+        receipt = _deliver(_event(execution_id, "ringing", context_details=echoed))
+    writes = [statement for statement in run if "webhook_events" in statement.split("(")[0]]
+    assert [statement.split(" (")[0] for statement in writes] == ["INSERT INTO webhook_events"], run
+    [update] = _call_updates(run)
+    assert "now() +" not in update and "RETURNING" not in update, update
+    stored, linked = load_event(receipt.event_id), load_call(call.id)
+    assert (linked.execution_id, linked.status, stored.call_id) == (execution_id, "ringing", call.id)
+    assert stored.applied_at == linked.provider_checked_at
+
+
 def _call_updates(run: list[object]) -> list[str]:
     return [str(statement) for statement in run if str(statement).startswith("UPDATE calls SET")]
 
