@@ -187,6 +187,23 @@ def test_a_webhook_that_links_its_call_by_our_echoed_id_is_stored_already_applie
     assert stored.applied_at == linked.provider_checked_at
 
 
+def test_a_webhook_whose_echoed_link_cannot_be_written_is_kept_for_a_retry():
+    owner = customer()
+    call = call_row(owner, status=statuses.INITIATING, slot_held=True)
+    execution_id = str(uuid.uuid4())
+    ringing = _event(execution_id, "ringing", context_details={"recipient_data": {"callflow_call_id": str(call.id)}})
+    with failing_writes("calls", f"NEW.id = '{call.id}' AND NEW.execution_id IS NOT NULL"):
+        receipt = _deliver(ringing)
+    stored = load_event(receipt.event_id)
+    assert (stored.applied_at, stored.call_id, stored.attempts) == (None, None, 1), "stored, kept for a retry"
+    assert "injected fault" in stored.last_error
+    assert load_call(call.id).execution_id is None
+
+    provider_events.process(components().uow, receipt.event_id)  # the sweep's retry
+    assert (load_call(call.id).execution_id, load_call(call.id).status) == (execution_id, "ringing")
+    assert load_event(receipt.event_id).applied_at is not None
+
+
 def _call_updates(run: list[object]) -> list[str]:
     return [str(statement) for statement in run if str(statement).startswith("UPDATE calls SET")]
 
