@@ -69,6 +69,10 @@ _DISPATCHABLE = dispatchable_query(
 )
 
 
+# Built once: each reservation reads what Bolna calls its calls' agents (an ORM get per agent built its query anew).
+_PROVIDER_AGENT_IDS = select(Agent.id, Agent.provider_agent_id).where(Agent.id.in_(bindparam("ids", expanding=True)))
+
+
 @dataclass(frozen=True)
 class _Work:
     """What a dispatch has to do; it skips the reads of what is not due."""
@@ -307,9 +311,11 @@ class Dispatcher:
                 picked = self._campaigns.pick(uow, user, free - len(candidates), requeued=work.requeued)
             reserved = self._placer.reserve_slots(uow.calls, free, candidates + picked)
             uow.session.add_all(call for call in picked if call not in uow.session)
-            agents = {agent_id: uow.session.get_one(Agent, agent_id) for agent_id in {c.agent_id for c in reserved}}
+            agent_ids = list({call.agent_id for call in reserved})
+            agents = uow.session.execute(_PROVIDER_AGENT_IDS, {"ids": agent_ids}) if agent_ids else []
+            provider_ids = {agent_id: provider_agent_id for agent_id, provider_agent_id in agents}
             uow.commit()
-        return [(call, agents[call.agent_id].provider_agent_id or "") for call in reserved]
+        return [(call, provider_ids[call.agent_id] or "") for call in reserved]
 
 
 def _note_no_slot_for_campaigns(user_id: uuid.UUID) -> None:
