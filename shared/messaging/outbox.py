@@ -24,6 +24,7 @@ import sentry_sdk
 from pika.exceptions import AMQPConnectionError
 from sqlalchemy import BindParameter, Select, bindparam, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.dml import ReturningUpdate
 
 from shared.core.models import OutboxMessage
 from shared.messaging.publisher import BrokerTooSlow, Envelope, Publisher
@@ -140,28 +141,25 @@ class AfterCommitPublisher:
 def publish_committed(
     sessions: sessionmaker[Session], publisher: Publisher, rows: Sequence[OutboxMessage]
 ) -> Exception | None:
-    """Publishes rows this process has just committed, as it holds them: they are claimed (so the relay never
-    publishes them too) and marked published in one transaction, without reading them back. A row the broker did
-    not take is left to the relay, with the rest; returns the error of that publish, if one failed. The claim holds
-    until the publish given up on is abandoned (see Publisher), so the relay never publishes a row whose publish is
-    still under way."""
+    """Publishes rows this process has just committed, as it holds them, in one transaction and without reading
+    them back: one statement claims them (so the relay never publishes them too) and marks them published, which
+    the commit makes true once they are. A row the broker did not take is left to the relay, with the rest (marked
+    unpublished again); returns the error of that publish, if one failed. The claim holds until the publish given up
+    on is abandoned (see Publisher), so the relay never publishes a row whose publish is still under way."""
     with sessions() as session:
-        claimed = set(session.scalars(_CLAIM, {"ids": [row.id for row in rows]}))
-        published: list[int] = []
+        claimed = set(session.scalars(_CLAIM_AS_PUBLISHED, {"ids": [row.id for row in rows]}))
         failure: Exception | None = None
-        for row in rows:
+        for index, row in enumerate(rows):
             if row.id not in claimed:  # the relay has it, or published it already
                 continue
             try:
                 _publish(publisher, row)
             except Exception as exc:  # the broker is away: leave the rest for the relay
+                session.execute(_UNPUBLISHED, {"ids": [left.id for left in rows[index:] if left.id in claimed]})
                 _give_up_rows(session, [row.id], exc)
                 log.warning("outbox publish failed, the relay will retry: %r", exc)
                 failure = exc
                 break
-            published.append(row.id)
-        if published:
-            session.execute(_MARK_PUBLISHED, {"ids": published})
         session.commit()
     return failure
 
@@ -211,12 +209,21 @@ def claim_query(ids: Sequence[int] | BindParameter[list[int]]) -> Select[tuple[i
     )
 
 
+def claim_as_published_query(ids: Sequence[int] | BindParameter[list[int]]) -> ReturningUpdate[tuple[int]]:
+    """Of these rows, those still unpublished, locked (a row the relay holds is skipped) and marked published."""
+    return (
+        update(_OUTBOX)
+        .where(_OUTBOX.c.id.in_(claim_query(ids).scalar_subquery()))
+        .values(published_at=func.now())
+        .returning(_OUTBOX.c.id)
+    )
+
+
 # The after-commit publisher's statements, on the table and built once: building them per batch, and the ORM's
 # bulk UPDATE with its session synchronisation, cost more of a batch's CPU than publishing it.
 _CLAIM = claim_query(bindparam("ids", expanding=True))
-_MARK_PUBLISHED = (
-    update(_OUTBOX).where(_OUTBOX.c.id.in_(bindparam("ids", expanding=True))).values(published_at=func.now())
-)
+_CLAIM_AS_PUBLISHED = claim_as_published_query(bindparam("ids", expanding=True))
+_UNPUBLISHED = update(_OUTBOX).where(_OUTBOX.c.id.in_(bindparam("ids", expanding=True))).values(published_at=None)
 _GIVE_UP = (
     update(_OUTBOX)
     .where(_OUTBOX.c.id.in_(bindparam("ids", expanding=True)))

@@ -109,6 +109,30 @@ def test_message_written_while_broker_is_down_is_relayed_later():
     assert _unpublished(row.message_id).published_at is not None
 
 
+class _BrokerGoneAfter:
+    """Publishes through the broker `taken` times, then through a broker that is not there (a real failure)."""
+
+    def __init__(self, taken: int):
+        self._taken = taken
+        self._unreachable = Publisher("amqp://guest:guest@127.0.0.1:1/%2F")
+
+    def publish(self, envelope: Envelope) -> None:
+        self._taken -= 1
+        (components().publisher if self._taken >= 0 else self._unreachable).publish(envelope)
+
+
+def test_a_batch_whose_publish_fails_midway_keeps_what_was_published_and_leaves_the_rest_to_the_relay():
+    with components().uow() as uow:
+        rows = [outbox.add(uow.session, "slot.released", {"user_id": str(uuid.uuid4())}) for _ in range(3)]
+        uow.session.commit()
+    failure = outbox.publish_committed(components().sessions, _BrokerGoneAfter(taken=1), rows)
+    assert failure is not None
+    taken, failed, untried = (_unpublished(row.message_id) for row in rows)
+    assert taken.published_at is not None and taken.attempts == 0
+    assert (failed.published_at, failed.attempts) == (None, 1) and failed.last_error
+    assert (untried.published_at, untried.attempts) == (None, 0), "left to the relay, untried"
+
+
 def test_a_calls_announcement_is_written_once_with_its_commit_and_never_after_a_rollback():
     owner = customer()
     call = call_row(owner, status="in-progress", slot_held=True)
