@@ -314,8 +314,9 @@ class Dispatcher:
             agent_ids = list({call.agent_id for call in reserved})
             agents = uow.session.execute(_PROVIDER_AGENT_IDS, {"ids": agent_ids}) if agent_ids else []
             provider_ids = {agent_id: provider_agent_id for agent_id, provider_agent_id in agents}
+            placing = [(call, provider_ids[call.agent_id] or "") for call in reserved]
             uow.commit()
-        return [(call, provider_ids[call.agent_id] or "") for call in reserved]
+        return placing
 
 
 def _note_no_slot_for_campaigns(user_id: uuid.UUID) -> None:

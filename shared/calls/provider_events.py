@@ -67,10 +67,13 @@ def ingest(
     started = time.monotonic()
     with uow_factory() as uow:
         lookup = _look_for_call(uow, webhook)
-        event = _insert(uow, payload, webhook, _applied_values(uow, lookup, webhook))
-        event_id = event.id if event is not None else None
-        if event is None:  # already stored: apply it now if it is still waiting
-            event = uow.session.scalar(waiting_duplicate_query(webhook))
+        # What looking changed on the call (linked by our echoed id) is written once, with what applying changes,
+        # at the commit that a failure of it keeps the event for a retry.
+        with uow.session.no_autoflush:
+            event = _insert(uow, payload, webhook, _applied_values(uow, lookup, webhook))
+            event_id = event.id if event is not None else None
+            if event is None:  # already stored: apply it now if it is still waiting
+                event = uow.session.scalar(waiting_duplicate_query(webhook))
         outcome = _apply_and_commit(uow, event, started, lookup=lookup) if event is not None else None
         if outcome is None:
             uow.commit()
@@ -127,12 +130,9 @@ def _applied_values(uow: UnitOfWork, lookup: _CallLookup, webhook: AgentExecutio
     """What applying the event to its call writes on the event (`lifecycle.apply_provider_event`: the call and the
     transaction's now), when it is applied in this transaction: stored with the row itself, the ORM has no UPDATE
     of it to write. Anything else the lifecycle sets is written as usual."""
-    # The transaction's now is a value once the call's lock read it; when looking failed, it is `now()` the SQL
-    # function, and the event is written by an UPDATE once applied.
-    now = uow.calls.now()
-    if lookup.call is None or not isinstance(now, datetime) or _completed_without_duration(webhook):
+    if lookup.call is None or _completed_without_duration(webhook):
         return {"call_id": None, "applied_at": None}
-    return {"call_id": lookup.call.id, "applied_at": now}
+    return {"call_id": lookup.call.id, "applied_at": uow.calls.now()}  # a value: the call's lock read it
 
 
 def _insert(
@@ -140,8 +140,7 @@ def _insert(
 ) -> WebhookEvent | None:
     """The new event, as a row of this transaction; None when it is a duplicate of one already stored."""
     key = {"execution_id": webhook.execution_id, "status": webhook.status, "attempt": webhook.attempt}
-    with uow.session.no_autoflush:  # a call linked by our echoed id is written once, with what applying changes
-        event_id = uow.session.scalar(_STORE_EVENT, {**key, **applied, "payload": payload})
+    event_id = uow.session.scalar(_STORE_EVENT, {**key, **applied, "payload": payload})
     if event_id is None:
         return None
     # Everything it holds is known here: it joins the session as if loaded, without reading its payload back.
@@ -401,7 +400,8 @@ def _report_unbilled(call: Call, event: WebhookEvent) -> None:
 
 def apply_kept_events(uow: UnitOfWork, call: Call) -> None:
     """Applies the events kept for the call's execution (the caller holds the call's row lock)."""
-    kept = uow.session.scalars(kept_events_query(call.execution_id)).all()
+    with uow.session.no_autoflush:  # what the caller changed on the call is written once, with what they change
+        kept = uow.session.scalars(kept_events_query(call.execution_id)).all()
     for event in sorted(kept, key=lambda e: statuses.rank(e.status) if e.status in statuses.PROVIDER_STATUSES else -1):
         if not _lacks_duration(event):  # that one waits for the queue-processor to ask Bolna for its duration
             lifecycle.apply_provider_event(uow.calls, call, event)

@@ -73,9 +73,10 @@ LIVE_CALL_CONDITION = (
 DIRECT_CALL = "direct"
 CAMPAIGN_CALL = "campaign"
 
-# Server-set values (ids, `created_at`) are read back by the INSERT's RETURNING, so a row can be shown after its
-# session closed. Not after an UPDATE: `updated_at` (its `onupdate`) would make every UPDATE a statement of its own,
-# built, keyed and compiled again with a RETURNING, and nothing reads it from a row this process changed.
+# Server defaults (`created_at`, the JSONB columns' '{}') are read back by the INSERT's RETURNING, so a new row can
+# be shown after its session closed. Not after an UPDATE (SQLAlchemy's default, kept on purpose): reading back
+# `updated_at` (its `onupdate`) gave every UPDATE a RETURNING and a statement built and keyed again, row by row, and
+# nothing reads it from a row this process changed.
 WRITTEN_DEFAULTS_READ_BACK = "auto"
 
 

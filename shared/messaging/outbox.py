@@ -155,8 +155,10 @@ def publish_committed(
             try:
                 _publish(publisher, row)
             except Exception as exc:  # the broker is away: leave the rest for the relay
-                session.execute(_UNPUBLISHED, {"ids": [left.id for left in rows[index:] if left.id in claimed]})
                 _give_up_rows(session, [row.id], exc)
+                untried = [left.id for left in rows[index + 1 :] if left.id in claimed]
+                if untried:
+                    session.execute(_MARK_UNPUBLISHED, {"ids": untried})
                 log.warning("outbox publish failed, the relay will retry: %r", exc)
                 failure = exc
                 break
@@ -223,11 +225,12 @@ def claim_as_published_query(ids: Sequence[int] | BindParameter[list[int]]) -> R
 # bulk UPDATE with its session synchronisation, cost more of a batch's CPU than publishing it.
 _CLAIM = claim_query(bindparam("ids", expanding=True))
 _CLAIM_AS_PUBLISHED = claim_as_published_query(bindparam("ids", expanding=True))
-_UNPUBLISHED = update(_OUTBOX).where(_OUTBOX.c.id.in_(bindparam("ids", expanding=True))).values(published_at=None)
+_MARK_UNPUBLISHED = update(_OUTBOX).where(_OUTBOX.c.id.in_(bindparam("ids", expanding=True))).values(published_at=None)
+# Also unmarks a row claimed as published.
 _GIVE_UP = (
     update(_OUTBOX)
     .where(_OUTBOX.c.id.in_(bindparam("ids", expanding=True)))
-    .values(attempts=_OUTBOX.c.attempts + 1, last_error=bindparam("last_error"))
+    .values(attempts=_OUTBOX.c.attempts + 1, last_error=bindparam("last_error"), published_at=None)
 )
 
 

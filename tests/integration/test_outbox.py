@@ -12,6 +12,7 @@ import pika
 import pytest
 import sentry_sdk
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
 from shared.calls import lifecycle
 from shared.core.config import load_settings
@@ -25,6 +26,7 @@ from shared.observability.sentry import init_sentry
 from tests.support import broker
 from tests.support.components import components
 from tests.support.factories import call_row, customer
+from tests.support.faults import failing_writes
 from tests.support.sentry_sink import SentrySink
 from tests.support.slow_broker import BlackHoleBroker, HoldingBrokerProxy
 from tests.support.tcp_connections import open_connections_to
@@ -131,6 +133,21 @@ def test_a_batch_whose_publish_fails_midway_keeps_what_was_published_and_leaves_
     assert taken.published_at is not None and taken.attempts == 0
     assert (failed.published_at, failed.attempts) == (None, 1) and failed.last_error
     assert (untried.published_at, untried.attempts) == (None, 0), "left to the relay, untried"
+
+
+def test_a_batch_whose_transaction_fails_after_the_claim_leaves_every_row_to_the_relay():
+    """The claim marks the rows published; only its commit may make that true. A failure before it (here, writing
+    the failed publish) rolls every mark back: a row the broker took is published again by the relay (a duplicate
+    is harmless), none is lost."""
+    with components().uow() as uow:
+        rows = [outbox.add(uow.session, "slot.released", {"user_id": str(uuid.uuid4())}) for _ in range(3)]
+        uow.session.commit()
+    ids = ", ".join(str(row.id) for row in rows)
+    unmarking = f"OLD.id IN ({ids}) AND OLD.published_at IS NOT NULL AND NEW.published_at IS NULL"
+    with failing_writes("outbox", unmarking), pytest.raises(DBAPIError, match="injected fault"):
+        outbox.publish_committed(components().sessions, _BrokerGoneAfter(taken=1), rows)
+    left = [_unpublished(row.message_id) for row in rows]
+    assert [(row.published_at, row.attempts) for row in left] == [(None, 0)] * 3
 
 
 def test_a_calls_announcement_is_written_once_with_its_commit_and_never_after_a_rollback():

@@ -299,7 +299,7 @@ HOT_QUERIES: dict[str, Callable[[], Executable]] = {
     ),
     "outbox.publish_pending": lambda: outbox.unpublished_query(OUTBOX_MIN_AGE, 200),
     "outbox.publish_committed": lambda: outbox.claim_as_published_query([OUTBOX_ROWS - 1, OUTBOX_ROWS]),
-    "outbox AfterCommitPublisher._give_up": lambda: outbox.claim_query([OUTBOX_ROWS - 1, OUTBOX_ROWS]),
+    "outbox.AfterCommitPublisher._give_up": lambda: outbox.claim_query([OUTBOX_ROWS - 1, OUTBOX_ROWS]),
     "ProviderReconciler.unconfirmed_calls": lambda: unconfirmed_calls_query(_reconcile),
     "ProviderReconciler.silent_calls": lambda: silent_calls_query(_reconcile),
     **{f"Retention.{name}": batch for name, batch in _retention.steps().items()},

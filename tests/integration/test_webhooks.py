@@ -94,7 +94,9 @@ def test_event_for_an_unknown_execution_is_kept_and_applied_when_the_call_is_lin
     assert receipt.event_id is not None
     assert load_call(call.id).status == statuses.INITIATING
 
-    components().placer.link_execution(call.id, PlacedCall(execution_id, "queued", 1.0))
+    with _statements() as run:
+        components().placer.link_execution(call.id, PlacedCall(execution_id, "queued", 1.0))
+    assert len(_call_updates(run)) == 1, "the link and the kept event's change are one UPDATE of the call"
     linked = load_call(call.id)
     assert linked.execution_id == execution_id
     assert linked.status == "ringing"
@@ -211,7 +213,7 @@ def _call_updates(run: list[object]) -> list[str]:
 def test_a_call_is_updated_with_plain_values_by_one_statement_that_reads_nothing_back():
     """A call's UPDATE, on a webhook and on Bolna's answer to POST /call, carries its times as values (read with the
     lock) and reads nothing back: an SQL expression among its values, or a RETURNING of `updated_at`, makes the ORM
-    build, key and compile the statement again for every row it writes."""
+    build and key the statement again for every row it writes."""
     owner = customer()
     execution_id = str(uuid.uuid4())
     answered = call_row(owner, status=statuses.INITIATING, slot_held=True)
