@@ -67,8 +67,8 @@ def ingest(
     started = time.monotonic()
     with uow_factory() as uow:
         lookup = _look_for_call(uow, webhook)
-        # What looking changed on the call (linked by our echoed id) is written once, with what applying changes,
-        # at the commit that a failure of it keeps the event for a retry.
+        # What looking changed on the call (a link by our echoed id) is written with what applying changes, in one
+        # UPDATE at the commit, where a failure keeps the event for a retry.
         with uow.session.no_autoflush:
             event = _insert(uow, payload, webhook, _applied_values(uow, lookup, webhook))
             event_id = event.id if event is not None else None
