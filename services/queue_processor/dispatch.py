@@ -123,6 +123,7 @@ class Dispatcher:
                 self._settle_attempt(user_id, ended_call_id)
                 already_read = None  # settling may have made the contact's retry due: read again
         dispatched = 0
+        carried = False  # `already_read` is the read of the last batch, which was full
         while not self._placer.provider_down:
             work = already_read if already_read is not None else self._work_due(user_id)
             already_read = None
@@ -138,6 +139,9 @@ class Dispatcher:
                 raise
             self._give_back_threads(threads - len(reserved))
             if not reserved:
+                if carried:  # what was due then is placed; read what is due now
+                    carried = False
+                    continue
                 break
             handed = 0
             try:
@@ -147,6 +151,11 @@ class Dispatcher:
             finally:
                 self._give_back_threads(len(reserved) - handed)  # the pool is shutting down
             dispatched += handed
+            # After a full batch more is likely due, and the reservation reads it under the lock anyway: the next
+            # batch goes without the unlocked read. With few placing threads free, that read cost a transaction per
+            # call or two.
+            carried = len(reserved) == threads
+            already_read = work if carried else None
         self._hold_back_while_provider_down(user_id)
         return dispatched
 

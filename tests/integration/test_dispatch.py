@@ -57,3 +57,38 @@ def test_no_call_is_reserved_while_every_placing_thread_is_busy():
     with components().uow() as uow:
         left = uow.session.scalars(select(Call.status).where(Call.user_id == owner.user_id)).all()
     assert set(left) == {statuses.INITIATING}
+
+
+class _SlowPlacer(CallPlacer):
+    """Takes a while over each call, as Bolna's answer does, so placing threads come free one or two at a time."""
+
+    def __init__(self) -> None:
+        super().__init__(components().uow, components().bolna, max_attempts=3)
+        self.handed: list[uuid.UUID] = []
+
+    def initiate(self, call: Call, provider_agent_id: str, retry_transient: bool) -> Call | None:
+        self.handed.append(call.id)
+        time.sleep(0.05)
+        return None
+
+
+class _CountingDispatcher(Dispatcher):
+    def __init__(self, placer: CallPlacer, concurrency: int):
+        super().__init__(placer, concurrency)
+        self.reads = 0
+
+    def _work_due(self, user_id: uuid.UUID, ended_call_id: uuid.UUID | None = None):  # type: ignore[no-untyped-def]
+        self.reads += 1
+        return super()._work_due(user_id, ended_call_id)
+
+
+def test_a_backlog_is_reserved_batch_after_batch_without_reading_what_is_due_before_each():
+    owner = customer(credits=100, max_concurrent_calls=100)
+    waiting = [call_row(owner).id for _ in range(12)]
+    placer = _SlowPlacer()
+    dispatcher = _CountingDispatcher(placer, concurrency=2)
+    assert dispatcher.dispatch_pending(owner.user_id, DispatchTrigger.MESSAGE) == len(waiting)
+    assert dispatcher.wait_until_idle(30)
+    assert sorted(placer.handed) == sorted(waiting), "every call handed over once"
+    # Twelve calls go in batches of one or two: one read first, one when the backlog is gone.
+    assert dispatcher.reads == 2
