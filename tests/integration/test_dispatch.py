@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from typing import Any
 
 from sqlalchemy import func, select
 
@@ -77,7 +78,7 @@ class _CountingDispatcher(Dispatcher):
         super().__init__(placer, concurrency)
         self.reads = 0
 
-    def _work_due(self, user_id: uuid.UUID, ended_call_id: uuid.UUID | None = None):  # type: ignore[no-untyped-def]
+    def _work_due(self, user_id: uuid.UUID, ended_call_id: uuid.UUID | None = None) -> Any:
         self.reads += 1
         return super()._work_due(user_id, ended_call_id)
 
