@@ -35,11 +35,23 @@ class WrkResult:
     socket_errors: dict[str, int]
     exhausted: bool
     rounds: tuple[WrkResult, ...] = ()  # the runs this one was taken from (`of_rounds`)
+    # CPU the server's processes used for the run (`Bench` reads it from /proc); None: not measured.
+    cpu_seconds: float | None = None
+
+    @property
+    def cpu_ms_per_request(self) -> float | None:
+        return None if self.cpu_seconds is None else self.cpu_seconds * 1000 / self.requests
 
     def as_json(self) -> dict[str, object]:
         fields = asdict(self)
         if not self.rounds:
             del fields["rounds"]
+        cpu_ms = self.cpu_ms_per_request
+        if cpu_ms is None:
+            del fields["cpu_seconds"]
+        else:
+            fields["cpu_seconds"] = round(fields["cpu_seconds"], 3)
+            fields["cpu_ms_per_request"] = round(cpu_ms, 3)
         return fields
 
     @classmethod
@@ -48,6 +60,7 @@ class WrkResult:
         highest of theirs (wrk gives no samples to pool; no more than 1% of all requests can be slower than the
         slowest round's p99, so that is a bound the pooled p99 cannot exceed)."""
         requests, seconds = sum(r.requests for r in rounds), sum(r.seconds for r in rounds)
+        cpu = [r.cpu_seconds for r in rounds]
         return cls(
             requests=requests,
             seconds=round(seconds, 3),
@@ -60,6 +73,7 @@ class WrkResult:
             socket_errors=_summed([r.socket_errors for r in rounds]),
             exhausted=any(r.exhausted for r in rounds),
             rounds=tuple(rounds),
+            cpu_seconds=None if None in cpu else sum(c or 0.0 for c in cpu),
         )
 
 

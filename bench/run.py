@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -80,6 +80,7 @@ PRODUCTION_SENTRY = {
 # holds its slot, so the limits above are high): each placed call costs one webhook, as in the first seconds of a
 # real call, without a flood of later statuses competing with the figures measured after it.
 LIVE_FOR_THE_RUN = {**FAST_CALLS, "step_delay_seconds": 3600.0}
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # the unit of /proc/<pid>/stat's CPU times
 T = TypeVar("T")
 console = Console(width=None if sys.stdout.isatty() else 150)  # a log file gets the whole table unwrapped
 
@@ -133,9 +134,10 @@ def _rounded(value: float | None, digits: int = 2) -> float | None:
 @dataclass(frozen=True)
 class IngestServer:
     """A server the webhook-ingest figures are measured on. One that `applies` the webhooks has their calls seeded,
-    and is checked to have applied (and `bills`: billed) every webhook it answered."""
+    and is checked to have applied (and `bills`: billed) every webhook it answered. Each run also reads the CPU its
+    processes used, a figure the shared machine's moods move far less than a rate."""
 
-    url: str
+    process: ServiceProcess
     applies: bool = True
     bills: bool = True
 
@@ -167,7 +169,7 @@ class Bench:
     def run(self, sink: SentrySink) -> list[Row]:
         with running_stack(sink, self.logs, PRODUCTION_SENTRY, LIVE_FOR_THE_RUN) as stack:
             self._ingest_owners = seed.customers(self.conn, INGEST_CUSTOMERS, CREDITS, NO_LIMIT)
-            receiver = stack.webhook_receiver.url
+            receiver = stack.webhook_receiver
             empty_database = "webhook ingest, empty database"
             empty = self.measure(empty_database, lambda: self.ingest_in_turn({empty_database: IngestServer(receiver)}))
             empty = empty[empty_database] if empty else None
@@ -181,10 +183,10 @@ class Bench:
                     self.serving("services.webhook_receiver", without_sentry) as unobserved,
                 ):
                     servers = {
-                        "bare Flask echo": IngestServer(echo.url, applies=False),
-                        "minimal durable ingest": IngestServer(durable_ingest.url, bills=False),
+                        "bare Flask echo": IngestServer(echo, applies=False),
+                        "minimal durable ingest": IngestServer(durable_ingest, bills=False),
                         "webhook ingest": IngestServer(receiver),
-                        "webhook ingest without Sentry": IngestServer(unobserved.url),
+                        "webhook ingest without Sentry": IngestServer(unobserved),
                     }
                     in_turn = self.measure(
                         "webhook ingest and its baselines, in turn", lambda: self.ingest_in_turn(servers)
@@ -224,21 +226,23 @@ class Bench:
         for round_number in range(INGEST_ROUNDS):
             first = round_number % len(names)
             for name in names[first:] + names[:first]:
-                time.sleep(ROUND_PAUSE_SECONDS)
                 rounds[name].append(
                     self._webhooks(servers[name], MEASURE_SECONDS / INGEST_ROUNDS, MEASURED_CALLS // INGEST_ROUNDS)
                 )
         return {name: WrkResult.of_rounds(runs) for name, runs in rounds.items()}
 
     def _webhooks(self, server: IngestServer, seconds: float, calls: int) -> WrkResult:
+        """One run; its CPU includes the pause after it, in which the server finishes the run's background work."""
         first, self._next_call = self._next_call, self._next_call + calls
         if server.applies:
             seed.live_calls(self.conn, first, calls, self._ingest_owners)
-        target = f"{server.url}/webhooks/bolna?token={WEBHOOK_SECRET}"
+        target = f"{server.process.url}/webhooks/bolna?token={WEBHOOK_SECRET}"
+        cpu_before = _cpu_seconds(server.process)
         result = wrk("webhooks.lua", target, [str(first), str(calls)], seconds, expected={200})
         if server.applies:
             self._check_applied(first, calls, server.bills)
-        return result
+        time.sleep(ROUND_PAUSE_SECONDS)
+        return replace(result, cpu_seconds=_cpu_seconds(server.process) - cpu_before)
 
     def _check_applied(self, first: int, calls: int, bills: bool) -> None:
         """A 200 must stand for the work: webhooks of the run stored, every one applied to its call, and every call
@@ -481,6 +485,19 @@ def _process_tree(process: ServiceProcess) -> list[int]:
     return found
 
 
+def _cpu_seconds(process: ServiceProcess) -> float:
+    """CPU (user and system) a service has used: its processes', and that of the ones they outlived (a gunicorn
+    worker replaced after its `max_requests` counts in its master's)."""
+    ticks = 0
+    for pid in _process_tree(process):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:  # a worker reaped since the tree was read
+            continue
+        ticks += sum(int(field) for field in stat.rsplit(")", 1)[1].split()[11:15])  # utime, stime, cutime, cstime
+    return ticks / CLOCK_TICKS
+
+
 def _status_kib(pid: int, field: str) -> int:
     """A memory figure of /proc/<pid>/status, such as VmRSS (resident now) or VmHWM (the peak of it)."""
     status = Path(f"/proc/{pid}/status").read_text()
@@ -508,6 +525,9 @@ def _rows(
 ) -> list[Row]:
     def rate(result: WrkResult | None) -> float | None:
         return result.requests_per_second if result else None
+
+    def cpu(result: WrkResult | None) -> float | None:
+        return result.cpu_ms_per_request if result else None
 
     def p50(result: dict[str, Any] | None, side: str) -> float | None:
         return result[side]["p50_ms"] if result else None
@@ -545,6 +565,10 @@ def _rows(
             rate(empty), "≥ 90%", at_least(0.9)),
         Row("webhook ingest, production Sentry", "the same, Sentry not initialised", "req/s", rate(ingest),
             rate(no_sentry), "≥ 90%", at_least(0.9)),
+        Row("webhook ingest: the server's CPU per webhook", "minimal durable ingest", "ms", cpu(ingest),
+            cpu(durable), "—", None),
+        Row("webhook ingest: the server's CPU per webhook, production Sentry", "the same, Sentry not initialised",
+            "ms", cpu(ingest), cpu(no_sentry), "—", None),
         Row("POST /api/calls → 201, p50, 1 connection", "Bolna's answer to POST /call (simulator)", "ms",
             p50(placed, "callflow"), p50(placed, "provider"), "≤ +10 ms",
             lambda callflow, baseline: callflow - baseline <= 10, difference=True),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from bench.load import WrkResult
 
 
@@ -39,3 +41,18 @@ def test_rounds_read_as_one_run_are_their_requests_over_their_time_with_the_high
     assert taken.rounds == tuple(rounds)
     assert [run["requests"] for run in taken.as_json()["rounds"]] == [800, 400, 600]
     assert "rounds" not in rounds[0].as_json()  # a single run says nothing of rounds
+
+
+def test_rounds_read_as_one_run_use_the_cpu_of_all_of_them_per_request_or_none_when_one_was_not_measured():
+    measured = [
+        replace(_run(800, 2.0, 100.0, {"200": 800}), cpu_seconds=2.0),
+        replace(_run(400, 4.0, 300.0, {"200": 400}), cpu_seconds=1.6),
+    ]
+
+    taken = WrkResult.of_rounds(measured)
+
+    assert taken.cpu_seconds == 3.6
+    assert taken.cpu_ms_per_request == 3.0  # 3.6 s over 1,200 requests, not the mean of 2.5 and 4.0 ms
+    assert taken.as_json()["cpu_ms_per_request"] == 3.0
+    unmeasured = WrkResult.of_rounds([*measured, _run(600, 2.0, 120.0, {"200": 600})])
+    assert unmeasured.cpu_ms_per_request is None and "cpu_seconds" not in unmeasured.as_json()
