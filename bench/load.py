@@ -44,7 +44,9 @@ class WrkResult:
 
     def as_json(self) -> dict[str, object]:
         fields = asdict(self)
-        if not self.rounds:
+        if self.rounds:
+            fields["rounds"] = [run.as_json() for run in self.rounds]
+        else:
             del fields["rounds"]
         cpu_ms = self.cpu_ms_per_request
         if cpu_ms is None:
@@ -73,7 +75,7 @@ class WrkResult:
             socket_errors=_summed([r.socket_errors for r in rounds]),
             exhausted=any(r.exhausted for r in rounds),
             rounds=tuple(rounds),
-            cpu_seconds=None if None in cpu else sum(c or 0.0 for c in cpu),
+            cpu_seconds=None if None in cpu else sum(c for c in cpu if c is not None),
         )
 
 

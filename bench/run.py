@@ -481,21 +481,33 @@ def _process_tree(process: ServiceProcess) -> list[int]:
         pid = pending.pop()
         found.append(pid)
         for children in Path(f"/proc/{pid}").glob("task/*/children"):
-            pending.extend(int(child) for child in children.read_text().split())
+            try:
+                pending.extend(int(child) for child in children.read_text().split())
+            except OSError:  # a thread or process gone since it was listed
+                continue
     return found
 
 
 def _cpu_seconds(process: ServiceProcess) -> float:
     """CPU (user and system) a service has used: its processes', and that of the ones they outlived (a gunicorn
-    worker replaced after its `max_requests` counts in its master's)."""
-    ticks = 0
-    for pid in _process_tree(process):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except FileNotFoundError:  # a worker reaped since the tree was read
-            continue
-        ticks += sum(int(field) for field in stat.rsplit(")", 1)[1].split()[11:15])  # utime, stime, cutime, cstime
-    return ticks / CLOCK_TICKS
+    worker replaced after its `max_requests` counts in its master's). Read again if a worker was reaped while the
+    tree was read, which could leave its CPU out of both."""
+    while True:
+        master, *others = _process_tree(process)
+        reaped = _cpu_times(master)[2:]
+        ticks = sum(sum(_cpu_times(pid)) for pid in (master, *others))
+        if _cpu_times(master)[2:] == reaped:
+            return ticks / CLOCK_TICKS
+
+
+def _cpu_times(pid: int) -> list[int]:
+    """utime, stime, cutime and cstime of /proc/<pid>/stat, in clock ticks; zeros for a process gone since it was
+    listed."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return [0, 0, 0, 0]
+    return [int(field) for field in stat.rsplit(")", 1)[1].split()[11:15]]
 
 
 def _status_kib(pid: int, field: str) -> int:

@@ -27,6 +27,7 @@ from shared.calls.initiation import CallPlacer
 from shared.calls.store import due_pending, held_slots_query
 from shared.core.errors import CallflowError, ErrorType
 from shared.core.models import DIRECT_CALL, Agent, Call, User
+from shared.core.uow import UnitOfWork
 from shared.observability import tracing
 from shared.observability.sentry import report, report_database_error
 
@@ -123,25 +124,21 @@ class Dispatcher:
                 self._settle_attempt(user_id, ended_call_id)
                 already_read = None  # settling may have made the contact's retry due: read again
         dispatched = 0
-        carried = False  # `already_read` is the read of the last batch, which was full
         while not self._placer.provider_down:
             work = already_read if already_read is not None else self._work_due(user_id)
-            already_read = None
             if not work:
                 if work.campaigns_without_slot:
                     _note_no_slot_for_campaigns(user_id)
                 break
             threads = self._take_free_threads()
             try:
-                reserved = self._reserve_due(user_id, threads, work)
+                # It says what is due after it as well: the next batch, or the end, needs no read of its own.
+                reserved, already_read = self._reserve_due(user_id, threads, work)
             except BaseException:
                 self._give_back_threads(threads)
                 raise
             self._give_back_threads(threads - len(reserved))
             if not reserved:
-                if carried:  # what was due then is placed; read what is due now
-                    carried = False
-                    continue
                 break
             handed = 0
             try:
@@ -151,11 +148,6 @@ class Dispatcher:
             finally:
                 self._give_back_threads(len(reserved) - handed)  # the pool is shutting down
             dispatched += handed
-            # After a full batch more is likely due, and the reservation reads it under the lock anyway: the next
-            # batch goes without the unlocked read. With few placing threads free, that read cost a transaction per
-            # call or two.
-            carried = len(reserved) == threads
-            already_read = work if carried else None
         self._hold_back_while_provider_down(user_id)
         return dispatched
 
@@ -287,9 +279,12 @@ class Dispatcher:
         """One unlocked read: whether `ended_call_id` ended a campaign attempt, whether the user has a free slot,
         and what for. A wake-up for calls already placed (a burst of messages drained by the first), or for the
         freed slot of a direct call, costs no more than this."""
-        parameters = {"user_id": user_id, "now": self._campaigns.clock(), "ended_call_id": ended_call_id}
         with self._placer.uow_factory() as uow:
-            row = uow.reads_only().session.execute(_DISPATCHABLE, parameters).first()
+            return self._read_work(uow.reads_only(), user_id, ended_call_id)
+
+    def _read_work(self, uow: UnitOfWork, user_id: uuid.UUID, ended_call_id: uuid.UUID | None = None) -> _Work:
+        parameters = {"user_id": user_id, "now": self._campaigns.clock(), "ended_call_id": ended_call_id}
+        row = uow.session.execute(_DISPATCHABLE, parameters).first()
         if row is None:
             return _Work()
         attempt_ended, free, direct, campaigns, requeued = row
@@ -297,9 +292,10 @@ class Dispatcher:
             return _Work(attempt_ended=attempt_ended, campaigns_without_slot=campaigns)
         return _Work(direct=direct, campaigns=campaigns, requeued=requeued, attempt_ended=attempt_ended)
 
-    def _reserve_due(self, user_id: uuid.UUID, most: int, work: _Work) -> list[tuple[Call, str]]:
+    def _reserve_due(self, user_id: uuid.UUID, most: int, work: _Work) -> tuple[list[tuple[Call, str]], _Work]:
         """Up to `most` calls, each holding a slot now, with its agent's id at Bolna: the user's due direct calls
-        first, oldest first, then their campaigns' calls. Direct calls that waited while the account ran out of
+        first, oldest first, then their campaigns' calls; and what is due after them, read under the same lock
+        (`_work_due`'s read, which sees the reservation). Direct calls that waited while the account ran out of
         credits fail instead, and the campaigns pause."""
         with self._placer.uow_factory() as uow:
             user = uow.calls.lock_user(user_id)
@@ -309,7 +305,7 @@ class Dispatcher:
                     lifecycle.fail(call, ErrorType.INSUFFICIENT_CREDITS, NO_CREDITS_DETAIL)
                 self._campaigns.pause_for_credits(uow, user_id)
                 uow.commit()
-                return []
+                return [], _Work()
             free = min(most, lifecycle.free_slots(uow.calls, user))
             # Read under the lock whatever the unlocked read said: a direct call queued while this dispatch waited
             # for a placing thread still goes before any campaign call.
@@ -324,8 +320,9 @@ class Dispatcher:
             agents = uow.session.execute(_PROVIDER_AGENT_IDS, {"ids": agent_ids}) if agent_ids else []
             provider_ids = {agent_id: provider_agent_id for agent_id, provider_agent_id in agents}
             placing = [(call, provider_ids[call.agent_id] or "") for call in reserved]
+            left = self._read_work(uow, user_id) if reserved else _Work()
             uow.commit()
-        return placing
+        return placing, left
 
 
 def _note_no_slot_for_campaigns(user_id: uuid.UUID) -> None:

@@ -383,7 +383,7 @@ def test_a_direct_call_queued_while_a_dispatch_waited_for_a_thread_still_goes_fi
     stale = dispatcher._work_due(owner.user_id)  # read before the direct call existed
     assert (stale.direct, stale.campaigns) == (False, True)
     direct = call_row(owner)
-    (reserved, _agent) = dispatcher._reserve_due(owner.user_id, 1, stale)[0]
+    [(reserved, _agent)], _left = dispatcher._reserve_due(owner.user_id, 1, stale)
     assert reserved.id == direct.id
 
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from typing import Any
 
 from sqlalchemy import func, select
 
-from services.queue_processor.dispatch import Dispatcher, DispatchTrigger
+from services.queue_processor.dispatch import Dispatcher, DispatchTrigger, _Work
 from shared.calls import statuses
 from shared.calls.initiation import CallPlacer
 from shared.core.models import Call
@@ -78,12 +77,12 @@ class _CountingDispatcher(Dispatcher):
         super().__init__(placer, concurrency)
         self.reads = 0
 
-    def _work_due(self, user_id: uuid.UUID, ended_call_id: uuid.UUID | None = None) -> Any:
+    def _work_due(self, user_id: uuid.UUID, ended_call_id: uuid.UUID | None = None) -> _Work:
         self.reads += 1
         return super()._work_due(user_id, ended_call_id)
 
 
-def test_a_backlog_is_reserved_batch_after_batch_without_reading_what_is_due_before_each():
+def test_a_backlog_is_read_once_each_reservation_saying_what_is_left():
     owner = customer(credits=100, max_concurrent_calls=100)
     waiting = [call_row(owner).id for _ in range(12)]
     placer = _SlowPlacer()
@@ -91,5 +90,24 @@ def test_a_backlog_is_reserved_batch_after_batch_without_reading_what_is_due_bef
     assert dispatcher.dispatch_pending(owner.user_id, DispatchTrigger.MESSAGE) == len(waiting)
     assert dispatcher.wait_until_idle(30)
     assert sorted(placer.handed) == sorted(waiting), "every call handed over once"
-    # Twelve calls go in batches of one or two: one read first, one when the backlog is gone.
-    assert dispatcher.reads == 2
+    # Twelve calls go in batches of one or two; a read of its own before each batch was up to twelve reads.
+    assert dispatcher.reads == 1
+
+
+def test_a_dispatch_with_nothing_left_returns_without_waiting_for_a_placing_thread():
+    """The message handler is one thread: a dispatch that waited for Bolna's answer to the call it just handed over
+    would hold back every message behind it."""
+    owner = customer(credits=100, max_concurrent_calls=10)
+    call_row(owner)
+    placer = _HeldPlacer()
+    dispatcher = Dispatcher(placer, concurrency=1)
+    dispatching = threading.Thread(target=dispatcher.dispatch_pending, args=(owner.user_id, DispatchTrigger.MESSAGE))
+    dispatching.start()
+    try:
+        dispatching.join(10)
+        assert not dispatching.is_alive(), "the dispatch waited for the placing thread"
+        assert len(placer.handed) == 1
+    finally:
+        placer.release.set()
+    dispatching.join(30)
+    assert dispatcher.wait_until_idle(30)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from bench.load import WrkResult
 
 
@@ -51,8 +53,9 @@ def test_rounds_read_as_one_run_use_the_cpu_of_all_of_them_per_request_or_none_w
 
     taken = WrkResult.of_rounds(measured)
 
-    assert taken.cpu_seconds == 3.6
-    assert taken.cpu_ms_per_request == 3.0  # 3.6 s over 1,200 requests, not the mean of 2.5 and 4.0 ms
+    assert taken.cpu_seconds == pytest.approx(3.6)
+    assert taken.cpu_ms_per_request == pytest.approx(3.0)  # 3.6 s over 1,200 requests, not the mean of 2.5 and 4 ms
     assert taken.as_json()["cpu_ms_per_request"] == 3.0
+    assert [run["cpu_ms_per_request"] for run in taken.as_json()["rounds"]] == [2.5, 4.0]
     unmeasured = WrkResult.of_rounds([*measured, _run(600, 2.0, 120.0, {"200": 600})])
     assert unmeasured.cpu_ms_per_request is None and "cpu_seconds" not in unmeasured.as_json()
