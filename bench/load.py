@@ -40,7 +40,7 @@ class WrkResult:
 
     @property
     def cpu_ms_per_request(self) -> float | None:
-        return None if self.cpu_seconds is None else self.cpu_seconds * 1000 / self.requests
+        return None if self.cpu_seconds is None or not self.requests else self.cpu_seconds * 1000 / self.requests
 
     def as_json(self) -> dict[str, object]:
         fields = asdict(self)

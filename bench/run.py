@@ -81,6 +81,7 @@ PRODUCTION_SENTRY = {
 # real call, without a flood of later statuses competing with the figures measured after it.
 LIVE_FOR_THE_RUN = {**FAST_CALLS, "step_delay_seconds": 3600.0}
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # the unit of /proc/<pid>/stat's CPU times
+CPU_READ_ATTEMPTS = 5
 T = TypeVar("T")
 console = Console(width=None if sys.stdout.isatty() else 150)  # a log file gets the whole table unwrapped
 
@@ -480,24 +481,25 @@ def _process_tree(process: ServiceProcess) -> list[int]:
     while pending:
         pid = pending.pop()
         found.append(pid)
-        for children in Path(f"/proc/{pid}").glob("task/*/children"):
-            try:
+        try:
+            for children in Path(f"/proc/{pid}").glob("task/*/children"):
                 pending.extend(int(child) for child in children.read_text().split())
-            except OSError:  # a thread or process gone since it was listed
-                continue
+        except OSError:  # a thread or process gone since it was listed
+            continue
     return found
 
 
 def _cpu_seconds(process: ServiceProcess) -> float:
     """CPU (user and system) a service has used: its processes', and that of the ones they outlived (a gunicorn
     worker replaced after its `max_requests` counts in its master's). Read again if a worker was reaped while the
-    tree was read, which could leave its CPU out of both."""
-    while True:
+    tree was read, which could leave its CPU out of both (a few times at most: workers are replaced seconds apart)."""
+    for _ in range(CPU_READ_ATTEMPTS):
         master, *others = _process_tree(process)
         reaped = _cpu_times(master)[2:]
         ticks = sum(sum(_cpu_times(pid)) for pid in (master, *others))
         if _cpu_times(master)[2:] == reaped:
-            return ticks / CLOCK_TICKS
+            break
+    return ticks / CLOCK_TICKS
 
 
 def _cpu_times(pid: int) -> list[int]:

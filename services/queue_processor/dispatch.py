@@ -307,8 +307,8 @@ class Dispatcher:
                 uow.commit()
                 return [], _Work()
             free = min(most, lifecycle.free_slots(uow.calls, user))
-            # Read under the lock whatever the unlocked read said: a direct call queued while this dispatch waited
-            # for a placing thread still goes before any campaign call.
+            # Read under the lock whatever `work` said: a direct call queued while this dispatch waited for a placing
+            # thread still goes before any campaign call.
             candidates = uow.calls.due_calls(user_id, free) if free > 0 else []
             picked: list[Call] = []
             # Campaign calls get only what is left of both the free slots and the free placing threads.
