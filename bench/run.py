@@ -136,7 +136,7 @@ def _rounded(value: float | None, digits: int = 2) -> float | None:
 class IngestServer:
     """A server the webhook-ingest figures are measured on. One that `applies` the webhooks has their calls seeded,
     and is checked to have applied (and `bills`: billed) every webhook it answered. Each run also reads the CPU its
-    processes used, a figure the shared machine's moods move far less than a rate."""
+    processes used."""
 
     process: ServiceProcess
     applies: bool = True
