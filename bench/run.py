@@ -494,10 +494,10 @@ def _cpu_seconds(process: ServiceProcess) -> float:
     worker replaced after its `max_requests` counts in its master's). Read again if a worker was reaped while the
     tree was read, which could leave its CPU out of both (a few times at most: workers are replaced seconds apart)."""
     for _ in range(CPU_READ_ATTEMPTS):
-        master, *others = _process_tree(process)
-        reaped = _cpu_times(master)[2:]
-        ticks = sum(sum(_cpu_times(pid)) for pid in (master, *others))
-        if _cpu_times(master)[2:] == reaped:
+        tree = _process_tree(process)  # the master first
+        reaped = _cpu_times(tree[0])[2:]
+        ticks = sum(sum(_cpu_times(pid)) for pid in tree)
+        if _cpu_times(tree[0])[2:] == reaped:
             break
     return ticks / CLOCK_TICKS
 

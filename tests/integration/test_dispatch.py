@@ -19,16 +19,18 @@ from tests.support.stack import wait_until
 
 
 class _HeldPlacer(CallPlacer):
-    """Places nothing until released: each call it is handed stays with its placing thread."""
+    """Places nothing until released, or until `hold_seconds` passed: each call it is handed stays with its placing
+    thread that long (a short hold stands for Bolna's answer taking a while)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hold_seconds: float = 30) -> None:
         super().__init__(components().uow, components().bolna, max_attempts=3)
         self.release = threading.Event()
         self.handed: list[uuid.UUID] = []
+        self._hold_seconds = hold_seconds
 
     def initiate(self, call: Call, provider_agent_id: str, retry_transient: bool) -> Call | None:
         self.handed.append(call.id)
-        self.release.wait(30)
+        self.release.wait(self._hold_seconds)
         return None
 
 
@@ -59,19 +61,6 @@ def test_no_call_is_reserved_while_every_placing_thread_is_busy():
     assert set(left) == {statuses.INITIATING}
 
 
-class _SlowPlacer(CallPlacer):
-    """Takes a while over each call, as Bolna's answer does, so placing threads come free one or two at a time."""
-
-    def __init__(self) -> None:
-        super().__init__(components().uow, components().bolna, max_attempts=3)
-        self.handed: list[uuid.UUID] = []
-
-    def initiate(self, call: Call, provider_agent_id: str, retry_transient: bool) -> Call | None:
-        self.handed.append(call.id)
-        time.sleep(0.05)
-        return None
-
-
 class _CountingDispatcher(Dispatcher):
     def __init__(self, placer: CallPlacer, concurrency: int):
         super().__init__(placer, concurrency)
@@ -85,7 +74,7 @@ class _CountingDispatcher(Dispatcher):
 def test_a_backlog_is_read_once_each_reservation_saying_what_is_left():
     owner = customer(credits=100, max_concurrent_calls=100)
     waiting = [call_row(owner).id for _ in range(12)]
-    placer = _SlowPlacer()
+    placer = _HeldPlacer(hold_seconds=0.05)  # placing threads come free one or two at a time
     dispatcher = _CountingDispatcher(placer, concurrency=2)
     assert dispatcher.dispatch_pending(owner.user_id, DispatchTrigger.MESSAGE) == len(waiting)
     assert dispatcher.wait_until_idle(30)
