@@ -62,6 +62,8 @@ class IncomingMessage:
     headers: dict[str, Any]
     queue: str
     redelivered: bool
+    # When this process took delivery (time.monotonic()); None: not known, and nothing is inferred from it.
+    received_at: float | None = None
 
     @property
     def attempt(self) -> int:
@@ -87,6 +89,7 @@ class _Delivery:
     method: Basic.Deliver
     properties: pika.BasicProperties
     body: bytes
+    received_at: float  # time.monotonic(), as pika handed it over
 
 
 class ConnectionLost(AMQPError):
@@ -247,7 +250,7 @@ class Consumer:
         channel.basic_consume(
             self._queue,
             lambda channel, method, properties, body: handler_thread.submit(
-                _Delivery(channel, method, properties, body)
+                _Delivery(channel, method, properties, body, time.monotonic())
             ),
         )
         log.info("consuming %s", self._queue)
@@ -261,6 +264,7 @@ class Consumer:
             headers=dict(properties.headers or {}),
             queue=self._queue,
             redelivered=bool(delivery.method.redelivered),
+            received_at=delivery.received_at,
         )
         with tracing.process_transaction(
             message.headers, self._queue, message.message_id, len(delivery.body), message.redelivered

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -88,6 +89,32 @@ class _Work:
         return self.direct or self.campaigns
 
 
+class ReadsThrough:
+    """For each user, when the read that ended their latest finished dispatch began. Messages are published once
+    what they announce has committed, so a wake-up that arrived before that moment was seen by that read. It
+    remembers the most recent `users`; a user it forgot is read again, which is always safe."""
+
+    def __init__(self, users: int = 10_000) -> None:
+        self._read_at: OrderedDict[uuid.UUID, float] = OrderedDict()
+        self._users = users
+        self._lock = threading.Lock()
+
+    def covers(self, user_id: uuid.UUID, received_at: float) -> bool:
+        with self._lock:
+            read_at = self._read_at.get(user_id)
+        return read_at is not None and received_at < read_at
+
+    def record(self, user_id: uuid.UUID, read_at: float) -> None:
+        with self._lock:
+            latest = self._read_at.get(user_id)
+            if latest is not None and latest >= read_at:
+                return  # a dispatch on another thread ended on a later read
+            self._read_at[user_id] = read_at
+            self._read_at.move_to_end(user_id)
+            if len(self._read_at) > self._users:
+                self._read_at.popitem(last=False)
+
+
 def due_retries_query() -> Select[tuple[uuid.UUID]]:
     """Users with a queued call whose retry delay has passed (built apart so its plan can be tested)."""
     return select(Call.user_id).where(due_pending(), Call.next_attempt_at.is_not(None)).distinct()
@@ -107,17 +134,29 @@ class Dispatcher:
         # Users whose dispatch the open breaker held back: no message wakes them once Bolna is back.
         self._held_back: set[uuid.UUID] = set()
         self._held_back_lock = threading.Lock()
+        self._reads_through = ReadsThrough()
 
     def dispatch_pending(
-        self, user_id: uuid.UUID, trigger: DispatchTrigger, ended_call_id: uuid.UUID | None = None
+        self,
+        user_id: uuid.UUID,
+        trigger: DispatchTrigger,
+        ended_call_id: uuid.UUID | None = None,
+        received_at: float | None = None,
     ) -> int:
         """Reserves the user's due calls, oldest first, while they have free slots, and hands each to a placing
         thread; returns how many. It does not wait for Bolna's answers: a reservation is committed before its call
         is placed, and one whose placing never finishes (the process was killed) is settled by the reconcile job
         once its short lease runs out: linked if Bolna has it, else failed as `bolna_outcome_unknown`. The campaign
         attempt that `ended_call_id` ended is settled first (a retry, or the campaign's completion), Bolna up or not
-        and a slot free or not, so the contact's next call is among those dispatched."""
+        and a slot free or not, so the contact's next call is among those dispatched.
+
+        `received_at` (time.monotonic()): when the wake-up asking for this dispatch arrived. A wake-up that arrived
+        before the last read of a dispatch that then ran to its end asks for nothing that read did not see: it is
+        answered without a read of its own (one customer's burst of call.queued, drained by its first)."""
+        if ended_call_id is None and received_at is not None and self._reads_through.covers(user_id, received_at):
+            return 0
         already_read: _Work | None = None
+        read_at = time.monotonic()
         if ended_call_id is not None:
             already_read = self._work_due(user_id, ended_call_id)
             if already_read.attempt_ended:
@@ -125,12 +164,16 @@ class Dispatcher:
                 already_read = None  # settling may have made the contact's retry due: read again
         dispatched = 0
         while not self._placer.provider_down:
+            if already_read is None:
+                read_at = time.monotonic()
             work = already_read if already_read is not None else self._work_due(user_id)
             if not work:
                 if work.campaigns_without_slot:
                     _note_no_slot_for_campaigns(user_id)
+                self._reads_through.record(user_id, read_at)
                 break
             threads = self._take_free_threads()
+            read_at = time.monotonic()
             try:
                 # It says what is due after it as well: the next batch, or the end, needs no read of its own.
                 reserved, already_read = self._reserve_due(user_id, threads, work)
@@ -139,6 +182,7 @@ class Dispatcher:
                 raise
             self._give_back_threads(threads - len(reserved))
             if not reserved:
+                self._reads_through.record(user_id, read_at)
                 break
             handed = 0
             try:

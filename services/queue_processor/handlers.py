@@ -23,9 +23,11 @@ class DispatchQueueHandler:
         if message.message_type == MessageType.EXECUTION_STOP:
             self._stop_execution(body)
         elif message.message_type in (MessageType.SLOT_RELEASED, MessageType.ATTEMPT_ENDED):
-            self._dispatcher.dispatch_pending(_user_id(body), DispatchTrigger.MESSAGE, _ended_call_id(body))
+            self._dispatcher.dispatch_pending(
+                _user_id(body), DispatchTrigger.MESSAGE, _ended_call_id(body), received_at=message.received_at
+            )
         elif message.message_type in (MessageType.CALL_QUEUED, MessageType.CAMPAIGN_STARTED):
-            self._dispatcher.dispatch_pending(_user_id(body), DispatchTrigger.MESSAGE)
+            self._dispatcher.dispatch_pending(_user_id(body), DispatchTrigger.MESSAGE, received_at=message.received_at)
         else:
             raise PoisonMessage(f"unknown message type {message.message_type!r}")
 

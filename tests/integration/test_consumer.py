@@ -99,6 +99,7 @@ def _handled_until(handled: list[IncomingMessage], sentinel_id: str, attempt: in
 
 def test_good_messages_are_handled_poison_dead_lettered_and_failures_retried(work_queue):
     handled: list[IncomingMessage] = []
+    handled_at: dict[str, float] = {}
     failed_once: set[str] = set()
 
     def handler(message: IncomingMessage) -> None:
@@ -108,6 +109,7 @@ def test_good_messages_are_handled_poison_dead_lettered_and_failures_retried(wor
             raise RuntimeError("passing trouble")
         if body.get("always_fails"):
             raise RuntimeError("handler bug")
+        handled_at[message.message_id] = time.monotonic()
         handled.append(message)
 
     good = Envelope("test.good", {"n": 1})
@@ -123,6 +125,7 @@ def test_good_messages_are_handled_poison_dead_lettered_and_failures_retried(wor
         ch.basic_publish("", work_queue, b"{not json", bad_json.properties())
         ch.basic_publish("", work_queue, flaky_sentinel.encode(), flaky_sentinel.properties())
         ch.basic_publish("", work_queue, b"{not json", poison_sentinel.properties())
+        consuming_from = time.monotonic()
         with _consuming(work_queue, handler) as thread:
             dead = _dead_letters_up_to(ch, work_queue, poison_sentinel.message_id)
             _handled_until(handled, flaky_sentinel.message_id, attempt=1)
@@ -130,6 +133,8 @@ def test_good_messages_are_handled_poison_dead_lettered_and_failures_retried(wor
 
     seen = sorted((m.message_id, m.json(), m.attempt) for m in handled if m.message_id != flaky_sentinel.message_id)
     assert seen == sorted([(good.message_id, {"n": 1}, 0), (flaky.message_id, {"flaky": True}, 1)])
+    # The dispatcher answers a wake-up that arrived before a read it made without reading again: when is this.
+    assert all(consuming_from < m.received_at <= handled_at[m.message_id] for m in handled)
     assert {message_id: len(copies) for message_id, copies in dead.items()} == {
         bad_json.message_id: 1,
         exhausted.message_id: 1,

@@ -14,7 +14,7 @@ from shared.calls import statuses
 from shared.calls.initiation import CallPlacer
 from shared.core.models import Call
 from tests.support.components import components
-from tests.support.factories import call_row, customer
+from tests.support.factories import Customer, call_row, customer
 from tests.support.stack import wait_until
 
 
@@ -101,3 +101,54 @@ def test_a_dispatch_with_nothing_left_returns_without_waiting_for_a_placing_thre
         placer.release.set()
     dispatching.join(30)
     assert dispatcher.wait_until_idle(30)
+
+
+def test_a_burst_of_wake_ups_is_answered_by_the_read_that_ended_its_first_dispatch():
+    owner = customer(credits=100, max_concurrent_calls=100)
+    first = call_row(owner).id
+    placer = _HeldPlacer(hold_seconds=0)
+    dispatcher = _CountingDispatcher(placer, concurrency=2)
+    burst = time.monotonic()  # one customer's call.queued messages, all delivered before the first is handled
+    assert dispatcher.dispatch_pending(owner.user_id, DispatchTrigger.MESSAGE, received_at=burst) == 1
+    assert dispatcher.reads == 1
+    for _ in range(9):
+        assert dispatcher.dispatch_pending(owner.user_id, DispatchTrigger.MESSAGE, received_at=burst) == 0
+    assert dispatcher.reads == 1, "the burst's later wake-ups read again what the first one's dispatch read"
+    # A freed slot that names its call may end a campaign attempt, which only its own read can tell.
+    dispatcher.dispatch_pending(owner.user_id, DispatchTrigger.MESSAGE, uuid.uuid4(), received_at=burst)
+    assert dispatcher.reads == 2
+    # A wake-up with no time of arrival (the sweep's, a retry's) always reads.
+    dispatcher.dispatch_pending(owner.user_id, DispatchTrigger.SWEEP)
+    assert dispatcher.reads == 3
+    later = call_row(owner).id
+    assert dispatcher.dispatch_pending(owner.user_id, DispatchTrigger.MESSAGE, received_at=time.monotonic()) == 1
+    assert dispatcher.wait_until_idle(30)
+    assert sorted(placer.handed) == sorted([first, later]), "each call handed over once"
+
+
+class _QueueingBehindTheRead(_CountingDispatcher):
+    """A call is queued, and its wake-up arrives, once the read that ends the dispatch has begun and before the
+    dispatch ends: that read may not have seen the call."""
+
+    def __init__(self, placer: CallPlacer, owner: Customer):
+        super().__init__(placer, concurrency=2)
+        self._owner = owner
+        self.queued: list[uuid.UUID] = []
+        self.arrived_at = 0.0
+
+    def _work_due(self, user_id: uuid.UUID, ended_call_id: uuid.UUID | None = None) -> _Work:
+        work = super()._work_due(user_id, ended_call_id)
+        if not self.queued:
+            self.queued.append(call_row(self._owner).id)
+            self.arrived_at = time.monotonic()
+        return work
+
+
+def test_a_wake_up_that_arrived_after_the_last_read_began_is_read_for():
+    owner = customer(credits=100, max_concurrent_calls=100)
+    placer = _HeldPlacer(hold_seconds=0)
+    dispatcher = _QueueingBehindTheRead(placer, owner)
+    assert dispatcher.dispatch_pending(owner.user_id, DispatchTrigger.MESSAGE, received_at=time.monotonic()) == 0
+    assert dispatcher.dispatch_pending(owner.user_id, DispatchTrigger.MESSAGE, received_at=dispatcher.arrived_at) == 1
+    assert dispatcher.wait_until_idle(30)
+    assert placer.handed == dispatcher.queued
