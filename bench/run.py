@@ -195,7 +195,7 @@ class Bench:
                     self.serving("services.webhook_receiver", on_empty) as receiver_on_empty,
                 ):
                     servers = {
-                        "bare Flask echo": IngestServer(echo, None),
+                        "bare Flask echo": IngestServer(echo, database=None),
                         "minimal durable ingest": IngestServer(durable_ingest, history, bills=False),
                         "webhook ingest": IngestServer(stack.webhook_receiver, history),
                         "webhook ingest without Sentry": IngestServer(unobserved, history),
@@ -681,8 +681,10 @@ def main() -> int:
                 bench.empty_conn.close()
     finally:
         sink.stop()
-        isolation.destroy()
-        drop_database(empty_database.name)
+        try:
+            isolation.destroy()
+        finally:
+            drop_database(empty_database.name)
     total = time.monotonic() - started
     console.print(_table(rows, bench.seeding_seconds))
     RESULTS.parent.mkdir(exist_ok=True)

@@ -89,10 +89,10 @@ class _Work:
         return self.direct or self.campaigns
 
 
-class ReadsThrough:
-    """For each user, when the read that ended their latest finished dispatch began. Messages are published once
-    what they announce has committed, so a wake-up that arrived before that moment was seen by that read. It
-    remembers the most recent `users`; a user it forgot is read again, which is always safe."""
+class ReadWatermarks:
+    """For each user, when the latest read that found nothing more to dispatch for them began. Messages are
+    published once what they announce has committed, so a wake-up that arrived before that moment was seen by that
+    read. It remembers the most recent `users`; a user it forgot is read again, which is always safe."""
 
     def __init__(self, users: int = 10_000) -> None:
         self._read_at: OrderedDict[uuid.UUID, float] = OrderedDict()
@@ -134,7 +134,7 @@ class Dispatcher:
         # Users whose dispatch the open breaker held back: no message wakes them once Bolna is back.
         self._held_back: set[uuid.UUID] = set()
         self._held_back_lock = threading.Lock()
-        self._reads_through = ReadsThrough()
+        self._watermarks = ReadWatermarks()
 
     def dispatch_pending(
         self,
@@ -150,14 +150,14 @@ class Dispatcher:
         attempt that `ended_call_id` ended is settled first (a retry, or the campaign's completion), Bolna up or not
         and a slot free or not, so the contact's next call is among those dispatched.
 
-        `received_at` (time.monotonic()): when the wake-up asking for this dispatch arrived. A wake-up that arrived
-        before the last read of a dispatch that then ran to its end asks for nothing that read did not see: it is
-        answered without a read of its own (one customer's burst of call.queued, drained by its first)."""
-        if ended_call_id is None and received_at is not None and self._reads_through.covers(user_id, received_at):
+        `received_at` (time.monotonic()): when the wake-up asking for this dispatch arrived. One that arrived before
+        a read that found nothing more to do began asks for nothing that read did not see: it is answered without a
+        read of its own (one customer's burst of call.queued, drained by its first)."""
+        if ended_call_id is None and received_at is not None and self._watermarks.covers(user_id, received_at):
             return 0
         already_read: _Work | None = None
-        read_at = time.monotonic()
         if ended_call_id is not None:
+            read_at = time.monotonic()
             already_read = self._work_due(user_id, ended_call_id)
             if already_read.attempt_ended:
                 self._settle_attempt(user_id, ended_call_id)
@@ -170,10 +170,10 @@ class Dispatcher:
             if not work:
                 if work.campaigns_without_slot:
                     _note_no_slot_for_campaigns(user_id)
-                self._reads_through.record(user_id, read_at)
+                self._watermarks.record(user_id, read_at)
                 break
             threads = self._take_free_threads()
-            read_at = time.monotonic()
+            read_at = time.monotonic()  # the reservation's own read of what is left begins after this
             try:
                 # It says what is due after it as well: the next batch, or the end, needs no read of its own.
                 reserved, already_read = self._reserve_due(user_id, threads, work)
@@ -182,7 +182,8 @@ class Dispatcher:
                 raise
             self._give_back_threads(threads - len(reserved))
             if not reserved:
-                self._reads_through.record(user_id, read_at)
+                # Bolna went down, or another dispatch took the calls: what it read under the lock (what `work` said
+                # was due) says nothing of the rest, so it answers no other wake-up.
                 break
             handed = 0
             try:

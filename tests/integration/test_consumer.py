@@ -133,7 +133,8 @@ def test_good_messages_are_handled_poison_dead_lettered_and_failures_retried(wor
 
     seen = sorted((m.message_id, m.json(), m.attempt) for m in handled if m.message_id != flaky_sentinel.message_id)
     assert seen == sorted([(good.message_id, {"n": 1}, 0), (flaky.message_id, {"flaky": True}, 1)])
-    # The dispatcher answers a wake-up that arrived before a read it made without reading again: when is this.
+    # `received_at` is when this process took delivery: after consuming began, before the handler ran. The dispatcher
+    # compares it with when its reads began.
     assert all(consuming_from < m.received_at <= handled_at[m.message_id] for m in handled)
     assert {message_id: len(copies) for message_id, copies in dead.items()} == {
         bad_json.message_id: 1,

@@ -7,7 +7,7 @@ import threading
 import time
 import uuid
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from services.queue_processor.dispatch import Dispatcher, DispatchTrigger, _Work
 from shared.calls import statuses
@@ -152,3 +152,32 @@ def test_a_wake_up_that_arrived_after_the_last_read_began_is_read_for():
     assert dispatcher.dispatch_pending(owner.user_id, DispatchTrigger.MESSAGE, received_at=dispatcher.arrived_at) == 1
     assert dispatcher.wait_until_idle(30)
     assert placer.handed == dispatcher.queued
+
+
+class _OutracedToItsCalls(_CountingDispatcher):
+    """While it waits for a placing thread, the calls its read found due are taken (here: canceled) by someone else:
+    its reservation, which reads only what that read said was due, reserves nothing."""
+
+    def __init__(self, placer: CallPlacer, owner: Customer):
+        super().__init__(placer, concurrency=2)
+        self._owner = owner
+
+    def _take_free_threads(self) -> int:
+        with components().uow() as uow:
+            uow.session.execute(
+                update(Call).where(Call.user_id == self._owner.user_id).values(status=statuses.CANCELED)
+            )
+            uow.commit()
+        return super()._take_free_threads()
+
+
+def test_a_dispatch_whose_reservation_found_nothing_answers_no_other_wake_up():
+    """Such a reservation says nothing of campaign calls its read did not see, nor of calls Bolna's outage held back."""
+    owner = customer(credits=100, max_concurrent_calls=100)
+    call_row(owner)
+    dispatcher = _OutracedToItsCalls(_HeldPlacer(hold_seconds=0), owner)
+    arrived = time.monotonic()
+    assert dispatcher.dispatch_pending(owner.user_id, DispatchTrigger.MESSAGE, received_at=arrived) == 0
+    assert dispatcher.reads == 1
+    dispatcher.dispatch_pending(owner.user_id, DispatchTrigger.MESSAGE, received_at=arrived)
+    assert dispatcher.reads == 2, "a wake-up that arrived before that reservation was answered by it"

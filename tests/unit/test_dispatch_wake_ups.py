@@ -1,4 +1,5 @@
-"""Which wake-ups the dispatcher may answer without reading again: those that arrived before a read it finished on."""
+"""Which wake-ups the dispatcher may answer without reading again: those that arrived before a read began that found
+nothing more to do."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 import pytest
 
 from services.queue_processor.consumer import IncomingMessage
-from services.queue_processor.dispatch import DispatchTrigger, ReadsThrough
+from services.queue_processor.dispatch import DispatchTrigger, ReadWatermarks
 from services.queue_processor.handlers import DispatchQueueHandler
 from shared.messaging.topology import DISPATCH_QUEUE, MessageType
 
@@ -24,42 +25,50 @@ class _RecordingDispatcher:
 
 
 @pytest.mark.parametrize(
-    "message_type", [MessageType.CALL_QUEUED, MessageType.CAMPAIGN_STARTED, MessageType.SLOT_RELEASED]
+    ("message_type", "names_its_call", "ended_its_call"),
+    [
+        (MessageType.CALL_QUEUED, True, False),
+        (MessageType.CAMPAIGN_STARTED, False, False),
+        (MessageType.SLOT_RELEASED, True, True),
+        (MessageType.SLOT_RELEASED, False, False),  # published before slot.released named its call
+        (MessageType.ATTEMPT_ENDED, True, True),
+    ],
 )
-def test_each_wake_up_tells_the_dispatcher_when_it_arrived(message_type):
+def test_each_wake_up_tells_the_dispatcher_when_it_arrived(message_type, names_its_call, ended_its_call):
     dispatcher = _RecordingDispatcher()
     user_id, call_id = uuid.uuid4(), uuid.uuid4()
+    body = {"user_id": str(user_id), "call_id": str(call_id)} if names_its_call else {"user_id": str(user_id)}
     message = IncomingMessage(
         message_id="m",
         message_type=message_type,
-        body=json.dumps({"user_id": str(user_id), "call_id": str(call_id)}).encode(),
+        body=json.dumps(body).encode(),
         headers={},
         queue=DISPATCH_QUEUE,
         redelivered=False,
         received_at=12.5,
     )
     DispatchQueueHandler(dispatcher, bolna=None)(message)
-    ended = call_id if message_type == MessageType.SLOT_RELEASED else None
+    ended = call_id if ended_its_call else None
     assert dispatcher.dispatches == [(user_id, DispatchTrigger.MESSAGE, ended, 12.5)]
 
 
 def test_a_read_covers_what_arrived_before_it_began_and_nothing_after():
-    reads = ReadsThrough()
+    watermarks = ReadWatermarks()
     user, other = uuid.uuid4(), uuid.uuid4()
-    reads.record(user, 10.0)
-    assert reads.covers(user, 9.9)
-    assert not reads.covers(user, 10.0)
-    assert not reads.covers(other, 9.9), "another customer's read says nothing of this one's calls"
-    reads.record(user, 8.0)  # a dispatch on another thread that ended on an earlier read
-    assert reads.covers(user, 9.9)
+    watermarks.record(user, 10.0)
+    assert watermarks.covers(user, 9.9)
+    assert not watermarks.covers(user, 10.0)
+    assert not watermarks.covers(other, 9.9), "another customer's read says nothing of this one's calls"
+    watermarks.record(user, 8.0)  # a dispatch on another thread that ended on an earlier read
+    assert watermarks.covers(user, 9.9)
 
 
 def test_a_customer_it_no_longer_remembers_is_read_again():
-    reads = ReadsThrough(users=2)
+    watermarks = ReadWatermarks(users=2)
     first, second, third = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-    reads.record(first, 10.0)
-    reads.record(second, 10.0)
-    reads.record(first, 11.0)  # read again: the most recent
-    reads.record(third, 10.0)
-    assert not reads.covers(second, 1.0)
-    assert reads.covers(first, 1.0) and reads.covers(third, 1.0)
+    watermarks.record(first, 10.0)
+    watermarks.record(second, 10.0)
+    watermarks.record(first, 11.0)  # read again: the most recent
+    watermarks.record(third, 10.0)
+    assert not watermarks.covers(second, 1.0)
+    assert watermarks.covers(first, 1.0) and watermarks.covers(third, 1.0)
