@@ -64,6 +64,8 @@ class Agent(Base):
 
 
 # Calls Bolna has or may have, and has not finished: the reconcile job's rows (the terminal statuses of calls/statuses).
+CAMPAIGN_SLOT_HELD = "slot_held AND campaign_id IS NOT NULL"
+SLOT_LEASE_HELD = "slot_held AND slot_lease_expires_at IS NOT NULL"
 LIVE_CALL_CONDITION = (
     "status NOT IN ('pending', 'completed', 'busy', 'no-answer', 'failed', 'canceled', 'stopped', 'error', "
     "'balance-low')"
@@ -118,10 +120,12 @@ class Call(Base):
     __table_args__ = (
         Index("ix_calls_user_pending", "user_id", "created_at", postgresql_where=text("status = 'pending'")),
         Index("ix_calls_campaign", "campaign_id", "created_at", "id", postgresql_where=text("campaign_id IS NOT NULL")),
-        Index("ix_calls_campaign_slot_held", "campaign_id", postgresql_where=text("slot_held")),
+        # Only the customer's own index may serve `user_id = ... AND slot_held`: the others name their own column in
+        # their predicate, which that query does not imply (migration 0006).
+        Index("ix_calls_campaign_slot_held", "campaign_id", postgresql_where=text(CAMPAIGN_SLOT_HELD)),
         Index("ix_calls_campaign_pending", "campaign_id", "created_at", postgresql_where=text("status = 'pending'")),
         Index("ix_calls_user_slot_held", "user_id", postgresql_where=text("slot_held")),
-        Index("ix_calls_slot_lease", "slot_lease_expires_at", postgresql_where=text("slot_held")),
+        Index("ix_calls_slot_lease", "slot_lease_expires_at", postgresql_where=text(SLOT_LEASE_HELD)),
         Index("ix_calls_live_provider_checked", "provider_checked_at", postgresql_where=text(LIVE_CALL_CONDITION)),
     )
     __mapper_args__ = {"eager_defaults": WRITTEN_DEFAULTS_READ_BACK}

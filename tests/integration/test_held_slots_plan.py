@@ -1,0 +1,133 @@
+"""A customer's held slots are counted through that customer's own index, whatever the planner's statistics say.
+
+The partial indexes over held slots are as good as empty when the table was last analysed at a quiet hour. If any
+of them could serve `user_id = $1 AND slot_held`, the planner, estimating one row in each, may pick one that reads
+every customer's held slots: under load that is thousands of rows per `POST /api/calls` and per dispatch, under the
+customer's lock (a million-call benchmark spent 6.5 ms per count on 73,000 held slots)."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import Connection, create_engine
+from sqlalchemy.engine import make_url
+
+from services.queue_processor.dispatch import dispatchable_query
+from shared.calls import store
+from shared.core import migrate
+from tests.support.isolation import POSTGRES_ADMIN_URL, drop_database
+
+CUSTOMERS = 300
+FINISHED_CALLS = 100_000
+HELD_SLOTS = 30_000  # a busy hour: a hundred live calls per customer, none of them seen by the last ANALYZE
+
+_SEED = f"""
+SET LOCAL session_replication_role = replica;
+INSERT INTO users (id, email, api_token_hash, credits, max_concurrent_calls)
+SELECT md5('user' || u)::uuid, 'user' || u || '@example.com', md5('token' || u) || md5('hash' || u), 1000, 500
+FROM generate_series(1, {CUSTOMERS}) u;
+INSERT INTO agents (id, user_id, name, provider_agent_id)
+SELECT md5('agent' || u)::uuid, md5('user' || u)::uuid, 'Agent ' || u, md5('provider' || u)::uuid::text
+FROM generate_series(1, {CUSTOMERS}) u;
+INSERT INTO calls (id, user_id, agent_id, phone_number, status, created_at, updated_at)
+SELECT md5('call' || n)::uuid, md5('user' || (1 + n % {CUSTOMERS}))::uuid, md5('agent' || (1 + n % {CUSTOMERS}))::uuid,
+       '+14155550123', 'completed', now() - interval '30 days', now() - interval '30 days'
+FROM generate_series(1, {FINISHED_CALLS}) n;
+"""
+_BUSY_HOUR = f"""
+SET LOCAL session_replication_role = replica;
+INSERT INTO calls (id, user_id, agent_id, phone_number, status, execution_id, slot_held, slot_lease_expires_at,
+                   initiated_at, provider_checked_at, created_at, updated_at)
+SELECT md5('live' || n)::uuid, md5('user' || (1 + n % {CUSTOMERS}))::uuid, md5('agent' || (1 + n % {CUSTOMERS}))::uuid,
+       '+14155550123', 'in-progress', md5('execution' || n)::uuid::text, true, now() + interval '1 hour', now(), now(),
+       now(), now()
+FROM generate_series(1, {HELD_SLOTS}) n;
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _own_database_and_vhost() -> None:
+    """Replaces tests/integration/conftest.py's: this module makes a database of its own and needs no broker."""
+
+
+@pytest.fixture(scope="module")
+def busy_after_a_quiet_analyse() -> Iterator[Connection]:
+    url = make_url(POSTGRES_ADMIN_URL).set(database=f"callflow_held_{uuid.uuid4().hex[:10]}")
+    engine = create_engine(url)
+    try:
+        migrate.upgrade(url.render_as_string(hide_password=False))
+        with engine.begin() as connection:
+            connection.connection.cursor().execute(_SEED)
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.exec_driver_sql("VACUUM ANALYZE")  # as autovacuum leaves it after a quiet hour
+        with engine.begin() as connection:
+            connection.connection.cursor().execute(_BUSY_HOUR)
+        with engine.connect() as connection:
+            yield connection
+    finally:
+        engine.dispose()
+        drop_database(str(url.database))
+
+
+_INDEX_SCANS = ("Index Scan", "Index Only Scan", "Bitmap Index Scan")
+
+
+def _whole_reads_of_held_slots(connection: Connection, node: dict[str, Any]) -> list[dict[str, Any]]:
+    """The plan's nodes that read every customer's held slots: `calls` whole, or an index over held slots without a
+    condition."""
+    held_slot_indexes = set(
+        connection.exec_driver_sql(
+            "SELECT indexrelid::regclass::text FROM pg_index"
+            " WHERE indrelid = 'calls'::regclass AND pg_get_expr(indpred, indrelid) LIKE '%%slot_held%%'"
+        ).scalars()
+    )
+    whole = node["Node Type"] == "Seq Scan" and node.get("Relation Name") == "calls"
+    whole = whole or (
+        node["Node Type"] in _INDEX_SCANS and node["Index Name"] in held_slot_indexes and "Index Cond" not in node
+    )
+    found = [node] if whole else []
+    for child in node.get("Plans", []):
+        found.extend(_whole_reads_of_held_slots(connection, child))
+    return found
+
+
+QUERIES = {
+    "held slots": lambda user_id: store.held_slots_query(user_id),
+    "held slots and the queue ahead": lambda user_id: store.slots_and_queue_query(
+        user_id, uuid.uuid4(), datetime.now(UTC)
+    ),
+    "what a wake-up has to do": lambda user_id: dispatchable_query(user_id, datetime.now(UTC), None),
+}
+CUSTOMER = uuid.UUID(hashlib.md5(b"user7").hexdigest())
+
+
+def _plan(connection: Connection, query: str) -> dict[str, Any]:
+    compiled = QUERIES[query](CUSTOMER).compile(dialect=connection.dialect, compile_kwargs={"render_postcompile": True})
+    [[plans]] = connection.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {compiled.string}", compiled.params).all()
+    return plans[0]["Plan"]
+
+
+@pytest.mark.parametrize("query", QUERIES)
+def test_a_customers_held_slots_are_read_by_that_customers_index(busy_after_a_quiet_analyse, query):
+    connection = busy_after_a_quiet_analyse
+    assert _whole_reads_of_held_slots(connection, _plan(connection, query)) == []
+
+
+@pytest.mark.parametrize("query", QUERIES)
+def test_no_other_index_could_read_them(busy_after_a_quiet_analyse, query):
+    """Which of two indexes estimated alike the planner picks is a tie it breaks as it likes: without the
+    customer's own index, no plan may read every customer's held slots either."""
+    connection = busy_after_a_quiet_analyse
+    connection.rollback()  # the EXPLAINs before began a transaction
+    with connection.begin() as transaction:
+        connection.exec_driver_sql("DROP INDEX ix_calls_user_slot_held")
+        whole_reads = _whole_reads_of_held_slots(connection, _plan(connection, query))
+        transaction.rollback()
+    # Without it the planner reads the table (no other index is keyed by customer): what matters is that no other
+    # index over held slots can stand in for it.
+    assert [read for read in whole_reads if read["Node Type"] != "Seq Scan"] == []
