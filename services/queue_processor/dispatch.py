@@ -151,8 +151,8 @@ class Dispatcher:
         and a slot free or not, so the contact's next call is among those dispatched.
 
         `received_at` (time.monotonic()): when the wake-up asking for this dispatch arrived. One that arrived before
-        a read that found nothing more to do began asks for nothing that read did not see: it is answered without a
-        read of its own (one customer's burst of call.queued, drained by its first)."""
+        the start of a read that found nothing more to do for its customer asks for nothing that read did not see:
+        it is answered without a read of its own (one customer's burst of call.queued, drained by its first)."""
         if ended_call_id is None and received_at is not None and self._watermarks.covers(user_id, received_at):
             return 0
         already_read: _Work | None = None
@@ -182,8 +182,8 @@ class Dispatcher:
                 raise
             self._give_back_threads(threads - len(reserved))
             if not reserved:
-                # Bolna went down, or another dispatch took the calls: what it read under the lock (what `work` said
-                # was due) says nothing of the rest, so it answers no other wake-up.
+                # Bolna went down, or another dispatch took the calls. It read campaign calls only if `work` said
+                # they were due: it says nothing of the rest, so it answers no other wake-up.
                 break
             handed = 0
             try:

@@ -65,7 +65,7 @@ class ReconcileBounds:
 
 
 # The two rounds' statements, built apart so tests/integration/test_query_plans.py can EXPLAIN them. A held slot is
-# `slot_held`, never `slot_held IS true`: PostgreSQL matches only the former to the index `WHERE slot_held`.
+# `slot_held`, never `slot_held IS true`: PostgreSQL matches only the former to the lease index over held slots.
 
 
 def unconfirmed_calls_query(bounds: ReconcileBounds) -> Select[tuple[uuid.UUID]]:

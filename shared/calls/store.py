@@ -91,7 +91,7 @@ def live_calls() -> TextClause:
 
 # The statements below are built apart from running them so tests/integration/test_query_plans.py can EXPLAIN
 # each one exactly as it runs. A held slot is filtered as `slot_held`, never `slot_held IS true`: PostgreSQL
-# matches only the former to the partial indexes `WHERE slot_held`.
+# matches only the former to the partial indexes over held slots (`WHERE slot_held AND ...`).
 
 
 def lock_user_query(user_id: BindParameter[uuid.UUID]) -> Select[tuple[User]]:

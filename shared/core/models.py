@@ -63,9 +63,13 @@ class Agent(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
 
-# Calls Bolna has or may have, and has not finished: the reconcile job's rows (the terminal statuses of calls/statuses).
+# The indexes over held slots: each predicate also names its index's own column, which its queries imply and the
+# others' do not, so no count of one customer's (or one campaign's) held slots is served by an index over every
+# customer's, as the planner did when the table was last analysed with none held (migration 0006).
+USER_SLOT_HELD = "slot_held AND user_id IS NOT NULL"
 CAMPAIGN_SLOT_HELD = "slot_held AND campaign_id IS NOT NULL"
 SLOT_LEASE_HELD = "slot_held AND slot_lease_expires_at IS NOT NULL"
+# Calls Bolna has or may have, and has not finished: the reconcile job's rows (the terminal statuses of calls/statuses).
 LIVE_CALL_CONDITION = (
     "status NOT IN ('pending', 'completed', 'busy', 'no-answer', 'failed', 'canceled', 'stopped', 'error', "
     "'balance-low')"
@@ -120,11 +124,9 @@ class Call(Base):
     __table_args__ = (
         Index("ix_calls_user_pending", "user_id", "created_at", postgresql_where=text("status = 'pending'")),
         Index("ix_calls_campaign", "campaign_id", "created_at", "id", postgresql_where=text("campaign_id IS NOT NULL")),
-        # Only the customer's own index may serve `user_id = ... AND slot_held`: the others name their own column in
-        # their predicate, which that query does not imply (migration 0006).
         Index("ix_calls_campaign_slot_held", "campaign_id", postgresql_where=text(CAMPAIGN_SLOT_HELD)),
         Index("ix_calls_campaign_pending", "campaign_id", "created_at", postgresql_where=text("status = 'pending'")),
-        Index("ix_calls_user_slot_held", "user_id", postgresql_where=text("slot_held")),
+        Index("ix_calls_user_slot_held", "user_id", postgresql_where=text(USER_SLOT_HELD)),
         Index("ix_calls_slot_lease", "slot_lease_expires_at", postgresql_where=text(SLOT_LEASE_HELD)),
         Index("ix_calls_live_provider_checked", "provider_checked_at", postgresql_where=text(LIVE_CALL_CONDITION)),
     )

@@ -1,5 +1,5 @@
-"""Which wake-ups the dispatcher may answer without reading again: those that arrived before a read began that found
-nothing more to do."""
+"""Which wake-ups the dispatcher may answer without reading again: those that arrived before the start of a read that
+found nothing more to do for their customer."""
 
 from __future__ import annotations
 

@@ -1,11 +1,14 @@
-"""held slots: only the customer's own index can serve a count of one customer's held slots
+"""held slots: a count of one customer's, or one campaign's, held slots is served by its own index only
 
-The campaign and lease indexes over held slots were partial on `slot_held` alone, so the planner could serve
-`user_id = ... AND slot_held` (every POST /api/calls and every dispatch, under the customer's lock) from either,
-reading every customer's held slots. It does when the table was last analysed with few slots held: each partial
-index is then estimated at one row, and it breaks the tie as it likes. Their predicates now also name their own
-column, which their own queries imply (`campaign_id = ...`, `slot_lease_expires_at < now()`) and that one does not.
-Each index is rebuilt in this migration's transaction: a scan of `calls` under a lock that holds writes back.
+The three indexes over held slots were partial on `slot_held` alone, so the planner could serve `user_id = ... AND
+slot_held` (every POST /api/calls and every dispatch, under the customer's lock) from the campaign or lease index,
+reading every customer's held slots, and a campaign's count from the customer index. It did, when the table was
+last analysed with few slots held: each partial index is then estimated at one row, and it breaks the tie as it
+likes. Each predicate now also names its index's own column, which its queries imply (`user_id = ...`, `campaign_id
+= ...`, `slot_lease_expires_at < now()`) and the others' do not.
+
+The new indexes are built beside the old ones, then swapped in: writes to `calls` wait while each is built (one scan
+of the table), reads only for the swap, at the end of the migration's transaction.
 
 Revision ID: 0006
 Revises: 0005
@@ -20,18 +23,23 @@ branch_labels = None
 depends_on = None
 
 _INDEXES = {
+    "ix_calls_user_slot_held": ("user_id", "slot_held AND user_id IS NOT NULL"),
     "ix_calls_campaign_slot_held": ("campaign_id", "slot_held AND campaign_id IS NOT NULL"),
     "ix_calls_slot_lease": ("slot_lease_expires_at", "slot_held AND slot_lease_expires_at IS NOT NULL"),
 }
 
 
+def _swap(name: str, column: str, predicate: str) -> None:
+    op.create_index(f"{name}_new", "calls", [column], postgresql_where=sa.text(predicate))
+    op.drop_index(name, table_name="calls")
+    op.execute(f"ALTER INDEX {name}_new RENAME TO {name}")
+
+
 def upgrade() -> None:
     for name, (column, predicate) in _INDEXES.items():
-        op.drop_index(name, table_name="calls")
-        op.create_index(name, "calls", [column], postgresql_where=sa.text(predicate))
+        _swap(name, column, predicate)
 
 
 def downgrade() -> None:
     for name, (column, _) in _INDEXES.items():
-        op.drop_index(name, table_name="calls")
-        op.create_index(name, "calls", [column], postgresql_where=sa.text("slot_held"))
+        _swap(name, column, "slot_held")
