@@ -7,8 +7,8 @@ last analysed with few slots held: each partial index is then estimated at one r
 likes. Each predicate now also names its index's own column, which its queries imply (`user_id = ...`, `campaign_id
 = ...`, `slot_lease_expires_at < now()`) and the others' do not.
 
-The new indexes are built beside the old ones, then swapped in: writes to `calls` wait while each is built (one scan
-of the table), reads only for the swap, at the end of the migration's transaction.
+The new indexes are all built beside the old ones first, then swapped in: writes to `calls` wait while they are built
+(a scan of the table each), reads only for the swaps, which end the migration's transaction.
 
 Revision ID: 0006
 Revises: 0005
@@ -29,17 +29,20 @@ _INDEXES = {
 }
 
 
-def _swap(name: str, column: str, predicate: str) -> None:
-    op.create_index(f"{name}_new", "calls", [column], postgresql_where=sa.text(predicate))
-    op.drop_index(name, table_name="calls")
-    op.execute(f"ALTER INDEX {name}_new RENAME TO {name}")
+def _swap_in(predicates: dict[str, str]) -> None:
+    """Builds every index anew first (its build holds writes back, not reads), then drops each old one and renames
+    its successor (the drop locks the table until the commit, so it comes last)."""
+    for name, predicate in predicates.items():
+        column, _ = _INDEXES[name]
+        op.create_index(f"{name}_new", "calls", [column], postgresql_where=sa.text(predicate))
+    for name in predicates:
+        op.drop_index(name, table_name="calls")
+        op.execute(f"ALTER INDEX {name}_new RENAME TO {name}")
 
 
 def upgrade() -> None:
-    for name, (column, predicate) in _INDEXES.items():
-        _swap(name, column, predicate)
+    _swap_in({name: predicate for name, (_, predicate) in _INDEXES.items()})
 
 
 def downgrade() -> None:
-    for name, (column, _) in _INDEXES.items():
-        _swap(name, column, "slot_held")
+    _swap_in(dict.fromkeys(_INDEXES, "slot_held"))
