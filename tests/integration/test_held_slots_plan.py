@@ -14,14 +14,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Executable, Uuid, bindparam, create_engine
-from sqlalchemy.engine import make_url
+from sqlalchemy import Connection, Executable, Uuid, bindparam
 
 from services.queue_processor import campaigns
 from services.queue_processor.dispatch import dispatchable_query
 from shared.calls import store
-from shared.core import migrate
-from tests.support.isolation import POSTGRES_ADMIN_URL, drop_database
+from tests.support.query_plans import explain, migrated_database, run_seed
 
 CUSTOMERS = 300
 FINISHED_CALLS = 100_000
@@ -58,21 +56,13 @@ def _own_database_and_vhost() -> None:
 
 @pytest.fixture(scope="module")
 def busy_after_a_quiet_analyse() -> Iterator[Connection]:
-    url = make_url(POSTGRES_ADMIN_URL).set(database=f"callflow_held_{uuid.uuid4().hex[:10]}")
-    engine = create_engine(url)
-    try:
-        migrate.upgrade(url.render_as_string(hide_password=False))
-        with engine.begin() as connection:
-            connection.connection.cursor().execute(_SEED)
+    with migrated_database("callflow_held") as engine:
+        run_seed(engine, _SEED)
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
             connection.exec_driver_sql("VACUUM ANALYZE")  # as autovacuum leaves it after a quiet hour
-        with engine.begin() as connection:
-            connection.connection.cursor().execute(_BUSY_HOUR)
+        run_seed(engine, _BUSY_HOUR)
         with engine.connect() as connection:
             yield connection
-    finally:
-        engine.dispose()
-        drop_database(str(url.database))
 
 
 _INDEX_SCANS = ("Index Scan", "Index Only Scan", "Bitmap Index Scan")
@@ -125,9 +115,7 @@ WHERE i.indrelid = 'calls'::regclass AND a.attname = %s
 
 def _plan(connection: Connection, query: str) -> dict[str, Any]:
     statement, _ = QUERIES[query]
-    compiled = statement().compile(dialect=connection.dialect, compile_kwargs={"render_postcompile": True})
-    [[plans]] = connection.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {compiled.string}", compiled.params).all()
-    return plans[0]["Plan"]
+    return explain(connection, statement())
 
 
 @pytest.mark.parametrize("query", QUERIES)

@@ -16,8 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, Executable, Uuid, bindparam, create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Connection, Executable, Uuid, bindparam, text
 
 from services.call_initiator.placing import user_and_agent_query
 from services.queue_processor import campaigns
@@ -29,10 +28,9 @@ from shared.bolna.execution import CONTEXT_CALL_ID_KEY, AgentExecution
 from shared.calls import provider_events, store
 from shared.campaigns import views
 from shared.campaigns.commands import FIRST_ATTEMPT_DUE
-from shared.core import migrate
 from shared.core.config import Settings
 from shared.messaging import outbox
-from tests.support.isolation import POSTGRES_ADMIN_URL, drop_database
+from tests.support.query_plans import explain, migrated_database, run_seed
 
 # Seeding takes about 35 s on a 2-core machine, in the first test's setup; the rest of the margin is for a busy one.
 pytestmark = pytest.mark.timeout(240)
@@ -328,16 +326,6 @@ HOT_QUERIES: dict[str, Callable[[], Executable]] = {
 STREAMED_QUERIES = frozenset({"result_rows"})
 
 
-# Known to read a table whole, and reported: each fails again (strict) once its query is index-backed.
-def _explain(connection: Connection, statement: Executable, streamed: bool) -> dict[str, Any]:
-    """The plan PostgreSQL makes for the statement with its parameters, compiled as SQLAlchemy runs it (declared as
-    a cursor when it is streamed)."""
-    compiled = statement.compile(dialect=connection.dialect, compile_kwargs={"render_postcompile": True})
-    sql = f"DECLARE plan_probe CURSOR FOR {compiled.string}" if streamed else compiled.string
-    [[plans]] = connection.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {sql}", compiled.params).all()
-    return plans[0]["Plan"]
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _own_database_and_vhost() -> None:
     """Replaces tests/integration/conftest.py's: this module makes a database of its own and needs no broker."""
@@ -346,22 +334,14 @@ def _own_database_and_vhost() -> None:
 @pytest.fixture(scope="module")
 def planner() -> Iterator[tuple[Connection, dict[str, tuple[str, bool]]]]:
     """A connection to a seeded, analysed database, and each index's table and whether it is partial."""
-    url = make_url(POSTGRES_ADMIN_URL).set(database=f"callflow_plans_{uuid.uuid4().hex[:10]}")
-    database_url = url.render_as_string(hide_password=False)
-    engine = create_engine(url)
-    try:
-        migrate.upgrade(database_url)
-        with engine.begin() as connection:
-            connection.connection.cursor().execute(SEED)  # the driver's own cursor: `%` is SQL's modulo here
+    with migrated_database("callflow_plans") as engine:
+        run_seed(engine, SEED)
         with engine.connect() as connection:
             connection.exec_driver_sql("ANALYZE")
             indexes = connection.execute(
                 text("SELECT indexrelid::regclass::text, indrelid::regclass::text, indpred IS NOT NULL FROM pg_index")
             )
             yield connection, {index: (table, partial) for index, table, partial in indexes}
-    finally:
-        engine.dispose()
-        drop_database(str(url.database))
 
 
 def _full_scans(node: dict[str, Any], indexes: dict[str, tuple[str, bool]]) -> list[str]:
@@ -391,5 +371,5 @@ def _outline(node: dict[str, Any], depth: int = 1) -> str:
 @pytest.mark.parametrize("query", HOT_QUERIES)
 def test_a_hot_query_reads_no_table_in_full(planner, query):
     connection, indexes = planner
-    plan = _explain(connection, HOT_QUERIES[query](), streamed=query in STREAMED_QUERIES)
+    plan = explain(connection, HOT_QUERIES[query](), streamed=query in STREAMED_QUERIES)
     assert _full_scans(plan, indexes) == [], f"{query} reads a whole table:{_outline(plan)}"
