@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 
-from sqlalchemy import BindParameter, Select, bindparam, select
+from sqlalchemy import BindParameter, Select, bindparam, func, select
 
 from services.call_initiator.idempotency import Claim, claim_key
 from services.call_initiator.request_models import PlaceCallRequest
@@ -47,10 +48,12 @@ def place_call(
         )
 
     with placer.uow_factory() as uow:
-        # One round trip: the customer, locked (slots are taken under this lock), and the agent asked for.
-        locked_user, agent = uow.session.execute(
+        # One round trip: the customer, locked (slots are taken under this lock), the agent asked for, and the
+        # transaction's now(), so the call's slot times are values and its INSERT a cached statement.
+        locked_user, agent, now = uow.session.execute(
             _USER_AND_AGENT, {"user_id": user.id, "agent_id": request.agent_id}
         ).one()
+        uow.calls.note_now(now)
         if agent is None:
             raise refused(ErrorType.AGENT_NOT_FOUND, f"Agent {request.agent_id} does not exist.")
         if agent.user_id != user.id:
@@ -79,10 +82,11 @@ def place_call(
 
 def user_and_agent_query(
     user_id: uuid.UUID | BindParameter[uuid.UUID], agent_id: uuid.UUID | BindParameter[uuid.UUID]
-) -> Select[tuple[User, Agent | None]]:
-    """The user, locked, and the agent with this id whoever owns it (None when there is none)."""
+) -> Select[tuple[User, Agent | None, datetime]]:
+    """The user, locked, the agent with this id whoever owns it (None when there is none), and the transaction's
+    now() (`SqlCallStore.now`)."""
     return (
-        select(User, Agent)
+        select(User, Agent, func.now())
         .join(Agent, Agent.id == agent_id, isouter=True)
         .where(User.id == user_id)
         .with_for_update(of=User, key_share=True)  # as SqlCallStore.lock_user

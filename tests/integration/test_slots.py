@@ -6,12 +6,14 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
 
+from services.call_initiator.placing import place_call
+from services.call_initiator.request_models import PlaceCallRequest
 from shared.bolna.execution import AgentExecution
 from shared.calls import lifecycle, provider_events, statuses
 from shared.calls.store import CALL_CHARGE
-from shared.core.models import Call, CreditLedgerEntry, OutboxMessage
+from shared.core.models import Call, CreditLedgerEntry, OutboxMessage, User
 from tests.support.components import components
 from tests.support.factories import call_row, customer, load_call
 
@@ -126,3 +128,40 @@ def test_a_call_locked_gives_the_transactions_clock_as_a_value(lock):
             assert provider_events._find_call(uow, AgentExecution({"id": execution_id})).id == call.id
         now, database_now = uow.calls.now(), uow.session.scalar(select(func.now()))
         assert isinstance(now, datetime) and now.utcoffset() == timedelta(0) and now == database_now
+
+
+class _AnswerLost:
+    """Takes the slot as the API does, then hears nothing from Bolna: the call stays as the API inserted it."""
+
+    def __init__(self):
+        self.uow_factory = components().placer.uow_factory
+        self.reserve_slot = components().placer.reserve_slot
+
+    def initiate(self, call, provider_agent_id, retry_transient):
+        return None
+
+
+def test_the_api_inserts_a_call_holding_its_slot_with_the_transactions_clock_as_values():
+    """The slot's times are the clock read under the customer's lock, so the INSERT is the ORM's cached statement,
+    not one built and compiled again for each call around an SQL now()."""
+    owner = customer()
+    with components().uow() as uow:
+        user = uow.session.get_one(User, owner.user_id)
+    request = PlaceCallRequest.model_validate({"agentId": str(owner.agent_id), "phoneNumber": "+14155550123"})
+    inserts: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        if statement.startswith("INSERT INTO calls"):
+            inserts.append(statement)
+
+    event.listen(components().engine, "before_cursor_execute", record)
+    try:
+        accepted = place_call(_AnswerLost(), user, request)
+    finally:
+        event.remove(components().engine, "before_cursor_execute", record)
+    [insert] = inserts
+    assert "now()" not in insert.lower()
+    call = load_call(accepted.call.id)
+    assert call.slot_held and call.initiated_at == call.created_at
+    lease = timedelta(seconds=components().settings.initiating_lease_seconds)
+    assert call.slot_lease_expires_at == call.created_at + lease
