@@ -15,13 +15,13 @@ from sqlalchemy import func, select
 from services.queue_processor.campaigns import CallingWindow, CampaignDispatch, time_zones_of
 from services.queue_processor.dispatch import Dispatcher, DispatchTrigger
 from shared.calls import lifecycle, statuses
-from shared.calls.initiation import CallPlacer
 from shared.campaigns import commands, spec, states
 from shared.campaigns.views import campaign_view
 from shared.core.errors import CallflowError, ErrorType
 from shared.core.models import Call, Campaign, CampaignContact, User
 from tests.support.components import components
 from tests.support.factories import Customer, call_row, customer
+from tests.support.placers import RecordingPlacer
 
 NEW_YORK, LONDON, TOKYO = "+1212555{:04d}", "+44207946{:04d}", "+8131234{:04d}"
 TWO_ZONES = "+522001234567"  # Mexico: Mexico City (UTC-6) and Tijuana (UTC-8)
@@ -34,18 +34,6 @@ class _Clock:
 
     def __call__(self) -> datetime:
         return self.now
-
-
-class _RecordingPlacer(CallPlacer):
-    """Bolna is never asked: each call handed over keeps its slot, as if Bolna were dialling it."""
-
-    def __init__(self) -> None:
-        super().__init__(components().uow, components().bolna, max_attempts=3)
-        self.placed: list[Call] = []
-
-    def initiate(self, call: Call, provider_agent_id: str, retry_transient: bool) -> Call | None:
-        self.placed.append(call)
-        return None
 
 
 def _campaign(owner: Customer, numbers: list[str], **settings: object) -> uuid.UUID:
@@ -61,7 +49,7 @@ def _campaign(owner: Customer, numbers: list[str], **settings: object) -> uuid.U
 def _dispatch(owner: Customer, clock: _Clock, scheduled: bool = False, ended: tuple[uuid.UUID, ...] = ()) -> list[Call]:
     """What a wake-up message makes the dispatcher do (the `slot.released` of each `ended` call, else one
     `call.queued`); `scheduled`: what the campaign scheduler job does."""
-    placer = _RecordingPlacer()
+    placer = RecordingPlacer()
     dispatcher = Dispatcher(placer, concurrency=8, campaigns=CampaignDispatch(clock))
     if scheduled:
         dispatcher.settle_campaigns(owner.user_id)
@@ -163,7 +151,7 @@ def test_campaign_calls_get_only_the_placing_threads_the_direct_backlog_left():
     owner = customer(credits=1000, max_concurrent_calls=40)
     _campaign(owner, [LONDON.format(i) for i in range(20)])
     direct = [call_row(owner).id for _ in range(15)]
-    placer = _RecordingPlacer()
+    placer = RecordingPlacer()
     dispatcher = Dispatcher(placer, concurrency=4, campaigns=CampaignDispatch(_Clock(NOON_UTC)))
     dispatcher.dispatch_pending(owner.user_id, DispatchTrigger.MESSAGE)
     assert dispatcher.wait_until_idle(30)
@@ -367,7 +355,7 @@ def test_the_scheduler_visits_only_customers_with_campaign_work_due():
     commands.change_status(components().uow, ended_owner.user_id, str(paused), states.Action.PAUSE)
 
     def visited(now: datetime) -> set[uuid.UUID]:
-        dispatcher = Dispatcher(_RecordingPlacer(), concurrency=1, campaigns=CampaignDispatch(_Clock(now)))
+        dispatcher = Dispatcher(RecordingPlacer(), concurrency=1, campaigns=CampaignDispatch(_Clock(now)))
         return set(dispatcher.users_with_campaign_work()) & {waiting_owner.user_id, ended_owner.user_id}
 
     assert visited(NOON_UTC) == set(), "a start a month ahead and two calls under way: nothing to do"
@@ -379,7 +367,7 @@ def test_the_scheduler_visits_only_customers_with_campaign_work_due():
 def test_a_direct_call_queued_while_a_dispatch_waited_for_a_thread_still_goes_first():
     owner = customer(credits=1000, max_concurrent_calls=1)
     _campaign(owner, [LONDON.format(1)])
-    dispatcher = Dispatcher(_RecordingPlacer(), concurrency=1, campaigns=CampaignDispatch(_Clock(NOON_UTC)))
+    dispatcher = Dispatcher(RecordingPlacer(), concurrency=1, campaigns=CampaignDispatch(_Clock(NOON_UTC)))
     stale = dispatcher._work_due(owner.user_id)  # read before the direct call existed
     assert (stale.direct, stale.campaigns) == (False, True)
     direct = call_row(owner)

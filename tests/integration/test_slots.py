@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import event, func, select, text
+from sqlalchemy import func, select, text
 
 from services.call_initiator.placing import place_call
 from services.call_initiator.request_models import PlaceCallRequest
@@ -15,7 +15,9 @@ from shared.calls import lifecycle, provider_events, statuses
 from shared.calls.store import CALL_CHARGE
 from shared.core.models import Call, CreditLedgerEntry, OutboxMessage, User
 from tests.support.components import components
+from tests.support.engine_events import statements_run
 from tests.support.factories import call_row, customer, load_call
+from tests.support.placers import RecordingPlacer
 
 
 def test_racing_reservations_never_exceed_the_limit():
@@ -130,17 +132,6 @@ def test_a_call_locked_gives_the_transactions_clock_as_a_value(lock):
         assert isinstance(now, datetime) and now.utcoffset() == timedelta(0) and now == database_now
 
 
-class _AnswerLost:
-    """Takes the slot as the API does, then hears nothing from Bolna: the call stays as the API inserted it."""
-
-    def __init__(self):
-        self.uow_factory = components().placer.uow_factory
-        self.reserve_slot = components().placer.reserve_slot
-
-    def initiate(self, call, provider_agent_id, retry_transient):
-        return None
-
-
 def test_the_api_inserts_a_call_holding_its_slot_with_the_transactions_clock_as_values():
     """The slot's times are the clock read under the customer's lock, so the INSERT is the ORM's cached statement,
     not one built and compiled again for each call around an SQL now()."""
@@ -148,18 +139,9 @@ def test_the_api_inserts_a_call_holding_its_slot_with_the_transactions_clock_as_
     with components().uow() as uow:
         user = uow.session.get_one(User, owner.user_id)
     request = PlaceCallRequest.model_validate({"agentId": str(owner.agent_id), "phoneNumber": "+14155550123"})
-    inserts: list[str] = []
-
-    def record(conn, cursor, statement, parameters, context, executemany):
-        if statement.startswith("INSERT INTO calls"):
-            inserts.append(statement)
-
-    event.listen(components().engine, "before_cursor_execute", record)
-    try:
-        accepted = place_call(_AnswerLost(), user, request)
-    finally:
-        event.remove(components().engine, "before_cursor_execute", record)
-    [insert] = inserts
+    with statements_run() as run:
+        accepted = place_call(RecordingPlacer(), user, request)
+    [insert] = [statement for statement in run if statement.startswith("INSERT INTO calls")]
     assert "now()" not in insert.lower()
     call = load_call(accepted.call.id)
     assert call.slot_held and call.initiated_at == call.created_at

@@ -2,14 +2,11 @@
 what they hold once authenticated."""
 
 import json
-import threading
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
 
 import pytest
 from flask.testing import FlaskClient
-from sqlalchemy import event, select, text
+from sqlalchemy import select, text
 
 from services.webhook_receiver.app import WEBHOOK_MAX_BODY_BYTES, create_app
 from services.webhook_receiver.source_checks import SourceChecks
@@ -20,6 +17,7 @@ from shared.core.models import OutboxMessage, WebhookEvent
 from shared.core.storable import MAX_JSON_DEPTH
 from tests.conftest import WEBHOOK_SECRET
 from tests.support.components import components
+from tests.support.engine_events import statements_run, transactions_begun
 from tests.support.factories import call_row, credits_of, customer, ledger_total, load_call, load_event
 from tests.support.faults import failing_writes
 
@@ -94,7 +92,7 @@ def test_event_for_an_unknown_execution_is_kept_and_applied_when_the_call_is_lin
     assert receipt.event_id is not None
     assert load_call(call.id).status == statuses.INITIATING
 
-    with _statements() as run:
+    with statements_run() as run:
         components().placer.link_execution(call.id, PlacedCall(execution_id, "queued", 1.0))
     assert len(_call_updates(run)) == 1, "the link and the kept event's change are one UPDATE of the call"
     linked = load_call(call.id)
@@ -116,42 +114,14 @@ def test_event_links_its_call_through_our_id_in_context_details():
     assert ledger_total(owner.user_id) == (0, 0)
 
 
-@contextmanager
-def _noted(engine_event: str, note: Callable[..., object]) -> Iterator[list[object]]:
-    """What `note` makes of each `engine_event` of the engine this thread causes while the block runs (the outbox's
-    own thread marks what it published, apart from the request)."""
-    noted: list[object] = []
-    thread = threading.get_ident()
-
-    def listener(*args: object) -> None:
-        if threading.get_ident() == thread:
-            noted.append(note(*args))
-
-    event.listen(components().engine, engine_event, listener)
-    try:
-        yield noted
-    finally:
-        event.remove(components().engine, engine_event, listener)
-
-
-def _transactions() -> AbstractContextManager[list[object]]:
-    """The database transactions this thread begins while the block runs."""
-    return _noted("begin", lambda connection: connection)
-
-
-def _statements() -> AbstractContextManager[list[object]]:
-    """The SQL statements this thread runs while the block runs, each on one line."""
-    return _noted("before_cursor_execute", lambda connection, cursor, statement, *rest: " ".join(statement.split()))
-
-
 def test_a_webhook_for_a_known_call_is_stored_and_applied_in_one_transaction():
     owner = customer(credits=10)
     execution_id = str(uuid.uuid4())
     call = call_row(owner, status="queued", execution_id=execution_id, slot_held=True)
-    with _transactions() as begun:
+    with transactions_begun() as begun:
         _deliver(_event(execution_id, "ringing"))
     assert (len(begun), load_call(call.id).status) == (1, "ringing")
-    with _transactions() as begun:
+    with transactions_begun() as begun:
         _deliver(_event(execution_id, "completed", telephony_data={"duration": "30"}))
     assert len(begun) == 1, "billed, and its slot.released message written, in the same transaction"
     assert (load_call(call.id).status, ledger_total(owner.user_id)) == ("completed", (1, -1))
@@ -161,7 +131,7 @@ def test_a_webhook_for_a_known_call_is_stored_already_applied_and_written_once()
     owner = customer(credits=10)
     execution_id = str(uuid.uuid4())
     call = call_row(owner, status="queued", execution_id=execution_id, slot_held=True)
-    with _statements() as run:
+    with statements_run() as run:
         receipt = _deliver(_event(execution_id, "ringing"))
     writes = [statement for statement in run if "webhook_events" in statement.split("(")[0]]
     assert [statement.split(" (")[0] for statement in writes] == ["INSERT INTO webhook_events"], run
@@ -178,7 +148,7 @@ def test_a_webhook_that_links_its_call_by_our_echoed_id_is_stored_already_applie
     call = call_row(owner, status=statuses.INITIATING, slot_held=True)
     execution_id = str(uuid.uuid4())
     echoed = {"recipient_data": {"callflow_call_id": str(call.id)}}
-    with _statements() as run:
+    with statements_run() as run:
         receipt = _deliver(_event(execution_id, "ringing", context_details=echoed))
     writes = [statement for statement in run if "webhook_events" in statement.split("(")[0]]
     assert [statement.split(" (")[0] for statement in writes] == ["INSERT INTO webhook_events"], run
@@ -217,7 +187,7 @@ def test_a_call_is_updated_with_plain_values_by_one_statement_that_reads_nothing
     owner = customer()
     execution_id = str(uuid.uuid4())
     answered = call_row(owner, status=statuses.INITIATING, slot_held=True)
-    with _statements() as run:
+    with statements_run() as run:
         components().placer.link_execution(answered.id, PlacedCall(execution_id, "queued", 1.0))
         _deliver(_event(execution_id, "ringing"))
     updates = _call_updates(run)
