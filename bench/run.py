@@ -61,15 +61,15 @@ MEASURED_CALLS = 20_000
 INGEST_CUSTOMERS = 1_000  # the seeded calls' owners: each `completed` charges one of them
 API_CUSTOMERS = 300
 DISPATCH_CUSTOMERS = 300
-DISPATCH_CALLS_PER_CUSTOMER = 10
-DISPATCH_DEADLINE_SECONDS = 45  # a slower dispatcher is measured on the calls placed by then
+DISPATCH_CALLS_PER_CUSTOMER = 4
+DISPATCH_DEADLINE_SECONDS = 30  # a slower dispatcher is measured on the calls placed by then
 CREDITS = 1_000_000_000
 NO_LIMIT = 1_000_000
 CAMPAIGN_CONTACTS = 10_000  # at most 10,000: their numbers are +1 415 555 0000 to 9999
 WARM_UP_CONTACTS = 100  # a fresh server's first upload also loads what a worker loads once (phone number metadata)
 UPLOAD_FORMS = ("JSON", "CSV")
 CAMPAIGN_LIMIT = 200  # the concurrent calls of the customer whose campaign is uploaded
-CAMPAIGN_DISPATCH_SECONDS = 20  # the campaign's calls placed in that time, or all of them if sooner
+CAMPAIGN_DISPATCH_SECONDS = 15  # the campaign's calls placed in that time, or all of them if sooner
 
 PRODUCTION_SENTRY = {
     "SENTRY_ENVIRONMENT": "production",

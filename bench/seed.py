@@ -135,6 +135,25 @@ def pending_calls(conn: psycopg.Connection, owners: Sequence[Customer], per_cust
 
 
 _TRANSCRIPT_SQL = f"$transcript${TRANSCRIPT}$transcript$"  # dollar-quoted: the statements run without parameters
+
+
+def _hex_sql(kind: int, number: str, halves: int = 2) -> str:
+    """SQL for 16 (or 8, with one half) random-looking bytes as hex, derived from the SQL number `number` and the
+    `kind` of id: PostgreSQL's seeded 64-bit hashes of it. md5, about four times as costly, was most of the
+    seeding's time, with millions of ids to make. The same number and kind give the same id in every statement."""
+    return (
+        "encode("
+        + " || ".join(f"int8send(hashint8extended({number}, {kind * 2 + half}))" for half in range(halves))
+        + ", 'hex')"
+    )
+
+
+def _uuid_sql(kind: int, number: str) -> str:
+    return f"{_hex_sql(kind, number)}::uuid"
+
+
+# The kinds of id the history derives from a call's or a customer's number (`_hex_sql`).
+_CALL, _USER, _AGENT, _PROVIDER_AGENT, _EXECUTION, _TRACE, _SPAN, _RECORDING, _PROVIDER_CALL = range(1, 10)
 # The history's SQL expressions of call number `n`. Mostly completed calls; the rest ended without a conversation.
 # Derived from the number, so the calls and their webhooks, written by separate statements, agree.
 _HISTORY_STATUS = """CASE WHEN n % 200 < 156 THEN 'completed' WHEN n % 200 < 172 THEN 'no-answer'
@@ -143,15 +162,28 @@ _HISTORY_STATUS = """CASE WHEN n % 200 < 156 THEN 'completed' WHEN n % 200 < 172
 # Oldest first, over the past year, so the tables' physical order follows time as in production.
 _HISTORY_CREATED = f"now() - interval '1 hour' - (1 - n::float / {HISTORY_CALLS}) * interval '{HISTORY_DAYS} days'"
 _HISTORY_DURATION = "(20 + n::bigint * 7919 % 580)::int"
+# What each call's rows are made of, computed once per call: `OFFSET 0` keeps the planner from folding this into
+# the statement that uses it, which would compute each expression again wherever it is named.
+_HISTORY_CALL_VALUES = f"""
+    SELECT n, u, {_uuid_sql(_CALL, "n")} AS call_id, {_uuid_sql(_USER, "u")} AS user_id,
+           {_hex_sql(_EXECUTION, "n")}::uuid::text AS execution, status, status = 'completed' AS completed,
+           duration, created
+    FROM (
+        SELECT n, 1 + n % {HISTORY_CUSTOMERS} AS u, {_HISTORY_STATUS} AS status, {_HISTORY_DURATION} AS duration,
+               {_HISTORY_CREATED} AS created
+        FROM generate_series({{first}}, {{last}}) n
+        OFFSET 0
+    ) numbered
+    OFFSET 0"""
 
 _HISTORY_CUSTOMERS_SQL = f"""
 INSERT INTO users (id, email, api_token_hash, credits, max_concurrent_calls, created_at)
-SELECT md5('history-user' || u)::uuid, 'history-' || u || '@example.com', md5('token' || u) || md5('hash' || u),
+SELECT {_uuid_sql(_USER, "u")}, 'history-' || u || '@example.com', md5('token' || u) || md5('hash' || u),
        100 + u % 5000, 2 + u % 9, now() - interval '{HISTORY_DAYS + 30} days'
 FROM generate_series(1, {HISTORY_CUSTOMERS}) u;
 INSERT INTO agents (id, user_id, name, provider_agent_id, created_at)
-SELECT md5('history-agent' || u)::uuid, md5('history-user' || u)::uuid, 'Agent ' || u,
-       md5('history-provider-agent' || u)::uuid::text, now() - interval '{HISTORY_DAYS + 30} days'
+SELECT {_uuid_sql(_AGENT, "u")}, {_uuid_sql(_USER, "u")}, 'Agent ' || u,
+       {_hex_sql(_PROVIDER_AGENT, "u")}::uuid::text, now() - interval '{HISTORY_DAYS + 30} days'
 FROM generate_series(1, {HISTORY_CUSTOMERS}) u;
 """
 
@@ -160,28 +192,22 @@ SET session_replication_role = replica;  -- every reference is consistent by con
 INSERT INTO calls (id, user_id, agent_id, phone_number, status, execution_id, error_type, error_detail, slot_held,
                    initiated_at, provider_checked_at, duration_seconds, credits_charged, transcript, recording_url,
                    trace_headers, created_at, updated_at)
-SELECT md5('history-call' || n)::uuid, md5('history-user' || u)::uuid, md5('history-agent' || u)::uuid,
-       '{PHONE_NUMBER}', status, md5('history-execution' || n)::uuid::text,
+SELECT call_id, user_id, {_uuid_sql(_AGENT, "u")}, '{PHONE_NUMBER}', status, execution,
        CASE WHEN status = 'failed' THEN 'bolna_call_failed' END,
        CASE WHEN status = 'failed' THEN 'Call failed: the carrier rejected the call' END,
        false, created, created + interval '3 minutes',
        CASE WHEN completed THEN duration END, CASE WHEN completed THEN ceil(duration / 60.0)::int END,
        CASE WHEN completed THEN {_TRANSCRIPT_SQL} END,
-       CASE WHEN completed THEN 'https://recordings.example.invalid/' || md5('recording' || n) || '.mp3' END,
-       jsonb_build_object('sentry-trace', md5('trace' || n) || '-' || left(md5('span' || n), 16) || '-0'),
+       CASE WHEN completed THEN 'https://recordings.example.invalid/' || {_hex_sql(_RECORDING, "n")} || '.mp3' END,
+       jsonb_build_object('sentry-trace', {_hex_sql(_TRACE, "n")} || '-' || {_hex_sql(_SPAN, "n", halves=1)} || '-0'),
        created, created + interval '3 minutes'
-FROM (
-    SELECT n, 1 + n % {HISTORY_CUSTOMERS} AS u, {_HISTORY_STATUS} AS status,
-           {_HISTORY_STATUS} = 'completed' AS completed,
-           {_HISTORY_DURATION} AS duration, {_HISTORY_CREATED} AS created
-    FROM generate_series(1, {HISTORY_CALLS}) n
+FROM ({_HISTORY_CALL_VALUES.format(first=1, last=HISTORY_CALLS)}
 ) history;
 INSERT INTO credit_ledger (user_id, call_id, amount, reason, created_at)
-SELECT md5('history-user' || (1 + n % {HISTORY_CUSTOMERS}))::uuid, md5('history-call' || n)::uuid,
-       -ceil({_HISTORY_DURATION} / 60.0)::int, 'call_charge',
-       {_HISTORY_CREATED} + interval '3 minutes'
-FROM generate_series(1, {HISTORY_CALLS}) n
-WHERE {_HISTORY_STATUS} = 'completed';
+SELECT user_id, call_id, -ceil(duration / 60.0)::int, 'call_charge', created + interval '3 minutes'
+FROM ({_HISTORY_CALL_VALUES.format(first=1, last=HISTORY_CALLS)}
+) history
+WHERE completed;
 """
 
 # Four webhooks per call, a few seconds apart, each applied 40 ms after it arrived. Payloads past their retention
@@ -192,39 +218,45 @@ INSERT INTO webhook_events (execution_id, status, attempt, payload, call_id, rec
 SELECT execution, status, 0,
        CASE WHEN redacted THEN jsonb_build_object('id', execution, 'status', status)
             ELSE jsonb_build_object(
-                'id', execution, 'agent_id', md5('history-provider-agent' || (1 + n % {HISTORY_CUSTOMERS}))::uuid,
+                'id', execution, 'agent_id', {_hex_sql(_PROVIDER_AGENT, "u")}::uuid,
                 'status', status, 'created_at', created, 'updated_at', received,
                 'conversation_duration', CASE WHEN final THEN duration ELSE 0 END,
                 'transcript', CASE WHEN final AND status = 'completed' THEN {_TRANSCRIPT_SQL} END,
                 'telephony_data', jsonb_build_object(
                     'duration', CASE WHEN final THEN duration ELSE 0 END::text, 'to_number', '{PHONE_NUMBER}',
-                    'from_number', '{SIMULATED_FROM_NUMBER}', 'provider_call_id', 'CA' || md5('provider-call' || n),
+                    'from_number', '{SIMULATED_FROM_NUMBER}',
+                    'provider_call_id', 'CA' || {_hex_sql(_PROVIDER_CALL, "n")},
                     'call_type', 'outbound', 'provider', 'twilio', 'hosted_telephony', true),
                 'context_details', jsonb_build_object(
-                    'recipient_data', jsonb_build_object('callflow_call_id', md5('history-call' || n)::uuid),
+                    'recipient_data', jsonb_build_object('callflow_call_id', call_id),
                     'recipient_phone_number', '{PHONE_NUMBER}'))
        END,
-       md5('history-call' || n)::uuid, received, received + interval '40 milliseconds',
+       call_id, received, received + interval '40 milliseconds',
        CASE WHEN redacted THEN received + interval '{PAYLOAD_RETENTION_DAYS} days' END
 FROM (
-    SELECT n, step, execution, created, duration, final,
-           CASE WHEN final THEN outcome
-                WHEN outcome = 'completed' THEN (ARRAY['initiated', 'ringing', 'in-progress'])[step]
+    SELECT n, u, call_id, execution, created, duration, final, redacted,
+           CASE WHEN final THEN status
+                WHEN completed THEN (ARRAY['initiated', 'ringing', 'in-progress'])[step]
                 ELSE (ARRAY['queued', 'initiated', 'ringing'])[step] END AS status,
            created + step * interval '4 seconds' + CASE WHEN final THEN duration * interval '1 second'
-                                                        ELSE interval '0' END AS received,
-           created < now() - interval '{PAYLOAD_RETENTION_DAYS} days' AS redacted
+                                                        ELSE interval '0' END AS received
     FROM (
-        SELECT n, step, md5('history-execution' || n)::uuid::text AS execution,
-               {_HISTORY_CREATED} AS created, {_HISTORY_DURATION} AS duration,
-               {_HISTORY_STATUS} AS outcome, step = {HISTORY_EVENTS_PER_CALL} AS final
-        FROM generate_series({{first}}, {{last}}) n, generate_series(1, {HISTORY_EVENTS_PER_CALL}) step
+        SELECT *, step = {HISTORY_EVENTS_PER_CALL} AS final
+        FROM (
+            -- the steps as a set in the select list: each call's webhooks one after the other, in time order
+            SELECT call.*, created < now() - interval '{PAYLOAD_RETENTION_DAYS} days' AS redacted,
+                   generate_series(1, {HISTORY_EVENTS_PER_CALL}) AS step
+            FROM ({_HISTORY_CALL_VALUES}
+            ) call
+        ) stepped
+        OFFSET 0
     ) per_step
+    OFFSET 0
 ) events;
 """
 HISTORY_EVENT_BATCHES = 10  # statements writing the webhooks, so that two connections share the work evenly
 HISTORY_TABLES = ("calls", "webhook_events", "credit_ledger")
-# The secondary indexes of the history's tables, as statements that build them again. Their keys (md5 uuids) are
+# The secondary indexes of the history's tables, as statements that build them again. Their keys (hashed uuids) are
 # random: maintained row by row, each of millions of rows reads and dirties a random page of an index larger than
 # the buffer cache, where one sorted build after the load reads each table once. Primary keys stay (foreign keys
 # rest on them), and so do partial indexes: the history holds few of their rows, and a predicate rebuilt from
