@@ -176,7 +176,7 @@ _HISTORY_CALL_VALUES = f"""
     ) numbered
     OFFSET 0"""
 
-_HISTORY_CUSTOMERS_SQL = f"""
+HISTORY_CUSTOMERS_SQL = f"""
 INSERT INTO users (id, email, api_token_hash, credits, max_concurrent_calls, created_at)
 SELECT {_uuid_sql(_USER, "u")}, 'history-' || u || '@example.com', md5('token' || u) || md5('hash' || u),
        100 + u % 5000, 2 + u % 9, now() - interval '{HISTORY_DAYS + 30} days'
@@ -201,11 +201,11 @@ SELECT call_id, user_id, {_uuid_sql(_AGENT, "u")}, '{PHONE_NUMBER}', status, exe
        CASE WHEN completed THEN 'https://recordings.example.invalid/' || {_hex_sql(_RECORDING, "n")} || '.mp3' END,
        jsonb_build_object('sentry-trace', {_hex_sql(_TRACE, "n")} || '-' || {_hex_sql(_SPAN, "n", halves=1)} || '-0'),
        created, created + interval '3 minutes'
-FROM ({_HISTORY_CALL_VALUES.format(first=1, last=HISTORY_CALLS)}
+FROM ({_HISTORY_CALL_VALUES}
 ) history;
 INSERT INTO credit_ledger (user_id, call_id, amount, reason, created_at)
 SELECT user_id, call_id, -ceil(duration / 60.0)::int, 'call_charge', created + interval '3 minutes'
-FROM ({_HISTORY_CALL_VALUES.format(first=1, last=HISTORY_CALLS)}
+FROM ({_HISTORY_CALL_VALUES}
 ) history
 WHERE completed;
 """
@@ -254,6 +254,19 @@ FROM (
     OFFSET 0
 ) events;
 """
+
+
+def history_calls_sql(first: int, last: int) -> str:
+    """The statements writing history calls `first` .. `last` and their charges, for the customers that
+    HISTORY_CUSTOMERS_SQL writes."""
+    return _HISTORY_CALLS_SQL.format(first=first, last=last)
+
+
+def history_webhooks_sql(first: int, last: int) -> str:
+    """The statements writing the webhooks of history calls `first` .. `last`."""
+    return _HISTORY_EVENTS_SQL.format(first=first, last=last)
+
+
 HISTORY_EVENT_BATCHES = 10  # statements writing the webhooks, so that two connections share the work evenly
 HISTORY_TABLES = ("calls", "webhook_events", "credit_ledger")
 # The secondary indexes of the history's tables, as statements that build them again. Their keys (hashed uuids) are
@@ -282,7 +295,7 @@ def history(database_url: str) -> float:
     connections. Returns the seconds it took."""
     started = time.monotonic()
     with connect(database_url) as conn:
-        conn.execute(_HISTORY_CUSTOMERS_SQL)
+        conn.execute(HISTORY_CUSTOMERS_SQL)
         rebuilds = _drop_secondary_indexes(conn)
 
     def run(statements: str) -> None:
@@ -290,11 +303,11 @@ def history(database_url: str) -> float:
             conn.execute(statements)
 
     batch = HISTORY_CALLS // HISTORY_EVENT_BATCHES
-    event_batches = [
-        _HISTORY_EVENTS_SQL.format(first=first, last=first + batch - 1) for first in range(1, HISTORY_CALLS, batch)
-    ]
+    event_batches = [history_webhooks_sql(first, first + batch - 1) for first in range(1, HISTORY_CALLS, batch)]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        for done in [pool.submit(run, statements) for statements in [_HISTORY_CALLS_SQL, *event_batches]]:
+        for done in [
+            pool.submit(run, statements) for statements in [history_calls_sql(1, HISTORY_CALLS), *event_batches]
+        ]:
             done.result()
         for done in [pool.submit(run, f"SET maintenance_work_mem = '256MB'; {build}") for build in rebuilds]:
             done.result()
