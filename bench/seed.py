@@ -139,7 +139,7 @@ _TRANSCRIPT_SQL = f"$transcript${TRANSCRIPT}$transcript$"  # dollar-quoted: the 
 
 def _hex_sql(kind: int, number: str, halves: int = 2) -> str:
     """SQL for 16 (or 8, with one half) random-looking bytes as hex, derived from the SQL number `number` and the
-    `kind` of id: PostgreSQL's seeded 64-bit hashes of it. md5, about four times as costly, was most of the
+    `kind` of id: PostgreSQL's seeded 64-bit hashes of it. md5, over three times as costly, was most of the
     seeding's time, with millions of ids to make. The same number and kind give the same id in every statement."""
     return (
         "encode("

@@ -29,19 +29,28 @@ BROKEN_REFERENCES = {
         SELECT count(*) FROM webhook_events
         JOIN calls ON calls.id = webhook_events.call_id JOIN agents ON agents.id = calls.agent_id
         WHERE webhook_events.redacted_at IS NULL
-          AND webhook_events.payload ->> 'agent_id' <> agents.provider_agent_id""",
+          AND webhook_events.payload ->> 'agent_id' IS DISTINCT FROM agents.provider_agent_id""",
     "whole payloads naming another call": """
         SELECT count(*) FROM webhook_events
         WHERE redacted_at IS NULL
-          AND (payload #>> '{context_details,recipient_data,callflow_call_id}')::uuid <> call_id""",
+          AND (payload #>> '{context_details,recipient_data,callflow_call_id}')::uuid IS DISTINCT FROM call_id""",
     "calls whose last webhook is not their status": """
         SELECT count(*) FROM calls
-        WHERE status <> (
+        WHERE status IS DISTINCT FROM (
             SELECT status FROM webhook_events WHERE call_id = calls.id ORDER BY received_at DESC LIMIT 1
         )""",
-    "completed calls not charged once": """
+    "calls not charged their credits once if completed, or charged if not": """
         SELECT count(*) FROM calls
-        WHERE status = 'completed' AND (SELECT count(*) FROM credit_ledger WHERE call_id = calls.id) <> 1""",
+        WHERE (SELECT array_agg(amount) FROM credit_ledger WHERE call_id = calls.id)
+              IS DISTINCT FROM CASE WHEN status = 'completed' THEN ARRAY[-credits_charged] END""",
+    "calls whose webhooks are not four statuses in the order a call moves": """
+        SELECT count(*) FROM calls
+        WHERE coalesce(
+            (SELECT array_agg(status ORDER BY received_at) FROM webhook_events WHERE call_id = calls.id), '{}'
+        )
+              NOT IN (ARRAY['initiated', 'ringing', 'in-progress', status],
+                      ARRAY['queued', 'initiated', 'ringing', status])
+           OR status IN ('initiated', 'ringing', 'in-progress', 'queued')""",
 }
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,17 +151,11 @@ def running_stack(sink: SentrySink, logs: Path, env: dict[str, str], sim: dict[s
         queue_processor=ServiceProcess("services.queue_processor", free_port(), common, logs),
         call_initiator=ServiceProcess("services.call_initiator", free_port(), common, logs),
     )
-    # Started and stopped all at once: each takes seconds, mostly importing, and none needs another to start (nothing
-    # reaches the simulator, nor the simulator the receiver, before a call is placed).
     try:
-        _all_at_once(ServiceProcess.start, stack.processes)
+        for process in reversed(stack.processes):
+            process.start()
         stack.sim_config(**sim)
         yield stack
     finally:
-        _all_at_once(ServiceProcess.stop, stack.processes)
-
-
-def _all_at_once(action: Callable[[ServiceProcess], Any], processes: list[ServiceProcess]) -> None:
-    with ThreadPoolExecutor(max_workers=len(processes)) as pool:
-        for done in [pool.submit(action, process) for process in processes]:
-            done.result()
+        for process in stack.processes:
+            process.stop()
