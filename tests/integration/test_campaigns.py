@@ -140,7 +140,7 @@ def test_direct_calls_waiting_go_before_the_customers_campaign_calls():
     _campaign(owner, [LONDON.format(i) for i in range(5)])
     direct = [call_row(owner).id for _ in range(3)]
     placed = _dispatch(owner, _Clock(NOON_UTC))
-    assert [call.id for call in placed] == direct[:2], "both free slots go to the oldest direct calls"
+    assert sorted(call.id for call in placed) == sorted(direct[:2]), "both free slots go to the oldest direct calls"
     _end(direct[:2], "completed")
     placed = _dispatch(owner, _Clock(NOON_UTC), ended=tuple(direct[:2]))
     # Placed on the dispatcher's threads, so in no set order: what matters is who got the two slots.
