@@ -241,6 +241,8 @@ def _apply_and_commit(
             return _keep_failed(uow, kept, exc, ids, started)
         if unbilled:
             _report_unbilled(call, event)
+        if event.attempt > 0 and event.status in statuses.PROVIDER_STATUSES:
+            _report_redial(call, event)
         return _Outcome(event.id)
 
 
@@ -395,6 +397,35 @@ def _report_unbilled(call: Call, event: WebhookEvent) -> None:
             execution_id=event.execution_id,
         ),
         place="webhook.process",
+    )
+
+
+def _report_redial(call: Call, event: WebhookEvent) -> None:
+    """Bolna dialled the call again on its own, though Callflow asks it never to (`retry_config.enabled=false`): the
+    person may be called twice, outside the customer's limit, and nothing a redial does is applied or billed
+    (`lifecycle.apply_provider_event`). Each of its statuses is reported, all in one issue; a completed redial
+    carries its duration, to bill by hand."""
+    stop_requested = not statuses.is_terminal(event.status)
+    report(
+        CallflowError(
+            ErrorType.BOLNA_REDIALLED,
+            f"Bolna dialled call {call.id} again on its own (retry {event.attempt}, {event.status}); "
+            + ("Callflow asked it to stop." if stop_requested else "the redial was neither applied nor billed."),
+            sentry_contexts={
+                "redial_details": {
+                    "execution_id": event.execution_id,
+                    "retry_count": event.attempt,
+                    "status": event.status,
+                    "stop_requested": stop_requested,
+                    "duration_seconds": AgentExecution(event.payload).duration_seconds,
+                }
+            },
+            call_id=call.id,
+            user_id=call.user_id,
+            agent_id=call.agent_id,
+            execution_id=event.execution_id,
+        ),
+        place=PROCESS_OP,
     )
 
 

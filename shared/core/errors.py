@@ -52,6 +52,7 @@ class ErrorType(StrEnum):
     DATABASE_ERROR = "database_error"
     SLOT_LEASE_EXPIRED = "slot_lease_expired"
     BOLNA_OUTCOME_UNKNOWN = "bolna_outcome_unknown"
+    BOLNA_REDIALLED = "bolna_redialled"
     BILLING_DURATION_MISSING = "billing_duration_missing"
     MESSAGE_DEAD_LETTERED = "message_dead_lettered"
     INTERNAL_ERROR = "internal_error"
@@ -123,6 +124,7 @@ ERROR_TABLE: dict[ErrorType, ErrorSpec] = {
     ErrorType.BOLNA_OUTCOME_UNKNOWN: ErrorSpec(
         "Bolna may have placed the call but nothing confirms it", _HIGH, "error", _EVENT, "provider"
     ),
+    ErrorType.BOLNA_REDIALLED: ErrorSpec("Bolna dialled a call again on its own", _HIGH, "error", _EVENT, "provider"),
     ErrorType.BILLING_DURATION_MISSING: ErrorSpec(
         "Completed call without a billable duration", _HIGH, "error", _EVENT, "revenue"
     ),

@@ -163,6 +163,9 @@ class TestProviderFailures:
         assert sim.webhook(again).status_code == 200
         wait_until(lambda: sim.sim_stats()["stop_requests"] == stops + 1, 20, "Callflow asks Bolna to stop it")
         assert sim.call(owner.auth, call_id)["status"] == "no-answer"
+        (reported,) = sim.sentry.wait_for_events(error_type=str(ErrorType.BOLNA_REDIALLED), call_id=call_id)
+        assert reported.tags["service"] == "webhook-receiver" and reported.tags["execution_id"] == execution_id
+        assert reported.payload["contexts"]["redial_details"]["stop_requested"] is True
 
     def test_queued_call_fails_at_once_on_a_permanent_4xx(self, sim: Stack):
         owner = customer()

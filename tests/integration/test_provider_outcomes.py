@@ -148,3 +148,36 @@ def test_a_kept_webhook_the_sweep_applies_is_noted_as_retried(sentry_sink):
     with sentry_sdk.isolation_scope():  # the queue-processor's sweep
         provider_events.process(components().uow, receipt.event_id, _BolnaWithoutDuration())
     assert _noted_of_unbilled_call(sentry_sink, call) == ["Kept Bolna event retried: completed"]
+
+
+def test_every_status_of_a_bolna_redial_is_reported_and_none_is_applied_or_billed(sentry_sink):
+    owner = customer(credits=10)
+    execution_id = str(uuid.uuid4())
+    call = call_row(owner, status="in-progress", execution_id=execution_id, slot_held=True)
+    ended = {"id": execution_id, "status": statuses.COMPLETED, "telephony_data": {"duration": "61"}}
+    redial = {"id": execution_id, "retry_count": 1}
+    for payload in (ended, {**redial, "status": "ringing"}, {**redial, **ended, "status": statuses.COMPLETED}):
+        with sentry_sdk.isolation_scope():  # one webhook request each
+            provider_events.ingest(components().uow, payload)
+
+    assert ledger_total(owner.user_id) == (1, -2), "charged once, for the first dial only"
+    sentry_sdk.flush(timeout=10)
+    reported = sentry_sink.events(error_type=str(ErrorType.BOLNA_REDIALLED), call_id=str(call.id))
+    details = sorted((event.payload["contexts"]["redial_details"] for event in reported), key=lambda d: d["status"])
+    assert details == [
+        {
+            "execution_id": execution_id,
+            "retry_count": 1,
+            "status": "completed",
+            "stop_requested": False,
+            "duration_seconds": 61,
+        },
+        {
+            "execution_id": execution_id,
+            "retry_count": 1,
+            "status": "ringing",
+            "stop_requested": True,
+            "duration_seconds": None,
+        },
+    ]
+    assert {tuple(event.payload["fingerprint"]) for event in reported} == {("bolna_redialled", "webhook.process")}
