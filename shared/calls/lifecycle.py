@@ -144,12 +144,14 @@ def count_dispatch_attempt(call: Call, max_attempts: int) -> bool:
 
 def link_execution(store: CallStore, call: Call, execution_id: str, status: str | None = None) -> None:
     """Bolna has the call under `execution_id` (its answer to POST /call, a webhook naming our call id, or a search
-    of the agent's executions): its slot gets the full lease."""
+    of the agent's executions): its slot gets the full lease. `status` (its answer's) moves the call only to a status
+    that holds the line: the line's end comes as a status event (`apply_provider_event`), which frees the slot and
+    bills; taken from the answer, it would end the call with its slot held."""
     call.execution_id = execution_id
     heard_from_provider(store, call)
     if call.slot_held:
         call.slot_lease_expires_at = store.seconds_from_now(store.leases.held_seconds)
-    if status is not None and statuses.moves_forward(call.status, status):
+    if status is not None and status not in statuses.RELEASES_SLOT and statuses.moves_forward(call.status, status):
         call.status = status
 
 

@@ -253,6 +253,16 @@ def test_linking_an_execution_never_moves_the_status_back(store):
     assert (call.execution_id, call.status) == ("exec-1", "ringing")
 
 
+@pytest.mark.parametrize("answered", sorted(statuses.RELEASES_SLOT))
+def test_an_answer_to_post_call_naming_the_lines_end_leaves_the_call_live_for_its_status_events(store, answered):
+    call = store.add_call(store.add_user(max_concurrent_calls=1))
+    assert _reserve(store, call)
+    lifecycle.link_execution(store, call, "exec-1", answered)
+    assert (call.execution_id, call.status, call.slot_held) == ("exec-1", statuses.INITIATING, True)
+    lifecycle.apply_provider_event(store, call, _event(call, answered, conversation_duration=60))
+    assert (call.status, call.slot_held) == (answered, False)
+
+
 def test_a_reserved_slot_has_the_short_lease_until_bolna_names_the_execution(store):
     call = store.add_call(store.add_user(max_concurrent_calls=1))
     assert _reserve(store, call)
