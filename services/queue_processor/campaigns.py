@@ -165,7 +165,11 @@ def finished_attempts_query(
     user_id: uuid.UUID, call_id: uuid.UUID | None = None
 ) -> Select[tuple[CampaignContact, Call]]:
     """The user's contacts being called whose call has ended: their result is settled next. With `call_id`, only
-    that call's contact: two primary-key reads, whatever the number of contacts being called."""
+    that call's contact: two primary-key reads, whatever the number of contacts being called.
+
+    The call is locked too: Bolna's word may be overruling a failure Callflow gave the call (its webhook holds the
+    call's lock, and reopens only a contact already settled), so the ended call is read again once that lock is
+    free, and a call under way again is not settled."""
     query = (
         select(CampaignContact, Call)
         .join(Campaign, Campaign.id == CampaignContact.campaign_id)
@@ -175,7 +179,7 @@ def finished_attempts_query(
             CampaignContact.state == states.CALLING,
             Call.status.in_(statuses.TERMINAL),
         )
-        .with_for_update(of=CampaignContact, key_share=True)
+        .with_for_update(of=(CampaignContact, Call), key_share=True)
     )
     if call_id is not None:
         query = query.where(_attempt_of(call_id))

@@ -10,7 +10,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from services.queue_processor.campaigns import CallingWindow, CampaignDispatch, time_zones_of
 from services.queue_processor.dispatch import Dispatcher, DispatchTrigger
@@ -18,10 +18,11 @@ from shared.calls import lifecycle, statuses
 from shared.campaigns import commands, spec, states
 from shared.campaigns.views import campaign_view
 from shared.core.errors import CallflowError, ErrorType
-from shared.core.models import Call, Campaign, CampaignContact, User
+from shared.core.models import Call, Campaign, CampaignContact, User, WebhookEvent
 from tests.support.components import components
 from tests.support.factories import Customer, call_row, customer
 from tests.support.placers import RecordingPlacer
+from tests.support.stack import wait_until
 
 NEW_YORK, LONDON, TOKYO = "+1212555{:04d}", "+44207946{:04d}", "+8131234{:04d}"
 TWO_ZONES = "+522001234567"  # Mexico: Mexico City (UTC-6) and Tijuana (UTC-8)
@@ -275,6 +276,51 @@ def test_a_callflow_failure_is_never_retried_as_if_bolna_had_said_no_answer():
         uow.commit()
     assert _dispatch(owner, _Clock(NOON_UTC), ended=(call.id,)) == [], "Bolna may have dialled it: not again"
     assert _campaign_row(campaign_id).status == states.COMPLETED
+
+
+def test_an_attempt_is_not_settled_on_a_failure_bolna_overrules_while_it_is_settled():
+    """The `slot.released` of a call Callflow gave up on settles its contact while Bolna's first webhook for it
+    overrules the failure: the settling waits for the webhook's lock on the call and finds it live again (it read
+    the call as failed, and closed the contact on a call under way)."""
+    owner = customer(credits=1000, max_concurrent_calls=5)
+    campaign_id = _campaign(owner, [LONDON.format(1)])
+    (call,) = _dispatch(owner, _Clock(NOON_UTC))
+    with components().uow() as uow:  # Bolna's answer was lost and nothing found the call
+        given_up = uow.calls.lock_call(call.id)
+        given_up.status, given_up.error_type, given_up.slot_held = statuses.FAILED, "bolna_outcome_unknown", False
+        uow.commit()
+    execution_id = str(uuid.uuid4())
+    with components().uow() as webhook:  # its webhook, naming our call id, as provider_events applies it
+        live = webhook.calls.lock_call(call.id)
+        lifecycle.link_execution(webhook.calls, live, execution_id)
+        ringing = {"id": execution_id, "status": "ringing"}
+        lifecycle.apply_provider_event(
+            webhook.calls, live, WebhookEvent(execution_id=execution_id, status="ringing", attempt=0, payload=ringing)
+        )
+        settling = threading.Thread(target=_settle, args=(owner.user_id, call.id))
+        settling.start()
+        wait_until(lambda: not settling.is_alive() or _a_transaction_waits_for_a_lock(), 10, "the settling runs")
+        webhook.commit()
+    settling.join(30)
+    (contact,) = _contacts(campaign_id)
+    assert (contact.state, contact.final_status) == (states.CALLING, None)
+    assert _campaign_row(campaign_id).status == states.RUNNING
+
+
+def _settle(user_id: uuid.UUID, call_id: uuid.UUID) -> None:
+    """What the `slot.released` of `call_id` makes the dispatcher do first, under the customer's lock."""
+    with components().uow() as uow:
+        uow.calls.lock_user(user_id)
+        CampaignDispatch(_Clock(NOON_UTC)).settle(uow, user_id, call_id)
+        uow.commit()
+
+
+def _a_transaction_waits_for_a_lock() -> bool:
+    with components().engine.connect() as connection:
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        return connection.scalar(text(waiting)) > 0
 
 
 def test_cancel_ends_waiting_contacts_and_queued_calls_and_holds_no_slot():
