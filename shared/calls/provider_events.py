@@ -12,11 +12,11 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sentry_sdk
-from sqlalchemy import BindParameter, Select, bindparam, func, or_, select, update
+from sqlalchemy import BindParameter, Select, Update, bindparam, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import make_transient_to_detached
 
@@ -36,6 +36,9 @@ MAX_RETRY_DELAY_SECONDS = 600
 PROCESS_OP = "webhook.process"
 PROCESS_NAME = "Process Bolna Webhook"
 KEPT_EVENT_RETENTION = timedelta(days=1)
+# Bolna writes a call's record as the call goes: while a `completed` that came without its duration is younger than
+# this, a record that is not completed yet is asked for again later, not taken as Bolna's last word.
+BOLNA_RECORD_LAG = timedelta(minutes=5)
 # The breadcrumb that opens the handling of an event says where it came from.
 WEBHOOK_RECEIVED = "Webhook received"
 EXECUTION_FETCHED = "Bolna execution fetched"  # Bolna's answer to GET /executions/{id} (reconciling)
@@ -283,16 +286,7 @@ class _KeptEvent:
             .on_conflict_do_nothing(constraint="uq_webhook_events_execution_status")
         )
         event_id = uow.session.scalar(select(events.c.id).where(*(events.c[n] == v for n, v in key.items())))
-        attempts = uow.session.scalar(
-            update(events)
-            .where(events.c.id == event_id, events.c.applied_at.is_(None))
-            .values(
-                attempts=events.c.attempts + 1,
-                last_error=reason[:2000],
-                next_attempt_at=_next_try_at(events.c.attempts + 1),
-            )
-            .returning(events.c.attempts)
-        )
+        attempts = uow.session.scalar(_tried_later(event_id, reason).returning(events.c.attempts))
         uow.commit()
         return event_id, attempts
 
@@ -341,8 +335,10 @@ def _completed_without_duration(execution: AgentExecution) -> bool:
 
 
 def _complete_duration(uow_factory: UnitOfWorkFactory, event: WebhookEvent, bolna: BolnaClient | None) -> bool:
-    """Asks Bolna for a `completed` event's execution and keeps its answer when it has the duration; False when
-    Bolna cannot be asked now. When Bolna has no duration either, the call is completed unbilled and reported."""
+    """Asks Bolna for a `completed` event's execution and keeps its answer when it has the duration. False while the
+    event waits: Bolna cannot be asked now, or its record is not completed yet and the event is younger than
+    BOLNA_RECORD_LAG. Otherwise the event is applied: a call Bolna has no duration for either (or does not know, or
+    whose record never caught up) is completed unbilled and reported."""
     if bolna is None:
         return False
     try:
@@ -351,14 +347,44 @@ def _complete_duration(uow_factory: UnitOfWorkFactory, event: WebhookEvent, boln
         if exc.transient:
             log.warning("completed %s lacks its duration and Bolna cannot be asked now: %s", event.execution_id, exc)
             return False
-        return True  # Bolna does not know it: billed as it came, which reports the missing duration
-    if execution.get("status") == statuses.COMPLETED and AgentExecution(execution).duration_seconds:
+        return True  # Bolna does not know it: applied as it came, which reports the missing duration
+    if execution.get("status") != statuses.COMPLETED:
+        return not _waits_for_record(uow_factory, event, f"Bolna's record is {execution.get('status')!r} (yet)")
+    if AgentExecution(execution).duration_seconds:
         with uow_factory() as uow:
             uow.session.execute(
                 update(WebhookEvent).where(WebhookEvent.id == event.id).values(payload=storable(execution))
             )
             uow.commit()
     return True
+
+
+def _waits_for_record(uow_factory: UnitOfWorkFactory, event: WebhookEvent, reason: str) -> bool:
+    """Whether a `completed` without its duration waits for Bolna's record to catch up: while it is younger than
+    BOLNA_RECORD_LAG, its next try is set, later and later (as `_defer` does)."""
+    if datetime.now(UTC) - event.received_at >= BOLNA_RECORD_LAG:
+        log.warning(
+            "completed %s: %s after %s: applied without a duration", event.execution_id, reason, BOLNA_RECORD_LAG
+        )
+        return False
+    with uow_factory() as uow:
+        uow.session.execute(_tried_later(event.id, reason))
+        uow.commit()
+    return True
+
+
+def _tried_later(event_id: int, reason: str) -> Update:
+    """One more try at a stored event that is not applied yet, which failed for `reason`: due again later and later."""
+    events = WebhookEvent.__table__
+    return (
+        update(events)
+        .where(events.c.id == event_id, events.c.applied_at.is_(None))
+        .values(
+            attempts=events.c.attempts + 1,
+            last_error=reason[:2000],
+            next_attempt_at=_next_try_at(events.c.attempts + 1),
+        )
+    )
 
 
 def _defer(event: WebhookEvent, reason: str) -> None:

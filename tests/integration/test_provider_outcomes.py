@@ -9,17 +9,17 @@ from datetime import timedelta
 
 import pytest
 import sentry_sdk
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from services.queue_processor import jobs
 from services.queue_processor.reconcile import ProviderReconciler, ReconcileBounds
 from shared.calls import lifecycle, provider_events, statuses
 from shared.core.config import load_settings
 from shared.core.errors import ErrorType
-from shared.core.models import Call
+from shared.core.models import Call, WebhookEvent
 from shared.observability.sentry import init_sentry
 from tests.support.components import components
-from tests.support.factories import call_row, customer, ledger_total, load_call
+from tests.support.factories import call_row, customer, ledger_total, load_call, load_event
 from tests.support.sentry_sink import SentrySink
 
 
@@ -181,3 +181,54 @@ def test_every_status_of_a_bolna_redial_is_reported_and_none_is_applied_or_bille
         },
     ]
     assert {tuple(event.payload["fingerprint"]) for event in reported} == {("bolna_redialled", "webhook.process")}
+
+
+class _BolnaRecordCatchingUp:
+    """Bolna's records of an execution, one per GET /executions/{id}, in order."""
+
+    def __init__(self, *answers: dict):
+        self.answers = list(answers)
+
+    def get_execution(self, execution_id: str) -> dict:
+        return {"id": execution_id, **self.answers.pop(0)}
+
+
+NOT_COMPLETED_YET = {"status": "call-disconnected"}
+WRITTEN = {"status": statuses.COMPLETED, "telephony_data": {"duration": "61"}}
+
+
+def _completed_without_duration() -> tuple[Call, int]:
+    """A live call whose `completed` came without its duration: stored, waiting for the queue-processor."""
+    owner = customer(credits=10)
+    execution_id = str(uuid.uuid4())
+    call = call_row(owner, status="in-progress", execution_id=execution_id, slot_held=True)
+    receipt = provider_events.ingest(components().uow, {"id": execution_id, "status": statuses.COMPLETED})
+    return call, receipt.event_id
+
+
+def test_a_completed_without_its_duration_waits_for_bolnas_record_to_catch_up_and_is_billed_from_it():
+    call, event_id = _completed_without_duration()
+    bolna = _BolnaRecordCatchingUp(NOT_COMPLETED_YET, WRITTEN)
+
+    provider_events.process(components().uow, event_id, bolna)  # type: ignore[arg-type]
+    waiting = load_event(event_id)
+    assert waiting.applied_at is None and waiting.attempts == 2 and waiting.next_attempt_at is not None
+    assert (load_call(call.id).status, ledger_total(call.user_id)) == ("in-progress", (0, 0))
+
+    provider_events.process(components().uow, event_id, bolna)  # type: ignore[arg-type]
+    billed = load_call(call.id)
+    assert (billed.status, billed.duration_seconds, billed.error_type) == ("completed", 61, None)
+    assert ledger_total(call.user_id) == (1, -2) and bolna.answers == []
+
+
+def test_a_completed_whose_record_never_catches_up_is_completed_unbilled_and_reported():
+    call, event_id = _completed_without_duration()
+    with components().uow() as uow:  # it has waited as long as a record may lag
+        received = WebhookEvent.received_at - provider_events.BOLNA_RECORD_LAG
+        uow.session.execute(update(WebhookEvent).where(WebhookEvent.id == event_id).values(received_at=received))
+        uow.commit()
+
+    provider_events.process(components().uow, event_id, _BolnaRecordCatchingUp(NOT_COMPLETED_YET))  # type: ignore[arg-type]
+    unbilled = load_call(call.id)
+    assert (unbilled.status, unbilled.error_type) == ("completed", ErrorType.BILLING_DURATION_MISSING)
+    assert ledger_total(call.user_id) == (0, 0) and load_event(event_id).applied_at is not None
