@@ -167,9 +167,10 @@ def finished_attempts_query(
     """The user's contacts being called whose call has ended: their result is settled next. With `call_id`, only
     that call's contact: two primary-key reads, whatever the number of contacts being called.
 
-    The call is locked too: Bolna's word may be overruling a failure Callflow gave the call (its webhook holds the
-    call's lock, and reopens only a contact already settled), so the ended call is read again once that lock is
-    free, and a call under way again is not settled."""
+    Its call is locked too, and a contact whose call another transaction holds is skipped: that may be Bolna's word
+    overruling a failure Callflow gave the call (its webhook reopens only a contact already settled). Waiting for it
+    would deadlock when that word is a `completed`, whose charge waits for the customer's lock the caller holds; the
+    change it makes is settled on its own message, or on the scheduler's next round."""
     query = (
         select(CampaignContact, Call)
         .join(Campaign, Campaign.id == CampaignContact.campaign_id)
@@ -179,7 +180,7 @@ def finished_attempts_query(
             CampaignContact.state == states.CALLING,
             Call.status.in_(statuses.TERMINAL),
         )
-        .with_for_update(of=(CampaignContact, Call), key_share=True)
+        .with_for_update(of=(CampaignContact, Call), key_share=True, skip_locked=True)
     )
     if call_id is not None:
         query = query.where(_attempt_of(call_id))

@@ -181,7 +181,7 @@ def apply_provider_event(store: CallStore, call: Call, event: WebhookEvent) -> N
     if event.attempt > 0:
         # Bolna redials on its own (an agent with auto-retry on), whatever order its statuses arrive in: a redial
         # is never applied, and one still under way is stopped, so every dial goes through the limit.
-        if not statuses.is_terminal(event.status):
+        if redial_is_stopped(event.status):
             log.warning(
                 "Bolna redials call %s (attempt %d, %s): asking it to stop", call.id, event.attempt, event.status
             )
@@ -208,6 +208,12 @@ def apply_provider_event(store: CallStore, call: Call, event: WebhookEvent) -> N
         _announce_attempt_end(call)
     if event.status == statuses.COMPLETED:
         bill(store, call, execution.duration_seconds)
+
+
+def redial_is_stopped(status: str) -> bool:
+    """Whether a status of a redial (Bolna dialling again on its own) has Callflow ask Bolna to stop it: one still
+    under way; one that ended has nothing left to stop."""
+    return not statuses.is_terminal(status)
 
 
 def _provider_overrules_callflow_failure(call: Call, event: WebhookEvent) -> bool:

@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sentry_sdk
@@ -37,8 +37,8 @@ PROCESS_OP = "webhook.process"
 PROCESS_NAME = "Process Bolna Webhook"
 KEPT_EVENT_RETENTION = timedelta(days=1)
 # Bolna writes a call's record as the call goes: while a `completed` that came without its duration is younger than
-# this, a record that is not completed yet is asked for again later, not taken as Bolna's last word.
-BOLNA_RECORD_LAG = timedelta(minutes=5)
+# this, a record that is still live is asked for again later, not taken as Bolna's last word.
+BOLNA_RECORD_LAG = timedelta(minutes=2)
 # The breadcrumb that opens the handling of an event says where it came from.
 WEBHOOK_RECEIVED = "Webhook received"
 EXECUTION_FETCHED = "Bolna execution fetched"  # Bolna's answer to GET /executions/{id} (reconciling)
@@ -286,7 +286,7 @@ class _KeptEvent:
             .on_conflict_do_nothing(constraint="uq_webhook_events_execution_status")
         )
         event_id = uow.session.scalar(select(events.c.id).where(*(events.c[n] == v for n, v in key.items())))
-        attempts = uow.session.scalar(_tried_later(event_id, reason).returning(events.c.attempts))
+        attempts = uow.session.scalar(_retry_later(event_id, reason).returning(events.c.attempts))
         uow.commit()
         return event_id, attempts
 
@@ -331,14 +331,16 @@ def _lacks_duration(event: WebhookEvent) -> bool:
 
 
 def _completed_without_duration(execution: AgentExecution) -> bool:
-    return execution.status == statuses.COMPLETED and not execution.duration_seconds
+    """A `completed` of the dial Callflow placed, without its duration (a redial's is never billed: none is waited
+    for)."""
+    return execution.status == statuses.COMPLETED and execution.attempt == 0 and not execution.duration_seconds
 
 
 def _complete_duration(uow_factory: UnitOfWorkFactory, event: WebhookEvent, bolna: BolnaClient | None) -> bool:
     """Asks Bolna for a `completed` event's execution and keeps its answer when it has the duration. False while the
-    event waits: Bolna cannot be asked now, or its record is not completed yet and the event is younger than
-    BOLNA_RECORD_LAG. Otherwise the event is applied: a call Bolna has no duration for either (or does not know, or
-    whose record never caught up) is completed unbilled and reported."""
+    event waits: Bolna cannot be asked now, or its record is still live and the event is younger than
+    BOLNA_RECORD_LAG. Otherwise the event is applied: a call Bolna has no duration for either (its record is final,
+    it does not know the execution, or its record stayed live) is completed unbilled and reported."""
     if bolna is None:
         return False
     try:
@@ -348,9 +350,9 @@ def _complete_duration(uow_factory: UnitOfWorkFactory, event: WebhookEvent, boln
             log.warning("completed %s lacks its duration and Bolna cannot be asked now: %s", event.execution_id, exc)
             return False
         return True  # Bolna does not know it: applied as it came, which reports the missing duration
-    if execution.get("status") != statuses.COMPLETED:
-        return not _waits_for_record(uow_factory, event, f"Bolna's record is {execution.get('status')!r} (yet)")
-    if AgentExecution(execution).duration_seconds:
+    if execution.get("status") not in statuses.TERMINAL:
+        return not _put_off_for_record(uow_factory, event, f"Bolna's record is still {execution.get('status')!r}")
+    if execution.get("status") == statuses.COMPLETED and AgentExecution(execution).duration_seconds:
         with uow_factory() as uow:
             uow.session.execute(
                 update(WebhookEvent).where(WebhookEvent.id == event.id).values(payload=storable(execution))
@@ -359,22 +361,25 @@ def _complete_duration(uow_factory: UnitOfWorkFactory, event: WebhookEvent, boln
     return True
 
 
-def _waits_for_record(uow_factory: UnitOfWorkFactory, event: WebhookEvent, reason: str) -> bool:
-    """Whether a `completed` without its duration waits for Bolna's record to catch up: while it is younger than
-    BOLNA_RECORD_LAG, its next try is set, later and later (as `_defer` does)."""
-    if datetime.now(UTC) - event.received_at >= BOLNA_RECORD_LAG:
+def _put_off_for_record(uow_factory: UnitOfWorkFactory, event: WebhookEvent, reason: str) -> bool:
+    """Sets when a `completed` without its duration is tried next, later and later, while it is younger than
+    BOLNA_RECORD_LAG by the database's clock; False when it is not (or was applied meanwhile): it waits no more."""
+    events = WebhookEvent.__table__
+    with uow_factory() as uow:
+        put_off = uow.session.execute(
+            _retry_later(event.id, reason).where(events.c.received_at > func.now() - BOLNA_RECORD_LAG)
+        ).rowcount
+        uow.commit()
+    if not put_off:
         log.warning(
             "completed %s: %s after %s: applied without a duration", event.execution_id, reason, BOLNA_RECORD_LAG
         )
-        return False
-    with uow_factory() as uow:
-        uow.session.execute(_tried_later(event.id, reason))
-        uow.commit()
-    return True
+    return bool(put_off)
 
 
-def _tried_later(event_id: int, reason: str) -> Update:
-    """One more try at a stored event that is not applied yet, which failed for `reason`: due again later and later."""
+def _retry_later(event_id: int, reason: str) -> Update:
+    """The statement counting one more try at a stored event not applied yet, which failed for `reason`, and setting
+    its next try, later and later."""
     events = WebhookEvent.__table__
     return (
         update(events)
@@ -422,7 +427,7 @@ def _report_unbilled(call: Call, event: WebhookEvent) -> None:
             agent_id=call.agent_id,
             execution_id=event.execution_id,
         ),
-        place="webhook.process",
+        place=PROCESS_OP,
     )
 
 
@@ -431,7 +436,7 @@ def _report_redial(call: Call, event: WebhookEvent) -> None:
     person may be called twice, outside the customer's limit, and nothing a redial does is applied or billed
     (`lifecycle.apply_provider_event`). Each of its statuses is reported, all in one issue; a completed redial
     carries its duration, to bill by hand."""
-    stop_requested = not statuses.is_terminal(event.status)
+    stop_requested = lifecycle.redial_is_stopped(event.status)
     report(
         CallflowError(
             ErrorType.BOLNA_REDIALLED,

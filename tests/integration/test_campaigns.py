@@ -19,8 +19,9 @@ from shared.campaigns import commands, spec, states
 from shared.campaigns.views import campaign_view
 from shared.core.errors import CallflowError, ErrorType
 from shared.core.models import Call, Campaign, CampaignContact, User, WebhookEvent
+from shared.core.uow import UnitOfWork
 from tests.support.components import components
-from tests.support.factories import Customer, call_row, customer
+from tests.support.factories import Customer, call_row, customer, load_call
 from tests.support.placers import RecordingPlacer
 from tests.support.stack import wait_until
 
@@ -278,49 +279,94 @@ def test_a_callflow_failure_is_never_retried_as_if_bolna_had_said_no_answer():
     assert _campaign_row(campaign_id).status == states.COMPLETED
 
 
-def test_an_attempt_is_not_settled_on_a_failure_bolna_overrules_while_it_is_settled():
-    """The `slot.released` of a call Callflow gave up on settles its contact while Bolna's first webhook for it
-    overrules the failure: the settling waits for the webhook's lock on the call and finds it live again (it read
-    the call as failed, and closed the contact on a call under way)."""
+def test_a_settling_does_not_close_a_contact_on_a_failure_bolnas_word_is_overruling():
+    """The `slot.released` of a call Callflow gave up on settles its contact while Bolna's word for that call, a
+    webhook overruling the failure, is applied and not yet committed: the settling reads the call as failed, and
+    the webhook reopens only a contact already settled."""
+    owner, campaign_id, call = _campaign_call_given_up()
+    with components().uow() as webhook:
+        live = _overruled(webhook, call.id, "ringing")
+        settling = _Settling(owner.user_id, call.id)
+        settling.start()
+        wait_until(lambda: not settling.is_alive() or _waits_for(webhook), 10, "the settling runs")
+        webhook.commit()
+    settling.join(30)
+    assert not settling.is_alive() and settling.error is None, settling.error
+    (contact,) = _contacts(campaign_id)
+    assert (live.status, contact.state, contact.final_status) == ("ringing", states.CALLING, None)
+
+
+def test_a_settling_and_bolnas_completed_overruling_a_failure_do_not_deadlock():
+    """The settling holds the customer's lock and reads the contact and its call, which the webhook holds; the
+    webhook's charge then needs the customer's lock. The settling leaves the contact to a later round."""
+    owner, campaign_id, call = _campaign_call_given_up()
+    with components().uow() as webhook:
+        webhook.calls.lock_call(call.id)  # its call found, by our id echoed back
+        settling = _Settling(owner.user_id, call.id)
+        settling.start()
+        wait_until(lambda: not settling.is_alive() or _waits_for(webhook), 10, "the settling runs")
+        _overruled(webhook, call.id, "completed")
+        webhook.commit()
+    settling.join(30)
+    assert not settling.is_alive() and settling.error is None, settling.error
+    _settle(owner.user_id, call.id)  # the webhook's own message, or the scheduler's next round
+    (contact,) = _contacts(campaign_id)
+    assert (contact.state, contact.final_status) == (states.DONE, "completed")
+    assert load_call(call.id).credits_charged == 2
+
+
+def _campaign_call_given_up() -> tuple[Customer, uuid.UUID, Call]:
+    """A campaign's one call, placed, then given up as `bolna_outcome_unknown` (its answer lost, nothing found)."""
     owner = customer(credits=1000, max_concurrent_calls=5)
     campaign_id = _campaign(owner, [LONDON.format(1)])
     (call,) = _dispatch(owner, _Clock(NOON_UTC))
-    with components().uow() as uow:  # Bolna's answer was lost and nothing found the call
+    with components().uow() as uow:
         given_up = uow.calls.lock_call(call.id)
         given_up.status, given_up.error_type, given_up.slot_held = statuses.FAILED, "bolna_outcome_unknown", False
         uow.commit()
+    return owner, campaign_id, call
+
+
+def _overruled(webhook: UnitOfWork, call_id: uuid.UUID, status: str) -> Call:
+    """Bolna's webhook of `status` for the call, naming our id, applied as provider_events does, not committed."""
     execution_id = str(uuid.uuid4())
-    with components().uow() as webhook:  # its webhook, naming our call id, as provider_events applies it
-        live = webhook.calls.lock_call(call.id)
-        lifecycle.link_execution(webhook.calls, live, execution_id)
-        ringing = {"id": execution_id, "status": "ringing"}
-        lifecycle.apply_provider_event(
-            webhook.calls, live, WebhookEvent(execution_id=execution_id, status="ringing", attempt=0, payload=ringing)
-        )
-        settling = threading.Thread(target=_settle, args=(owner.user_id, call.id))
-        settling.start()
-        wait_until(lambda: not settling.is_alive() or _a_transaction_waits_for_a_lock(), 10, "the settling runs")
-        webhook.commit()
-    settling.join(30)
-    (contact,) = _contacts(campaign_id)
-    assert (contact.state, contact.final_status) == (states.CALLING, None)
-    assert _campaign_row(campaign_id).status == states.RUNNING
+    live = webhook.calls.lock_call(call_id)
+    lifecycle.link_execution(webhook.calls, live, execution_id)
+    word = {"id": execution_id, "status": status, "telephony_data": {"duration": "61"}}
+    event = WebhookEvent(execution_id=execution_id, status=status, attempt=0, payload=word)
+    lifecycle.apply_provider_event(webhook.calls, live, event)
+    return live
+
+
+def _waits_for(holder: UnitOfWork) -> bool:
+    """Whether another transaction waits for a lock `holder`'s transaction holds."""
+    pid = holder.session.scalar(text("SELECT pg_backend_pid()"))
+    with components().engine.connect() as connection:
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"
+        return connection.scalar(text(waiting), {"pid": pid}) > 0
+
+
+class _Settling(threading.Thread):
+    """What the `slot.released` of a call makes the dispatcher do first, on a thread of its own; keeps its error."""
+
+    def __init__(self, user_id: uuid.UUID, call_id: uuid.UUID):
+        super().__init__()
+        self.user_id, self.call_id = user_id, call_id
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            _settle(self.user_id, self.call_id)
+        except BaseException as exc:
+            self.error = exc
 
 
 def _settle(user_id: uuid.UUID, call_id: uuid.UUID) -> None:
-    """What the `slot.released` of `call_id` makes the dispatcher do first, under the customer's lock."""
+    """Settles the attempt `call_id` ended, under the customer's lock, as the dispatcher does."""
     with components().uow() as uow:
         uow.calls.lock_user(user_id)
         CampaignDispatch(_Clock(NOON_UTC)).settle(uow, user_id, call_id)
         uow.commit()
-
-
-def _a_transaction_waits_for_a_lock() -> bool:
-    with components().engine.connect() as connection:
-        waiting = (
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
-        )
-        return connection.scalar(text(waiting)) > 0
 
 
 def test_cancel_ends_waiting_contacts_and_queued_calls_and_holds_no_slot():

@@ -221,14 +221,34 @@ def test_a_completed_without_its_duration_waits_for_bolnas_record_to_catch_up_an
     assert ledger_total(call.user_id) == (1, -2) and bolna.answers == []
 
 
-def test_a_completed_whose_record_never_catches_up_is_completed_unbilled_and_reported():
+@pytest.mark.parametrize(
+    ("record", "waited"),
+    [({"status": "call-disconnected"}, True), ({"status": statuses.FAILED}, False)],
+    ids=["still live once it waited", "final"],
+)
+def test_a_completed_bolnas_record_gives_no_duration_for_is_completed_unbilled_and_reported(record, waited):
     call, event_id = _completed_without_duration()
-    with components().uow() as uow:  # it has waited as long as a record may lag
-        received = WebhookEvent.received_at - provider_events.BOLNA_RECORD_LAG
-        uow.session.execute(update(WebhookEvent).where(WebhookEvent.id == event_id).values(received_at=received))
-        uow.commit()
+    if waited:  # as long as a record may lag
+        with components().uow() as uow:
+            received = WebhookEvent.received_at - provider_events.BOLNA_RECORD_LAG
+            uow.session.execute(update(WebhookEvent).where(WebhookEvent.id == event_id).values(received_at=received))
+            uow.commit()
 
-    provider_events.process(components().uow, event_id, _BolnaRecordCatchingUp(NOT_COMPLETED_YET))  # type: ignore[arg-type]
+    provider_events.process(components().uow, event_id, _BolnaRecordCatchingUp(record))  # type: ignore[arg-type]
     unbilled = load_call(call.id)
     assert (unbilled.status, unbilled.error_type) == ("completed", ErrorType.BILLING_DURATION_MISSING)
     assert ledger_total(call.user_id) == (0, 0) and load_event(event_id).applied_at is not None
+
+
+def test_a_redials_completed_without_a_duration_is_reported_at_once_not_held_for_bolnas_record(sentry_sink):
+    owner = customer(credits=10)
+    execution_id = str(uuid.uuid4())
+    call = call_row(owner, status="no-answer", execution_id=execution_id)
+    redial = {"id": execution_id, "status": statuses.COMPLETED, "retry_count": 1}
+    with sentry_sdk.isolation_scope():
+        receipt = provider_events.ingest(components().uow, redial)
+    assert load_event(receipt.event_id).applied_at is not None, "nothing of a redial is billed: no duration awaited"
+    sentry_sdk.flush(timeout=10)
+    (reported,) = sentry_sink.events(error_type=str(ErrorType.BOLNA_REDIALLED), call_id=str(call.id))
+    assert reported.payload["contexts"]["redial_details"]["duration_seconds"] is None
+    assert (load_call(call.id).status, ledger_total(owner.user_id)) == ("no-answer", (0, 0))
