@@ -350,9 +350,11 @@ def _complete_duration(uow_factory: UnitOfWorkFactory, event: WebhookEvent, boln
             log.warning("completed %s lacks its duration and Bolna cannot be asked now: %s", event.execution_id, exc)
             return False
         return True  # Bolna does not know it: applied as it came, which reports the missing duration
-    if execution.get("status") not in statuses.TERMINAL:
-        return not _put_off_for_record(uow_factory, event, f"Bolna's record is still {execution.get('status')!r}")
-    if execution.get("status") == statuses.COMPLETED and AgentExecution(execution).duration_seconds:
+    record = AgentExecution(execution)
+    if record.status not in statuses.TERMINAL:
+        return not _put_off_for_record(uow_factory, event, f"Bolna's record is still {record.status!r}")
+    # Bolna's redials share the execution id: a record of another dial (its retry count) bills nothing of this one.
+    if record.status == statuses.COMPLETED and record.attempt == event.attempt and record.duration_seconds:
         with uow_factory() as uow:
             uow.session.execute(
                 update(WebhookEvent).where(WebhookEvent.id == event.id).values(payload=storable(execution))
@@ -372,7 +374,10 @@ def _put_off_for_record(uow_factory: UnitOfWorkFactory, event: WebhookEvent, rea
         uow.commit()
     if not put_off:
         log.warning(
-            "completed %s: %s after %s: applied without a duration", event.execution_id, reason, BOLNA_RECORD_LAG
+            "completed %s: %s; waiting no more (past %s, or applied meanwhile)",
+            event.execution_id,
+            reason,
+            BOLNA_RECORD_LAG,
         )
     return bool(put_off)
 

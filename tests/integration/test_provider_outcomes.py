@@ -223,8 +223,12 @@ def test_a_completed_without_its_duration_waits_for_bolnas_record_to_catch_up_an
 
 @pytest.mark.parametrize(
     ("record", "waited"),
-    [({"status": "call-disconnected"}, True), ({"status": statuses.FAILED}, False)],
-    ids=["still live once it waited", "final"],
+    [
+        ({"status": "call-disconnected"}, True),
+        ({"status": statuses.FAILED}, False),
+        ({**WRITTEN, "retry_count": 1}, False),  # Bolna redialled: its record is now the redial's
+    ],
+    ids=["still live once it waited", "final", "a redial's"],
 )
 def test_a_completed_bolnas_record_gives_no_duration_for_is_completed_unbilled_and_reported(record, waited):
     call, event_id = _completed_without_duration()
