@@ -178,7 +178,7 @@ def apply_provider_event(store: CallStore, call: Call, event: WebhookEvent) -> N
         log.warning("webhook with unknown status %r for call %s kept, not applied", event.status, call.id)
         return
     heard_from_provider(store, call)
-    if event.attempt > 0:
+    if is_redial(event):
         # Bolna redials on its own (an agent with auto-retry on), whatever order its statuses arrive in: a redial
         # is never applied, and one still under way is stopped, so every dial goes through the limit.
         if redial_is_stopped(event.status):
@@ -208,6 +208,11 @@ def apply_provider_event(store: CallStore, call: Call, event: WebhookEvent) -> N
         _announce_attempt_end(call)
     if event.status == statuses.COMPLETED:
         bill(store, call, execution.duration_seconds)
+
+
+def is_redial(event: WebhookEvent) -> bool:
+    """Whether the event is a status of a redial: Bolna dialling the call again on its own (its retry count)."""
+    return event.attempt > 0 and event.status in statuses.PROVIDER_STATUSES
 
 
 def redial_is_stopped(status: str) -> bool:

@@ -244,7 +244,7 @@ def _apply_and_commit(
             return _keep_failed(uow, kept, exc, ids, started)
         if unbilled:
             _report_unbilled(call, event)
-        if event.attempt > 0 and event.status in statuses.PROVIDER_STATUSES:
+        if lifecycle.is_redial(event):
             _report_redial(call, event)
         return _Outcome(event.id)
 
@@ -439,8 +439,8 @@ def _report_unbilled(call: Call, event: WebhookEvent) -> None:
 def _report_redial(call: Call, event: WebhookEvent) -> None:
     """Bolna dialled the call again on its own, though Callflow asks it never to (`retry_config.enabled=false`): the
     person may be called twice, outside the customer's limit, and nothing a redial does is applied or billed
-    (`lifecycle.apply_provider_event`). Each of its statuses is reported, all in one issue; a completed redial
-    carries its duration, to bill by hand."""
+    (`lifecycle.apply_provider_event`). Each status of it that reaches its call is reported, all in one issue; a
+    completed redial carries its duration, to bill by hand."""
     stop_requested = lifecycle.redial_is_stopped(event.status)
     report(
         CallflowError(
