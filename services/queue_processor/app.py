@@ -51,7 +51,15 @@ class QueueProcessor:
         )
         jobs.start()
         log.info("queue-processor started; health on %s:%s", self.settings.host, port)
-        self.consumer.run()  # returns once `stopping` is set and the message in hand is acknowledged
+        try:
+            self.consumer.run()  # returns once `stopping` is set and the message in hand is acknowledged
+        except BaseException:
+            # A consumer that died must take the process with it (a supervisor starts a new one): the jobs alone
+            # would keep it alive without consuming, and its placing threads are shut down with the main thread.
+            log.exception("the dispatch-queue consumer failed; the queue-processor stops")
+            self.stopping.set()
+            jobs.join()
+            raise
         jobs.join()
         if not self.dispatcher.wait_until_idle(STOP_TIMEOUT_SECONDS):
             log.warning("calls are still being placed after %.0f s; waiting for Bolna's answers", STOP_TIMEOUT_SECONDS)

@@ -96,6 +96,17 @@ class ConnectionLost(AMQPError):
     """The connection went away before a message was settled: the broker delivers it again."""
 
 
+def process_events(connection: pika.BlockingConnection) -> None:
+    """Handles the connection's I/O for up to a second. pika raises a ValueError ("Timeout closed before call")
+    when the connection was lost and its I/O loop already closed: that is the connection lost, as any other."""
+    try:
+        connection.process_data_events(time_limit=1)
+    except ValueError as exc:
+        if connection.is_open:
+            raise
+        raise ConnectionLost(f"the broker connection was lost: {exc}") from exc
+
+
 class _HandlerThread:
     """Handles one connection's deliveries, one at a time in the order they came, on a thread of its own.
 
@@ -228,7 +239,7 @@ class Consumer:
         try:
             self._start_consuming(connection, handler_thread)
             while not (self._stopping.is_set() and handler_thread.idle()):
-                connection.process_data_events(time_limit=1)
+                process_events(connection)
                 handler_thread.raise_failure()
         except (AMQPError, OSError) as exc:
             if time.monotonic() - opened < HEALTHY_SECONDS:

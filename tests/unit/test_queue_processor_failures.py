@@ -1,0 +1,62 @@
+"""The queue-processor never lives on without its consumer: a broker connection pika lost is lost like any other,
+and a consumer that fails anyway stops the whole process, so its supervisor starts a new one."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from types import SimpleNamespace
+
+import pytest
+from flask import Flask
+
+from services.queue_processor.app import QueueProcessor
+from services.queue_processor.consumer import ConnectionLost, process_events
+from services.queue_processor.jobs import Job
+from tests.support.processes import free_port
+
+
+class _Connection:
+    """A pika connection whose I/O loop pika closed (the connection was lost), or one still open."""
+
+    def __init__(self, is_open: bool):
+        self.is_open = is_open
+
+    def process_data_events(self, time_limit: float) -> None:
+        raise ValueError("Timeout closed before call")
+
+
+def test_a_lost_connection_whose_io_loop_pika_closed_is_a_lost_connection():
+    with pytest.raises(ConnectionLost):
+        process_events(_Connection(is_open=False))  # type: ignore[arg-type]
+
+
+def test_the_same_error_on_an_open_connection_is_not_taken_for_a_lost_one():
+    with pytest.raises(ValueError, match="Timeout closed before call"):
+        process_events(_Connection(is_open=True))  # type: ignore[arg-type]
+
+
+class _FailingConsumer:
+    def run(self) -> None:
+        raise RuntimeError("the consumer broke")
+
+
+def test_a_consumer_that_fails_stops_the_periodic_jobs_and_the_process(monkeypatch):
+    monkeypatch.setattr(signal, "signal", lambda *_: None)  # the test runner keeps its own handlers
+    rounds = threading.Event()
+    jobs = SimpleNamespace(all=lambda: (Job(rounds.set, interval_seconds=0.05),))
+    stopping = threading.Event()
+    processor = QueueProcessor(
+        settings=SimpleNamespace(host="127.0.0.1", port=free_port()),  # type: ignore[arg-type]
+        health_app=Flask(__name__),
+        consumer=_FailingConsumer(),  # type: ignore[arg-type]
+        jobs=jobs,  # type: ignore[arg-type]
+        dispatcher=None,  # type: ignore[arg-type]
+        after_commit=None,  # type: ignore[arg-type]
+        stopping=stopping,
+    )
+
+    with pytest.raises(RuntimeError, match="the consumer broke"):
+        processor.run()
+    assert stopping.is_set()
+    assert not [thread for thread in threading.enumerate() if thread.name == "periodic-jobs"]
