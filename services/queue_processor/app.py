@@ -58,9 +58,9 @@ class QueueProcessor:
             # would keep it alive without consuming, and its placing threads are shut down with the main thread.
             log.exception("the dispatch-queue consumer failed; the queue-processor stops")
             self.stopping.set()
-            jobs.join()
             raise
-        jobs.join()
+        finally:
+            jobs.join()
         if not self.dispatcher.wait_until_idle(STOP_TIMEOUT_SECONDS):
             log.warning("calls are still being placed after %.0f s; waiting for Bolna's answers", STOP_TIMEOUT_SECONDS)
         self.after_commit.wait_until_idle(STOP_TIMEOUT_SECONDS)  # what is left, the relay publishes
