@@ -121,9 +121,9 @@ class CallPlacer:
             ).one()
             uow.calls.note_now(now)
             lifecycle.link_execution(uow.calls, call, placed.execution_id, placed.status)
-            if kept:
-                provider_events.apply_kept_events(uow, call)
+            applied = provider_events.apply_kept_events(uow, call) if kept else []
             uow.commit()
+        provider_events.report_applied(call, applied)
         return call
 
     def _await_outcome(self, call_id: uuid.UUID, error: BolnaError) -> Call | None:

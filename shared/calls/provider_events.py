@@ -244,8 +244,7 @@ def _apply_and_commit(
             return _keep_failed(uow, kept, exc, ids, started)
         if unbilled:
             _report_unbilled(call, event)
-        if lifecycle.is_redial(event):
-            _report_redial(call, event)
+        report_applied(call, [event])
         return _Outcome(event.id)
 
 
@@ -465,13 +464,25 @@ def _report_redial(call: Call, event: WebhookEvent) -> None:
     )
 
 
-def apply_kept_events(uow: UnitOfWork, call: Call) -> None:
-    """Applies the events kept for the call's execution (the caller holds the call's row lock)."""
+def apply_kept_events(uow: UnitOfWork, call: Call) -> list[WebhookEvent]:
+    """Applies the events kept for the call's execution (the caller holds the call's row lock). Returns those
+    applied, for `report_applied` once the caller committed."""
     with uow.session.no_autoflush:  # what the caller changed on the call is written once, with what they change
         kept = uow.session.scalars(kept_events_query(call.execution_id)).all()
+    applied = []
     for event in sorted(kept, key=lambda e: statuses.rank(e.status) if e.status in statuses.PROVIDER_STATUSES else -1):
         if not _lacks_duration(event):  # that one waits for the queue-processor to ask Bolna for its duration
             lifecycle.apply_provider_event(uow.calls, call, event)
+            applied.append(event)
+    return applied
+
+
+def report_applied(call: Call, events: list[WebhookEvent]) -> None:
+    """Reports what events applied to their call (and committed) showed: Bolna redialling it on its own, whichever
+    way the event reached the call (its own request, or kept until the call was linked)."""
+    for event in events:
+        if lifecycle.is_redial(event):
+            _report_redial(call, event)
 
 
 def unapplied_event_ids(uow_factory: UnitOfWorkFactory, min_age_seconds: float, limit: int = 500) -> list[int]:

@@ -13,10 +13,13 @@ from sqlalchemy import func, select, update
 
 from services.queue_processor import jobs
 from services.queue_processor.reconcile import ProviderReconciler, ReconcileBounds
+from shared.bolna.client import PlacedCall
 from shared.calls import lifecycle, provider_events, statuses
+from shared.calls.initiation import CallPlacer
 from shared.core.config import load_settings
 from shared.core.errors import ErrorType
-from shared.core.models import Call, WebhookEvent
+from shared.core.models import Call, OutboxMessage, WebhookEvent
+from shared.messaging.topology import MessageType
 from shared.observability.sentry import init_sentry
 from tests.support.components import components
 from tests.support.factories import call_row, customer, ledger_total, load_call, load_event
@@ -181,6 +184,29 @@ def test_every_status_of_a_bolna_redial_is_reported_and_none_is_applied_or_bille
         },
     ]
     assert {tuple(event.payload["fingerprint"]) for event in reported} == {("bolna_redialled", "webhook.process")}
+
+
+def test_a_redial_kept_until_bolnas_answer_links_its_call_is_reported_and_asked_to_stop(sentry_sink):
+    owner = customer()
+    call = call_row(owner, status=statuses.INITIATING, slot_held=True)
+    execution_id = str(uuid.uuid4())
+    with sentry_sdk.isolation_scope():  # Bolna's webhook, before its answer to POST /call: no call for it yet
+        receipt = provider_events.ingest(components().uow, {"id": execution_id, "status": "ringing", "retry_count": 1})
+    assert load_event(receipt.event_id).applied_at is None
+
+    placer = CallPlacer(components().uow, bolna=None, max_attempts=3)  # type: ignore[arg-type]: Bolna is not asked
+    placer.link_execution(call.id, PlacedCall(execution_id, "queued", duration_ms=1.0))
+
+    assert load_event(receipt.event_id).applied_at is not None
+    assert load_call(call.id).status == "queued", "a redial's status is not applied"
+    sentry_sdk.flush(timeout=10)
+    (reported,) = sentry_sink.events(error_type=str(ErrorType.BOLNA_REDIALLED), call_id=str(call.id))
+    assert reported.payload["contexts"]["redial_details"]["stop_requested"] is True
+    with components().uow() as uow:
+        announced = uow.session.scalars(
+            select(OutboxMessage.message_type).where(OutboxMessage.body["call_id"].astext == str(call.id))
+        ).all()
+    assert announced == [MessageType.EXECUTION_STOP], "Bolna is asked to stop the redial"
 
 
 class _BolnaRecordCatchingUp:
