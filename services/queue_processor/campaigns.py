@@ -187,6 +187,10 @@ def finished_attempts_query(
     return query
 
 
+def campaign_lock_query(campaign_id: uuid.UUID) -> Select[tuple[uuid.UUID]]:
+    return select(Campaign.id).where(Campaign.id == campaign_id).with_for_update(key_share=True)
+
+
 def has_open_contacts_query(campaign_id: uuid.UUID) -> Select[tuple[bool]]:
     """Whether a contact still waits or is being called (two probes of the partial indexes, never a count)."""
     contacts = CampaignContact
@@ -308,12 +312,18 @@ class CampaignDispatch:
             lifecycle.cancel_queued(call, "The campaign was canceled before the call was placed.")
 
     def finish_if_done(self, uow: UnitOfWork, campaign: Campaign) -> None:
-        if campaign.status in (states.RUNNING, states.PAUSED) and not uow.session.scalar(
-            has_open_contacts_query(campaign.id)
-        ):
-            campaign.status = states.COMPLETED
-            campaign.pause_reason = None
-            campaign.finished_at = func.now()
+        if campaign.status not in (states.RUNNING, states.PAUSED):
+            return
+        if uow.session.scalar(has_open_contacts_query(campaign.id)):
+            return
+        # Bolna's word overruling a failure reopens a contact without the customer's lock, holding the campaign's row
+        # until it commits (`CallStore.reopen_campaign_attempt`): past that lock, the contacts are looked at again.
+        uow.session.execute(campaign_lock_query(campaign.id))
+        if uow.session.scalar(has_open_contacts_query(campaign.id)):
+            return
+        campaign.status = states.COMPLETED
+        campaign.pause_reason = None
+        campaign.finished_at = func.now()
 
     def pause_for_credits(self, uow: UnitOfWork, user_id: uuid.UUID) -> None:
         """The customer ran out of credits: their campaigns stop until the customer resumes them."""

@@ -197,8 +197,6 @@ def apply_provider_event(store: CallStore, call: Call, event: WebhookEvent) -> N
         call.error_type = call.error_detail = None
         if event.status not in statuses.RELEASES_SLOT:
             hold_slot(store, call)
-        if call.contact_id is not None:
-            store.reopen_campaign_attempt(call)
     call.status = event.status
     call.transcript = execution.transcript or call.transcript
     call.recording_url = execution.recording_url or call.recording_url
@@ -208,6 +206,9 @@ def apply_provider_event(store: CallStore, call: Call, event: WebhookEvent) -> N
         _announce_attempt_end(call)
     if event.status == statuses.COMPLETED:
         bill(store, call, execution.duration_seconds)
+    if overruled and call.contact_id is not None:
+        # After the charge: it takes the customer's lock, which comes before the campaign's, as everywhere else.
+        store.reopen_campaign_attempt(call)
 
 
 def is_redial(event: WebhookEvent) -> bool:

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Select,
     TextClause,
     bindparam,
+    case,
     func,
     or_,
     select,
@@ -230,10 +231,16 @@ class SqlCallStore:
             .returning(contacts.c.campaign_id)
         )
         if reopened is not None:
+            # The campaign's row is written (so locked) whatever its status: a settling completing the campaign
+            # meanwhile waits for this transaction, and then sees the contact open (`CampaignDispatch.finish_if_done`).
+            completed = campaigns.c.status == COMPLETED_CAMPAIGN
             self.session.execute(
                 update(campaigns)
-                .where(campaigns.c.id == reopened, campaigns.c.status == COMPLETED_CAMPAIGN)
-                .values(status=RUNNING, finished_at=None)
+                .where(campaigns.c.id == reopened)
+                .values(
+                    status=case((completed, RUNNING), else_=campaigns.c.status),
+                    finished_at=case((completed, None), else_=campaigns.c.finished_at),
+                )
             )
 
     def now(self) -> Any:

@@ -315,6 +315,78 @@ def test_a_settling_and_bolnas_completed_overruling_a_failure_do_not_deadlock():
     assert load_call(call.id).credits_charged == 2
 
 
+def test_a_campaign_is_not_completed_while_bolnas_word_reopens_one_of_its_contacts():
+    """The settling of the campaign's last open contact completes it while Bolna's word for another contact's call,
+    given up and settled, reopens that contact and is not yet committed."""
+    owner, campaign_id, given_up, last = _campaign_with_a_given_up_attempt_settled_and_one_ended()
+    with components().uow() as webhook:
+        _overruled(webhook, given_up.id, "ringing")
+        settling = _Settling(owner.user_id, last.id)
+        settling.start()
+        wait_until(lambda: not settling.is_alive() or _waits_for(webhook), 10, "the settling runs")
+        webhook.commit()
+    settling.join(30)
+    assert not settling.is_alive() and settling.error is None, settling.error
+    assert [contact.state for contact in _contacts(campaign_id)] == [states.CALLING, states.DONE]
+    assert _campaign_row(campaign_id).status == states.RUNNING, "a contact is being called"
+
+
+def test_a_campaign_completed_while_bolnas_completed_reopens_a_contact_is_reopened_without_deadlock():
+    """Bolna's `completed` overruling a failure charges (the customer's lock) and reopens the contact (the campaign's
+    lock) while the settling of the last open contact holds the customer's lock and completes the campaign."""
+    owner, campaign_id, given_up, last = _campaign_with_a_given_up_attempt_settled_and_one_ended()
+    with components().uow() as settling:
+        settling.calls.lock_user(owner.user_id)
+        webhook = _Overruling(given_up.id, "completed")
+        webhook.start()
+        wait_until(lambda: not webhook.is_alive() or _waits_for(settling), 10, "the webhook waits to charge")
+        CampaignDispatch(_Clock(NOON_UTC)).settle(settling, owner.user_id, last.id)
+        settling.commit()
+    webhook.join(30)
+    assert not webhook.is_alive() and webhook.error is None, webhook.error
+    assert _campaign_row(campaign_id).status == states.RUNNING, "reopened by the contact Bolna's word reopened"
+    _settle(owner.user_id, given_up.id)  # the webhook's own message
+    assert [(c.state, c.final_status) for c in _contacts(campaign_id)] == [
+        (states.DONE, "completed"),
+        (states.DONE, "completed"),
+    ]
+    assert _campaign_row(campaign_id).status == states.COMPLETED
+    assert load_call(given_up.id).credits_charged == 2
+
+
+def _campaign_with_a_given_up_attempt_settled_and_one_ended() -> tuple[Customer, uuid.UUID, Call, Call]:
+    """A campaign of two contacts: the first one's call given up as `bolna_outcome_unknown` and its contact settled
+    (done), the second one's call completed and its contact not settled yet."""
+    owner = customer(credits=1000, max_concurrent_calls=5)
+    campaign_id = _campaign(owner, [LONDON.format(1), LONDON.format(2)])
+    given_up, last = sorted(_dispatch(owner, _Clock(NOON_UTC)), key=lambda call: call.phone_number)
+    with components().uow() as uow:
+        call = uow.calls.lock_call(given_up.id)
+        call.status, call.error_type, call.slot_held = statuses.FAILED, "bolna_outcome_unknown", False
+        uow.commit()
+    _settle(owner.user_id, given_up.id)
+    _end([last.id], "completed")
+    assert [contact.state for contact in _contacts(campaign_id)] == [states.DONE, states.CALLING]
+    return owner, campaign_id, given_up, last
+
+
+class _Overruling(threading.Thread):
+    """Bolna's webhook overruling Callflow's failure of a call, applied and committed on a thread of its own."""
+
+    def __init__(self, call_id: uuid.UUID, status: str):
+        super().__init__()
+        self.call_id, self.status = call_id, status
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with components().uow() as webhook:
+                _overruled(webhook, self.call_id, self.status)
+                webhook.commit()
+        except BaseException as exc:
+            self.error = exc
+
+
 def _campaign_call_given_up() -> tuple[Customer, uuid.UUID, Call]:
     """A campaign's one call, placed, then given up as `bolna_outcome_unknown` (its answer lost, nothing found)."""
     owner = customer(credits=1000, max_concurrent_calls=5)
