@@ -345,8 +345,9 @@ def _complete_duration(uow_factory: UnitOfWorkFactory, event: WebhookEvent, boln
     try:
         execution = bolna.get_execution(event.execution_id)
     except BolnaError as exc:
-        if exc.transient:
+        if exc.transient:  # tried again later and later, not on every round of the sweep while Bolna is down
             log.warning("completed %s lacks its duration and Bolna cannot be asked now: %s", event.execution_id, exc)
+            _put_off(uow_factory, event, f"Bolna cannot be asked for the duration now: {exc}")
             return False
         return True  # Bolna does not know it: applied as it came, which reports the missing duration
     record = AgentExecution(execution)
@@ -366,11 +367,7 @@ def _put_off_for_record(uow_factory: UnitOfWorkFactory, event: WebhookEvent, rea
     """Sets when a `completed` without its duration is tried next, later and later, while it is younger than
     BOLNA_RECORD_LAG by the database's clock; False when it is not (or was applied meanwhile): it waits no more."""
     events = WebhookEvent.__table__
-    with uow_factory() as uow:
-        put_off = uow.session.execute(
-            _retry_later(event.id, reason).where(events.c.received_at > func.now() - BOLNA_RECORD_LAG)
-        ).rowcount
-        uow.commit()
+    put_off = _put_off(uow_factory, event, reason, events.c.received_at > func.now() - BOLNA_RECORD_LAG)
     if not put_off:
         log.warning(
             "completed %s: %s; waiting no more (past %s, or applied meanwhile)",
@@ -378,7 +375,16 @@ def _put_off_for_record(uow_factory: UnitOfWorkFactory, event: WebhookEvent, rea
             reason,
             BOLNA_RECORD_LAG,
         )
-    return bool(put_off)
+    return put_off
+
+
+def _put_off(uow_factory: UnitOfWorkFactory, event: WebhookEvent, reason: str, *conditions: Any) -> bool:
+    """Counts one more try at a stored event, which failed for `reason`, and sets its next, later and later, unless
+    it was applied meanwhile or fails `conditions`; whether it did."""
+    with uow_factory() as uow:
+        put_off = uow.session.execute(_retry_later(event.id, reason).where(*conditions)).rowcount
+        uow.commit()
+    return put_off
 
 
 def _retry_later(event_id: int, reason: str) -> Update:

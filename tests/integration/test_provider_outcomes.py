@@ -13,7 +13,7 @@ from sqlalchemy import func, select, update
 
 from services.queue_processor import jobs
 from services.queue_processor.reconcile import ProviderReconciler, ReconcileBounds
-from shared.bolna.client import PlacedCall
+from shared.bolna.client import BolnaError, PlacedCall
 from shared.calls import lifecycle, provider_events, statuses
 from shared.calls.initiation import CallPlacer
 from shared.core.config import load_settings
@@ -245,6 +245,32 @@ def test_a_completed_without_its_duration_waits_for_bolnas_record_to_catch_up_an
     billed = load_call(call.id)
     assert (billed.status, billed.duration_seconds, billed.error_type) == ("completed", 61, None)
     assert ledger_total(call.user_id) == (1, -2) and bolna.answers == []
+
+
+class _BolnaDown:
+    """Bolna cannot be asked: its breaker is open, or it answers 503."""
+
+    def __init__(self) -> None:
+        self.asked = 0
+
+    def get_execution(self, execution_id: str) -> dict:
+        self.asked += 1
+        raise BolnaError(f"/executions/{execution_id}", "Service Unavailable", status_code=503)
+
+
+def test_a_completed_waiting_for_its_duration_while_bolna_is_down_is_tried_again_later_and_later():
+    call, event_id = _completed_without_duration()
+    bolna = _BolnaDown()
+    for tries in (1, 2):
+        provider_events.process(components().uow, event_id, bolna)  # type: ignore[arg-type]
+        waiting = load_event(event_id)
+        assert (waiting.applied_at, waiting.attempts, bolna.asked) == (None, 1 + tries, tries)
+        assert "Bolna cannot be asked" in waiting.last_error
+    assert event_id not in provider_events.unapplied_event_ids(components().uow, 0, limit=1_000_000), "not due yet"
+    with components().uow() as uow:
+        delay = uow.session.scalar(select(WebhookEvent.next_attempt_at - func.now()).where(WebhookEvent.id == event_id))
+    assert timedelta(seconds=4) < delay <= timedelta(seconds=8), "2^3 s after the third failed try"
+    assert (load_call(call.id).status, ledger_total(call.user_id)) == ("in-progress", (0, 0))
 
 
 @pytest.mark.parametrize(
