@@ -66,7 +66,7 @@ class AgentExecution:
         ):
             try:
                 seconds = float(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # an int past a float's range overflows
                 continue
             if 0 <= seconds <= MAX_CALL_SECONDS:
                 usable.append(math.ceil(seconds))

@@ -253,6 +253,20 @@ def test_a_webhook_nested_too_deep_or_with_a_number_too_long_for_python_is_store
     assert (nested, levels) == (None, MAX_JSON_DEPTH + 1)
 
 
+def test_a_completed_with_a_number_past_a_floats_range_is_billed_from_the_usable_duration():
+    owner = customer(credits=10)
+    execution_id = str(uuid.uuid4())
+    call = call_row(owner, status="in-progress", execution_id=execution_id, slot_held=True)
+    raw = (
+        f'{{"id": "{execution_id}", "status": "completed", "telephony_data": {{"duration": "61"}}, '
+        f'"conversation_duration": {"9" * 400}}}'
+    )
+    assert _post(raw.encode()).status_code == 200
+    billed = load_call(call.id)
+    assert (billed.status, billed.duration_seconds, billed.slot_held) == ("completed", 61, False)
+    assert ledger_total(owner.user_id) == (1, -2)
+
+
 def test_a_webhook_is_authenticated_before_its_body_is_parsed():
     raw = b'{"id": "x", "status": ' + b" " * 3_000_000  # parsed, it would be a 400
     answer = _post(raw, token="wrong")

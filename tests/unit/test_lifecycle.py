@@ -139,7 +139,7 @@ def test_completed_charges_once_however_often_it_arrives(store):
     assert (call.transcript, call.recording_url) == ("hi", "https://rec.example/1")
 
 
-@pytest.mark.parametrize("duration", [None, 0, "0", 10**9, "nan", "soon"])
+@pytest.mark.parametrize("duration", [None, 0, "0", 10**9, 10**400, "nan", "soon"])
 def test_a_completed_call_without_a_usable_duration_is_marked_never_billed_zero(store, duration):
     call = _live(store)
     payload = {} if duration is None else {"conversation_duration": duration}
