@@ -77,6 +77,8 @@ def ingest(
             event_id = event.id if event is not None else None
             if event is None:  # already stored: apply it now if it is still waiting
                 event = uow.session.scalar(waiting_duplicate_query(webhook))
+                if event is not None and _lacks_duration(event) and not _completed_without_duration(webhook):
+                    event.payload = payload  # Bolna sent it again, with the duration the stored copy waits for
         outcome = _apply_and_commit(uow, event, started, lookup=lookup) if event is not None else None
         if outcome is None:
             uow.commit()

@@ -247,6 +247,17 @@ def test_a_completed_without_its_duration_waits_for_bolnas_record_to_catch_up_an
     assert ledger_total(call.user_id) == (1, -2) and bolna.answers == []
 
 
+def test_a_completed_sent_again_with_the_duration_the_stored_copy_lacks_is_billed_from_it():
+    call, event_id = _completed_without_duration()
+    again = {"id": call.execution_id, "status": statuses.COMPLETED, "telephony_data": {"duration": "61"}}
+    receipt = provider_events.ingest(components().uow, again)
+    assert receipt.event_id is None, "a duplicate of the stored event"
+    billed = load_call(call.id)
+    assert (billed.status, billed.duration_seconds, billed.error_type) == ("completed", 61, None)
+    assert ledger_total(call.user_id) == (1, -2)
+    assert load_event(event_id).applied_at is not None
+
+
 class _BolnaDown:
     """Bolna cannot be asked: its breaker is open, or it answers 503."""
 
