@@ -226,14 +226,19 @@ def _provider_overrules_callflow_failure(call: Call, event: WebhookEvent) -> boo
     """Callflow failed the call only because it heard nothing; Bolna's word on it is the truth.
 
     A call given up as `bolna_outcome_unknown` was never confirmed: any status from Bolna means it is under way (it
-    holds its slot again) or over. A lease expires only after Bolna was asked: only its final word overrules that,
-    so a stale `ringing` cannot take the slot back.
+    holds its slot again) or over, its own `failed` included (the failure is then Bolna's, which a campaign's retry
+    policy follows, and a stale `ringing` after it overrules nothing). A lease expires only after Bolna was asked:
+    only its final word overrules that, other than its failure, so a stale `ringing` cannot take the slot back.
     """
-    if call.status != statuses.FAILED or event.status == statuses.FAILED:
+    if call.status != statuses.FAILED:
         return False
     if call.error_type == ErrorType.BOLNA_OUTCOME_UNKNOWN:
         return True
-    return call.error_type == ErrorType.SLOT_LEASE_EXPIRED and event.status in statuses.TERMINAL
+    return (
+        call.error_type == ErrorType.SLOT_LEASE_EXPIRED
+        and event.status in statuses.TERMINAL
+        and event.status != statuses.FAILED
+    )
 
 
 def bill(store: CallStore, call: Call, seconds: int | None) -> None:

@@ -208,6 +208,17 @@ def test_a_provider_failure_does_not_overrule_an_expired_lease(store):
     assert call.error_type == ErrorType.SLOT_LEASE_EXPIRED
 
 
+def test_bolnas_own_failure_of_a_call_given_up_as_unknown_is_its_word_and_no_stale_status_overrules_it(store):
+    call = _live(store, status=statuses.FAILED, error_type=ErrorType.BOLNA_OUTCOME_UNKNOWN, contact_id=7)
+    call.slot_held = False
+    lifecycle.apply_provider_event(store, call, _event(call, statuses.FAILED))
+    assert (call.status, call.error_type, call.slot_held) == (statuses.FAILED, None, False)
+    assert store.reopened_attempts == [call.id], "settled again on Bolna's failure, which its retry policy follows"
+    assert [m.message_type for m in call.messages] == [MessageType.ATTEMPT_ENDED]
+    lifecycle.apply_provider_event(store, call, _event(call, "ringing"))  # delivered late, out of order
+    assert (call.status, call.error_type, call.slot_held) == (statuses.FAILED, None, False)
+
+
 def test_a_call_given_up_as_unknown_holds_its_slot_again_when_bolna_calls_it_live(store):
     call = _live(store, status=statuses.FAILED, error_type=ErrorType.BOLNA_OUTCOME_UNKNOWN, execution_id=None)
     call.slot_held = False
