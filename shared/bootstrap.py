@@ -11,7 +11,6 @@ import functools
 import logging
 from dataclasses import dataclass
 
-from pika.exceptions import AMQPError
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -24,7 +23,7 @@ from shared.core.uow import UnitOfWork
 from shared.http.health import HealthCheck
 from shared.messaging.outbox import AfterCommitPublisher
 from shared.messaging.publisher import Publisher
-from shared.messaging.topology import declare_topology_at
+from shared.messaging.topology import BROKER_AWAY, declare_topology_at
 from shared.observability.sentry import init_sentry
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,7 @@ def start_service(service: str, settings: Settings, http_transactions: bool = Tr
     init_sentry(service, settings, http_transactions)
     try:
         declare_topology_at(settings.rabbitmq_url)
-    except (AMQPError, OSError) as exc:  # a broker that is down must not stop the service from answering
+    except BROKER_AWAY as exc:  # a broker that is down must not stop the service from answering
         log.warning("could not declare the broker topology at start (declared again on first publish): %r", exc)
     return build_components(settings)
 

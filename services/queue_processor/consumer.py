@@ -28,6 +28,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exp
 from shared.core.errors import CallflowError, ErrorType
 from shared.messaging.topology import (
     ATTEMPT_HEADER,
+    BROKER_AWAY,
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_REASON_HEADER,
     HEARTBEAT_SECONDS,
@@ -219,7 +220,7 @@ class Consumer:
         goes away. A connection that stayed up for HEALTHY_SECONDS starts the delays over."""
         while not self._stopping.is_set():
             outage = Retrying(
-                retry=retry_if_exception_type((AMQPError, OSError)),
+                retry=retry_if_exception_type(BROKER_AWAY),
                 wait=wait_exponential(multiplier=0.5, max=30.0),
                 sleep=self._stopping.wait,  # a stop cuts the wait short
                 stop=lambda _: self._stopping.is_set(),
@@ -241,7 +242,7 @@ class Consumer:
             while not (self._stopping.is_set() and handler_thread.idle()):
                 process_events(connection)
                 handler_thread.raise_failure()
-        except (AMQPError, OSError) as exc:
+        except BROKER_AWAY as exc:
             if time.monotonic() - opened < HEALTHY_SECONDS:
                 raise
             log.warning("broker connection lost (%r); reconnecting", exc)
@@ -349,7 +350,7 @@ def _close(connection: pika.BlockingConnection) -> None:
     if connection.is_open:
         try:
             connection.close()
-        except (AMQPError, OSError):
+        except BROKER_AWAY:
             log.debug("closing a broken broker connection failed", exc_info=True)
 
 

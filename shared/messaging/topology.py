@@ -11,7 +11,8 @@ from typing import Any, Literal
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
-from pika.exceptions import ChannelClosedByBroker
+from pika.adapters.utils.connection_workflow import AMQPConnectorException
+from pika.exceptions import AMQPError, ChannelClosedByBroker
 
 EVENTS_EXCHANGE = "callflow.events"
 DEAD_LETTER_EXCHANGE = "callflow.dead-letter"
@@ -28,6 +29,10 @@ PING_TIMEOUT_SECONDS = 1.0  # per node, for readiness
 NODE_URL_SEPARATOR = ","
 # A message that keeps failing is retried after each of these delays, then dead-lettered.
 RETRY_DELAYS_SECONDS = (1, 5, 30)
+# What connecting to the broker, or using a connection, raises when the broker is away. pika raises its connector's
+# own errors (a broker that takes the TCP connection and never answers the handshake times out with one of them),
+# which are no AMQPError.
+BROKER_AWAY = (AMQPError, AMQPConnectorException, OSError)
 
 
 class MessageType(StrEnum):

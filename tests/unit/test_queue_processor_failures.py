@@ -11,9 +11,11 @@ import pytest
 from flask import Flask
 
 from services.queue_processor.app import QueueProcessor
-from services.queue_processor.consumer import ConnectionLost, process_events
+from services.queue_processor.consumer import ConnectionLost, Consumer, process_events
 from services.queue_processor.jobs import Job
+from shared.messaging.topology import BROKER_AWAY, declare_topology_at
 from tests.support.processes import free_port
+from tests.support.slow_broker import BlackHoleBroker
 
 
 class _Connection:
@@ -60,3 +62,26 @@ def test_a_consumer_that_fails_stops_the_periodic_jobs_and_the_process(monkeypat
         processor.run()
     assert stopping.is_set()
     assert not [thread for thread in threading.enumerate() if thread.name == "periodic-jobs"]
+
+
+def test_a_broker_that_takes_the_connection_and_never_answers_is_an_outage_the_consumer_waits_out():
+    stopping = threading.Event()
+    failures: list[BaseException] = []
+
+    def consume(url: str) -> None:
+        try:
+            Consumer(url, "callflow.dispatch", lambda _: None, prefetch=1, stopping=stopping).run()
+        except BaseException as exc:
+            failures.append(exc)
+
+    with BlackHoleBroker() as broker:
+        url = f"{broker.url}?stack_timeout=0.5"  # pika gives up on the handshake after this (15 s by default)
+        consumer = threading.Thread(target=consume, args=(url,))
+        consumer.start()
+        consumer.join(3)  # the handshake timed out at least twice: a reconnect after the first
+        assert consumer.is_alive() and not failures, failures
+        stopping.set()
+        consumer.join(10)
+    assert not consumer.is_alive() and not failures, failures
+    with BlackHoleBroker() as broker, pytest.raises(BROKER_AWAY):
+        declare_topology_at(f"{broker.url}?stack_timeout=0.5")  # what start_service catches as BROKER_AWAY
