@@ -74,7 +74,7 @@ class IncomingMessage:
     def json(self) -> dict[str, Any]:
         try:
             value = json.loads(self.body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # nested past the parser's depth is no JSON it can read either
             raise PoisonMessage(f"body is not JSON: {exc}") from exc
         if not isinstance(value, dict):
             raise PoisonMessage("body is not a JSON object")

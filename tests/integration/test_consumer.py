@@ -114,6 +114,7 @@ def test_good_messages_are_handled_poison_dead_lettered_and_failures_retried(wor
 
     good = Envelope("test.good", {"n": 1})
     bad_json = Envelope("test.bad", {})
+    too_deep = Envelope("test.bad", {})  # nested past what the parser reads: no JSON it can use either
     flaky = Envelope("test.flaky", {"flaky": True})
     exhausted = Envelope("test.crash", {"always_fails": True}, headers={ATTEMPT_HEADER: len(RETRY_DELAYS_SECONDS)})
     # Sent last, each takes the same way as the messages before it, so it arrives after any second copy of them.
@@ -123,6 +124,7 @@ def test_good_messages_are_handled_poison_dead_lettered_and_failures_retried(wor
         for envelope in (good, flaky, exhausted):
             ch.basic_publish("", work_queue, envelope.encode(), envelope.properties())
         ch.basic_publish("", work_queue, b"{not json", bad_json.properties())
+        ch.basic_publish("", work_queue, b"[" * 100_000, too_deep.properties())
         ch.basic_publish("", work_queue, flaky_sentinel.encode(), flaky_sentinel.properties())
         ch.basic_publish("", work_queue, b"{not json", poison_sentinel.properties())
         consuming_from = time.monotonic()
@@ -138,10 +140,13 @@ def test_good_messages_are_handled_poison_dead_lettered_and_failures_retried(wor
     assert all(consuming_from < m.received_at <= handled_at[m.message_id] for m in handled)
     assert {message_id: len(copies) for message_id, copies in dead.items()} == {
         bad_json.message_id: 1,
+        too_deep.message_id: 1,
         exhausted.message_id: 1,
         poison_sentinel.message_id: 1,
     }
-    assert "not JSON" in dead[bad_json.message_id][0].headers[DEAD_LETTER_REASON_HEADER]
+    for poison in (bad_json, too_deep):
+        reason = dead[poison.message_id][0].headers[DEAD_LETTER_REASON_HEADER]
+        assert reason.startswith("body is not JSON"), "dead-lettered at once, not retried as a passing failure"
     reason = dead[exhausted.message_id][0].headers[DEAD_LETTER_REASON_HEADER]
     assert reason.startswith(f"gave up after {len(RETRY_DELAYS_SECONDS) + 1} attempts") and "handler bug" in reason
     assert dead[exhausted.message_id][0].headers[ORIGINAL_QUEUE_HEADER] == work_queue
