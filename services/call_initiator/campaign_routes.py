@@ -109,10 +109,27 @@ def add_campaign_routes(api: Blueprint, components: Components) -> None:
         return Response(stream_with_context(rows()), mimetype="text/csv", headers=headers)
 
 
+def _csv_text() -> str:
+    """The CSV body, read in the charset its Content-Type names (UTF-8 by default): a spreadsheet's export in another
+    one is read as written, never with its letters replaced. U+0000, which PostgreSQL cannot store, is dropped, as
+    from a JSON body."""
+    charset = request.mimetype_params.get("charset", "utf-8")
+    try:
+        text = request.get_data().decode(charset)
+    except UnicodeDecodeError as exc:
+        raise CallflowError(
+            ErrorType.VALIDATION_ERROR,
+            f"The CSV cannot be read as {charset[:40]!r}: byte {exc.start} is not valid in it.",
+        ) from exc
+    except (LookupError, UnicodeError) as exc:  # no such charset, or none text is read in
+        raise CallflowError(ErrorType.VALIDATION_ERROR, f"The CSV's charset {charset[:40]!r} is unknown.") from exc
+    return text.replace("\x00", "")
+
+
 def _read_campaign() -> tuple[Any, spec.CampaignSettings, spec.ContactList]:
     """The settings and contacts from a JSON body, or from a CSV body and the query string."""
     if request.mimetype in CSV_TYPES:
-        text = request.get_data(as_text=True)
+        text = _csv_text()
         query = request.args.to_dict()
         try:
             settings_raw = spec.settings_from_query(query)

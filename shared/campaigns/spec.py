@@ -97,8 +97,11 @@ class CampaignSettings(BaseModel):
     @field_validator("start_at")
     @classmethod
     def _within_a_year(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value > datetime.now(UTC) + MAX_START_AHEAD:
-            raise ValueError(f"must be within {MAX_START_AHEAD.days} days from now")
+        """Within a year either way: a time already past starts the campaign at once, and one far in the past is a
+        mistake (near year 1 it is also a time PostgreSQL stores and the driver cannot read back)."""
+        now = datetime.now(UTC)
+        if value is not None and not now - MAX_START_AHEAD <= value <= now + MAX_START_AHEAD:
+            raise ValueError(f"must be within {MAX_START_AHEAD.days} days of now")
         return value
 
 

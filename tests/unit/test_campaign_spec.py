@@ -82,6 +82,8 @@ def test_settings_defaults_and_bounds():
         {"callingWindow": {"startHour": 9, "endHour": 18, "days": [0]}},
         {"name": "bad\x00name"},
         {"startAt": (datetime.now(UTC) + timedelta(days=400)).isoformat()},
+        {"startAt": (datetime.now(UTC) - timedelta(days=400)).isoformat()},
+        {"startAt": "0001-01-01T00:00:00+14:00"},  # before year 1 in UTC: stored, then never read back
         {"startAt": "2027-01-01T09:00:00"},  # no offset: whose 9:00?
         {"unknown": 1},
     ):
