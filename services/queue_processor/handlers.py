@@ -38,8 +38,8 @@ class DispatchQueueHandler:
         try:
             self._bolna.stop_execution(execution_id)
         except BolnaError as exc:
-            if exc.transient:
-                raise  # retried after a delay
+            if not exc.refused:
+                raise  # retried after a delay, then dead-lettered and reported: the redial may still be dialling
             log.warning("Bolna would not stop execution %s (it may have ended): %s", execution_id, exc)
 
 

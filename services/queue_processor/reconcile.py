@@ -242,12 +242,13 @@ class ProviderReconciler:
 
 def _ask(request: Callable[[], T], call: Call) -> tuple[bool, T | None]:
     """(True, Bolna's answer), or (True, None) when Bolna refused the request (it does not know the call), or
-    (False, None) when Bolna cannot be asked now: then nothing is decided, and the next round asks again."""
+    (False, None) when Bolna cannot be asked now (no answer, one that cannot be read, or Callflow's key refused):
+    then nothing is decided, and the next round asks again."""
     try:
         return True, request()
     except BolnaError as exc:
         log.warning("reconciling call %s: %s", call.id, exc)
-        return (not exc.transient), None
+        return exc.refused, None
 
 
 def _ids(call: Call) -> dict[str, object]:

@@ -58,6 +58,15 @@ class BolnaError(Exception):
         """May succeed later: no answer, a 5xx, or 429. Any other 4xx will fail the same way again."""
         return self.status_code is None or self.status_code >= 500 or self.status_code == 429
 
+    @property
+    def refused(self) -> bool:
+        """Bolna answered that what was asked cannot be done (it does not know the execution, or it has ended): a
+        4xx, other than 429 and other than a refusal of Callflow's key (401, 403), which says nothing of the call
+        and is Callflow's to fix. A 2xx that cannot be read says nothing either."""
+        return (
+            self.status_code is not None and 400 <= self.status_code < 500 and self.status_code not in (401, 403, 429)
+        )
+
 
 @dataclass(frozen=True)
 class PlacedCall:

@@ -347,7 +347,7 @@ def _complete_duration(uow_factory: UnitOfWorkFactory, event: WebhookEvent, boln
     try:
         execution = bolna.get_execution(event.execution_id)
     except BolnaError as exc:
-        if exc.transient:  # tried again later and later, not on every round of the sweep while Bolna is down
+        if not exc.refused:  # tried again later and later, not on every round of the sweep while Bolna is down
             log.warning("completed %s lacks its duration and Bolna cannot be asked now: %s", event.execution_id, exc)
             _put_off(uow_factory, event, f"Bolna cannot be asked for the duration now: {exc}")
             return False

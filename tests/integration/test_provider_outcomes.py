@@ -108,6 +108,42 @@ def test_an_unconfirmed_call_found_at_bolna_under_an_id_holding_a_nul_is_linked_
     assert (found.execution_id, found.status) == (execution_id, "ringing")
 
 
+class _BolnaRefusing:
+    """Bolna's answer to GET /executions/{id}: an error with `status_code`."""
+
+    def __init__(self, status_code: int):
+        self.status_code = status_code
+
+    def get_execution(self, execution_id: str) -> dict:
+        raise BolnaError(f"/executions/{execution_id}", "no", self.status_code)
+
+
+@pytest.mark.parametrize(
+    ("status_code", "freed"),
+    [(404, True), (403, False), (401, False), (200, False)],
+    ids=["Bolna does not know it", "Callflow's key refused", "no key", "an answer that cannot be read"],
+)
+def test_a_call_past_its_lease_is_freed_only_when_bolna_says_it_does_not_know_it(status_code, freed):
+    owner = customer()
+    long_ago = func.now() - timedelta(hours=2)
+    call = call_row(
+        owner,
+        status="in-progress",
+        execution_id=str(uuid.uuid4()),
+        slot_held=True,
+        slot_lease_expires_at=long_ago,
+        provider_checked_at=long_ago,
+    )
+    bounds = ReconcileBounds.from_settings(components().settings)
+    reconciler = ProviderReconciler(components().uow, _BolnaRefusing(status_code), bounds)  # type: ignore[arg-type]
+    reconciler.check_silent(call.id)
+    checked = load_call(call.id)
+    if freed:
+        assert (checked.status, checked.error_type, checked.slot_held) == ("failed", "slot_lease_expired", False)
+    else:  # nothing is decided while Bolna cannot be asked: it may still be calling
+        assert (checked.status, checked.error_type, checked.slot_held) == ("in-progress", None, True)
+
+
 class _BolnaWithoutDuration:
     """Bolna's answer to GET /executions/{id}: completed, with no duration anywhere (the call is not billed)."""
 
@@ -259,19 +295,21 @@ def test_a_completed_sent_again_with_the_duration_the_stored_copy_lacks_is_bille
 
 
 class _BolnaDown:
-    """Bolna cannot be asked: its breaker is open, or it answers 503."""
+    """Bolna cannot be asked: it answers `status_code`, and says nothing of the execution."""
 
-    def __init__(self) -> None:
+    def __init__(self, status_code: int) -> None:
+        self.status_code = status_code
         self.asked = 0
 
     def get_execution(self, execution_id: str) -> dict:
         self.asked += 1
-        raise BolnaError(f"/executions/{execution_id}", "Service Unavailable", status_code=503)
+        raise BolnaError(f"/executions/{execution_id}", "no", status_code=self.status_code)
 
 
-def test_a_completed_waiting_for_its_duration_while_bolna_is_down_is_tried_again_later_and_later():
+@pytest.mark.parametrize("status_code", [503, 403, 200], ids=["down", "Callflow's key refused", "unreadable"])
+def test_a_completed_waiting_for_its_duration_while_bolna_cannot_be_asked_is_tried_again_later_and_later(status_code):
     call, event_id = _completed_without_duration()
-    bolna = _BolnaDown()
+    bolna = _BolnaDown(status_code)
     for tries in (1, 2):
         provider_events.process(components().uow, event_id, bolna)  # type: ignore[arg-type]
         waiting = load_event(event_id)
