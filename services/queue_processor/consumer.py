@@ -31,6 +31,8 @@ from shared.messaging.topology import (
     BROKER_AWAY,
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_REASON_HEADER,
+    DELIVERY_COUNT_HEADER,
+    DISPATCH_DELIVERY_LIMIT,
     HEARTBEAT_SECONDS,
     ORIGINAL_QUEUE_HEADER,
     ORIGINAL_ROUTING_KEY_HEADER,
@@ -284,6 +286,11 @@ class Consumer:
             self._handle(delivery, message, connection_thread)
 
     def _handle(self, delivery: _Delivery, message: IncomingMessage, connection_thread: _HandlerThread) -> None:
+        returned = message.headers.get(DELIVERY_COUNT_HEADER)
+        if isinstance(returned, int) and returned >= DISPATCH_DELIVERY_LIMIT:
+            reason = f"given back unsettled {returned} times: handling it loses the connection or the process"
+            self._dead_letter(delivery, reason, connection_thread)
+            return
         try:
             self._handler(message)
         except PoisonMessage as exc:

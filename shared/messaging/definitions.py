@@ -1,9 +1,9 @@
 """The broker's topology as a RabbitMQ definitions document, for a broker to load at boot
 (deploy/rabbitmq/definitions.json is this module's output, and a test keeps the two equal).
 
-It holds the vhost and what the services declare in it, and no users: RabbitMQ definitions carry password hashes,
-which have no place in the repository. A broker that loads definitions at boot seeds no default user either, so
-its users come from `default_users.*` in its configuration (see deploy/rabbitmq/)."""
+It holds the vhost, what the services declare in it and the policies they cannot declare, and no users: RabbitMQ
+definitions carry password hashes, which have no place in the repository. A broker that loads definitions at boot
+seeds no default user either, so its users come from `default_users.*` in its configuration (see deploy/rabbitmq/)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,17 @@ def definitions(vhost: str = DEFAULT_VHOST, topology: Topology = TOPOLOGY) -> di
             }
             for binding in topology.bindings
         ],
-        "policies": [],
+        "policies": [
+            {
+                "name": policy.name,
+                "vhost": vhost,
+                "pattern": policy.pattern,
+                "apply-to": "queues",
+                "definition": policy.definition,
+                "priority": 0,
+            }
+            for policy in topology.policies
+        ],
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +24,16 @@ DEAD_LETTER_REASON_HEADER = "x-callflow-dead-letter-reason"
 ORIGINAL_QUEUE_HEADER = "x-callflow-original-queue"
 ORIGINAL_ROUTING_KEY_HEADER = "x-callflow-original-routing-key"
 ATTEMPT_HEADER = "x-callflow-attempt"  # how many times the message has failed and been retried
+HEADERS_DROPPED_HEADER = "x-callflow-headers-dropped"  # a copy too large for a frame kept only Callflow's headers
+CALLFLOW_HEADER_PREFIX = "x-callflow-"
+# How many times a quorum queue gave the message back unsettled (a connection or a process lost while it was held).
+DELIVERY_COUNT_HEADER = "x-delivery-count"
+# A message `callflow.dispatch` gave back this often is dead-lettered rather than handled again: handling it keeps
+# losing the connection (or the process), and every message behind it waits. RabbitMQ 4's default delivery limit.
+DISPATCH_DELIVERY_LIMIT = 20
+# The properties of a copy sent on stay within half of RabbitMQ's default frame (131,072 bytes): its content header
+# travels in one frame.
+COPY_PROPERTIES_MAX_BYTES = pika.spec.FRAME_MAX_SIZE // 2
 HEARTBEAT_SECONDS = 30
 PING_TIMEOUT_SECONDS = 1.0  # per node, for readiness
 # RABBITMQ_URL may name several nodes of one cluster: full URLs separated by this (a comma in a password is %2C).
@@ -109,16 +120,32 @@ class Binding:
 
 
 @dataclass(frozen=True)
+class Policy:
+    """A policy on the queues `pattern` matches. No client can set one over AMQP: a broker gets it from the
+    definitions it loads (`shared.messaging.definitions`)."""
+
+    name: str
+    pattern: str
+    definition: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Topology:
     """Exchanges, queues and bindings as data (all durable), so the services declare and
-    `shared.messaging.definitions` exports the same thing."""
+    `shared.messaging.definitions` exports the same thing; and the policies the exported document adds."""
 
     exchanges: tuple[Exchange, ...] = ()
     queues: tuple[Queue, ...] = ()
     bindings: tuple[Binding, ...] = ()
+    policies: tuple[Policy, ...] = ()
 
     def __add__(self, other: Topology) -> Topology:
-        return Topology(self.exchanges + other.exchanges, self.queues + other.queues, self.bindings + other.bindings)
+        return Topology(
+            self.exchanges + other.exchanges,
+            self.queues + other.queues,
+            self.bindings + other.bindings,
+            self.policies + other.policies,
+        )
 
 
 def retry_queue(queue: str, delay_seconds: int) -> str:
@@ -168,6 +195,16 @@ TOPOLOGY = Topology(
         # A fanout exchange ignores the key: the queue's name, the key a binding gets when none is given.
         Binding(DEAD_LETTER_QUEUE, DEAD_LETTER_EXCHANGE, routing_key=DEAD_LETTER_QUEUE),
         *(Binding(DISPATCH_QUEUE, EVENTS_EXCHANGE, routing_key=message_type) for message_type in DISPATCH_BINDINGS),
+    ),
+    # The consumer dead-letters a message given back DISPATCH_DELIVERY_LIMIT times, with its reason; past that, the
+    # broker dead-letters one the consumer never gets to read (pika cannot decode its headers). A policy, not a
+    # queue argument: the arguments of a queue that exists already cannot change.
+    policies=(
+        Policy(
+            "callflow-dispatch-delivery-limit",
+            f"^{re.escape(DISPATCH_QUEUE)}$",
+            {"delivery-limit": DISPATCH_DELIVERY_LIMIT},
+        ),
     ),
 ) + retry_topology(DISPATCH_QUEUE)
 
@@ -234,7 +271,19 @@ def declare_topology_at(url: str) -> None:
 
 
 def persistent_copy(properties: pika.BasicProperties, headers: dict[str, Any]) -> pika.BasicProperties:
-    """The message's properties with other headers, for sending it on (to a retry, the dead letters, back)."""
+    """The message's properties with other headers, for sending it on (to a retry, the dead letters, back). A copy
+    whose properties would not fit well within one frame (the broker closes a connection that sends a larger one,
+    and the message would come back to fail the same way) keeps only Callflow's own headers, saying so."""
+    copy = _copy(properties, headers)
+    size = sum(len(part) for part in copy.encode())
+    if size <= COPY_PROPERTIES_MAX_BYTES:
+        return copy
+    kept = {name: value for name, value in headers.items() if name.startswith(CALLFLOW_HEADER_PREFIX)}
+    kept[HEADERS_DROPPED_HEADER] = f"the copy's properties came to {size} bytes: only Callflow's headers are kept"
+    return _copy(properties, kept)
+
+
+def _copy(properties: pika.BasicProperties, headers: dict[str, Any]) -> pika.BasicProperties:
     return pika.BasicProperties(
         content_type=properties.content_type,
         delivery_mode=pika.DeliveryMode.Persistent,

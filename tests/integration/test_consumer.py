@@ -24,7 +24,10 @@ from shared.messaging.topology import (
     DEAD_LETTER_EXCHANGE,
     DEAD_LETTER_QUEUE,
     DEAD_LETTER_REASON_HEADER,
+    DELIVERY_COUNT_HEADER,
+    DISPATCH_DELIVERY_LIMIT,
     DISPATCH_QUEUE,
+    HEADERS_DROPPED_HEADER,
     HEARTBEAT_SECONDS,
     ORIGINAL_QUEUE_HEADER,
     RETRY_DELAYS_SECONDS,
@@ -95,6 +98,41 @@ def _handled_until(handled: list[IncomingMessage], sentinel_id: str, attempt: in
     while not any(m.message_id == sentinel_id and m.attempt == attempt for m in list(handled)):
         assert time.monotonic() < deadline, f"the sentinel was never handled at attempt {attempt}"
         time.sleep(0.05)
+
+
+def _filling_a_frame(envelope: Envelope) -> Envelope:
+    """The envelope with a header that brings its properties to the most one frame carries (its content header's
+    payload: 12 bytes, then the properties)."""
+    most = pika.spec.FRAME_MAX_SIZE - 8 - 12
+    filled = replace(envelope, headers={"filler": ""})
+    size = sum(len(part) for part in filled.properties().encode())
+    return replace(envelope, headers={"filler": "x" * (most - size)})
+
+
+def test_a_message_that_would_kill_the_connection_again_is_dead_lettered_and_those_behind_it_are_handled(work_queue):
+    handled: list[IncomingMessage] = []
+    full = _filling_a_frame(Envelope("test.bad", {}))  # a copy with a reason header more would not fit a frame
+    given_back = {DELIVERY_COUNT_HEADER: DISPATCH_DELIVERY_LIMIT}  # as the queue counts a message it gave back
+    returned = Envelope("test.good", {"n": 1}, headers=given_back)
+    good = Envelope("test.good", {"n": 2})
+    sentinel = Envelope("test.bad", {})
+    with broker.channel() as ch:
+        ch.basic_publish("", work_queue, b"{not json", full.properties())
+        ch.basic_publish("", work_queue, returned.encode(), returned.properties())
+        ch.basic_publish("", work_queue, good.encode(), good.properties())
+        ch.basic_publish("", work_queue, b"{not json", sentinel.properties())
+        with _consuming(work_queue, lambda message: handled.append(message) if message.json() else None):
+            dead = _dead_letters_up_to(ch, work_queue, sentinel.message_id)
+
+    assert [m.message_id for m in handled] == [good.message_id]
+    assert set(dead) == {full.message_id, returned.message_id, sentinel.message_id}
+    (full_copy,) = dead[full.message_id]
+    assert full_copy.headers[DEAD_LETTER_REASON_HEADER].startswith("body is not JSON")
+    assert "filler" not in full_copy.headers and HEADERS_DROPPED_HEADER in full_copy.headers
+    (returned_copy,) = dead[returned.message_id]
+    assert returned_copy.headers[DEAD_LETTER_REASON_HEADER].startswith(
+        f"given back unsettled {DISPATCH_DELIVERY_LIMIT} times"
+    )
 
 
 def test_good_messages_are_handled_poison_dead_lettered_and_failures_retried(work_queue):

@@ -14,12 +14,19 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import pika
 import pytest
 from click.testing import CliRunner, Result
 
 from shared.cli import main
 from shared.messaging.definitions import DEFAULT_VHOST, definitions, render
-from shared.messaging.topology import DISPATCH_QUEUE, declare_retry_queues, open_channel
+from shared.messaging.topology import (
+    DEAD_LETTER_QUEUE,
+    DISPATCH_DELIVERY_LIMIT,
+    DISPATCH_QUEUE,
+    declare_retry_queues,
+    open_channel,
+)
 from tests.support.isolation import RABBITMQ_HOST_URL, Isolation
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "rabbitmq"
@@ -112,6 +119,27 @@ def test_a_broker_that_imports_the_definitions_holds_what_the_services_declare(
     expected = _topology(declared)
     assert DISPATCH_QUEUE in expected["queues"] and expected["bindings"], "the services declared nothing"
     assert _topology(imported) == expected
+
+
+@pytest.mark.timeout(120)
+def test_a_broker_that_imports_the_definitions_dead_letters_a_dispatch_message_given_back_past_the_limit(
+    vhosts: list[str],
+) -> None:
+    imported, _ = vhosts
+    _rabbitmqctl("import_definitions", stdin=json.dumps(_for_vhost(json.loads(DEFINITIONS_FILE.read_text()), imported)))
+    _rabbitmqctl("set_permissions", "-p", imported, "guest", ".*", ".*", ".*")
+    with open_channel(f"{RABBITMQ_HOST_URL}/{imported}") as channel:
+        channel.basic_publish("", DISPATCH_QUEUE, b"{}", pika.BasicProperties(message_id="given-back"))
+        given_back = 0
+        # As a consumer whose connection a message it cannot read keeps breaking: it never settles it.
+        while (got := channel.basic_get(DISPATCH_QUEUE))[0] is not None:
+            given_back += 1
+            assert given_back <= DISPATCH_DELIVERY_LIMIT + 1, "the broker keeps giving it back"
+            channel.basic_nack(got[0].delivery_tag, requeue=True)
+        method, properties, _ = channel.basic_get(DEAD_LETTER_QUEUE, auto_ack=True)
+    assert given_back == DISPATCH_DELIVERY_LIMIT + 1
+    assert method is not None and properties.message_id == "given-back"
+    assert properties.headers["x-death"][0]["reason"] == "delivery_limit"
 
 
 def test_callctl_prints_the_definitions_and_writes_them_to_a_file(tmp_path: Path) -> None:
