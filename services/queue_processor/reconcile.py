@@ -129,13 +129,14 @@ class ProviderReconciler:
             sent_at = call.initiated_at or call.created_at
             answered, execution = _ask(lambda: self._search(agent.provider_agent_id or "", call.id, sent_at), call)
             if not answered:
+                self._asked(call.id)  # asked: its turn comes after the others', not first again every round
                 return
             if execution is not None:
                 self._found(call.id, execution)
             elif now - sent_at >= self._bounds.outcome_unknown_after:
                 self._give_up(call, sent_at)
             else:
-                self._searched(call.id)
+                self._asked(call.id)
 
     def check_silent(self, call_id: uuid.UUID) -> None:
         with self._uow() as uow:
@@ -147,12 +148,15 @@ class ProviderReconciler:
         ):
             execution_id = call.execution_id
             answered, execution = _ask(lambda: self._bolna.get_execution(execution_id), call)
-            if not answered:
+            status = AgentExecution(execution).status if execution is not None else None
+            if not answered or (execution is not None and status not in statuses.PROVIDER_STATUSES):
+                # Nothing is decided on no answer, nor on a status Callflow does not know; the call is marked asked,
+                # so its turn comes after the others', not first again every round.
+                self._asked(call.id)
                 return
-            status = (execution or {}).get("status")
-            if execution is not None and status in statuses.PROVIDER_STATUSES:
+            if execution is not None:
                 provider_events.ingest(self._uow, execution, self._bolna, fetched=True)
-            self._after_check(call.id, status if isinstance(status, str) else None)
+            self._after_check(call.id, status)
 
     def _search(self, agent_id: str, call_id: uuid.UUID, sent_at: datetime) -> dict[str, Any] | None:
         """The execution carrying our call id, among those Bolna created while the request could reach it (a fixed
@@ -177,7 +181,7 @@ class ProviderReconciler:
                 uow.commit()
         provider_events.ingest(self._uow, execution, self._bolna, fetched=True)
 
-    def _searched(self, call_id: uuid.UUID) -> None:
+    def _asked(self, call_id: uuid.UUID) -> None:
         with self._uow() as uow:
             lifecycle.heard_from_provider(uow.calls, uow.calls.lock_call(call_id))
             uow.commit()

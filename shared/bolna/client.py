@@ -18,6 +18,7 @@ from requests.auth import AuthBase
 from urllib3.exceptions import NameResolutionError, NewConnectionError
 
 from shared.bolna.breaker import CircuitBreaker
+from shared.bolna.execution import AgentExecution
 from shared.core.config import BOLNA_CONNECT_TIMEOUT_SECONDS, Settings
 
 MAX_RETRY_AFTER_SECONDS = 300.0  # a longer (or absurd) Retry-After is capped: the call is tried again by then
@@ -123,21 +124,25 @@ class BolnaClient:
         """The agent's executions created in [since, until], newest first, page by page (a bounded number)."""
         window = {"from": _iso_utc(since), "to": _iso_utc(until), "page_size": EXECUTIONS_PAGE_SIZE}
         for page_number in range(1, MAX_EXECUTION_PAGES + 1):
-            answer, _ = self._request(
+            answer, duration_ms = self._request(
                 "GET",
                 f"/v2/agent/{agent_id}/executions",
                 "/v2/agent/{id}/executions",
                 params={**window, "page_number": page_number},
             )
-            page = answer if isinstance(answer, dict) else {}
-            data = page.get("data")
-            yield from (item for item in data if isinstance(item, dict)) if isinstance(data, list) else ()
-            if not page.get("has_more"):
+            data = answer.get("data") if isinstance(answer, dict) else None
+            if not isinstance(data, list):  # a page that cannot be read does not say the call is not there
+                raise BolnaError("/v2/agent/{id}/executions", "answer is not a page of executions", 200, duration_ms)
+            yield from (item for item in data if isinstance(item, dict))
+            if not answer.get("has_more"):
                 return
 
     def get_execution(self, execution_id: str) -> dict[str, Any]:
-        answer, _ = self._request("GET", f"/executions/{execution_id}", "/executions/{id}")
-        return answer if isinstance(answer, dict) else {}
+        answer, duration_ms = self._request("GET", f"/executions/{execution_id}", "/executions/{id}")
+        if not isinstance(answer, dict) or AgentExecution(answer).status is None:
+            # An answer that cannot be read says nothing of the call: it is not Bolna's word that it is over.
+            raise BolnaError("/executions/{id}", "answer is not an execution with a status", 200, duration_ms)
+        return answer
 
     def stop_execution(self, execution_id: str) -> None:
         self._request("POST", f"/call/{execution_id}/stop", "/call/{id}/stop")

@@ -8,6 +8,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -182,3 +183,41 @@ def test_the_half_open_trial_is_released_when_the_request_breaks_unexpectedly(sc
         client.place_call("agent", "+14155550123", {})
     clock[0] = 22.0  # another cooldown later, a new trial must be allowed
     assert breaker.allow()
+
+
+class _Answering(BaseHTTPRequestHandler):
+    """Answers every GET 200 with `body`."""
+
+    body = b"null"
+
+    def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def answering_bolna() -> Iterator[str]:
+    yield from _serve(_Answering)
+
+
+@pytest.mark.parametrize("body", [b"null", b"[]", b"{}", b'{"id": "e", "status": 7}', b'"completed"'])
+def test_a_2xx_that_is_no_execution_is_a_failure_that_says_nothing_of_the_call(answering_bolna, body):
+    _Answering.body = body
+    with pytest.raises(BolnaError) as raised:
+        _client(answering_bolna).get_execution("e")
+    assert (raised.value.status_code, raised.value.refused) == (200, False), "Bolna cannot be asked, for now"
+
+
+@pytest.mark.parametrize("body", [b"null", b"[]", b"{}", b'{"data": {"id": "e"}}'])
+def test_a_2xx_that_is_no_page_of_executions_is_a_failure_not_an_empty_page(answering_bolna, body):
+    _Answering.body = body
+    since = datetime.now(UTC)
+    with pytest.raises(BolnaError) as raised:
+        list(_client(answering_bolna).find_executions("agent", since, since))
+    assert (raised.value.status_code, raised.value.refused) == (200, False), "not found, it would give the call up"

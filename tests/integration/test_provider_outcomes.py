@@ -108,22 +108,38 @@ def test_an_unconfirmed_call_found_at_bolna_under_an_id_holding_a_nul_is_linked_
     assert (found.execution_id, found.status) == (execution_id, "ringing")
 
 
-class _BolnaRefusing:
-    """Bolna's answer to GET /executions/{id}: an error with `status_code`."""
+class _BolnaAnswering:
+    """Bolna's answer to GET /executions/{id}: an error with `status_code`, or an execution of `status`."""
 
-    def __init__(self, status_code: int):
-        self.status_code = status_code
+    def __init__(self, status_code: int = 200, status: str | None = None):
+        self.status_code, self.status = status_code, status
 
     def get_execution(self, execution_id: str) -> dict:
-        raise BolnaError(f"/executions/{execution_id}", "no", self.status_code)
+        if self.status is None:
+            raise BolnaError(f"/executions/{execution_id}", "no", self.status_code)
+        return {"id": execution_id, "status": self.status}
 
 
 @pytest.mark.parametrize(
-    ("status_code", "freed"),
-    [(404, True), (403, False), (401, False), (200, False)],
-    ids=["Bolna does not know it", "Callflow's key refused", "no key", "an answer that cannot be read"],
+    ("bolna", "freed"),
+    [
+        (_BolnaAnswering(404), True),
+        (_BolnaAnswering(403), False),
+        (_BolnaAnswering(401), False),
+        (_BolnaAnswering(200), False),
+        (_BolnaAnswering(503), False),
+        (_BolnaAnswering(status="teleported"), False),
+    ],
+    ids=[
+        "Bolna does not know it",
+        "Callflow's key refused",
+        "no key",
+        "an answer that cannot be read",
+        "Bolna down",
+        "a status Callflow does not know",
+    ],
 )
-def test_a_call_past_its_lease_is_freed_only_when_bolna_says_it_does_not_know_it(status_code, freed):
+def test_a_call_past_its_lease_is_freed_only_when_bolna_says_it_does_not_know_it(bolna, freed):
     owner = customer()
     long_ago = func.now() - timedelta(hours=2)
     call = call_row(
@@ -135,13 +151,15 @@ def test_a_call_past_its_lease_is_freed_only_when_bolna_says_it_does_not_know_it
         provider_checked_at=long_ago,
     )
     bounds = ReconcileBounds.from_settings(components().settings)
-    reconciler = ProviderReconciler(components().uow, _BolnaRefusing(status_code), bounds)  # type: ignore[arg-type]
-    reconciler.check_silent(call.id)
+    ProviderReconciler(components().uow, bolna, bounds).check_silent(call.id)  # type: ignore[arg-type]
     checked = load_call(call.id)
     if freed:
         assert (checked.status, checked.error_type, checked.slot_held) == ("failed", "slot_lease_expired", False)
     else:  # nothing is decided while Bolna cannot be asked: it may still be calling
         assert (checked.status, checked.error_type, checked.slot_held) == ("in-progress", None, True)
+    with components().uow() as uow:
+        asked_ago = uow.session.scalar(select(func.now() - Call.provider_checked_at).where(Call.id == call.id))
+    assert asked_ago < timedelta(minutes=1), "marked asked: the calls Bolna cannot answer now take turns"
 
 
 class _BolnaWithoutDuration:
