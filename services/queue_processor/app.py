@@ -13,7 +13,7 @@ from werkzeug.serving import make_server
 
 from services.queue_processor.consumer import Consumer
 from services.queue_processor.dispatch import Dispatcher
-from services.queue_processor.jobs import PeriodicJobs, run_periodically
+from services.queue_processor.jobs import PeriodicJobs, job_threads
 from shared.core.config import Settings
 from shared.messaging.outbox import AfterCommitPublisher
 
@@ -44,12 +44,9 @@ class QueueProcessor:
         port = self.settings.port or DEFAULT_HEALTH_PORT
         health = make_server(self.settings.host, port, self.health_app, threaded=True)
         threading.Thread(target=health.serve_forever, name="health", daemon=True).start()
-        jobs = threading.Thread(
-            target=run_periodically,
-            args=(self.jobs.all(), self.stopping),
-            name="periodic-jobs",
-        )
-        jobs.start()
+        jobs = job_threads(self.jobs.all(), self.stopping)
+        for thread in jobs:
+            thread.start()
         log.info("queue-processor started; health on %s:%s", self.settings.host, port)
         try:
             self.consumer.run()  # returns once `stopping` is set and the message in hand is acknowledged
@@ -60,7 +57,8 @@ class QueueProcessor:
             self.stopping.set()
             raise
         finally:
-            jobs.join()
+            for thread in jobs:
+                thread.join()
         if not self.dispatcher.wait_until_idle(STOP_TIMEOUT_SECONDS):
             log.warning("calls are still being placed after %.0f s; waiting for Bolna's answers", STOP_TIMEOUT_SECONDS)
         self.after_commit.wait_until_idle(STOP_TIMEOUT_SECONDS)  # what is left, the relay publishes

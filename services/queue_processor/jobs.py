@@ -7,6 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
@@ -33,10 +34,18 @@ log = logging.getLogger(__name__)
 class Job:
     run: Callable[[], object]
     interval_seconds: float
+    # A job that waits on Bolna runs on a thread of its own: a slow Bolna must not hold up the outbox relay, the
+    # dispatch of due calls or the campaigns' schedule.
+    asks_bolna: bool = False
 
     @property
     def name(self) -> str:
         return self.run.__name__
+
+    @property
+    def place(self) -> str:
+        """Where its failures happen (the second part of their fingerprint): one issue per job."""
+        return f"job.{self.name}"
 
 
 class PeriodicJobs:
@@ -50,14 +59,14 @@ class PeriodicJobs:
         every = settings.sweep_interval_seconds
         return (
             Job(self.relay_outbox, every),
-            Job(self.apply_kept_webhooks, every),
+            Job(self.apply_kept_webhooks, every, asks_bolna=True),
             Job(self.dispatch_due_retries, every),
             # No message announces a campaign's startAt, a retry's interval, a calling window opening, or its end.
             Job(self.schedule_campaigns, every),
             # Messages place queued calls; a frequent sweep would hide a message path that stopped working.
             Job(self.sweep_pending_calls, settings.pending_sweep_interval_seconds),
-            Job(self.reconcile_unconfirmed_calls, every),
-            Job(self.reconcile_silent_calls, every),
+            Job(self.reconcile_unconfirmed_calls, every, asks_bolna=True),
+            Job(self.reconcile_silent_calls, every, asks_bolna=True),
             Job(self.enforce_retention, settings.retention_interval_seconds),
         )
 
@@ -106,7 +115,8 @@ class PeriodicJobs:
 
 
 class _ItemFailures:
-    """The last failure of each item that failed, so one that fails every round is reported once, not every round."""
+    """The last failure of each job's item that failed, so one that fails every round is reported once, not every
+    round (its job succeeding with it clears that; another job succeeding with the same item does not)."""
 
     LIMIT = 10_000  # remembered items; beyond it the oldest are forgotten (and reported again if still failing)
 
@@ -131,22 +141,53 @@ class _ItemFailures:
 _failures = _ItemFailures()
 
 
+@dataclass(frozen=True)
+class _Round:
+    """The job whose round runs on this thread, and the process's stop."""
+
+    job: Job
+    stopping: threading.Event
+
+
+_round: ContextVar[_Round | None] = ContextVar("periodic_job_round", default=None)
+
+
 def for_each(items: Iterable[T], handle: Callable[[T], object]) -> None:
-    """Handles each item on its own: one that fails is reported (once while it fails the same way) and the rest
-    still run. Each item has its own isolation scope, as each message has: what is noted while handling one (a
+    """Handles each item on its own: one that fails is reported (once while it fails the same way in the same job)
+    and the rest still run, until the process stops (the rest wait for the next round, of this process or
+    another). Each item has its own isolation scope, as each message has: what is noted while handling one (a
     breadcrumb, a tag) goes on its own events, never on another item's."""
+    round_ = _round.get()
+    job = round_.job if round_ is not None else None
     for item in items:
+        if round_ is not None and round_.stopping.is_set():
+            return
+        key = (job.name if job else None, item)
         with sentry_sdk.isolation_scope():
             try:
                 handle(item)
             except Exception as exc:
-                if _failures.is_new(item, repr(exc)):
+                if _failures.is_new(key, repr(exc)):
                     error = CallflowError(ErrorType.INTERNAL_ERROR, f"periodic job failed on {item}: {exc!r}")
-                    report(error, cause=exc)
+                    report(error, cause=exc, place=job.place if job else None)
                 else:
                     log.warning("periodic job still failing on %s: %r", item, exc)
             else:
-                _failures.recovered(item)
+                _failures.recovered(key)
+
+
+def job_threads(jobs: Iterable[Job], stopping: threading.Event) -> list[threading.Thread]:
+    """The threads (not started) that run the jobs until `stopping` is set: those that ask Bolna on one, the others
+    on another."""
+    groups = {
+        "periodic-jobs": tuple(job for job in jobs if not job.asks_bolna),
+        "periodic-jobs-bolna": tuple(job for job in jobs if job.asks_bolna),
+    }
+    return [
+        threading.Thread(target=run_periodically, args=(group, stopping), name=name)
+        for name, group in groups.items()
+        if group
+    ]
 
 
 def run_periodically(jobs: tuple[Job, ...], stopping: threading.Event) -> None:
@@ -157,12 +198,13 @@ def run_periodically(jobs: tuple[Job, ...], stopping: threading.Event) -> None:
             if stopping.is_set():
                 return
             if time.monotonic() >= next_run[job]:
-                _run_once(job)
+                _run_once(job, stopping)
                 next_run[job] = time.monotonic() + job.interval_seconds
         stopping.wait(max(0.0, min(next_run.values()) - time.monotonic()))
 
 
-def _run_once(job: Job) -> None:
+def _run_once(job: Job, stopping: threading.Event) -> None:
+    token = _round.set(_Round(job, stopping))
     try:
         with (
             sentry_sdk.isolation_scope() as scope,
@@ -171,4 +213,7 @@ def _run_once(job: Job) -> None:
             scope.clear_breadcrumbs()  # each run starts clean, like each message
             job.run()
     except Exception as exc:  # a failing job must not stop the others, nor the next round
-        report(CallflowError(ErrorType.INTERNAL_ERROR, f"periodic job {job.name} failed: {exc!r}"), cause=exc)
+        error = CallflowError(ErrorType.INTERNAL_ERROR, f"periodic job {job.name} failed: {exc!r}")
+        report(error, cause=exc, place=job.place)
+    finally:
+        _round.reset(token)

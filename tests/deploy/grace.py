@@ -55,7 +55,7 @@ def _waits_after_the_consumer(settings: Settings) -> list[float]:
     with (
         mock.patch.object(queue_processor.signal, "signal"),
         mock.patch.object(queue_processor, "make_server", return_value=server),
-        mock.patch.object(queue_processor, "run_periodically"),
+        mock.patch.object(queue_processor, "job_threads", return_value=[]),
         mock.patch.object(queue_processor.sentry_sdk, "flush", side_effect=lambda timeout: waits.append(timeout)),
     ):
         process.run()
