@@ -121,8 +121,12 @@ def _csv_text() -> str:
             ErrorType.VALIDATION_ERROR,
             f"The CSV cannot be read as {charset[:40]!r}: byte {exc.start} is not valid in it.",
         ) from exc
-    except (LookupError, UnicodeError) as exc:  # no such charset, or none text is read in
+    except (LookupError, ValueError) as exc:  # no such charset, none text is read in, or a name holding U+0000
         raise CallflowError(ErrorType.VALIDATION_ERROR, f"The CSV's charset {charset[:40]!r} is unknown.") from exc
+    try:
+        text.encode("utf-8")  # a codec such as unicode_escape can make lone surrogates, which no database stores
+    except UnicodeEncodeError as exc:
+        raise CallflowError(ErrorType.VALIDATION_ERROR, "The CSV holds text that is not valid Unicode.") from exc
     return text.replace("\x00", "")
 
 

@@ -50,8 +50,16 @@ def test_a_csv_is_read_in_its_charset_and_a_nul_in_it_is_dropped(body, content_t
         (CSV.encode("cp1252"), "text/csv", "cannot be read as 'utf-8': byte 39 is not valid"),
         (CSV.encode("utf-8"), "text/csv; charset=no-such-charset", "charset 'no-such-charset' is unknown"),
         (CSV.encode("utf-8"), "text/csv; charset=rot13", "charset 'rot13' is unknown"),  # not a text encoding
+        (CSV.encode("utf-8"), "text/csv; charset*=UTF-8''utf%008", "charset 'utf\\x008' is unknown"),
+        (b"phone_number,note\n+14155550101,\\ud800\n", "text/csv; charset=unicode_escape", "not valid Unicode"),
     ],
-    ids=["not the charset it names", "an unknown charset", "a codec that reads no bytes"],
+    ids=[
+        "not the charset it names",
+        "an unknown charset",
+        "a codec that reads no bytes",
+        "a charset named with U+0000 (RFC 2231)",
+        "a codec that makes lone surrogates",
+    ],
 )
 def test_a_csv_that_cannot_be_read_in_its_charset_is_refused_never_read_with_letters_replaced(
     body, content_type, detail
