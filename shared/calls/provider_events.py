@@ -100,7 +100,12 @@ def _validated(payload: Any) -> AgentExecution:
             sentry_contexts={"webhook_details": _webhook_details(webhook)},
         )
     if webhook.status is None:
-        raise CallflowError(ErrorType.VALIDATION_ERROR, "The webhook has no status.", execution_id=webhook.execution_id)
+        raise CallflowError(
+            ErrorType.INVALID_WEBHOOK_PAYLOAD,
+            "The webhook has no status (a string in 'status').",
+            sentry_contexts={"webhook_details": _webhook_details(webhook)},
+            execution_id=webhook.execution_id,
+        )
     return webhook
 
 

@@ -44,6 +44,7 @@ class ErrorType(StrEnum):
     CALL_INITIATION_FAILED = "call_initiation_failed"
     EMPTY_WEBHOOK_PAYLOAD = "empty_webhook_payload"
     MISSING_EXECUTION_ID = "missing_execution_id"
+    INVALID_WEBHOOK_PAYLOAD = "invalid_webhook_payload"
     WEBHOOK_AUTH_FAILED = "webhook_auth_failed"
     WEBHOOK_PROCESSING_FAILED = "webhook_processing_failed"
     DIRECT_CALL_QUEUE_FAILURE = "direct_call_queue_failure"
@@ -113,6 +114,9 @@ ERROR_TABLE: dict[ErrorType, ErrorSpec] = {
     ErrorType.EMPTY_WEBHOOK_PAYLOAD: ErrorSpec("Empty webhook payload", _WARNING, "warning", _EVENT, "validation", 400),
     ErrorType.MISSING_EXECUTION_ID: ErrorSpec(
         "Webhook without execution id", _WARNING, "warning", _EVENT, "validation", 400
+    ),
+    ErrorType.INVALID_WEBHOOK_PAYLOAD: ErrorSpec(
+        "Webhook that cannot be used", _WARNING, "warning", _EVENT, "validation", 400
     ),
     ErrorType.WEBHOOK_AUTH_FAILED: ErrorSpec("Webhook authentication failed", _HIGH, "error", _EVENT, "security", 401),
     ErrorType.WEBHOOK_PROCESSING_FAILED: ErrorSpec("Webhook processing failed", _HIGH, "error", _EVENT, "webhook"),

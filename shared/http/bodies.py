@@ -50,7 +50,9 @@ def provider_json_body() -> Any:
             parse_int=_int_or_none,
         )
     except (ValueError, RecursionError) as exc:
-        raise CallflowError(ErrorType.VALIDATION_ERROR, "The body is not valid JSON.") from exc
+        # An event, not a breadcrumb: Bolna sends the same body again until it gives up, and the status it held
+        # (a `completed`, and its charge) would be lost unseen.
+        raise CallflowError(ErrorType.INVALID_WEBHOOK_PAYLOAD, "The body is not valid JSON.") from exc
     return body
 
 

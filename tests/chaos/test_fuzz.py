@@ -54,7 +54,7 @@ REFUSALS = {
     422: {"agent_not_configured", "idempotency_key_reused"},
     502: {"bolna_api_failure"},
 }
-WEBHOOK_REFUSALS = {400: {"empty_webhook_payload", "missing_execution_id", "validation_error"}}
+WEBHOOK_REFUSALS = {400: {"empty_webhook_payload", "missing_execution_id", "invalid_webhook_payload"}}
 
 # What the fuzzing must at least have reached; a run reaches several times more.
 MIN_CALLS_PLACED = 30
@@ -217,7 +217,7 @@ def test_generated_webhooks_get_only_documented_answers(chaos_stack: Stack, clie
 
     post()
     too_deep = client.post(url, params=token, content=b"[" * 100_000 + b"]" * 100_000)
-    assert _refusal(too_deep, WEBHOOK_REFUSALS)["error_type"] == "validation_error"
+    assert _refusal(too_deep, WEBHOOK_REFUSALS)["error_type"] == "invalid_webhook_payload"
     nul = client.post(url, params=token, json={"id": str(uuid.uuid4()), "status": "queued", "transcript": "a\x00"})
     assert (nul.status_code, nul.json()["status"]) == (200, "accepted")
 

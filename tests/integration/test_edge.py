@@ -117,6 +117,19 @@ def test_a_scanner_rotating_addresses_is_capped_per_error_type_and_other_errors_
     assert len(_sent(sentry_sink, "credit_deduction_failed")) == 1
 
 
+@pytest.mark.parametrize(
+    ("body", "execution_id"),
+    [(b'{"id": "exec-1", "state": "completed"}', "exec-1"), (b'{"id": "exec-2", "status": 7}', "exec-2"), (b"{", None)],
+    ids=["no status", "a status that is no string", "not JSON"],
+)
+def test_an_authenticated_webhook_that_cannot_be_used_is_refused_and_reported(sentry_sink, body, execution_id):
+    client = _webhook_receiver(_send_to(sentry_sink, "webhook-receiver"))
+    answer = client.post("/webhooks/bolna", query_string={"token": WEBHOOK_SECRET}, data=body)
+    assert (answer.status_code, answer.json["error_type"]) == (400, "invalid_webhook_payload")
+    (event,) = _sent(sentry_sink, "invalid_webhook_payload")
+    assert event.tags.get("execution_id") == execution_id, "Bolna sends it again: which execution it is about"
+
+
 # 2. The edge makes its own sampling decision; internal hops keep their parent's; Bolna gets no trace headers.
 
 FORCING_HEADERS = {

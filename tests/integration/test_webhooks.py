@@ -37,7 +37,7 @@ def _deliver(payload: dict) -> provider_events.Receipt:
         (None, ErrorType.EMPTY_WEBHOOK_PAYLOAD),
         ([1, 2], ErrorType.EMPTY_WEBHOOK_PAYLOAD),
         ({"status": "completed"}, ErrorType.MISSING_EXECUTION_ID),
-        ({"id": "x"}, ErrorType.VALIDATION_ERROR),
+        ({"id": "x"}, ErrorType.INVALID_WEBHOOK_PAYLOAD),
     ],
 )
 def test_invalid_webhooks_are_refused(payload, error_type):
@@ -280,7 +280,7 @@ def test_a_webhook_body_over_the_limit_is_413():
 
 def test_a_webhook_that_is_not_json_is_still_400():
     answer = _post(b'{"id": "x", "status": ')
-    assert (answer.status_code, answer.json["error_type"]) == (400, "validation_error")
+    assert (answer.status_code, answer.json["error_type"]) == (400, "invalid_webhook_payload")
 
 
 def test_a_webhook_whose_apply_fails_is_stored_with_its_failure_and_nothing_it_announced_goes_out():
