@@ -99,7 +99,7 @@ def create_http_app(service: str, health: HealthCheck) -> Flask:
     @app.errorhandler(OperationalError)
     @app.errorhandler(InterfaceError)
     def _database_error(error: DBAPIError):
-        report_database_error(error, place=request.path)
+        report_database_error(error)  # at the route, as every report from a request: not at its path's ids
         return problem(ErrorType.DATABASE_ERROR, "The database is unavailable; retry later.")
 
     @app.errorhandler(Exception)

@@ -11,12 +11,14 @@ from types import SimpleNamespace
 
 import pytest
 import sentry_sdk
+from sqlalchemy.exc import OperationalError
 
 from services.queue_processor import jobs
 from services.queue_processor.dispatch import NO_SLOT_FOR_CAMPAIGNS, Dispatcher, DispatchTrigger
 from shared.core.config import Settings
 from shared.core.errors import ERROR_TABLE, CallflowError, ErrorType
-from shared.observability.sentry import cron, exception_type_name, init_sentry, report
+from shared.http.app import create_http_app
+from shared.observability.sentry import cron, database_recovered, exception_type_name, init_sentry, report
 from tests.support.sentry_sink import Item, SentrySink
 
 Start = Callable[..., SentrySink]
@@ -159,3 +161,19 @@ def test_log_lines_are_breadcrumbs_except_gunicorns_access_line(sentry):
     messages = [crumb.get("message") for crumb in event.payload["breadcrumbs"]["values"]]
     assert "the app's own line" in messages
     assert not [message for message in messages if "POST /webhooks/bolna" in (message or "")]
+
+
+def test_a_database_outage_in_a_request_is_one_issue_per_route_not_per_id_in_its_path(sentry):
+    sink = sentry()
+    app = create_http_app("test", SimpleNamespace())  # type: ignore[arg-type]
+
+    @app.get("/api/calls/<call_id>")
+    def call(call_id: str):
+        raise OperationalError("SELECT 1", {}, Exception("the database went away"))
+
+    database_recovered()  # an outage is reported once: this one is the first
+    answer = app.test_client().get(f"/api/calls/{uuid.uuid4()}")
+    database_recovered()
+    assert (answer.status_code, answer.json["error_type"]) == (503, "database_error")
+    (event,) = [item for item in _sent(sink, "event") if item.tags.get("error_type") == "database_error"]
+    assert event.payload["fingerprint"] == ["database_error", "/api/calls/<call_id>"]
