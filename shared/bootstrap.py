@@ -24,7 +24,7 @@ from shared.http.health import HealthCheck
 from shared.messaging.outbox import AfterCommitPublisher
 from shared.messaging.publisher import Publisher
 from shared.messaging.topology import BROKER_AWAY, declare_topology_at
-from shared.observability.sentry import init_sentry
+from shared.observability.sentry import init_sentry, report_broker_failure
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,7 @@ def start_service(service: str, settings: Settings, http_transactions: bool = Tr
         declare_topology_at(settings.rabbitmq_url)
     except BROKER_AWAY as exc:  # a broker that is down must not stop the service from answering
         log.warning("could not declare the broker topology at start (declared again on first publish): %r", exc)
+        report_broker_failure(exc, place="broker.declare")
     return build_components(settings)
 
 

@@ -45,11 +45,12 @@ from shared.messaging.topology import (
     retry_queue,
 )
 from shared.observability import tracing
-from shared.observability.sentry import report, report_database_error
+from shared.observability.sentry import broker_accepted, report, report_broker_failure, report_database_error
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+CONSUMER_PLACE = "broker.consume"  # where the broker's refusal to let the consumer in is reported
 HEALTHY_SECONDS = 30.0  # a connection lost after this long is a new outage: reconnecting starts at 0.5 s again
 
 
@@ -241,6 +242,7 @@ class Consumer:
         opened = time.monotonic()
         try:
             self._start_consuming(connection, handler_thread)
+            broker_accepted(CONSUMER_PLACE)
             while not (self._stopping.is_set() and handler_thread.idle()):
                 process_events(connection)
                 handler_thread.raise_failure()
@@ -350,6 +352,8 @@ def _log_reconnect(state: RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
     delay = state.next_action.sleep if state.next_action else 0.0
     log.warning("broker unreachable (%r); reconnecting in %.1fs", exc, delay)
+    if exc is not None:
+        report_broker_failure(exc, place=CONSUMER_PLACE)
 
 
 def _close(connection: pika.BlockingConnection) -> None:

@@ -51,6 +51,7 @@ class ErrorType(StrEnum):
     CAMPAIGN_CALL_QUEUE_FAILURE = "campaign_call_queue_failure"
     CREDIT_DEDUCTION_FAILED = "credit_deduction_failed"
     DATABASE_ERROR = "database_error"
+    BROKER_REFUSED = "broker_refused"
     SLOT_LEASE_EXPIRED = "slot_lease_expired"
     BOLNA_OUTCOME_UNKNOWN = "bolna_outcome_unknown"
     BOLNA_REDIALLED = "bolna_redialled"
@@ -124,6 +125,7 @@ ERROR_TABLE: dict[ErrorType, ErrorSpec] = {
     ErrorType.CAMPAIGN_CALL_QUEUE_FAILURE: ErrorSpec("Queued campaign call failed", _HIGH, "error", _EVENT, "queue"),
     ErrorType.CREDIT_DEDUCTION_FAILED: ErrorSpec("Credit deduction failed", _CRITICAL, "fatal", _EVENT, "revenue"),
     ErrorType.DATABASE_ERROR: ErrorSpec("Database unavailable", _CRITICAL, "fatal", _EVENT, "infrastructure", 503),
+    ErrorType.BROKER_REFUSED: ErrorSpec("RabbitMQ refuses Callflow", _CRITICAL, "fatal", _EVENT, "infrastructure"),
     ErrorType.SLOT_LEASE_EXPIRED: ErrorSpec("Call slot lease expired", _WARNING, "warning", _EVENT, "reliability"),
     ErrorType.BOLNA_OUTCOME_UNKNOWN: ErrorSpec(
         "Bolna may have placed the call but nothing confirms it", _HIGH, "error", _EVENT, "provider"

@@ -30,6 +30,7 @@ from shared.core.models import OutboxMessage
 from shared.messaging.publisher import BrokerTooSlow, Envelope, Publisher
 from shared.messaging.topology import EVENTS_EXCHANGE
 from shared.observability import tracing
+from shared.observability.sentry import broker_accepted, report_broker_failure
 
 log = logging.getLogger(__name__)
 _OUTBOX = OutboxMessage.__table__
@@ -42,6 +43,7 @@ PUBLISH_AFTER_COMMIT_SECONDS = 2.0
 # PUBLISH_AFTER_COMMIT_SECONDS for it again, holding its rows locked, while commits pile up in memory faster than
 # that drains them.
 BROKER_AWAY_PAUSE_SECONDS = 5.0
+PUBLISH_PLACE = "broker.publish"  # where the broker's refusal of what is published is reported
 
 
 def add(session: Session, message_type: str, body: dict[str, Any]) -> OutboxMessage:
@@ -160,9 +162,12 @@ def publish_committed(
                 if untried:
                     session.execute(_MARK_UNPUBLISHED, {"ids": untried})
                 log.warning("outbox publish failed, the relay will retry: %r", exc)
+                report_broker_failure(exc, place=PUBLISH_PLACE)
                 failure = exc
                 break
         session.commit()
+    if failure is None and claimed:
+        broker_accepted(PUBLISH_PLACE)
     return failure
 
 
@@ -188,10 +193,13 @@ def publish_pending(
                 row.attempts += 1
                 row.last_error = repr(exc)[:1000]
                 log.warning("outbox publish failed, the relay will retry: %r", exc)
+                report_broker_failure(exc, place=PUBLISH_PLACE)
                 break
             row.published_at = func.now()
             published += 1
         session.commit()
+    if published:
+        broker_accepted(PUBLISH_PLACE)
     return published
 
 

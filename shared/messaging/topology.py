@@ -13,7 +13,13 @@ from typing import Any, Literal
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.adapters.utils.connection_workflow import AMQPConnectorException
-from pika.exceptions import AMQPError, ChannelClosedByBroker
+from pika.exceptions import (
+    AMQPError,
+    ChannelClosedByBroker,
+    ConnectionClosedByBroker,
+    ProbableAccessDeniedError,
+    ProbableAuthenticationError,
+)
 
 EVENTS_EXCHANGE = "callflow.events"
 DEAD_LETTER_EXCHANGE = "callflow.dead-letter"
@@ -44,6 +50,17 @@ RETRY_DELAYS_SECONDS = (1, 5, 30)
 # own errors (a broker that takes the TCP connection and never answers the handshake times out with one of them),
 # which are no AMQPError.
 BROKER_AWAY = (AMQPError, AMQPConnectorException, OSError)
+# The broker's refusals no reconnect mends: access refused (403), a queue declared otherwise than Callflow declares
+# it (406), a vhost that does not exist (530).
+_LASTING_REPLY_CODES = frozenset({403, 406, 530})
+
+
+def broker_refuses(exc: BaseException) -> bool:
+    """Whether the broker refused Callflow for a reason that lasts until someone fixes it (its credentials, its
+    permissions, its vhost, or the topology), rather than being away for a while."""
+    if isinstance(exc, ProbableAuthenticationError | ProbableAccessDeniedError):
+        return True
+    return isinstance(exc, ConnectionClosedByBroker | ChannelClosedByBroker) and exc.reply_code in _LASTING_REPLY_CODES
 
 
 class MessageType(StrEnum):

@@ -25,6 +25,7 @@ from werkzeug.exceptions import HTTPException
 
 from shared.core.config import Settings
 from shared.core.errors import ERROR_TABLE, CallflowError, Capture, ErrorSpec, ErrorType
+from shared.messaging.topology import broker_refuses
 from shared.observability import scrubbing
 
 log = logging.getLogger(__name__)
@@ -306,6 +307,37 @@ def report_database_error(cause: BaseException, place: str | None = None) -> Non
         report(error, cause=cause, place=place)
     else:
         sentry_sdk.add_breadcrumb(category="callflow.error", message=str(error), level="error")
+
+
+class _BrokerRefusals:
+    """Where in this process the broker's refusal has been reported (once there, until a connection is accepted)."""
+
+    places: set[str] = set()
+    lock = threading.Lock()
+
+
+def report_broker_failure(cause: BaseException, place: str) -> None:
+    """Reports a failure to reach the broker that no retry mends (`topology.broker_refuses`) once at `place`, then
+    logs it, until a connection there is accepted again (`broker_accepted`): the services keep trying, and only
+    someone's fix ends it. One that passes is its caller's to log: the outbox and the sweeps make up for a broker
+    away for a while."""
+    if not broker_refuses(cause):
+        return
+    with _BrokerRefusals.lock:
+        first = place not in _BrokerRefusals.places
+        _BrokerRefusals.places.add(place)
+    if first:
+        detail = f"RabbitMQ refuses Callflow: {type(cause).__name__}: {cause}"[:1000]
+        report(CallflowError(ErrorType.BROKER_REFUSED, detail), cause=cause, place=place)
+    else:
+        log.warning("RabbitMQ still refuses Callflow at %s: %r", place, cause)
+
+
+def broker_accepted(place: str) -> None:
+    if place in _BrokerRefusals.places:
+        with _BrokerRefusals.lock:
+            _BrokerRefusals.places.discard(place)
+        log.info("RabbitMQ accepts Callflow again at %s", place)
 
 
 def database_recovered() -> None:
