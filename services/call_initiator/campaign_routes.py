@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 from datetime import timedelta
 from typing import Any
@@ -154,7 +155,10 @@ def _read_campaign() -> tuple[Any, spec.CampaignSettings, spec.ContactList]:
         except ValueError as exc:
             raise CallflowError(ErrorType.VALIDATION_ERROR, f"contacts: {exc}") from exc
     try:
-        settings = spec.CampaignSettings.model_validate(settings_raw)
+        if request.mimetype in CSV_TYPES:  # query parameters are text: numbers are read from it
+            settings = spec.CampaignSettings.model_validate(settings_raw)
+        else:  # JSON's types as sent, as POST /api/calls takes them: `true` is no number, "3" no integer
+            settings = spec.CampaignSettings.model_validate_json(json.dumps(settings_raw), strict=True)
     except ValidationError as exc:
         raise validation_error(exc) from exc
     return raw, settings, contacts

@@ -4,6 +4,7 @@ store dropped rather than answered with a 500."""
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import select
@@ -68,3 +69,39 @@ def test_a_csv_that_cannot_be_read_in_its_charset_is_refused_never_read_with_let
     assert (answer.status_code, answer.mimetype) == (400, "application/problem+json")
     assert answer.json["error_type"] == "validation_error"
     assert detail in answer.json["detail"]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"maxConcurrency": True},
+        {"maxConcurrency": "3"},
+        {"retry": {"maxAttempts": "4"}},
+        {"retry": {"intervalMinutes": [True]}},
+        {"callingWindow": {"startHour": False, "endHour": 18}},
+        {"callingWindow": {"startHour": 9, "endHour": 18, "days": [True]}},
+    ],
+    ids=["true for a number", "a string for a number", "nested", "true in a list", "false for 0", "true for 1"],
+)
+def test_json_campaign_settings_are_taken_as_their_json_types_never_converted(settings):
+    owner = customer()
+    body = {"name": "Renewals", "agentId": str(owner.agent_id), "contacts": [{"phoneNumber": "+14155550101"}]}
+    answer = (
+        create_api(components()).test_client().post("/api/campaigns", headers=owner.auth, json={**body, **settings})
+    )
+    assert (answer.status_code, answer.json["error_type"]) == (400, "validation_error"), answer.json
+
+
+def test_json_campaign_settings_of_the_right_types_are_taken():
+    owner = customer()
+    body = {
+        "name": "Renewals",
+        "agentId": str(owner.agent_id),
+        "contacts": [{"phoneNumber": "+14155550101"}],
+        "maxConcurrency": 3,
+        "startAt": (datetime.now(UTC) + timedelta(days=1)).isoformat(),
+        "retry": {"maxAttempts": 2, "onStatuses": ["busy"], "intervalMinutes": [5, 7.5]},
+        "callingWindow": {"startHour": 9, "endHour": 18, "days": [1, 2]},
+    }
+    answer = create_api(components()).test_client().post("/api/campaigns", headers=owner.auth, json=body)
+    assert answer.status_code == 201, answer.json
