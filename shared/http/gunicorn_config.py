@@ -34,7 +34,8 @@ max_requests = 10_000
 max_requests_jitter = 1_000
 accesslog = "-"
 # The request id is the X-Request-ID every response carries: the access log line joins the app's logs and Sentry.
-access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms request_id=%({x-request-id}o)s'
+# The path without its query string: Bolna's webhooks carry the webhook secret in theirs (`?token=`).
+access_log_format = '%(h)s "%(m)s %(U)s %(H)s" %(s)s %(B)s %(M)sms request_id=%({x-request-id}o)s'
 errorlog = "-"
 loglevel = "info"
 control_socket_disable = True  # several services share a host: no shared control socket path

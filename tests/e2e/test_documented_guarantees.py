@@ -34,6 +34,7 @@ from shared.core.config import Settings
 from shared.core.models import Call, IdempotencyKey, User
 from shared.http.gunicorn_config import FLUSH_SECONDS
 from shared.messaging.topology import DISPATCH_QUEUE, EVENTS_EXCHANGE, MessageType, open_channel
+from tests.conftest import WEBHOOK_SECRET
 from tests.support.components import components
 from tests.support.factories import Customer, customer
 from tests.support.isolation import Isolation
@@ -116,6 +117,16 @@ class TestSecurity:
         assert set(rows_with_the_token.values()) == {0}, rows_with_the_token
         unknown_call = stack.api("GET", f"/api/calls/{uuid.uuid4()}", headers={"Authorization": f"Bearer {token}"})
         assert unknown_call.status_code == 404, "the token the operator was shown is the one that works"
+
+    def test_the_webhook_secret_in_bolnas_url_never_reaches_the_access_log(self, stack: Stack):
+        request_id = f"webhook-{uuid.uuid4().hex}"
+        webhook = {"id": str(uuid.uuid4()), "status": "queued"}
+        assert stack.webhook(webhook, headers={"X-Request-ID": request_id}).status_code == 200
+        log = stack.webhook_receiver.log_path
+        wait_until(lambda: request_id in log.read_text(), 10, "the webhook's access line is written")
+        (line,) = [line for line in log.read_text().splitlines() if request_id in line]
+        assert '"POST /webhooks/bolna HTTP/1.1" 200' in line
+        assert WEBHOOK_SECRET not in log.read_text()
 
     def test_another_customers_call_is_answered_byte_for_byte_like_a_missing_one(self, stack: Stack):
         owner, intruder = customer(), customer()
