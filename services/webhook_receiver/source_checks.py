@@ -29,6 +29,8 @@ class SourceChecks:
             source = ipaddress.ip_address(request.remote_addr or "")
         except ValueError:
             source = None
+        if isinstance(source, ipaddress.IPv6Address) and source.ipv4_mapped is not None:
+            source = source.ipv4_mapped  # an IPv4 client seen through a dual-stack socket or proxy
         if source is None or not any(source in network for network in self._allowed):
             raise CallflowError(ErrorType.WEBHOOK_SOURCE_FORBIDDEN, f"Webhooks are not accepted from {source}.")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import sys
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -113,6 +114,15 @@ class Settings(BaseSettings):
         if self.outcome_unknown_after_seconds < self.initiating_lease_seconds:
             raise ValueError("OUTCOME_UNKNOWN_AFTER_SECONDS must be at least INITIATING_LEASE_SECONDS")
         return self
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _url_safe(cls, value: str) -> str:
+        # Bolna sends it back in a URL: any other character is read otherwise there (a `+` as a space), and every
+        # webhook would be refused as unauthenticated.
+        if not re.fullmatch(r"[A-Za-z0-9._~-]*", value):
+            raise ValueError("WEBHOOK_SECRET may hold only letters, digits and . _ ~ - (it travels in a URL)")
+        return value
 
     @model_validator(mode="after")
     def _production_webhook_secret_is_strong(self) -> Settings:

@@ -117,6 +117,15 @@ def test_a_scanner_rotating_addresses_is_capped_per_error_type_and_other_errors_
     assert len(_sent(sentry_sink, "credit_deduction_failed")) == 1
 
 
+def test_an_allowed_ipv4_source_seen_as_an_ipv4_mapped_ipv6_address_is_allowed():
+    settings = load_settings().model_copy(update={"webhook_allowed_ips": (ipaddress.ip_network("10.0.0.0/8"),)})
+    client = _webhook_receiver(settings)
+    allowed = _webhook_from(client, "::ffff:10.1.2.3", token=WEBHOOK_SECRET)
+    assert allowed.status_code == 200, allowed.json
+    refused = _webhook_from(client, "::ffff:192.0.2.1", token=WEBHOOK_SECRET)
+    assert (refused.status_code, refused.json["error_type"]) == (403, "webhook_source_forbidden")
+
+
 @pytest.mark.parametrize(
     ("body", "execution_id"),
     [(b'{"id": "exec-1", "state": "completed"}', "exec-1"), (b'{"id": "exec-2", "status": 7}', "exec-2"), (b"{", None)],

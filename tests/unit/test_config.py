@@ -75,6 +75,12 @@ def test_every_service_refuses_a_weak_webhook_secret_in_production(service, secr
     assert "WEBHOOK_SECRET" in result.stderr
 
 
+def test_a_webhook_secret_that_would_not_travel_a_url_unchanged_is_refused_at_start():
+    result = _start_with({"PATH": "/usr/bin", "WEBHOOK_SECRET": "aGVsbG8+d29ybGQ/Zm9v/YmFy="})  # base64's + / =
+    assert result.returncode == 2
+    assert "WEBHOOK_SECRET may hold only" in result.stderr
+
+
 def test_production_accepts_a_long_webhook_secret_and_development_any():
     assert _start_with({**PRODUCTION, "WEBHOOK_SECRET": "0123456789abcdef0123456789abcdef"}).returncode == 0
     assert _start_with({"PATH": "/usr/bin", "WEBHOOK_SECRET": "short"}).returncode == 0
