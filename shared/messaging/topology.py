@@ -290,7 +290,9 @@ def declare_topology_at(url: str) -> None:
 def persistent_copy(properties: pika.BasicProperties, headers: dict[str, Any]) -> pika.BasicProperties:
     """The message's properties with other headers, for sending it on (to a retry, the dead letters, back). A copy
     whose properties would not fit well within one frame (the broker closes a connection that sends a larger one,
-    and the message would come back to fail the same way) keeps only Callflow's own headers, saying so."""
+    and the message would come back to fail the same way) keeps only Callflow's own headers, saying so. A copy is a
+    new message: the count of times the broker gave back the original is not carried over."""
+    headers = {name: value for name, value in headers.items() if name != DELIVERY_COUNT_HEADER}
     copy = _copy(properties, headers)
     size = sum(len(part) for part in copy.encode())
     if size <= COPY_PROPERTIES_MAX_BYTES:
