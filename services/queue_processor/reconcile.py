@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Select, func, or_, select
 
@@ -127,10 +127,12 @@ class ProviderReconciler:
             call.trace_headers, op="call.reconcile", name="Find Unconfirmed Call", tags=call.kind_tags
         ):
             sent_at = call.initiated_at or call.created_at
-            answered, execution = _ask(lambda: self._search(agent.provider_agent_id or "", call.id, sent_at), call)
-            if not answered:
+            answer = _ask(lambda: self._search(agent.provider_agent_id or "", call.id, sent_at), call)
+            if not answer.answered:
                 self._asked(call.id)  # asked: its turn comes after the others', not first again every round
+                answer.raise_lasting()
                 return
+            execution = answer.value
             if execution is not None:
                 self._found(call.id, execution)
             elif now - sent_at >= self._bounds.outcome_unknown_after:
@@ -147,14 +149,15 @@ class ProviderReconciler:
             call.trace_headers, op="call.reconcile", name="Reconcile Silent Call", tags=call.kind_tags
         ):
             execution_id = call.execution_id
-            answered, execution = _ask(lambda: self._bolna.get_execution(execution_id), call)
-            status = AgentExecution(execution).status if execution is not None else None
-            if not answered or (execution is not None and status not in statuses.PROVIDER_STATUSES):
-                # Nothing is decided on no answer, nor on a status Callflow does not know; the call is marked asked,
-                # so its turn comes after the others', not first again every round.
+            answer = _ask(lambda: self._bolna.get_execution(execution_id), call)
+            if not answer.answered:
+                # Nothing is decided; the call is marked asked, so its turn comes after the others' next round.
                 self._asked(call.id)
+                answer.raise_lasting()
                 return
-            if execution is not None:
+            execution = answer.value
+            status = AgentExecution(execution).status if execution is not None else None
+            if execution is not None and status in statuses.PROVIDER_STATUSES:
                 provider_events.ingest(self._uow, execution, self._bolna, fetched=True)
             self._after_check(call.id, status)
 
@@ -192,7 +195,8 @@ class ProviderReconciler:
             call = uow.calls.lock_call(call_id)
             lifecycle.heard_from_provider(uow.calls, call)
             lease_over = call.slot_held and call.slot_lease_expires_at < uow.session.scalar(select(func.now()))
-            live = provider_status in statuses.PROVIDER_STATUSES and provider_status not in statuses.RELEASES_SLOT
+            # A status Callflow does not know counts as live: the call keeps its slot for its leases, no longer.
+            live = provider_status is not None and provider_status not in statuses.RELEASES_SLOT
             now = uow.session.scalar(select(func.now()))
             expired = lease_over and not (live and lifecycle.extend_lease(uow.calls, call, now, MAX_LEASES))
             if expired:
@@ -244,15 +248,29 @@ class ProviderReconciler:
         )
 
 
-def _ask(request: Callable[[], T], call: Call) -> tuple[bool, T | None]:
-    """(True, Bolna's answer), or (True, None) when Bolna refused the request (it does not know the call), or
-    (False, None) when Bolna cannot be asked now (no answer, one that cannot be read, or Callflow's key refused):
-    then nothing is decided, and the next round asks again."""
+@dataclass(frozen=True)
+class _Answer(Generic[T]):
+    """Bolna's answer, None when it refused the request (it does not know the call); `answered` False when Bolna
+    could not be asked: then nothing is decided, and the next round asks again."""
+
+    answered: bool
+    value: T | None = None
+    failure: BolnaError | None = None
+
+    def raise_lasting(self) -> None:
+        """Raises a failure to ask that lasts until someone fixes it (Callflow's key refused, an answer that cannot
+        be read): the periodic job reports it, once per call while it fails the same way. One that passes (Bolna
+        down, slow, rate-limiting) is only logged: the next round asks again."""
+        if self.failure is not None and not self.failure.transient:
+            raise self.failure
+
+
+def _ask(request: Callable[[], T], call: Call) -> _Answer[T]:
     try:
-        return True, request()
+        return _Answer(True, request())
     except BolnaError as exc:
         log.warning("reconciling call %s: %s", call.id, exc)
-        return exc.refused, None
+        return _Answer(True) if exc.refused else _Answer(False, failure=exc)
 
 
 def _ids(call: Call) -> dict[str, object]:
