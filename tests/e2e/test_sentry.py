@@ -162,7 +162,9 @@ def test_queued_call_failure_arrives_once_in_the_calls_trace(sim):
     sim.sim_config(api_key=REFUSED_KEY)  # before a call waits: whatever places it, Bolna refuses it
     queued = _place(sim, owner)
     assert queued.status_code == 202
-    assert sim.webhook({"id": holder, "status": "completed"}).status_code == 200  # the slot frees: its turn
+    # With its duration: one without waits for Bolna's record, which the refused key keeps Callflow from reading.
+    completed = {"id": holder, "status": "completed", "telephony_data": {"duration": "30"}}
+    assert sim.webhook(completed).status_code == 200  # the slot frees: its turn
     call_id = queued.json()["callId"]
     wait_until(lambda: sim.call(owner.auth, call_id)["status"] == "failed", 30, "the queued call fails")
 
