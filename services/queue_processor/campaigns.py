@@ -188,6 +188,7 @@ def finished_attempts_query(
 
 
 def campaign_lock_query(campaign_id: uuid.UUID) -> Select[tuple[uuid.UUID]]:
+    """The campaign's row, locked: waits for a webhook reopening one of its contacts (`finish_if_done`)."""
     return select(Campaign.id).where(Campaign.id == campaign_id).with_for_update(key_share=True)
 
 

@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
@@ -176,12 +176,12 @@ def for_each(items: Iterable[T], handle: Callable[[T], object]) -> None:
                 _failures.recovered(key)
 
 
-def job_threads(jobs: Iterable[Job], stopping: threading.Event) -> list[threading.Thread]:
-    """The threads (not started) that run the jobs until `stopping` is set: those that ask Bolna on one, the others
-    on another."""
+def job_threads(jobs: Sequence[Job], stopping: threading.Event) -> list[threading.Thread]:
+    """The threads (not started) that run the jobs until `stopping` is set: each that asks Bolna on one of its own
+    (kept webhooks wait behind no reconcile round), the others together on one."""
     groups = {
         "periodic-jobs": tuple(job for job in jobs if not job.asks_bolna),
-        "periodic-jobs-bolna": tuple(job for job in jobs if job.asks_bolna),
+        **{f"periodic-jobs-{job.name}": (job,) for job in jobs if job.asks_bolna},
     }
     return [
         threading.Thread(target=run_periodically, args=(group, stopping), name=name)

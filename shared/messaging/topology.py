@@ -50,9 +50,11 @@ RETRY_DELAYS_SECONDS = (1, 5, 30)
 # own errors (a broker that takes the TCP connection and never answers the handshake times out with one of them),
 # which are no AMQPError.
 BROKER_AWAY = (AMQPError, AMQPConnectorException, OSError)
-# The broker's refusals no reconnect mends: access refused (403), a queue declared otherwise than Callflow declares
-# it (406), a vhost that does not exist (530).
-_LASTING_REPLY_CODES = frozenset({403, 406, 530})
+# The broker's refusals no reconnect mends: access refused (403), a vhost that does not exist (530), and a queue
+# declared otherwise than Callflow declares it (a 406 saying so: a 406 also answers a passing fault, such as an
+# unknown delivery tag after a reconnect).
+_LASTING_REPLY_CODES = frozenset({403, 530})
+_INEQUIVALENT_DECLARATION = "inequivalent arg"
 
 
 def broker_refuses(exc: BaseException) -> bool:
@@ -60,7 +62,11 @@ def broker_refuses(exc: BaseException) -> bool:
     permissions, its vhost, or the topology), rather than being away for a while."""
     if isinstance(exc, ProbableAuthenticationError | ProbableAccessDeniedError):
         return True
-    return isinstance(exc, ConnectionClosedByBroker | ChannelClosedByBroker) and exc.reply_code in _LASTING_REPLY_CODES
+    if not isinstance(exc, ConnectionClosedByBroker | ChannelClosedByBroker):
+        return False
+    return exc.reply_code in _LASTING_REPLY_CODES or (
+        exc.reply_code == 406 and _INEQUIVALENT_DECLARATION in str(exc.reply_text)
+    )
 
 
 class MessageType(StrEnum):

@@ -114,6 +114,7 @@ def _from_a_fresh_address() -> httpx.Client:
         (ErrorType.WEBHOOK_AUTH_FAILED, {"id": "x", "status": "ringing"}, "wrong"),
         (ErrorType.EMPTY_WEBHOOK_PAYLOAD, {}, WEBHOOK_SECRET),
         (ErrorType.MISSING_EXECUTION_ID, {"status": "ringing"}, WEBHOOK_SECRET),
+        (ErrorType.INVALID_WEBHOOK_PAYLOAD, {"id": "x", "state": "ringing"}, WEBHOOK_SECRET),
     ],
 )
 def test_webhook_errors_arrive_once(stack, error_type, payload, token):

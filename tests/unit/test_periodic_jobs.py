@@ -74,4 +74,4 @@ def test_a_job_waiting_on_bolna_holds_up_none_of_the_others():
         for thread in threads:
             thread.join(10)
     assert not any(thread.is_alive() for thread in threads)
-    assert sorted(thread.name for thread in threads) == ["periodic-jobs", "periodic-jobs-bolna"]
+    assert sorted(thread.name for thread in threads) == ["periodic-jobs", "periodic-jobs-reconcile_silent_calls"]
