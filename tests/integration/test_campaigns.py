@@ -7,6 +7,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -286,12 +288,8 @@ def test_a_settling_does_not_close_a_contact_on_a_failure_bolnas_word_is_overrul
     owner, campaign_id, call = _campaign_call_given_up()
     with components().uow() as webhook:
         live = _overruled(webhook, call.id, "ringing")
-        settling = _Settling(owner.user_id, call.id)
-        settling.start()
-        wait_until(lambda: not settling.is_alive() or _waits_for(webhook), 10, "the settling runs")
-        webhook.commit()
-    settling.join(30)
-    assert not settling.is_alive() and settling.error is None, settling.error
+        with _settling_alongside(webhook, owner.user_id, call.id):
+            pass
     (contact,) = _contacts(campaign_id)
     assert (live.status, contact.state, contact.final_status) == ("ringing", states.CALLING, None)
 
@@ -302,13 +300,8 @@ def test_a_settling_and_bolnas_completed_overruling_a_failure_do_not_deadlock():
     owner, campaign_id, call = _campaign_call_given_up()
     with components().uow() as webhook:
         webhook.calls.lock_call(call.id)  # its call found, by our id echoed back
-        settling = _Settling(owner.user_id, call.id)
-        settling.start()
-        wait_until(lambda: not settling.is_alive() or _waits_for(webhook), 10, "the settling runs")
-        _overruled(webhook, call.id, "completed")
-        webhook.commit()
-    settling.join(30)
-    assert not settling.is_alive() and settling.error is None, settling.error
+        with _settling_alongside(webhook, owner.user_id, call.id):
+            _overruled(webhook, call.id, "completed")
     _settle(owner.user_id, call.id)  # the webhook's own message, or the scheduler's next round
     (contact,) = _contacts(campaign_id)
     assert (contact.state, contact.final_status) == (states.DONE, "completed")
@@ -321,12 +314,8 @@ def test_a_campaign_is_not_completed_while_bolnas_word_reopens_one_of_its_contac
     owner, campaign_id, given_up, last = _campaign_with_a_given_up_attempt_settled_and_one_ended()
     with components().uow() as webhook:
         _overruled(webhook, given_up.id, "ringing")
-        settling = _Settling(owner.user_id, last.id)
-        settling.start()
-        wait_until(lambda: not settling.is_alive() or _waits_for(webhook), 10, "the settling runs")
-        webhook.commit()
-    settling.join(30)
-    assert not settling.is_alive() and settling.error is None, settling.error
+        with _settling_alongside(webhook, owner.user_id, last.id):
+            pass
     assert [contact.state for contact in _contacts(campaign_id)] == [states.CALLING, states.DONE]
     assert _campaign_row(campaign_id).status == states.RUNNING, "a contact is being called"
 
@@ -416,6 +405,20 @@ def _waits_for(holder: UnitOfWork) -> bool:
     with components().engine.connect() as connection:
         waiting = "SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"
         return connection.scalar(text(waiting), {"pid": pid}) > 0
+
+
+@contextmanager
+def _settling_alongside(webhook: UnitOfWork, user_id: uuid.UUID, call_id: uuid.UUID) -> Iterator[None]:
+    """Settles the attempt `call_id` ended on a thread of its own while `webhook`'s transaction is open: the block
+    runs once the settling waits for a lock the webhook holds (or is done); then the webhook commits, and the
+    settling must finish without an error."""
+    settling = _Settling(user_id, call_id)
+    settling.start()
+    wait_until(lambda: not settling.is_alive() or _waits_for(webhook), 10, "the settling runs")
+    yield
+    webhook.commit()
+    settling.join(30)
+    assert not settling.is_alive() and settling.error is None, settling.error
 
 
 class _Settling(threading.Thread):

@@ -83,6 +83,12 @@ def _for_vhost(document: dict[str, Any], vhost: str) -> dict[str, Any]:
     }
 
 
+def _import_definitions(vhost: str) -> None:
+    """Loads the committed definitions into `vhost`, as a broker loads them at boot. Through stdin (no path; 3.10
+    takes "-" for a file name): rabbitmqctl may run as the broker's user, which cannot read this run's files."""
+    _rabbitmqctl("import_definitions", stdin=json.dumps(_for_vhost(json.loads(DEFINITIONS_FILE.read_text()), vhost)))
+
+
 @pytest.fixture
 def vhosts(isolation: Isolation) -> Iterator[list[str]]:
     """Fresh vhost names for one test; any of them that exists at the end is deleted."""
@@ -106,9 +112,7 @@ def test_a_broker_that_imports_the_definitions_holds_what_the_services_declare(
     vhosts: list[str],
 ) -> None:
     imported, declared = vhosts
-    # Through stdin (no path; 3.10 takes "-" for a file name): rabbitmqctl may run as the broker's user, which
-    # cannot read this run's temporary files.
-    _rabbitmqctl("import_definitions", stdin=json.dumps(_for_vhost(json.loads(DEFINITIONS_FILE.read_text()), imported)))
+    _import_definitions(imported)
 
     _rabbitmqctl("add_vhost", declared)
     _rabbitmqctl("set_permissions", "-p", declared, "guest", ".*", ".*", ".*")
@@ -126,7 +130,7 @@ def test_a_broker_that_imports_the_definitions_dead_letters_a_dispatch_message_g
     vhosts: list[str],
 ) -> None:
     imported, _ = vhosts
-    _rabbitmqctl("import_definitions", stdin=json.dumps(_for_vhost(json.loads(DEFINITIONS_FILE.read_text()), imported)))
+    _import_definitions(imported)
     _rabbitmqctl("set_permissions", "-p", imported, "guest", ".*", ".*", ".*")
     with open_channel(f"{RABBITMQ_HOST_URL}/{imported}") as channel:
         channel.basic_publish("", DISPATCH_QUEUE, b"{}", pika.BasicProperties(message_id="given-back"))
