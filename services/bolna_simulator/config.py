@@ -11,7 +11,11 @@ import phonenumbers
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-OUTCOMES = ("completed", "busy", "no-answer", "failed")
+# How a placed call ends: the callee's answer, the carrier's failure, or Bolna's own end of it: `error` (its fault),
+# `balance-low` (the account has no credit left: nothing is dialled), `canceled` and `stopped` (from its dashboard).
+OUTCOMES = ("completed", "busy", "no-answer", "failed", "error", "balance-low", "canceled", "stopped")
+# The outcomes after which Bolna's auto-retry dials again (`redial_rate`).
+REDIALLED_OUTCOMES = frozenset({"busy", "no-answer"})
 # Every status Bolna gives an execution (its spec's list), including those the simulator never plays.
 Status = Literal[
     "scheduled",
@@ -55,7 +59,11 @@ TRANSCRIPT = (
     "user: Yes, that works for me.\n"
     "assistant: Great, you are all set. Thank you and have a nice day!\n"
 )
-FAILURE_MESSAGE = "Call failed: the carrier rejected the call (SIP 503 Service Unavailable)"
+ERROR_MESSAGES = {
+    "failed": "Call failed: the carrier rejected the call (SIP 503 Service Unavailable)",
+    "error": "Call errored: the telephony provider could not be reached",
+    "balance-low": "Call not placed: the account balance is too low",
+}
 
 _E164 = re.compile(r"\+[1-9]\d{1,14}")
 
@@ -92,6 +100,15 @@ class SimulatorConfig(BaseSettings):
     error_after_placing_rate: float = Field(0.0, ge=0, le=1)
     # Per status, the share of its webhooks never delivered (nor retried); the call's state still moves on.
     dropped_webhooks: Annotated[dict[str, Annotated[float, Field(ge=0, le=1)]], NoDecode] = Field(default_factory=dict)
+    # Share of `completed` webhooks sent before Bolna's post-processing wrote the duration (no
+    # `conversation_duration`, no `telephony_data.duration`); `GET /executions/{id}` has it.
+    completed_without_duration_rate: float = Field(0.0, ge=0, le=1)
+    # Share of calls ending busy or no-answer that Bolna's auto-retry dials again, whatever the request's
+    # `retry_config` said: the execution comes back `scheduled` with `retry_count` 1, stays so for
+    # `redial_delay_seconds` (the retry's interval), then plays again (an outcome drawn when the call was placed)
+    # unless it was stopped meanwhile.
+    redial_rate: float = Field(0.0, ge=0, le=1)
+    redial_delay_seconds: float = Field(1.0, ge=0)
     seed: int | None = None
 
     @field_validator("webhook_url")

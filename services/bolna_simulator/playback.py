@@ -38,26 +38,35 @@ class CallPlayback:
         self._rng = rng
         self._held: dict[str, Any] | None = None
         self._silent = rng.random() < config.webhook_drop_rate
+        self._durationless = rng.random() < config.completed_without_duration_rate
 
     def start(self) -> None:
         threading.Thread(target=self._run, name=f"call-{self._execution.id[:8]}", daemon=True).start()
 
     def _plan(self) -> list[tuple[str, float]]:
-        """Each status with the real seconds to wait before entering it."""
+        """Each status with the real seconds to wait before entering it: the dial, then Bolna's own redial if any."""
+        plan = self._dial(self._execution.outcome, queued_after=0.0)
+        if self._execution.redial_outcome is not None:
+            plan.append(("scheduled", self._config.step_delay_seconds))
+            plan += self._dial(self._execution.redial_outcome, queued_after=self._config.redial_delay_seconds)
+        return plan
+
+    def _dial(self, outcome: str, queued_after: float) -> list[tuple[str, float]]:
         step = self._config.step_delay_seconds
-        outcome = self._execution.outcome
         if outcome == "completed":
             return [
-                ("queued", 0.0),
+                ("queued", queued_after),
                 ("initiated", step),
                 ("ringing", step),
                 ("in-progress", step),
                 ("call-disconnected", self._config.talk_seconds),
                 ("completed", self._config.completed_delay_seconds),
             ]
-        if outcome == "failed":
-            return [("queued", 0.0), ("initiated", step), ("failed", step)]
-        return [("queued", 0.0), ("initiated", step), ("ringing", step), (outcome, step)]
+        if outcome in ("balance-low", "canceled"):  # ended before anything was dialled
+            return [("queued", queued_after), (outcome, step)]
+        if outcome in ("failed", "error", "stopped"):
+            return [("queued", queued_after), ("initiated", step), (outcome, step)]
+        return [("queued", queued_after), ("initiated", step), ("ringing", step), (outcome, step)]
 
     def _run(self) -> None:
         # One session per call, since a requests.Session is not documented as thread-safe; it keeps the connection
@@ -70,8 +79,14 @@ class CallPlayback:
                 body = self._simulator.advance(self._execution, status)
                 if body is None:
                     return
+                if status == "completed" and self._durationless:
+                    body = {
+                        **body,
+                        "conversation_duration": None,
+                        "telephony_data": {**body["telephony_data"], "duration": None},
+                    }
                 self._emit(session, body)
-                if body["status"] in TERMINAL_STATUSES:
+                if body["status"] != status:  # stopped meanwhile: nothing more is played
                     return
 
     def _emit(self, session: requests.Session, body: dict[str, Any]) -> None:

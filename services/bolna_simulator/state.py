@@ -15,10 +15,11 @@ from pydantic import ValidationError
 
 from services.bolna_simulator.config import (
     COST_CENTS_PER_MINUTE,
+    ERROR_MESSAGES,
     ERRORS_AFTER_PLACING,
-    FAILURE_MESSAGE,
     LINE_RELEASING_STATUSES,
     OUTCOMES,
+    REDIALLED_OUTCOMES,
     SIMULATED_FROM_NUMBER,
     STOPPABLE_STATUSES,
     TRANSCRIPT,
@@ -61,6 +62,7 @@ class Stats:
     answers_lost: int = 0
     errors_after_placing: int = 0
     stop_requests: int = 0
+    redials: int = 0  # calls Bolna's auto-retry took up again (`scheduled` with a retry count)
     webhooks_sent: int = 0
     webhook_failures: int = 0
     # Withheld on purpose (`dropped_webhooks`, `webhook_drop_rate`), unlike failures, which ran out of retries.
@@ -81,12 +83,15 @@ class Execution:
     from_number: str
     user_data: dict[str, Any]
     outcome: str
+    redial_outcome: str | None  # how Bolna's own redial of the call ends; None: it is not redialled
     duration: int
     extracted: dict[str, Any]
     # The counters of the generation the call was placed in, so a call outliving a reset cannot skew new ones.
     stats: Stats
     provider_call_id: str = field(default_factory=lambda: f"CA{uuid.uuid4().hex}")
     status: str = "queued"
+    retry_count: int = 0
+    dials: int = 0  # how often the callee's number was dialled (`initiated`), the redial's included
     created_at: str = field(default_factory=_now)
     updated_at: str = ""
     conversation_duration: int = 0
@@ -108,6 +113,10 @@ class Execution:
         self.stats.executions_by_status[status] += 1
         self.status = status
         self.updated_at = _now()
+        if status == "initiated":
+            self.dials += 1
+        if status in ERROR_MESSAGES:
+            self.error_message = ERROR_MESSAGES[status]
         if status == "call-disconnected":
             self.conversation_duration = self.duration
             self.transcript = TRANSCRIPT
@@ -117,8 +126,6 @@ class Execution:
             minutes = self.duration / 60
             self.cost_breakdown = {part: round(rate * minutes, 2) for part, rate in COST_CENTS_PER_MINUTE.items()}
             self.extracted_data = self.extracted
-        elif status == "failed":
-            self.error_message = FAILURE_MESSAGE
 
     def to_json(self) -> dict[str, Any]:
         """The AgentExecution object, as `GET /executions/{id}` returns it and every webhook carries it."""
@@ -127,6 +134,7 @@ class Execution:
             "agent_id": self.agent_id,
             "batch_id": None,
             "status": self.status,
+            "retry_count": self.retry_count,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "conversation_duration": float(self.conversation_duration),
@@ -214,6 +222,7 @@ class Simulator:
                 "answers_lost": stats.answers_lost,
                 "errors_after_placing": stats.errors_after_placing,
                 "stop_requests": stats.stop_requests,
+                "redials": stats.redials,
                 "active_calls": dict(stats.active_calls),
                 "max_active_calls": dict(stats.max_active_calls),
                 "webhooks_sent": stats.webhooks_sent,
@@ -280,6 +289,8 @@ class Simulator:
     def place_call(self, call: CallRequest) -> str:
         with self._lock:
             config = self._config
+            outcome = self._draw_outcome(config)
+            redialled = outcome in REDIALLED_OUTCOMES and self._rng.random() < config.redial_rate
             execution = Execution(
                 # uuid4 rather than the seeded generator: ids must stay unique across runs with one seed.
                 id=str(uuid.uuid4()),
@@ -287,7 +298,8 @@ class Simulator:
                 to_number=call.recipient_phone_number,
                 from_number=call.from_phone_number or SIMULATED_FROM_NUMBER,
                 user_data=call.user_data,
-                outcome=self._rng.choices(OUTCOMES, weights=[config.outcomes[o] for o in OUTCOMES])[0],
+                outcome=outcome,
+                redial_outcome=self._draw_outcome(config) if redialled else None,
                 duration=self._rng.randint(config.duration_min_seconds, config.duration_max_seconds),
                 extracted={"interested": self._rng.random() < 0.5, "callback_requested": False},
                 stats=self._stats,
@@ -298,19 +310,20 @@ class Simulator:
             self._executions[execution.id] = execution
             self._stats.calls_accepted += 1
             self._stats.executions_by_status[execution.status] += 1
-            active = self._stats.active_calls.get(execution.agent_id, 0) + 1
-            self._stats.active_calls[execution.agent_id] = active
-            maximum = self._stats.max_active_calls.get(execution.agent_id, 0)
-            self._stats.max_active_calls[execution.agent_id] = max(maximum, active)
+            self._take_line(execution)
         log.info(
-            "call %s accepted for agent %s: outcome %s, %ss",
+            "call %s accepted for agent %s: outcome %s, %ss%s",
             execution.id,
             execution.agent_id,
             execution.outcome,
             execution.duration,
+            f", redialled to {execution.redial_outcome}" if redialled else "",
         )
         CallPlayback(self, execution, config, call_rng).start()
         return execution.id
+
+    def _draw_outcome(self, config: SimulatorConfig) -> str:
+        return self._rng.choices(OUTCOMES, weights=[config.outcomes[o] for o in OUTCOMES])[0]
 
     def execution(self, execution_id: str) -> dict[str, Any]:
         with self._lock:
@@ -350,6 +363,8 @@ class Simulator:
                     "user_data": execution.user_data,
                     "status": execution.status,
                     "outcome": execution.outcome,
+                    "retry_count": execution.retry_count,
+                    "dials": execution.dials,
                     "created_at": execution.created_at,
                     "updated_at": execution.updated_at,
                 }
@@ -373,6 +388,10 @@ class Simulator:
             if execution.abandoned:
                 return None
             if execution.status != "stopped":
+                if status == "scheduled":  # Bolna's auto-retry takes the ended call up again
+                    execution.retry_count += 1
+                    execution.stats.redials += 1
+                    self._take_line(execution)
                 execution.move_to(status)
                 if status in LINE_RELEASING_STATUSES:
                     self._release_line(execution)
@@ -394,6 +413,13 @@ class Simulator:
         if execution is None:
             raise ApiError(404, f"Execution {execution_id} not found")
         return execution
+
+    def _take_line(self, execution: Execution) -> None:
+        execution.line_released = False
+        stats = execution.stats
+        active = stats.active_calls.get(execution.agent_id, 0) + 1
+        stats.active_calls[execution.agent_id] = active
+        stats.max_active_calls[execution.agent_id] = max(stats.max_active_calls.get(execution.agent_id, 0), active)
 
     def _release_line(self, execution: Execution) -> None:
         if not execution.line_released:

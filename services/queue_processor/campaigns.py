@@ -374,7 +374,7 @@ class CampaignDispatch:
 
 
 def _retries(campaign: Campaign, contact: CampaignContact, call: Call) -> bool:
-    """Another attempt follows Bolna's word on the call (no-answer, busy, failed as the policy lists), never a
+    """Another attempt follows Bolna's word on the call (a status the policy lists), never a
     failure of Callflow's own (a refused request, an outcome it could not confirm): those could dial twice."""
     return (
         campaign.status not in states.FINISHED

@@ -495,12 +495,46 @@ def apply_kept_events(uow: UnitOfWork, call: Call) -> list[WebhookEvent]:
     return applied
 
 
+MAX_BOLNA_MESSAGE = 500  # of Bolna's `error_message` in a report
+# Bolna's own ends of a call that are failures of Bolna's rather than the callee's answer or the carrier's.
+_BOLNA_FAILURES = {"error": ErrorType.BOLNA_CALL_ERROR, "balance-low": ErrorType.BOLNA_BALANCE_LOW}
+
+
 def report_applied(call: Call, events: list[WebhookEvent]) -> None:
-    """Reports what events applied to their call (and committed) showed: Bolna redialling it on its own, whichever
-    way the event reached the call (its own request, or kept until the call was linked)."""
+    """Reports what events applied to their call (and committed) showed: Bolna redialling it on its own, or ending
+    it in a failure of its own, whichever way the event reached the call (its own request, a fetch of Bolna's
+    record, or kept until the call was linked)."""
     for event in events:
         if lifecycle.is_redial(event):
             _report_redial(call, event)
+        elif event.status in _BOLNA_FAILURES and call.status == event.status:
+            _report_bolna_failure(call, event)
+
+
+def _report_bolna_failure(call: Call, event: WebhookEvent) -> None:
+    """Bolna ended the call itself: `error` (a fault of Bolna's or its telephony), or `balance-low` (Bolna's account
+    has no credit left, so every call ends so until it is topped up). The call is over, unbilled, its slot free."""
+    message = event.payload.get("error_message")
+    message = message[:MAX_BOLNA_MESSAGE] if isinstance(message, str) and message else None
+    report(
+        CallflowError(
+            _BOLNA_FAILURES[event.status],
+            f"Bolna ended call {call.id} as {event.status}: {message or 'no message'}",
+            sentry_contexts={
+                "bolna_failure_details": {
+                    "execution_id": event.execution_id,
+                    "status": event.status,
+                    "error_message": message,
+                    "campaign_id": str(call.campaign_id) if call.campaign_id else None,
+                }
+            },
+            call_id=call.id,
+            user_id=call.user_id,
+            agent_id=call.agent_id,
+            execution_id=event.execution_id,
+        ),
+        place=PROCESS_OP,
+    )
 
 
 def unapplied_event_ids(uow_factory: UnitOfWorkFactory, min_age_seconds: float, limit: int = 500) -> list[int]:

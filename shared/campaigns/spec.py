@@ -43,7 +43,9 @@ _QUERY_SETTINGS = {
     "window",
     "windowDays",
 }
-RetryStatus = Literal["no-answer", "busy", "failed"]
+# What a campaign may retry a contact after: the callee's answer, the carrier's failure, or Bolna's own (`error`, and
+# `balance-low` once its account is topped up).
+RetryStatus = Literal["no-answer", "busy", "failed", "error", "balance-low"]
 
 
 class RetryPolicy(BaseModel):

@@ -55,6 +55,8 @@ class ErrorType(StrEnum):
     SLOT_LEASE_EXPIRED = "slot_lease_expired"
     BOLNA_OUTCOME_UNKNOWN = "bolna_outcome_unknown"
     BOLNA_REDIALLED = "bolna_redialled"
+    BOLNA_CALL_ERROR = "bolna_call_error"
+    BOLNA_BALANCE_LOW = "bolna_balance_low"
     BILLING_DURATION_MISSING = "billing_duration_missing"
     MESSAGE_DEAD_LETTERED = "message_dead_lettered"
     INTERNAL_ERROR = "internal_error"
@@ -131,6 +133,10 @@ ERROR_TABLE: dict[ErrorType, ErrorSpec] = {
         "Bolna may have placed the call but nothing confirms it", _HIGH, "error", _EVENT, "provider"
     ),
     ErrorType.BOLNA_REDIALLED: ErrorSpec("Bolna dialled a call again on its own", _HIGH, "error", _EVENT, "provider"),
+    ErrorType.BOLNA_CALL_ERROR: ErrorSpec("Bolna ended a call in error", _HIGH, "error", _EVENT, "provider"),
+    ErrorType.BOLNA_BALANCE_LOW: ErrorSpec(
+        "Bolna's balance is too low to place calls", _CRITICAL, "fatal", _EVENT, "provider"
+    ),
     ErrorType.BILLING_DURATION_MISSING: ErrorSpec(
         "Completed call without a billable duration", _HIGH, "error", _EVENT, "revenue"
     ),

@@ -133,19 +133,16 @@ class TestLostWebhooks:
         fetched = [r for r in sim.sim_requests() if r["path"] == f"/executions/{execution_id}"]
         assert fetched, "the completion came from GET /executions/{id}"
 
-    def test_a_completed_without_duration_is_billed_from_bolnas_record(self, sim: Stack):
-        owner, placed, execution_id = _completed_without_its_webhook(sim)
-        record = sim.sim_execution(execution_id)
-        stripped = {
-            **record,
-            "conversation_duration": 0,
-            "telephony_data": {**record["telephony_data"], "duration": None},
-        }
-        accepted = sim.webhook(stripped)
-        assert (accepted.status_code, accepted.json()["status"]) == (200, "accepted"), "the first `completed` stored"
+    def test_a_completed_sent_before_its_duration_is_billed_from_bolnas_record(self, sim: Stack):
+        owner = customer(max_concurrent_calls=1)
+        sim.sim_config(completed_without_duration_rate=1.0)
+        placed = _place(sim, owner)
+        assert placed["http_status"] == 201
         _completed_and_billed_once(owner, placed["callId"])
-        call = load_call(uuid.UUID(placed["callId"]))
-        assert call.duration_seconds == int(record["conversation_duration"])
+        record = sim.sim_execution(placed["executionId"])
+        assert load_call(uuid.UUID(placed["callId"])).duration_seconds == int(record["conversation_duration"])
+        fetched = [r for r in sim.sim_requests() if r["path"] == f"/executions/{placed['executionId']}"]
+        assert fetched, "the duration came from GET /executions/{id}"
 
     def test_a_completed_nobody_can_give_a_duration_is_reported_not_billed_zero(self, sim: Stack):
         owner, placed, execution_id = _completed_without_its_webhook(sim)
@@ -159,3 +156,35 @@ class TestLostWebhooks:
         call = load_call(uuid.UUID(placed["callId"]))
         assert (call.status, call.error_type, call.credits_charged) == ("completed", "billing_duration_missing", None)
         assert ledger_total(owner.user_id) == (0, 0)
+
+
+class TestBolnaEndsTheCall:
+    @pytest.mark.parametrize(
+        ("outcome", "reported_as"),
+        [
+            ("error", ErrorType.BOLNA_CALL_ERROR),
+            ("balance-low", ErrorType.BOLNA_BALANCE_LOW),
+            ("canceled", None),
+            ("stopped", None),
+        ],
+    )
+    def test_the_call_takes_bolnas_end_unbilled_and_frees_its_slot(self, sim: Stack, outcome, reported_as):
+        owner = customer(max_concurrent_calls=1)
+        sim.sim_config(outcomes={outcome: 1.0}, step_delay_seconds=0.5)
+        ended = _place(sim, owner)
+        assert ended["http_status"] == 201
+        sim.sim_config(outcomes={"completed": 1.0}, step_delay_seconds=0.1)
+        waiting = _place(sim, owner)
+        assert waiting["status"] == "pending", "the first call holds the only slot"
+
+        _completed_and_billed_once(owner, waiting["callId"])
+        over = load_call(uuid.UUID(ended["callId"]))
+        assert (over.status, over.slot_held, over.credits_charged, over.error_type) == (outcome, False, None, None)
+        bolna_failures = (ErrorType.BOLNA_CALL_ERROR, ErrorType.BOLNA_BALANCE_LOW)
+        if reported_as is not None:
+            (event,) = sim.sentry.wait_for_events(error_type=str(reported_as), call_id=ended["callId"])
+            assert event.payload["contexts"]["bolna_failure_details"]["error_message"]
+            assert event.tags["service"] == "webhook-receiver"
+        for error_type in bolna_failures:
+            if error_type != reported_as:
+                assert sim.sentry.events(error_type=str(error_type), call_id=ended["callId"]) == []

@@ -151,21 +151,24 @@ class TestProviderFailures:
         sim.sim_config(rate_limit_rate=0.0)
         wait_until(lambda: load_call(call.id).status == "completed", 30, "placed once Bolna allows it")
 
-    def test_bolna_redialling_an_ended_call_on_its_own_is_stopped(self, sim: Stack):
+    def test_bolna_redialling_an_ended_call_on_its_own_is_stopped_before_it_dials(self, sim: Stack):
         owner = customer()
-        sim.sim_config(outcomes={"no-answer": 1.0})
+        # Bolna's auto-retry takes the unanswered call up again and dials 10 s later: Callflow has those seconds to
+        # stop it.
+        sim.sim_config(outcomes={"no-answer": 1.0}, redial_rate=1.0, redial_delay_seconds=10.0)
         placed = sim.api("POST", "/api/calls", headers=owner.auth, json=_body(owner))
         call_id, execution_id = placed.json()["callId"], placed.json()["executionId"]
-        wait_until(lambda: sim.call(owner.auth, call_id)["status"] == "no-answer", 30, "the call ends unanswered")
-        stops = sim.sim_stats()["stop_requests"]
 
-        again = {"id": execution_id, "status": "scheduled", "retry_count": 1, "agent_id": owner.provider_agent_id}
-        assert sim.webhook(again).status_code == 200
-        wait_until(lambda: sim.sim_stats()["stop_requests"] == stops + 1, 20, "Callflow asks Bolna to stop it")
+        wait_until(lambda: sim.sim_execution(execution_id)["status"] == "stopped", 30, "Callflow stops the redial")
+        (execution,) = [e for e in sim.sim_executions() if e["id"] == execution_id]
+        assert (execution["retry_count"], execution["dials"]) == (1, 1), "the redial dialled nobody"
         assert sim.call(owner.auth, call_id)["status"] == "no-answer"
-        (reported,) = sim.sentry.wait_for_events(error_type=str(ErrorType.BOLNA_REDIALLED), call_id=call_id)
-        assert reported.tags["service"] == "webhook-receiver" and reported.tags["execution_id"] == execution_id
-        assert reported.payload["contexts"]["redial_details"]["stop_requested"] is True
+        assert ledger_total(owner.user_id) == (0, 0)
+        reported = sim.sentry.wait_for_events(expected=2, error_type=str(ErrorType.BOLNA_REDIALLED), call_id=call_id)
+        by_status = {event.payload["contexts"]["redial_details"]["status"]: event for event in reported}
+        assert set(by_status) == {"scheduled", "stopped"}, "each status of the redial, and nothing else"
+        assert by_status["scheduled"].tags["execution_id"] == execution_id
+        assert by_status["scheduled"].payload["contexts"]["redial_details"]["stop_requested"] is True
 
     def test_queued_call_fails_at_once_on_a_permanent_4xx(self, sim: Stack):
         owner = customer()

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from urllib3.exceptions import ProtocolError
 
 from services.bolna_simulator.api import create_app
-from services.bolna_simulator.config import SimulatorConfig
+from services.bolna_simulator.config import TERMINAL_STATUSES, SimulatorConfig
 from services.bolna_simulator.state import RECORDED_REQUESTS
 from tests.support.processes import ServiceProcess, free_port
 
@@ -152,7 +152,7 @@ def wait_until_ended(client: FlaskClient, execution_id: str, timeout: float = 5.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         body = client.get(f"/executions/{execution_id}", headers=AUTH).json
-        if body["status"] in ("completed", "busy", "no-answer", "failed", "stopped"):
+        if body["status"] in TERMINAL_STATUSES:
             return body
         time.sleep(0.02)
     raise AssertionError(f"call {execution_id} did not end within {timeout} s")
@@ -302,6 +302,10 @@ def test_completed_call_goes_through_every_status_with_full_bodies(
         ("busy", ["queued", "initiated", "ringing", "busy"]),
         ("no-answer", ["queued", "initiated", "ringing", "no-answer"]),
         ("failed", ["queued", "initiated", "failed"]),
+        ("error", ["queued", "initiated", "error"]),
+        ("balance-low", ["queued", "balance-low"]),
+        ("canceled", ["queued", "canceled"]),
+        ("stopped", ["queued", "initiated", "stopped"]),
     ],
 )
 def test_unanswered_outcomes(
@@ -318,8 +322,69 @@ def test_unanswered_outcomes(
     assert final["total_cost"] == 0
     assert final["transcript"] is None
     assert final["telephony_data"]["recording_url"] is None
-    assert (final["error_message"] is not None) == (outcome == "failed")
+    assert (final["error_message"] is not None) == (outcome in ("failed", "error", "balance-low"))
+    assert final["retry_count"] == 0
     assert stats(client)["active_calls"] == {AGENT_ID: 0}
+    assert stats(client)["executions_by_status"] == {outcome: 1}
+    assert client.get("/_sim/executions").json["executions"][0]["dials"] == expected.count("initiated")
+
+
+def test_bolna_redials_an_unanswered_call_on_its_own(
+    make_client: Callable[..., FlaskClient], receiver: WebhookReceiver
+) -> None:
+    client = make_client(outcomes={"no-answer": 1}, redial_rate=1, redial_delay_seconds=0.05)
+
+    execution_id = place(client, retry_config={"enabled": False})  # Bolna's agent setting wins
+    eventually(lambda: receiver.statuses(execution_id).count("no-answer") == 2)
+
+    dial = ["queued", "initiated", "ringing", "no-answer"]
+    assert receiver.statuses(execution_id) == [*dial, "scheduled", *dial]
+    assert [body["retry_count"] for body in receiver.bodies] == [0] * 4 + [1] * 5
+    assert client.get(f"/executions/{execution_id}", headers=AUTH).json["retry_count"] == 1
+    (execution,) = client.get("/_sim/executions").json["executions"]
+    assert (execution["status"], execution["retry_count"], execution["dials"]) == ("no-answer", 1, 2)
+    final = stats(client)
+    assert (final["redials"], final["active_calls"], final["max_active_calls"]) == (1, {AGENT_ID: 0}, {AGENT_ID: 1})
+
+
+def test_a_redial_stopped_while_scheduled_dials_nobody(
+    make_client: Callable[..., FlaskClient], receiver: WebhookReceiver
+) -> None:
+    client = make_client(outcomes={"busy": 1}, redial_rate=1, redial_delay_seconds=0.05)
+    stops: list[int] = []
+
+    def stop_the_redial(body: dict[str, Any]) -> None:
+        # Before the webhook is answered: the redial cannot move on meanwhile.
+        if body["status"] == "scheduled":
+            stops.append(client.post(f"/call/{body['id']}/stop", headers=AUTH).status_code)
+
+    receiver.on_webhook = stop_the_redial
+    execution_id = place(client)
+    receiver.wait_for(execution_id, "stopped")
+
+    assert stops == [200]
+    assert receiver.statuses(execution_id) == ["queued", "initiated", "ringing", "busy", "scheduled", "stopped"]
+    (execution,) = client.get("/_sim/executions").json["executions"]
+    assert (execution["status"], execution["retry_count"], execution["dials"]) == ("stopped", 1, 1)
+    assert stats(client)["active_calls"] == {AGENT_ID: 0}
+
+
+def test_a_completed_can_come_before_its_duration(
+    make_client: Callable[..., FlaskClient], receiver: WebhookReceiver
+) -> None:
+    client = make_client(completed_without_duration_rate=1, duration_min_seconds=42, duration_max_seconds=42)
+
+    execution_id = place(client)
+    completed = receiver.wait_for(execution_id, "completed")
+
+    assert (completed["conversation_duration"], completed["telephony_data"]["duration"]) == (None, None)
+    assert completed["transcript"] and completed["total_cost"] > 0
+    record = client.get(f"/executions/{execution_id}", headers=AUTH).json
+    assert (record["status"], record["conversation_duration"], record["telephony_data"]["duration"]) == (
+        "completed",
+        42,
+        "42",
+    )
 
 
 def test_error_rate_answers_500_without_creating_a_call(make_client: Callable[..., FlaskClient]) -> None:
@@ -538,7 +603,16 @@ def test_config_endpoint(make_client: Callable[..., FlaskClient]) -> None:
     assert "error_rate" in invalid.json["message"]
     assert updated.status_code == 200
     assert updated.json["error_rate"] == 1
-    assert updated.json["outcomes"] == {"completed": 0, "busy": 1, "no-answer": 0, "failed": 0}
+    assert updated.json["outcomes"] == {
+        "completed": 0,
+        "busy": 1,
+        "no-answer": 0,
+        "failed": 0,
+        "error": 0,
+        "balance-low": 0,
+        "canceled": 0,
+        "stopped": 0,
+    }
     assert updated.json["step_delay_seconds"] == 0.01
     assert client.get("/_sim/config").json == updated.json
     refused = client.post("/call", json={"agent_id": AGENT_ID, "recipient_phone_number": PHONE}, headers=AUTH)
@@ -546,14 +620,16 @@ def test_config_endpoint(make_client: Callable[..., FlaskClient]) -> None:
 
 
 def test_config_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SIM_OUTCOMES", "completed=0.7,busy=0.1,no-answer=0.1,failed=0.1")
+    monkeypatch.setenv("SIM_OUTCOMES", "completed=0.7,busy=0.1,no-answer=0.1,balance-low=0.1")
     monkeypatch.setenv("SIM_ERROR_RATE", "0.25")
+    monkeypatch.setenv("SIM_REDIAL_RATE", "0.5")
     monkeypatch.setenv("SIM_SEED", "7")
 
     config = SimulatorConfig()
 
-    assert config.outcomes == {"completed": 0.7, "busy": 0.1, "no-answer": 0.1, "failed": 0.1}
-    assert (config.error_rate, config.seed) == (0.25, 7)
+    unused = {"failed": 0.0, "error": 0.0, "canceled": 0.0, "stopped": 0.0}
+    assert config.outcomes == {"completed": 0.7, "busy": 0.1, "no-answer": 0.1, "balance-low": 0.1, **unused}
+    assert (config.error_rate, config.redial_rate, config.seed) == (0.25, 0.5, 7)
     monkeypatch.setenv("SIM_OUTCOMES", "completed=1,voicemail=1")
     with pytest.raises(ValidationError, match="voicemail"):
         SimulatorConfig()

@@ -257,6 +257,19 @@ def test_a_retry_due_at_once_takes_the_slot_its_own_attempt_freed_in_the_same_di
     assert (retried.contact_id, retried.id != call.id) == (call.contact_id, True)
 
 
+@pytest.mark.parametrize(("on_statuses", "retried"), [(["balance-low"], True), (["no-answer", "busy"], False)])
+def test_a_contact_bolna_ended_as_balance_low_is_retried_only_when_the_policy_names_it(on_statuses, retried):
+    owner = customer(credits=1000, max_concurrent_calls=1)
+    retry = {"maxAttempts": 2, "onStatuses": on_statuses, "intervalMinutes": [0]}
+    campaign_id = _campaign(owner, [LONDON.format(1)], retry=retry)
+    (call,) = _dispatch(owner, _Clock(NOON_UTC))
+    _end([call.id], "balance-low")
+    again = _dispatch(owner, _Clock(NOON_UTC), ended=(call.id,))
+    assert [c.contact_id for c in again] == ([call.contact_id] if retried else [])
+    (contact,) = _contacts(campaign_id)
+    assert (contact.state == states.DONE, contact.final_status) == ((False, None) if retried else (True, "balance-low"))
+
+
 def test_the_slot_released_by_an_attempt_settles_its_contact_even_when_no_slot_is_free_any_more():
     owner = customer(credits=1000, max_concurrent_calls=1)
     campaign_id = _campaign(owner, [LONDON.format(1), LONDON.format(2)])

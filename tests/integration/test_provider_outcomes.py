@@ -263,6 +263,51 @@ def test_every_status_of_a_bolna_redial_is_reported_and_none_is_applied_or_bille
     assert {tuple(event.payload["fingerprint"]) for event in reported} == {("bolna_redialled", "webhook.process")}
 
 
+@pytest.mark.parametrize(
+    ("status", "error_type", "message"),
+    [
+        ("error", ErrorType.BOLNA_CALL_ERROR, "Call errored: the telephony provider could not be reached"),
+        ("balance-low", ErrorType.BOLNA_BALANCE_LOW, "Call not placed: the account balance is too low"),
+    ],
+)
+def test_a_call_bolna_ends_in_a_failure_of_its_own_is_reported_once_unbilled_and_frees_its_slot(
+    sentry_sink, status, error_type, message
+):
+    owner = customer(credits=10)
+    execution_id = str(uuid.uuid4())
+    call = call_row(owner, status="queued", execution_id=execution_id, slot_held=True)
+    ended = {"id": execution_id, "status": status, "error_message": message, "telephony_data": {"duration": "61"}}
+    for payload in (ended, ended, {"id": execution_id, "status": "ringing"}):  # again, then a late status
+        with sentry_sdk.isolation_scope():  # one webhook request each
+            provider_events.ingest(components().uow, payload)
+
+    final = load_call(call.id)
+    assert (final.status, final.slot_held, final.credits_charged) == (status, False, None)
+    assert ledger_total(owner.user_id) == (0, 0)
+    sentry_sdk.flush(timeout=10)
+    (reported,) = sentry_sink.events(error_type=str(error_type), call_id=str(call.id))
+    assert reported.payload["contexts"]["bolna_failure_details"] == {
+        "execution_id": execution_id,
+        "status": status,
+        "error_message": message,
+        "campaign_id": None,
+    }
+    assert reported.payload["fingerprint"] == [str(error_type), "webhook.process"]
+    assert (reported.tags["execution_id"], reported.tags["user_id"]) == (execution_id, str(owner.user_id))
+
+
+def test_bolnas_failure_on_a_call_already_over_is_not_reported(sentry_sink):
+    """Bolna's `error` after the call completed moves nothing: no call ended in error."""
+    execution_id = str(uuid.uuid4())
+    call = call_row(customer(), status=statuses.COMPLETED, execution_id=execution_id, slot_held=False)
+    with sentry_sdk.isolation_scope():
+        provider_events.ingest(components().uow, {"id": execution_id, "status": "error", "error_message": "late"})
+
+    assert load_call(call.id).status == statuses.COMPLETED
+    sentry_sdk.flush(timeout=10)
+    assert sentry_sink.events(error_type=str(ErrorType.BOLNA_CALL_ERROR), call_id=str(call.id)) == []
+
+
 def test_a_redial_kept_until_bolnas_answer_links_its_call_is_reported_and_asked_to_stop(sentry_sink):
     owner = customer()
     call = call_row(owner, status=statuses.INITIATING, slot_held=True)

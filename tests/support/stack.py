@@ -34,7 +34,9 @@ FAST_CALLS = {
     "error_after_placing_rate": 0.0,
     "dropped_webhooks": {},
     "api_key": BOLNA_API_KEY,
-    "outcomes": {"completed": 1.0, "busy": 0.0, "no-answer": 0.0, "failed": 0.0},
+    "completed_without_duration_rate": 0.0,
+    "redial_rate": 0.0,
+    "outcomes": {"completed": 1.0},
 }
 
 
