@@ -38,7 +38,10 @@ FLAKY_PROVIDER = {
     "lost_answer_rate": 0.10,
     "lost_answer_mode": "reset",
     "dropped_webhooks": {"completed": 0.10},
-    "outcomes": {"completed": 0.7, "busy": 0.1, "no-answer": 0.1, "failed": 0.1},
+    # A `completed` before Bolna wrote its duration, which Callflow must ask Bolna for before billing.
+    "completed_without_duration_rate": 0.10,
+    # Besides the callee's answers and the carrier's failure, Bolna's own ends: its fault, its account out of credit.
+    "outcomes": {"completed": 0.66, "busy": 0.1, "no-answer": 0.1, "failed": 0.08, "error": 0.03, "balance-low": 0.03},
 }
 
 

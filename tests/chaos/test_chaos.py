@@ -1,6 +1,6 @@
 """Nothing lost, nothing dialled or billed twice, no limit exceeded: 500 calls and a campaign through a broker
-outage, a flaky provider that loses answers after placing and drops `completed` webhooks, duplicated and reordered
-webhooks, and a killed queue-processor."""
+outage, a flaky provider that loses answers after placing, drops `completed` webhooks or sends them before their
+duration, and ends calls in failures of its own, duplicated and reordered webhooks, and a killed queue-processor."""
 
 from __future__ import annotations
 
@@ -205,6 +205,12 @@ def test_500_calls_survive_broker_outage_flaky_provider_and_a_killed_consumer(
     assert [call.id for call in given_up if str(call.id) in ours] == [], "a call Bolna placed was given up"
     sim_stats = stack.sim_stats()
     assert sim_stats["answers_lost"] > 0 and sim_stats["webhooks_dropped"] > 0, sim_stats
+
+    # Every call Bolna ended in a failure of its own is reported once.
+    for status, error_type in (("error", ErrorType.BOLNA_CALL_ERROR), ("balance-low", ErrorType.BOLNA_BALANCE_LOW)):
+        ended_so = {str(call.id) for call in calls if call.status == status}
+        reported = Counter(event.tags.get("call_id") for event in stack.sentry.events(error_type=str(error_type)))
+        assert ended_so and {call_id: reported[call_id] for call_id in ended_so} == dict.fromkeys(ended_so, 1)
     campaign_summary = _assert_campaign_kept_its_promises(stack, campaigner, campaign_id, slots, executions)
 
     outcome = Counter(call.status for call in calls)
@@ -235,7 +241,7 @@ def _start_campaign(stack: Stack, owner: Customer) -> str:
         "agentId": str(owner.agent_id),
         "contacts": contacts,
         "maxConcurrency": CAMPAIGN_CAP,
-        "retry": {"maxAttempts": 2, "onStatuses": ["no-answer", "busy"], "intervalMinutes": [0]},
+        "retry": {"maxAttempts": 2, "onStatuses": ["no-answer", "busy", "balance-low"], "intervalMinutes": [0]},
     }
     created = stack.api("POST", "/api/campaigns", headers=owner.auth, json=body)
     assert created.status_code == 201, created.text
