@@ -93,8 +93,7 @@ def create_http_app(service: str, health: HealthCheck) -> Flask:
 
     @app.errorhandler(HTTPException)
     def _http_error(error: HTTPException):
-        error_type = _HTTP_ERROR_TYPES.get(error.code or 500, ErrorType.INTERNAL_ERROR)
-        return problem(error_type, error.description or "", status=error.code)
+        return problem(error_type_of_status(error.code or 500), error.description or "", status=error.code)
 
     @app.errorhandler(OperationalError)
     @app.errorhandler(InterfaceError)
@@ -111,18 +110,29 @@ def create_http_app(service: str, health: HealthCheck) -> Flask:
 
 
 def problem(error_type: ErrorType, detail: str, status: int | None = None, **extras: Any) -> Response:
-    spec = ERROR_TABLE[error_type]
-    status = status or spec.http_status or 500
-    body = {
-        "type": f"urn:callflow:problem:{error_type}",
-        "title": spec.title,
-        "status": status,
-        "detail": detail,
-        "error_type": str(error_type),
-        "request_id": g.get("request_id"),
-        **extras,
-    }
+    body = problem_body(error_type, detail, status, g.get("request_id"), **extras)
     response = jsonify(body)
-    response.status_code = status
+    response.status_code = body["status"]
     response.content_type = PROBLEM_JSON
     return response
+
+
+def problem_body(
+    error_type: ErrorType, detail: str, status: int | None, request_id: str | None, **extras: Any
+) -> dict[str, Any]:
+    """An RFC 9457 problem for an error of the table; `status` overrides the table's."""
+    spec = ERROR_TABLE[error_type]
+    return {
+        "type": f"urn:callflow:problem:{error_type}",
+        "title": spec.title,
+        "status": status or spec.http_status or 500,
+        "detail": detail,
+        "error_type": str(error_type),
+        "request_id": request_id,
+        **extras,
+    }
+
+
+def error_type_of_status(status: int) -> ErrorType:
+    """The error of the table an HTTP error status is answered as."""
+    return _HTTP_ERROR_TYPES.get(status, ErrorType.VALIDATION_ERROR if status < 500 else ErrorType.INTERNAL_ERROR)

@@ -22,7 +22,8 @@ from shared.core.heap import freeze_startup_heap
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 FLUSH_SECONDS = 5.0
 
-worker_class = "gthread"
+# gunicorn's gthread worker, answering its own refusals (an oversized header, a malformed request) as problem+json.
+worker_class = "shared.http.worker.ProblemThreadWorker"
 preload_app = False
 # A worker that has not reported for this long is stuck (gthread workers report between requests): it is replaced.
 timeout = 60

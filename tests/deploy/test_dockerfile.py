@@ -161,7 +161,7 @@ def test_gunicorn_builds_the_app_in_each_worker_and_logs_the_request_id(tmp_path
         code = stop_process(master, signal.SIGTERM)
     output = log.read_text()
     assert code == 0, output
-    assert output.count("Booting worker") == 2 and "Using worker: gthread" in output, output
+    assert output.count("Booting worker") == 2 and "Using worker: shared.http.worker.ProblemThreadWorker" in output
     assert '"GET / HTTP/1.1" 200' in output and "request_id=probe-7f3a" in output, output
 
 
@@ -174,7 +174,7 @@ def test_every_setting_of_the_config_module_reaches_gunicorn():
     for name in names:
         if name not in ("worker_class", "keepalive"):
             assert getattr(application.cfg, name) == getattr(gunicorn_config, name), name
-    assert application.cfg.worker_class_str == "gthread"
+    assert application.cfg.worker_class_str == "shared.http.worker.ProblemThreadWorker"
     assert (application.cfg.workers, application.cfg.threads, application.cfg.keepalive) == (3, 4, 9)
 
 

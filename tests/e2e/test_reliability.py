@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -358,6 +359,27 @@ def test_oversized_body_is_413_problem_json(stack: Stack):
     assert answer.status_code == 413
     assert answer.headers["content-type"] == "application/problem+json"
     assert answer.json()["error_type"] == "payload_too_large"
+
+
+def test_what_gunicorn_refuses_before_the_app_is_problem_json_too(stack: Stack):
+    """An oversized header or request line, or a request that is no HTTP, never reaches Flask: gunicorn answers it."""
+    # With a body the server never reads: closed unread, the connection would be reset under the answer.
+    webhook = {"id": "x", "status": "queued", "transcript": "a" * 500_000}
+    too_long_header = stack.webhook(webhook, headers={"X-Padding": "a" * 10_000})
+    too_long_line = stack.api("GET", "/api/calls", params={"page": "1" * 5_000})
+    with socket.create_connection(("127.0.0.1", stack.call_initiator.port), timeout=10) as raw:
+        raw.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        not_http = b""
+        while chunk := raw.recv(65536):
+            not_http += chunk
+    head, _, body = not_http.partition(b"\r\n\r\n")
+
+    assert (too_long_header.status_code, too_long_line.status_code, head.split()[1]) == (431, 414, b"400")
+    for answer in (too_long_header, too_long_line):
+        assert answer.headers["content-type"] == "application/problem+json"
+        assert answer.json()["error_type"] == "validation_error" and answer.json()["status"] == answer.status_code
+    assert b"content-type: application/problem+json" in head.lower()
+    assert json.loads(body)["error_type"] == "validation_error"
 
 
 def test_another_users_call_is_404_and_a_security_event(stack: Stack):
