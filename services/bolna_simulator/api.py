@@ -127,14 +127,19 @@ def _bolna_api(simulator: Simulator) -> Blueprint:
             raise ApiError(status, HTTPStatus(status).phrase)
         return jsonify(message="done", status="queued", execution_id=execution_id)
 
+    def authorize_other_request() -> None:
+        _authorize(simulator.config.api_key)
+        if simulator.draw_other_request_fault():
+            raise ApiError(500, "Internal Server Error")
+
     @api.get("/executions/<execution_id>")
     def get_execution(execution_id: str) -> Response:
-        _authorize(simulator.config.api_key)
+        authorize_other_request()
         return jsonify(simulator.execution(execution_id))
 
     @api.get("/v2/agent/<agent_id>/executions")
     def agent_executions(agent_id: str) -> Response:
-        _authorize(simulator.config.api_key)
+        authorize_other_request()
         try:
             agent = uuid.UUID(agent_id)
         except ValueError as exc:
@@ -147,7 +152,7 @@ def _bolna_api(simulator: Simulator) -> Blueprint:
 
     @api.post("/call/<execution_id>/stop")
     def stop_call(execution_id: str) -> Response:
-        _authorize(simulator.config.api_key)
+        authorize_other_request()
         simulator.stop(execution_id)
         return jsonify(message="done", status="stopped", execution_id=execution_id)
 

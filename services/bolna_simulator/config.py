@@ -100,6 +100,9 @@ class SimulatorConfig(BaseSettings):
     error_after_placing_rate: float = Field(0.0, ge=0, le=1)
     # Per status, the share of its webhooks never delivered (nor retried); the call's state still moves on.
     dropped_webhooks: Annotated[dict[str, Annotated[float, Field(ge=0, le=1)]], NoDecode] = Field(default_factory=dict)
+    # Share of Bolna's other requests (GET /executions/{id}, the executions list, POST /call/{id}/stop) answered 500
+    # without acting: Bolna cannot be asked about a call, or told to stop one.
+    other_requests_error_rate: float = Field(0.0, ge=0, le=1)
     # Share of `completed` webhooks sent before Bolna's post-processing wrote the duration (no
     # `conversation_duration`, no `telephony_data.duration`); `GET /executions/{id}` has it.
     completed_without_duration_rate: float = Field(0.0, ge=0, le=1)

@@ -61,6 +61,7 @@ class Stats:
     rate_limited: int = 0
     answers_lost: int = 0
     errors_after_placing: int = 0
+    other_requests_failed: int = 0  # `other_requests_error_rate`
     stop_requests: int = 0
     redials: int = 0  # calls Bolna's auto-retry took up again (`scheduled` with a retry count)
     webhooks_sent: int = 0
@@ -221,6 +222,7 @@ class Simulator:
                 "rate_limited": stats.rate_limited,
                 "answers_lost": stats.answers_lost,
                 "errors_after_placing": stats.errors_after_placing,
+                "other_requests_failed": stats.other_requests_failed,
                 "stop_requests": stats.stop_requests,
                 "redials": stats.redials,
                 "active_calls": dict(stats.active_calls),
@@ -280,6 +282,13 @@ class Simulator:
                 self._stats.errors_after_placing += 1
                 return "error_after_placing"
             return None
+
+    def draw_other_request_fault(self) -> bool:
+        """Whether a request other than `POST /call` fails (`other_requests_error_rate`)."""
+        with self._lock:
+            failed = self._rng.random() < self._config.other_requests_error_rate
+            self._stats.other_requests_failed += failed
+            return failed
 
     def draw_error_after_placing(self) -> int:
         """The status of a placed call's error answer."""

@@ -38,6 +38,8 @@ FLAKY_PROVIDER = {
     "lost_answer_rate": 0.10,
     "lost_answer_mode": "reset",
     "dropped_webhooks": {"completed": 0.10},
+    # Bolna failing when asked about a call (its record, the agent's executions) or told to stop one.
+    "other_requests_error_rate": 0.15,
     # A `completed` before Bolna wrote its duration, which Callflow must ask Bolna for before billing.
     "completed_without_duration_rate": 0.10,
     # Besides the callee's answers and the carrier's failure, Bolna's own ends: its fault, its account out of credit.

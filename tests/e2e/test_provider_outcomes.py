@@ -126,6 +126,11 @@ def _completed_without_its_webhook(sim: Stack) -> tuple[Customer, dict[str, Any]
     return owner, placed, execution_id
 
 
+def _asked(sim: Stack, execution_id: str) -> int:
+    """How often Callflow asked Bolna for this execution's record."""
+    return sum(1 for request in sim.sim_requests() if request["path"] == f"/executions/{execution_id}")
+
+
 class TestLostWebhooks:
     def test_a_lost_completed_is_fetched_from_bolna_and_billed_once(self, sim: Stack):
         owner, placed, execution_id = _completed_without_its_webhook(sim)
@@ -143,6 +148,21 @@ class TestLostWebhooks:
         assert load_call(uuid.UUID(placed["callId"])).duration_seconds == int(record["conversation_duration"])
         fetched = [r for r in sim.sim_requests() if r["path"] == f"/executions/{placed['executionId']}"]
         assert fetched, "the duration came from GET /executions/{id}"
+
+    def test_a_completed_before_its_duration_waits_while_bolna_cannot_be_asked(self, sim: Stack):
+        owner = customer(max_concurrent_calls=1)
+        sim.sim_config(completed_without_duration_rate=1.0, other_requests_error_rate=1.0)
+        placed = _place(sim, owner)
+        execution_id = placed["executionId"]
+        wait_until(lambda: _asked(sim, execution_id) >= 2, SETTLED, "Callflow asks Bolna, again after a failure")
+        waiting = load_call(uuid.UUID(placed["callId"]))
+        assert (waiting.credits_charged, waiting.error_type) == (None, None), "nothing decided without Bolna's word"
+
+        sim.sim_config(other_requests_error_rate=0.0)
+        _completed_and_billed_once(owner, placed["callId"])
+        record = sim.sim_execution(execution_id)
+        assert load_call(uuid.UUID(placed["callId"])).duration_seconds == int(record["conversation_duration"])
+        assert sim.sentry.events(error_type=str(ErrorType.BILLING_DURATION_MISSING), call_id=placed["callId"]) == []
 
     def test_a_completed_nobody_can_give_a_duration_is_reported_not_billed_zero(self, sim: Stack):
         owner, placed, execution_id = _completed_without_its_webhook(sim)

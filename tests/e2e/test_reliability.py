@@ -171,6 +171,27 @@ class TestProviderFailures:
         assert by_status["scheduled"].tags["execution_id"] == execution_id
         assert by_status["scheduled"].payload["contexts"]["redial_details"]["stop_requested"] is True
 
+    def test_a_redial_bolna_will_not_stop_at_first_is_asked_again(self, sim: Stack):
+        owner = customer()
+        # Bolna answers 500 to the stop (and to anything else but placing a call).
+        sim.sim_config(
+            outcomes={"no-answer": 1.0}, redial_rate=1.0, redial_delay_seconds=30.0, other_requests_error_rate=1.0
+        )
+        placed = sim.api("POST", "/api/calls", headers=owner.auth, json=_body(owner))
+        execution_id = placed.json()["executionId"]
+
+        def asked_to_stop() -> int:
+            return sum(1 for r in sim.sim_requests() if r["path"] == f"/call/{execution_id}/stop")
+
+        def execution() -> dict:
+            (found,) = [e for e in sim.sim_executions() if e["id"] == execution_id]
+            return found
+
+        wait_until(lambda: asked_to_stop() >= 1, 30, "Callflow asks Bolna to stop the redial")
+        sim.sim_config(other_requests_error_rate=0.0)
+        wait_until(lambda: execution()["status"] == "stopped", 30, "asked again, it stops")
+        assert (execution()["dials"], asked_to_stop() >= 2) == (1, True)
+
     def test_queued_call_fails_at_once_on_a_permanent_4xx(self, sim: Stack):
         owner = customer()
         sim.sim_config(api_key="a-key-callflow-does-not-have")

@@ -463,6 +463,26 @@ def test_stop_a_queued_call(make_client: Callable[..., FlaskClient], receiver: W
     assert stats(client)["stop_requests"] == 3
 
 
+def test_other_requests_can_fail_without_acting(
+    make_client: Callable[..., FlaskClient], receiver: WebhookReceiver
+) -> None:
+    client = make_client(step_delay_seconds=5, other_requests_error_rate=1)
+    execution_id = place(client)  # POST /call is not one of them
+    receiver.wait_for(execution_id, "queued")
+
+    answers = [
+        client.get(f"/executions/{execution_id}", headers=AUTH),
+        client.get(f"/v2/agent/{AGENT_ID}/executions", headers=AUTH),
+        client.post(f"/call/{execution_id}/stop", headers=AUTH),
+    ]
+
+    assert [(answer.status_code, answer.json["error"]) for answer in answers] == [(500, 500)] * 3
+    assert (stats(client)["other_requests_failed"], stats(client)["stop_requests"]) == (3, 0)
+    assert stats(client)["executions_by_status"] == {"queued": 1}, "the stop was not acted on"
+    client.post("/_sim/config", json={"other_requests_error_rate": 0})
+    assert client.post(f"/call/{execution_id}/stop", headers=AUTH).status_code == 200
+
+
 def test_a_ringing_call_cannot_be_stopped(make_client: Callable[..., FlaskClient], receiver: WebhookReceiver) -> None:
     client = make_client(step_delay_seconds=0.3, outcomes={"no-answer": 1})
     execution_id = place(client)
