@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import TypeVar
 
 import sentry_sdk
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from services.queue_processor.dispatch import Dispatcher, DispatchTrigger
 from services.queue_processor.reconcile import ProviderReconciler
@@ -21,7 +22,7 @@ from shared.bootstrap import Components
 from shared.calls import provider_events
 from shared.core.errors import CallflowError, ErrorType
 from shared.messaging import outbox
-from shared.observability.sentry import cron, report
+from shared.observability.sentry import cron, report, report_database_error
 
 OUTBOX_MIN_AGE = timedelta(seconds=5)  # younger rows are still being published by the process that wrote them
 KEPT_WEBHOOK_MIN_AGE_SECONDS = 2.0
@@ -139,6 +140,7 @@ class _ItemFailures:
 
 
 _failures = _ItemFailures()
+_WHOLE_JOB = object()  # the item a whole job's failure is remembered as
 
 
 @dataclass(frozen=True)
@@ -167,13 +169,26 @@ def for_each(items: Iterable[T], handle: Callable[[T], object]) -> None:
             try:
                 handle(item)
             except Exception as exc:
-                if _failures.is_new(key, repr(exc)):
-                    error = CallflowError(ErrorType.INTERNAL_ERROR, f"periodic job failed on {item}: {exc!r}")
-                    report(error, cause=exc, place=job.place if job else None)
-                else:
-                    log.warning("periodic job still failing on %s: %r", item, exc)
+                _report_failure(key, exc, f"periodic job failed on {item}", job.place if job else None)
             else:
                 _failures.recovered(key)
+
+
+def _report_failure(key: object, exc: Exception, what: str, place: str | None) -> None:
+    """Reports a failure of a job or of one of its items: an unreachable database once for the outage (every job
+    meets it), anything else once while it fails the same way."""
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        report_database_error(exc, place=place)
+    elif _failures.is_new(key, _signature(exc)):
+        report(CallflowError(ErrorType.INTERNAL_ERROR, f"{what}: {exc!r}"), cause=exc, place=place)
+    else:
+        log.warning("%s, again: %r", what, exc)
+
+
+def _signature(exc: Exception) -> str:
+    """What tells two failures apart: the error and its message, never its repr, which may hold what differs every
+    time (a Bolna error's duration)."""
+    return f"{type(exc).__qualname__}: {exc}"
 
 
 def job_threads(jobs: Sequence[Job], stopping: threading.Event) -> list[threading.Thread]:
@@ -213,7 +228,8 @@ def _run_once(job: Job, stopping: threading.Event) -> None:
             scope.clear_breadcrumbs()  # each run starts clean, like each message
             job.run()
     except Exception as exc:  # a failing job must not stop the others, nor the next round
-        error = CallflowError(ErrorType.INTERNAL_ERROR, f"periodic job {job.name} failed: {exc!r}")
-        report(error, cause=exc, place=job.place)
+        _report_failure((job.name, _WHOLE_JOB), exc, f"periodic job {job.name} failed", job.place)
+    else:
+        _failures.recovered((job.name, _WHOLE_JOB))
     finally:
         _round.reset(token)
