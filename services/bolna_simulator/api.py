@@ -110,6 +110,8 @@ def _bolna_api(simulator: Simulator) -> Blueprint:
             raise ApiError(504, "Gateway Timeout")
         if fault == "error":
             raise ApiError(500, "Internal Server Error")
+        if fault == "refused":
+            raise ApiError(400, "The call was refused: the request cannot be placed")
         if fault == "rate_limited":
             retry_after = config.retry_after_seconds
             headers = {"Retry-After": str(retry_after)} if retry_after is not None else {}

@@ -82,6 +82,8 @@ class SimulatorConfig(BaseSettings):
         default_factory=lambda: {"completed": 1.0, "busy": 0.0, "no-answer": 0.0, "failed": 0.0}
     )
     error_rate: float = Field(0.0, ge=0, le=1)
+    # Share of POST /call refused with a 400 about the request (nothing placed), as Bolna refuses what it will not do.
+    refusal_rate: float = Field(0.0, ge=0, le=1)
     # Share of POST /call answered 429, with `Retry-After: retry_after_seconds` when that is set.
     rate_limit_rate: float = Field(0.0, ge=0, le=1)
     retry_after_seconds: int | None = Field(2, ge=0)

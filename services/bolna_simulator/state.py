@@ -32,8 +32,8 @@ from services.bolna_simulator.playback import CallPlayback
 
 log = logging.getLogger(__name__)
 
-# The first three refuse the call; the last two place it and then fail the answer.
-Fault = Literal["error", "timeout", "rate_limited", "lost_answer", "error_after_placing"]
+# The first four refuse the call; the last two place it and then fail the answer.
+Fault = Literal["error", "timeout", "refused", "rate_limited", "lost_answer", "error_after_placing"]
 
 RECORDED_REQUESTS = 5000  # the most recent requests to Bolna's endpoints kept for `GET /_sim/requests`
 
@@ -58,6 +58,7 @@ class Stats:
     calls_accepted: int = 0
     api_errors: int = 0
     api_timeouts: int = 0
+    refused: int = 0
     rate_limited: int = 0
     answers_lost: int = 0
     errors_after_placing: int = 0
@@ -219,6 +220,7 @@ class Simulator:
                 "calls_accepted": stats.calls_accepted,
                 "api_errors": stats.api_errors,
                 "api_timeouts": stats.api_timeouts,
+                "refused": stats.refused,
                 "rate_limited": stats.rate_limited,
                 "answers_lost": stats.answers_lost,
                 "errors_after_placing": stats.errors_after_placing,
@@ -272,6 +274,9 @@ class Simulator:
             if self._rng.random() < config.error_rate:
                 self._stats.api_errors += 1
                 return "error"
+            if self._rng.random() < config.refusal_rate:
+                self._stats.refused += 1
+                return "refused"
             if self._rng.random() < config.rate_limit_rate:
                 self._stats.rate_limited += 1
                 return "rate_limited"

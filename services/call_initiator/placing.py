@@ -74,7 +74,7 @@ def place_call(
         report(CallflowError(ErrorType.CONCURRENCY_LIMIT, "Call queued until a slot frees.", call_id=call.id, **tags))
         return AcceptedCall(call, placed=False)
     placed = placer.initiate(call, agent.provider_agent_id, retry_transient=False)
-    if placed is None:  # back in the queue (the breaker held it back), or waiting for Bolna's word
+    if placed is None:  # back in the queue (Bolna down, or its key refused), or waiting for Bolna's word
         with placer.uow_factory() as uow:
             return AcceptedCall(uow.session.get_one(Call, call.id), placed=False)
     return AcceptedCall(placed, placed=True)

@@ -39,15 +39,22 @@ class CircuitBreaker:
             self._trial_in_flight = True  # half-open: one request tests whether Bolna is back
             return True
 
-    def record_success(self) -> None:
+    def record_success(self) -> bool:
+        """Counts a success; True when it closed an open breaker."""
         with self._lock:
+            closed = self._opened_at is not None
             self._failures = 0
             self._opened_at = None
             self._trial_in_flight = False
+            return closed
 
-    def record_failure(self) -> None:
+    def record_failure(self) -> bool:
+        """Counts a failure; True when it opened the breaker from closed (a failed trial re-opens it: the same
+        outage)."""
         with self._lock:
             self._failures += 1
+            opened = self._opened_at is None and self._failures >= self._threshold
             if self._trial_in_flight or self._failures >= self._threshold:
                 self._opened_at = self._clock()
             self._trial_in_flight = False
+            return opened

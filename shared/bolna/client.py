@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import ssl
 import time
@@ -20,7 +21,12 @@ from urllib3.exceptions import NameResolutionError, NewConnectionError
 from shared.bolna.breaker import CircuitBreaker
 from shared.bolna.execution import AgentExecution
 from shared.core.config import BOLNA_CONNECT_TIMEOUT_SECONDS, Settings
+from shared.core.errors import CallflowError, ErrorType
+from shared.observability.sentry import report
 
+log = logging.getLogger(__name__)
+
+BREAKER_PLACE = "bolna.breaker"  # where Bolna's outage is reported
 MAX_RETRY_AFTER_SECONDS = 300.0  # a longer (or absurd) Retry-After is capped: the call is tried again by then
 EXECUTIONS_PAGE_SIZE = 50  # the most Bolna's execution listing returns per page
 MAX_EXECUTION_PAGES = 20  # a search reads at most this many pages (1,000 executions) of one agent's window
@@ -58,6 +64,11 @@ class BolnaError(Exception):
     def transient(self) -> bool:
         """May succeed later: no answer, a 5xx, or 429. Any other 4xx will fail the same way again."""
         return self.status_code is None or self.status_code >= 500 or self.status_code == 429
+
+    @property
+    def key_refused(self) -> bool:
+        """Bolna refused Callflow's API key (401, 403): no request can succeed until the key is mended."""
+        return self.status_code in (401, 403)
 
     @property
     def refused(self) -> bool:
@@ -159,17 +170,40 @@ class BolnaClient:
         try:
             answer, duration_ms = self._send(method, path, endpoint, started, **kwargs)
         except BolnaError as exc:
-            if exc.transient:
-                self.breaker.record_failure()
+            if exc.transient or exc.key_refused:  # Bolna is unusable, whatever is asked of it
+                self._failed(exc)
             else:
-                self.breaker.record_success()  # Bolna answered: it is up, the request was wrong
+                self._succeeded()  # Bolna answered: it is up, the request was wrong
             raise
         except BaseException:
             # Whatever else broke (a bug, an interrupt), the breaker must not keep a half-open trial forever.
             self.breaker.record_failure()
             raise
-        self.breaker.record_success()
+        self._succeeded()
         return answer, duration_ms
+
+    def _failed(self, error: BolnaError) -> None:
+        if self.breaker.record_failure():  # once per outage, per process: every request meets it
+            report(
+                CallflowError(
+                    ErrorType.BOLNA_UNAVAILABLE,
+                    f"Bolna keeps failing ({error}); its requests are held back, one trial at a time, until one "
+                    "succeeds.",
+                    sentry_contexts={
+                        "bolna_api": {
+                            "endpoint": error.endpoint,
+                            "status_code": error.status_code,
+                            "error_message": error.message,
+                            "delivery": error.delivery.value,
+                        }
+                    },
+                ),
+                place=BREAKER_PLACE,
+            )
+
+    def _succeeded(self) -> None:
+        if self.breaker.record_success():
+            log.warning("Bolna answers again: its requests are no longer held back")
 
     def _send(self, method: str, path: str, endpoint: str, started: float, **kwargs: Any) -> tuple[Any, float]:
         try:

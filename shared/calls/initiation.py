@@ -52,10 +52,12 @@ class CallPlacer:
         queue, or Bolna's answer was lost).
 
         Whether the call may be dialled again depends on what Bolna can have done with the request:
-        - the open breaker held it back: back to the queue, without using up an attempt;
+        - the open breaker held it back, or Bolna refused Callflow's key (401, 403: Callflow's to mend, and it
+          opens the breaker): back to the queue, without using up an attempt;
         - it never reached Bolna (no connection): back to the queue on the queue path (`retry_transient`); on the
           API path the call fails at once and the client may retry;
-        - Bolna refused it (4xx): the call fails, except a 429 on the queue path, which goes back to the queue;
+        - Bolna refused it (another 4xx): the call fails, except a 429 on the queue path, which goes back to the
+          queue;
         - no definite answer (read timeout, dropped connection, 5xx): Bolna may be dialling. The call keeps its slot
           and is never redialled; a webhook naming it or the reconcile job's search of Bolna settles it.
         Queue retries are bounded by the call's attempts.
@@ -74,7 +76,7 @@ class CallPlacer:
                 span.set_data("bolna.delivery", exc.delivery.value)
                 if exc.delivery is Delivery.UNKNOWN:
                     return self._await_outcome(call_id, exc)
-                retry = exc.held_back or (retry_transient and exc.transient)
+                retry = exc.held_back or exc.key_refused or (retry_transient and exc.transient)
                 if retry and self._requeue(call_id, exc):
                     sentry_sdk.add_breadcrumb(category="bolna", message="Bolna unavailable; call back in the queue")
                     return None
@@ -150,7 +152,8 @@ class CallPlacer:
         """Puts the call back to pending with a growing delay; False once its attempts are used up."""
         with self.uow_factory() as uow:
             call = uow.calls.lock_call(call_id)
-            if not error.held_back and not lifecycle.count_dispatch_attempt(call, self._max_attempts):
+            attempted = not (error.held_back or error.key_refused)  # else it waits on Bolna or on Callflow's key
+            if attempted and not lifecycle.count_dispatch_attempt(call, self._max_attempts):
                 return False
             delay = error.retry_after_seconds
             if delay is None:

@@ -41,6 +41,7 @@ class ErrorType(StrEnum):
     WEBHOOK_SOURCE_FORBIDDEN = "webhook_source_forbidden"
     CONCURRENCY_LIMIT = "concurrency_limit"
     BOLNA_API_FAILURE = "bolna_api_failure"
+    BOLNA_UNAVAILABLE = "bolna_unavailable"
     CALL_INITIATION_FAILED = "call_initiation_failed"
     EMPTY_WEBHOOK_PAYLOAD = "empty_webhook_payload"
     MISSING_EXECUTION_ID = "missing_execution_id"
@@ -113,6 +114,9 @@ ERROR_TABLE: dict[ErrorType, ErrorSpec] = {
         "Concurrent-call limit reached; call queued", _WARNING, "warning", _BREADCRUMB, "business"
     ),
     ErrorType.BOLNA_API_FAILURE: ErrorSpec("Bolna API request failed", _CRITICAL, "error", _EVENT, "provider", 502),
+    ErrorType.BOLNA_UNAVAILABLE: ErrorSpec(
+        "Bolna keeps failing or refuses Callflow's key", _CRITICAL, "fatal", _EVENT, "provider"
+    ),
     ErrorType.CALL_INITIATION_FAILED: ErrorSpec("Call initiation failed", _HIGH, "error", _EVENT, "provider", 500),
     ErrorType.EMPTY_WEBHOOK_PAYLOAD: ErrorSpec("Empty webhook payload", _WARNING, "warning", _EVENT, "validation", 400),
     ErrorType.MISSING_EXECUTION_ID: ErrorSpec(

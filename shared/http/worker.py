@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from typing import Any
 
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
+from shared.core.errors import ErrorType
 from shared.http.app import PROBLEM_JSON, error_type_of_status, problem_body
 
 log = logging.getLogger(__name__)
 
-LINGER_SECONDS = 1.0
-LINGER_BYTES = 1024 * 1024
+NOT_IMPLEMENTED = 501
 
 
 class _ErrorPage:
@@ -46,30 +45,20 @@ class ProblemThreadWorker(ThreadWorker):
         except ValueError:
             log.warning("gunicorn's error page had no status line: %r", page.written[:80])
             status, reason = 400, "Bad Request"
-        body = problem_body(
-            error_type_of_status(status),
-            f"{reason}: the request was refused as it was read (its request line, headers or framing).",
-            status,
-            request_id=None,
-        )
+        if status < 500 or status == NOT_IMPLEMENTED:  # the request's fault (501: a transfer coding gunicorn lacks)
+            error_type = ErrorType.VALIDATION_ERROR if status >= 500 else error_type_of_status(status)
+            detail = f"{reason}: the request was refused as it was read (its request line, headers or framing)."
+        else:
+            error_type, detail = ErrorType.INTERNAL_ERROR, f"{reason}: the request failed before it reached Callflow."
+        body = problem_body(error_type, detail, status, request_id=None)
         content = json.dumps(body).encode()
         head = (
             f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: {PROBLEM_JSON}\r\n"
             f"Content-Length: {len(content)}\r\n\r\n"
         )
+        # gunicorn then closes the connection gracefully: it reads what the client still sends for a moment, so the
+        # answer is not lost under a reset.
         try:
             util.write_nonblock(client, head.encode("latin-1") + content)
-            _linger(client)
         except Exception:  # as gunicorn: a client that has gone cannot be told
             log.debug("failed to send the error answer", exc_info=True)
-
-
-def _linger(client: socket.socket) -> None:
-    """Reads what the client still sends (the rest of its headers, its body) before the connection is closed, for a
-    moment and up to a bound: closing a socket with unread data resets the connection, and a client still sending
-    then loses the answer written before it."""
-    client.shutdown(socket.SHUT_WR)
-    client.settimeout(LINGER_SECONDS)
-    left = LINGER_BYTES
-    while left > 0 and (chunk := client.recv(min(left, 65536))):
-        left -= len(chunk)

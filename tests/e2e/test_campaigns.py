@@ -365,7 +365,7 @@ def test_another_customers_campaign_is_404_and_a_security_event(stack):
 
 
 def test_a_failing_campaign_call_is_reported_with_its_queue_context_in_the_campaigns_trace(sim):
-    sim.sim_config(api_key="a-key-callflow-does-not-have")  # Bolna refuses every call (403)
+    sim.sim_config(refusal_rate=1.0)  # Bolna refuses every call (400)
     owner = customer(credits=100, max_concurrent_calls=2)
     campaign_id = _create(sim, owner, _numbers(1))
     started = _start(sim, owner, campaign_id)

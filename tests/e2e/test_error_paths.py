@@ -6,7 +6,7 @@ import pytest
 
 from tests.conftest import WEBHOOK_SECRET
 from tests.support.factories import customer
-from tests.support.stack import BOLNA_API_KEY, wait_until
+from tests.support.stack import wait_until
 
 PHONE = "+14155550123"
 
@@ -84,11 +84,11 @@ def test_no_credits_is_402(stack):
 
 def test_provider_refusal_is_502_fails_the_call_and_frees_the_slot(sim):
     owner = customer(max_concurrent_calls=1)
-    sim.sim_config(api_key="a-key-callflow-does-not-have")  # Bolna's definite 403: nothing was placed
+    sim.sim_config(refusal_rate=1.0)  # Bolna's definite 400: nothing was placed
     try:
         body = _assert_problem(_place(sim, owner), 502, "bolna_api_failure")
     finally:
-        sim.sim_config(api_key=BOLNA_API_KEY)
+        sim.sim_config(refusal_rate=0.0)
     failed = sim.call(owner.auth, body["callId"])
     assert failed["status"] == "failed"
     assert failed["errorType"] == "bolna_api_failure"

@@ -106,9 +106,9 @@ class TestIdempotencyKey:
     def test_a_failed_call_is_replayed_not_retried(self, sim: Stack):
         owner = customer()
         headers = {**owner.auth, "Idempotency-Key": "fails"}
-        sim.sim_config(api_key="a-key-callflow-does-not-have")  # Bolna's definite refusal
+        sim.sim_config(refusal_rate=1.0)  # Bolna's definite refusal
         first = sim.api("POST", "/api/calls", headers=headers, json=_body(owner))
-        sim.sim_config(api_key=BOLNA_API_KEY)
+        sim.sim_config(refusal_rate=0.0)
         again = sim.api("POST", "/api/calls", headers=headers, json=_body(owner))
         assert first.status_code == again.status_code == 502
         assert again.json() == first.json()
@@ -192,17 +192,55 @@ class TestProviderFailures:
         wait_until(lambda: execution()["status"] == "stopped", 30, "asked again, it stops")
         assert (execution()["dials"], asked_to_stop() >= 2) == (1, True)
 
-    def test_queued_call_fails_at_once_on_a_permanent_4xx(self, sim: Stack):
+    def test_a_queued_call_waits_while_bolna_refuses_callflows_key(self, sim: Stack):
         owner = customer()
-        sim.sim_config(api_key="a-key-callflow-does-not-have")
+        sim.sim_config(api_key="a-key-callflow-does-not-have")  # Bolna answers 403
         call = call_row(owner)
         _wake_dispatcher(owner.user_id)
-        wait_until(lambda: load_call(call.id).status == "failed", 20, "the call fails")
-        failed = load_call(call.id)
-        assert failed.error_type == "bolna_api_failure"
-        assert failed.dispatch_attempts == 0
-        assert "403" in failed.error_detail
-        assert not failed.slot_held
+
+        def refused() -> int:
+            return sum(
+                1
+                for r in sim.sim_requests()
+                if r["path"] == "/call"
+                and (r["body"] or {}).get("user_data", {}).get("callflow_call_id") == str(call.id)
+            )
+
+        wait_until(lambda: refused() >= 2, 30, "the call is tried, and tried again")
+        waiting = load_call(call.id)
+        assert waiting.status in ("pending", "initiating"), "back in the queue, or being tried again"
+        assert (waiting.dispatch_attempts, waiting.error_type) == (0, None), "neither failed nor an attempt used"
+        sim.sim_config(api_key=BOLNA_API_KEY)
+        wait_until(lambda: load_call(call.id).status == "completed", 30, "placed once the key is mended")
+
+    def test_a_refused_key_opens_the_breaker_queues_calls_and_is_reported_once(self, stack: Stack, tmp_path):
+        """An API process with a key Bolna refuses; the stack's queue-processor, whose key works, places them."""
+        owner = customer(max_concurrent_calls=5)
+        refused = {
+            **sentry_env(stack.sentry),
+            "BOLNA_API_URL": stack.simulator.url,
+            "BOLNA_API_KEY": "a-key-bolna-refuses",
+            "BOLNA_BREAKER_THRESHOLD": "2",
+            "WEB_CONCURRENCY": "1",
+        }
+        process = ServiceProcess("services.call_initiator", free_port(), refused, tmp_path)
+        try:
+            process.start()
+            answers = [httpx.post(f"{process.url}/api/calls", headers=owner.auth, json=_body(owner)) for _ in range(4)]
+        finally:
+            assert process.stop() == 0
+        assert [(a.status_code, a.json()["status"]) for a in answers] == [(202, "pending")] * 4
+        queued = [answer.json()["callId"] for answer in answers]
+        wait_until(
+            lambda: all(stack.call(owner.auth, call_id)["status"] == "completed" for call_id in queued),
+            30,
+            "queued, then placed",
+        )
+        outage = stack.sentry.wait_for_events(error_type=str(ErrorType.BOLNA_UNAVAILABLE), service="call-initiator")
+        assert len(outage) == 1
+        assert outage[0].payload["contexts"]["bolna_api"]["status_code"] == 403
+        assert outage[0].payload["fingerprint"] == ["bolna_unavailable", "bolna.breaker"]
+        assert {load_call(uuid.UUID(call_id)).dispatch_attempts for call_id in queued} == {0}, "no attempt used"
 
     def test_open_breaker_queues_calls_instead_of_failing_them(self, stack: Stack, tmp_path):
         """An API process whose Bolna is down; the stack's queue-processor, whose Bolna works, places them later."""
@@ -384,7 +422,7 @@ def test_oversized_body_is_413_problem_json(stack: Stack):
 
 def test_what_gunicorn_refuses_before_the_app_is_problem_json_too(stack: Stack):
     """An oversized header or request line, or a request that is no HTTP, never reaches Flask: gunicorn answers it."""
-    # With a body the server never reads: closed unread, the connection would be reset under the answer.
+    # With a body the server never reads: the answer must still reach the client before the connection closes.
     webhook = {"id": "x", "status": "queued", "transcript": "a" * 500_000}
     too_long_header = stack.webhook(webhook, headers={"X-Padding": "a" * 10_000})
     too_long_line = stack.api("GET", "/api/calls", params={"page": "1" * 5_000})

@@ -14,8 +14,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from shared.bolna import client as client_module
 from shared.bolna.breaker import CircuitBreaker
-from shared.bolna.client import MAX_RETRY_AFTER_SECONDS, BolnaClient, BolnaError, Delivery
+from shared.bolna.client import BREAKER_PLACE, MAX_RETRY_AFTER_SECONDS, BolnaClient, BolnaError, Delivery
+from shared.core.errors import ErrorType
 
 
 class _Redirecting(BaseHTTPRequestHandler):
@@ -183,6 +185,31 @@ def test_the_half_open_trial_is_released_when_the_request_breaks_unexpectedly(sc
         client.place_call("agent", "+14155550123", {})
     clock[0] = 22.0  # another cooldown later, a new trial must be allowed
     assert breaker.allow()
+
+
+def test_an_outage_is_reported_once_when_it_opens_the_breaker_and_again_only_after_bolna_answered(
+    scripted_bolna, monkeypatch
+):
+    reports: list[tuple[str | None, object]] = []
+    monkeypatch.setattr(client_module, "report", lambda error, place=None: reports.append((place, error.error_type)))
+    clock = [0.0]
+    client = _client(scripted_bolna, CircuitBreaker(2, 10, clock=lambda: clock[0]))
+
+    def place(behaviour: int) -> None:
+        _Scripted.behaviour = (behaviour, {})
+        with pytest.raises(BolnaError):
+            client.place_call("agent", "+14155550123", {})
+
+    for behaviour in (503, 401, 503):  # Bolna refusing Callflow's key counts as much as Bolna failing
+        place(behaviour)
+    clock[0] = 11.0
+    place(403)  # the half-open trial fails: the same outage
+    assert reports == [(BREAKER_PLACE, ErrorType.BOLNA_UNAVAILABLE)]
+    clock[0] = 22.0
+    place(400)  # the trial gets an answer about the request: Bolna is up and takes Callflow's key
+    for behaviour in (500, 500):
+        place(behaviour)
+    assert len(reports) == 2, "a new outage"
 
 
 class _Answering(BaseHTTPRequestHandler):

@@ -387,6 +387,17 @@ def test_a_completed_can_come_before_its_duration(
     )
 
 
+def test_refusal_rate_answers_400_without_creating_a_call(make_client: Callable[..., FlaskClient]) -> None:
+    client = make_client(refusal_rate=1)
+
+    response = client.post("/call", json={"agent_id": AGENT_ID, "recipient_phone_number": PHONE}, headers=AUTH)
+
+    assert (response.status_code, response.json["error"]) == (400, 400)
+    after = stats(client)
+    assert (after["calls_received"], after["calls_accepted"], after["refused"]) == (1, 0, 1)
+    assert after["executions_by_status"] == {}
+
+
 def test_error_rate_answers_500_without_creating_a_call(make_client: Callable[..., FlaskClient]) -> None:
     client = make_client(error_rate=1)
 

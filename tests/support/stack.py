@@ -23,6 +23,7 @@ FAST_CALLS = {
     "talk_seconds": 0.4,
     "completed_delay_seconds": 0.2,
     "error_rate": 0.0,
+    "refusal_rate": 0.0,
     "rate_limit_rate": 0.0,
     "timeout_rate": 0.0,
     "latency_ms": 0,

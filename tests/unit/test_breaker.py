@@ -69,3 +69,17 @@ def test_a_success_resets_the_failure_count():
     breaker.record_success()
     breaker.record_failure()
     assert breaker.allow()
+
+
+def test_only_the_failure_that_opens_a_closed_breaker_says_so_and_only_closing_an_open_one_says_so():
+    clock = FakeClock()
+    breaker = CircuitBreaker(failure_threshold=2, cooldown_seconds=COOLDOWN, clock=clock)
+    assert [breaker.record_failure() for _ in range(4)] == [False, True, False, False], "opened once"
+    clock.advance(COOLDOWN)
+    assert breaker.allow()
+    assert breaker.record_failure() is False, "a failed trial re-opens it: the same outage"
+    clock.advance(COOLDOWN)
+    assert breaker.allow()
+    assert breaker.record_success() is True, "the outage is over"
+    assert breaker.record_success() is False
+    assert [breaker.record_failure() for _ in range(2)] == [False, True], "a new outage"
