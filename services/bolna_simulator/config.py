@@ -14,8 +14,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 # How a placed call ends: the callee's answer, the carrier's failure, or Bolna's own end of it: `error` (its fault),
 # `balance-low` (the account has no credit left: nothing is dialled), `canceled` and `stopped` (from its dashboard).
 OUTCOMES = ("completed", "busy", "no-answer", "failed", "error", "balance-low", "canceled", "stopped")
-# The outcomes after which Bolna's auto-retry dials again (`redial_rate`).
-REDIALLED_OUTCOMES = frozenset({"busy", "no-answer"})
+# The outcomes after which Bolna's auto-retry dials again (`redial_rate`): its `retry_on_statuses` may name these.
+REDIALLED_OUTCOMES = frozenset({"busy", "no-answer", "failed", "error"})
 # Every status Bolna gives an execution (its spec's list), including those the simulator never plays.
 Status = Literal[
     "scheduled",
@@ -65,6 +65,12 @@ ERROR_MESSAGES = {
     "balance-low": "Call not placed: the account balance is too low",
 }
 
+
+def without_duration(record: dict[str, Any]) -> dict[str, Any]:
+    """An execution object as Bolna sends it before its post-processing wrote the duration."""
+    return {**record, "conversation_duration": None, "telephony_data": {**record["telephony_data"], "duration": None}}
+
+
 _E164 = re.compile(r"\+[1-9]\d{1,14}")
 
 
@@ -106,9 +112,11 @@ class SimulatorConfig(BaseSettings):
     # without acting: Bolna cannot be asked about a call, or told to stop one.
     other_requests_error_rate: float = Field(0.0, ge=0, le=1)
     # Share of `completed` webhooks sent before Bolna's post-processing wrote the duration (no
-    # `conversation_duration`, no `telephony_data.duration`); `GET /executions/{id}` has it.
+    # `conversation_duration`, no `telephony_data.duration`); `GET /executions/{id}` has it `duration_lag_seconds`
+    # after the webhook (until then the record is `completed` without it too).
     completed_without_duration_rate: float = Field(0.0, ge=0, le=1)
-    # Share of calls ending busy or no-answer that Bolna's auto-retry dials again, whatever the request's
+    duration_lag_seconds: float = Field(0.0, ge=0)
+    # Share of calls ending busy, no-answer, failed or error that Bolna's auto-retry dials again, whatever the request's
     # `retry_config` said: the execution comes back `scheduled` with `retry_count` 1, stays so for
     # `redial_delay_seconds` (the retry's interval), then plays again (an outcome drawn when the call was placed)
     # unless it was stopped meanwhile.

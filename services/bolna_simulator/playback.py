@@ -16,6 +16,7 @@ from services.bolna_simulator.config import (
     WEBHOOK_RETRIES,
     WEBHOOK_TIMEOUT_SECONDS,
     SimulatorConfig,
+    without_duration,
 )
 
 if TYPE_CHECKING:
@@ -76,15 +77,13 @@ class CallPlayback:
             session.trust_env = False
             for status, delay in self._plan():
                 self._execution.wake.wait(delay)
+                if status == "completed" and self._durationless:
+                    self._simulator.withhold_duration(self._execution, self._config.duration_lag_seconds)
                 body = self._simulator.advance(self._execution, status)
                 if body is None:
                     return
                 if status == "completed" and self._durationless:
-                    body = {
-                        **body,
-                        "conversation_duration": None,
-                        "telephony_data": {**body["telephony_data"], "duration": None},
-                    }
+                    body = without_duration(body)
                 self._emit(session, body)
                 if body["status"] != status:  # stopped meanwhile: nothing more is played
                     return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from services.bolna_simulator.config import (
     CallRequest,
     ExecutionsQuery,
     SimulatorConfig,
+    without_duration,
 )
 from services.bolna_simulator.errors import ApiError
 from services.bolna_simulator.playback import CallPlayback
@@ -103,6 +105,8 @@ class Execution:
     error_message: str | None = None
     extracted_data: dict[str, Any] | None = None
     line_released: bool = False
+    # Until this time (time.monotonic()) Bolna's record of a completed call lacks its duration.
+    duration_withheld_until: float = 0.0
     abandoned: bool = False
     # Set by a stop or a reset to cut the lifecycle thread's current wait short.
     wake: threading.Event = field(default_factory=threading.Event)
@@ -131,6 +135,12 @@ class Execution:
 
     def to_json(self) -> dict[str, Any]:
         """The AgentExecution object, as `GET /executions/{id}` returns it and every webhook carries it."""
+        record = self._record()
+        if time.monotonic() < self.duration_withheld_until:
+            return without_duration(record)
+        return record
+
+    def _record(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "agent_id": self.agent_id,
@@ -405,11 +415,17 @@ class Simulator:
                 if status == "scheduled":  # Bolna's auto-retry takes the ended call up again
                     execution.retry_count += 1
                     execution.stats.redials += 1
+                elif status == "queued" and execution.line_released:  # the redial, due: on the line again
                     self._take_line(execution)
                 execution.move_to(status)
                 if status in LINE_RELEASING_STATUSES:
                     self._release_line(execution)
             return execution.to_json()
+
+    def withhold_duration(self, execution: Execution, seconds: float) -> None:
+        """Bolna's post-processing writes the completed call's duration `seconds` from now."""
+        with self._lock:
+            execution.duration_withheld_until = time.monotonic() + seconds
 
     def record_delivery(self, execution: Execution, delivered: bool) -> None:
         with self._lock:

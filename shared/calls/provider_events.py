@@ -348,7 +348,8 @@ def _completed_without_duration(execution: AgentExecution) -> bool:
 def _complete_duration(uow_factory: UnitOfWorkFactory, event: WebhookEvent, bolna: BolnaClient | None) -> bool:
     """Asks Bolna for a `completed` event's execution and keeps its answer when it has the duration. False while the
     event waits: Bolna cannot be asked now, or its record is still live and the event is younger than
-    BOLNA_RECORD_LAG. Otherwise the event is applied: a call Bolna has no duration for either (its record is final,
+    BOLNA_RECORD_LAG, or its record is completed without the duration yet and the event is that young. Otherwise
+    the event is applied: a call Bolna has no duration for either (its record is final without one past that lag,
     it does not know the execution, or its record stayed live) is completed unbilled and reported."""
     if bolna is None:
         return False
@@ -366,7 +367,10 @@ def _complete_duration(uow_factory: UnitOfWorkFactory, event: WebhookEvent, boln
     if record.status not in statuses.TERMINAL:
         return not _put_off_for_record(uow_factory, event, f"Bolna's record is still {record.status!r}")
     # Bolna's redials share the execution id: a record of another dial (its retry count) bills nothing of this one.
-    if record.status == statuses.COMPLETED and record.attempt == event.attempt and record.duration_seconds:
+    completed = record.status == statuses.COMPLETED and record.attempt == event.attempt
+    if completed and not record.duration_seconds:  # its post-processing writes the duration after the status
+        return not _put_off_for_record(uow_factory, event, "Bolna's record is completed without its duration yet")
+    if completed:
         with uow_factory() as uow:
             uow.session.execute(
                 update(WebhookEvent).where(WebhookEvent.id == event.id).values(payload=storable(execution))

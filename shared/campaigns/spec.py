@@ -43,8 +43,8 @@ _QUERY_SETTINGS = {
     "window",
     "windowDays",
 }
-# What a campaign may retry a contact after: the callee's answer, the carrier's failure, or Bolna's own (`error`, and
-# `balance-low` once its account is topped up).
+# What a campaign may retry a contact after: the callee's answer, the carrier's failure, or Bolna's own (`error`;
+# `balance-low`, whose retry finds the account as it is then: it uses an attempt even if nobody topped it up).
 RetryStatus = Literal["no-answer", "busy", "failed", "error", "balance-low"]
 
 

@@ -92,7 +92,7 @@ def _window_option(ctx: click.Context, param: click.Parameter, value: str | None
 )
 @click.option("--window-days", default=None, help="ISO weekdays of the window, e.g. 1,2,3,4,5 (1 = Monday).")
 @click.option("--retry-max-attempts", type=int, default=None, help="Calls per contact at most (1-4).")
-@click.option("--retry-on", default=None, help="Statuses that call again, e.g. no-answer,busy (or failed).")
+@click.option("--retry-on", default=None, help="Statuses that call again: no-answer, busy, failed, error, balance-low.")
 @click.option("--retry-interval-minutes", default=None, help="Waits before attempt 2, 3, ..., e.g. 1,5.")
 @click.option("--start-at", default=None, help="Start no earlier than this ISO time, with its offset.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")

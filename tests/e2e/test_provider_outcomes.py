@@ -149,6 +149,15 @@ class TestLostWebhooks:
         fetched = [r for r in sim.sim_requests() if r["path"] == f"/executions/{placed['executionId']}"]
         assert fetched, "the duration came from GET /executions/{id}"
 
+    def test_a_completed_whose_duration_bolnas_record_lacks_for_a_while_is_billed_once_it_has_it(self, sim: Stack):
+        owner = customer(max_concurrent_calls=1)
+        sim.sim_config(completed_without_duration_rate=1.0, duration_lag_seconds=6.0)
+        placed = _place(sim, owner)
+        _completed_and_billed_once(owner, placed["callId"])
+        record = sim.sim_execution(placed["executionId"])
+        assert load_call(uuid.UUID(placed["callId"])).duration_seconds == int(record["conversation_duration"])
+        assert sim.sentry.events(error_type=str(ErrorType.BILLING_DURATION_MISSING), call_id=placed["callId"]) == []
+
     def test_a_completed_before_its_duration_waits_while_bolna_cannot_be_asked(self, sim: Stack):
         owner = customer(max_concurrent_calls=1)
         sim.sim_config(completed_without_duration_rate=1.0, other_requests_error_rate=1.0)
@@ -190,7 +199,7 @@ class TestBolnaEndsTheCall:
     )
     def test_the_call_takes_bolnas_end_unbilled_and_frees_its_slot(self, sim: Stack, outcome, reported_as):
         owner = customer(max_concurrent_calls=1)
-        sim.sim_config(outcomes={outcome: 1.0}, step_delay_seconds=0.5)
+        sim.sim_config(outcomes={outcome: 1.0}, step_delay_seconds=3.0)  # time to queue the next call behind it
         ended = _place(sim, owner)
         assert ended["http_status"] == 201
         sim.sim_config(outcomes={"completed": 1.0}, step_delay_seconds=0.1)

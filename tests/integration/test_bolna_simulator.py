@@ -387,6 +387,22 @@ def test_a_completed_can_come_before_its_duration(
     )
 
 
+def test_bolnas_record_can_lag_its_completed_for_the_duration(
+    make_client: Callable[..., FlaskClient], receiver: WebhookReceiver
+) -> None:
+    client = make_client(completed_without_duration_rate=1, duration_lag_seconds=0.5, duration_min_seconds=42)
+
+    execution_id = place(client)
+    receiver.wait_for(execution_id, "completed")
+
+    def record() -> dict[str, Any]:
+        return client.get(f"/executions/{execution_id}", headers=AUTH).json
+
+    assert (record()["status"], record()["conversation_duration"]) == ("completed", None)
+    eventually(lambda: record()["conversation_duration"] is not None)
+    assert record()["telephony_data"]["duration"] == str(int(record()["conversation_duration"]))
+
+
 def test_refusal_rate_answers_400_without_creating_a_call(make_client: Callable[..., FlaskClient]) -> None:
     client = make_client(refusal_rate=1)
 

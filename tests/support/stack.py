@@ -36,6 +36,7 @@ FAST_CALLS = {
     "dropped_webhooks": {},
     "api_key": BOLNA_API_KEY,
     "completed_without_duration_rate": 0.0,
+    "duration_lag_seconds": 0.0,
     "redial_rate": 0.0,
     "other_requests_error_rate": 0.0,
     "outcomes": {"completed": 1.0},
