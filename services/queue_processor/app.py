@@ -11,11 +11,13 @@ import sentry_sdk
 from flask import Flask
 from werkzeug.serving import make_server
 
-from services.queue_processor.consumer import Consumer
+from services.queue_processor.consumer import CONSUMER_PLACE, Consumer
 from services.queue_processor.dispatch import Dispatcher
 from services.queue_processor.jobs import PeriodicJobs, job_threads
 from shared.core.config import Settings
+from shared.core.errors import CallflowError, ErrorType
 from shared.messaging.outbox import AfterCommitPublisher
+from shared.observability.sentry import report
 
 SERVICE = "queue-processor"
 DEFAULT_HEALTH_PORT = 8003
@@ -50,10 +52,13 @@ class QueueProcessor:
         log.info("queue-processor started; health on %s:%s", self.settings.host, port)
         try:
             self.consumer.run()  # returns once `stopping` is set and the message in hand is acknowledged
-        except BaseException:
+        except BaseException as exc:
             # A consumer that died must take the process with it (a supervisor starts a new one): the jobs alone
             # would keep it alive without consuming, and its placing threads are shut down with the main thread.
             log.exception("the dispatch-queue consumer failed; the queue-processor stops")
+            if isinstance(exc, Exception):  # a bug: it may kill every process that takes the same message
+                detail = f"The dispatch-queue consumer failed ({type(exc).__name__}); the queue-processor stops."
+                report(CallflowError(ErrorType.INTERNAL_ERROR, detail), cause=exc, place=CONSUMER_PLACE)
             self.stopping.set()
             raise
         finally:

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
-from pika.exceptions import AMQPError, UnroutableError
+from pika.exceptions import AMQPError, ConsumerCancelled, UnroutableError
 from pika.spec import Basic
 from sqlalchemy.exc import InterfaceError, OperationalError
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
@@ -239,13 +239,19 @@ class Consumer:
             return
         connection = self._connect()
         handler_thread = _HandlerThread(connection, self._process, self._stopping)
+        # The broker stops delivering when the queue is deleted or the node holding it fails, and the connection
+        # lives on (pika swallows what its callback raises): it is taken as lost, so consuming starts again on a new
+        # one, the queue declared anew.
+        cancelled = threading.Event()
         opened = time.monotonic()
         try:
-            self._start_consuming(connection, handler_thread)
+            self._start_consuming(connection, handler_thread, lambda *_: cancelled.set())
             broker_accepted(CONSUMER_PLACE)
             while not (self._stopping.is_set() and handler_thread.idle()):
                 process_events(connection)
                 handler_thread.raise_failure()
+                if cancelled.is_set():
+                    raise ConsumerCancelled(f"the broker cancelled consuming {self._queue}")
         except BROKER_AWAY as exc:
             if time.monotonic() - opened < HEALTHY_SECONDS:
                 raise
@@ -257,12 +263,15 @@ class Consumer:
     def _connect(self) -> pika.BlockingConnection:
         return pika.BlockingConnection(connection_parameters(self._url, heartbeat=self._heartbeat_seconds))
 
-    def _start_consuming(self, connection: pika.BlockingConnection, handler_thread: _HandlerThread) -> None:
+    def _start_consuming(
+        self, connection: pika.BlockingConnection, handler_thread: _HandlerThread, on_cancel: Callable[..., None]
+    ) -> None:
         channel = connection.channel()
         channel.confirm_delivery()
         declare_topology(channel)
         declare_retry_queues(channel, self._queue)
         channel.basic_qos(prefetch_count=self._prefetch)
+        channel.add_on_cancel_callback(on_cancel)
         channel.basic_consume(
             self._queue,
             lambda channel, method, properties, body: handler_thread.submit(

@@ -36,6 +36,7 @@ from shared.messaging.topology import (
     retry_queue,
 )
 from tests.support import broker
+from tests.support.stack import wait_until
 
 
 @pytest.fixture
@@ -192,6 +193,27 @@ def test_good_messages_are_handled_poison_dead_lettered_and_failures_retried(wor
     assert dead[exhausted.message_id][0].headers[ORIGINAL_QUEUE_HEADER] == work_queue
     assert remaining == 0
     assert not thread.is_alive()
+
+
+@pytest.mark.timeout(90)
+def test_consuming_starts_again_when_the_broker_cancels_it(work_queue, caplog):
+    """Deleting the queue cancels its consumers while their connection lives on: nothing would be consumed again."""
+    handled: list[IncomingMessage] = []
+    first, second = Envelope("test.good", {"n": 1}), Envelope("test.good", {"n": 2})
+    with broker.channel() as ch, _consuming(work_queue, handled.append):
+        ch.basic_publish("", work_queue, first.encode(), first.properties())
+        _handled_until(handled, first.message_id, attempt=0)
+        ch.queue_delete(work_queue)
+        # The broker cancels the consumer once the queue is gone (not if a queue of that name is back first).
+        wait_until(lambda: "ConsumerCancelled" in caplog.text, 30, "the consumer hears it was cancelled")
+        ch.queue_declare(
+            work_queue,
+            durable=True,
+            arguments={"x-queue-type": "quorum", "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE},
+        )
+        ch.basic_publish("", work_queue, second.encode(), second.properties())
+        _handled_until(handled, second.message_id, attempt=0, timeout=60)
+    assert [m.message_id for m in handled] == [first.message_id, second.message_id]
 
 
 @pytest.mark.timeout(60)

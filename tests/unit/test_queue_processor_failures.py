@@ -10,9 +10,11 @@ from types import SimpleNamespace
 import pytest
 from flask import Flask
 
+from services.queue_processor import app
 from services.queue_processor.app import QueueProcessor
 from services.queue_processor.consumer import ConnectionLost, Consumer, process_events
 from services.queue_processor.jobs import Job
+from shared.core.errors import ErrorType
 from shared.messaging.topology import BROKER_AWAY, declare_topology_at
 from tests.support.processes import free_port
 from tests.support.slow_broker import BlackHoleBroker
@@ -59,10 +61,14 @@ def test_a_consumer_that_fails_stops_the_periodic_jobs_and_the_process(monkeypat
         stopping=stopping,
     )
 
+    reported: list[tuple[str | None, str]] = []
+    monkeypatch.setattr(app, "report", lambda error, cause=None, place=None: reported.append((place, error.error_type)))
+
     with pytest.raises(RuntimeError, match="the consumer broke"):
         processor.run()
     assert stopping.is_set()
     assert not [thread for thread in threading.enumerate() if thread.name.startswith("periodic-jobs")]
+    assert reported == [("broker.consume", ErrorType.INTERNAL_ERROR)], "its death is an event with its error_type"
 
 
 def test_a_broker_that_takes_the_connection_and_never_answers_is_an_outage_the_consumer_waits_out(caplog):
