@@ -60,6 +60,7 @@ class ErrorType(StrEnum):
     BOLNA_BALANCE_LOW = "bolna_balance_low"
     BILLING_DURATION_MISSING = "billing_duration_missing"
     MESSAGE_DEAD_LETTERED = "message_dead_lettered"
+    OUTBOX_STALLED = "outbox_stalled"
     INTERNAL_ERROR = "internal_error"
 
 
@@ -145,6 +146,7 @@ ERROR_TABLE: dict[ErrorType, ErrorSpec] = {
         "Completed call without a billable duration", _HIGH, "error", _EVENT, "revenue"
     ),
     ErrorType.MESSAGE_DEAD_LETTERED: ErrorSpec("Message dead-lettered", _HIGH, "error", _EVENT, "queue"),
+    ErrorType.OUTBOX_STALLED: ErrorSpec("Messages wait in the outbox", _HIGH, "error", _EVENT, "queue"),
     ErrorType.INTERNAL_ERROR: ErrorSpec("Internal error", _HIGH, "error", _EVENT, "bug", 500),
 }
 

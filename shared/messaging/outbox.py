@@ -17,20 +17,21 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sentry_sdk
-from pika.exceptions import AMQPConnectionError
+from pika.exceptions import AMQPConnectionError, UnroutableError
 from sqlalchemy import BindParameter, Select, bindparam, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.sql.dml import ReturningUpdate
 
+from shared.core.errors import CallflowError, ErrorType
 from shared.core.models import OutboxMessage
 from shared.messaging.publisher import BrokerTooSlow, Envelope, Publisher
 from shared.messaging.topology import EVENTS_EXCHANGE
 from shared.observability import tracing
-from shared.observability.sentry import broker_accepted, report_broker_failure
+from shared.observability.sentry import broker_accepted, report, report_broker_failure
 
 log = logging.getLogger(__name__)
 _OUTBOX = OutboxMessage.__table__
@@ -44,6 +45,10 @@ PUBLISH_AFTER_COMMIT_SECONDS = 2.0
 # that drains them.
 BROKER_AWAY_PAUSE_SECONDS = 5.0
 PUBLISH_PLACE = "broker.publish"  # where the broker's refusal of what is published is reported
+RELAY_PLACE = "outbox.relay"  # where messages the relay cannot publish are reported
+# A relay that has published nothing while its oldest message waited this long is stalled: RabbitMQ is away,
+# blocked by an alarm, or refuses what it is given, and the services' wake-ups (a Bolna stop among them) wait.
+OUTBOX_STALL_AFTER = timedelta(minutes=2)
 
 
 def add(session: Session, message_type: str, body: dict[str, Any]) -> OutboxMessage:
@@ -185,22 +190,93 @@ def publish_pending(
     rows their writer is about to publish; it is not what keeps the two from both publishing one (a row being
     published after commit is locked, and skipped here)."""
     published = 0
+    stuck: dict[str, object] | None = None  # what the oldest row the broker did not take holds
     with sessions() as session:
         for row in session.scalars(unpublished_query(min_age, limit)):
             try:
                 _publish(publisher, row)
+            except UnroutableError as exc:  # no queue takes its type (a binding gone): the rows behind it still go
+                _count_failure(row, exc)
+                if row.attempts == 1:
+                    _report_unroutable(row)
+                continue
             except Exception as exc:  # the broker is away: leave the rest for the next run
-                row.attempts += 1
-                row.last_error = repr(exc)[:1000]
+                _count_failure(row, exc)
                 log.warning("outbox publish failed, the relay will retry: %r", exc)
                 report_broker_failure(exc, place=PUBLISH_PLACE)
+                stuck = _outbox_details(row)
                 break
             row.published_at = func.now()
             published += 1
         session.commit()
     if published:
         broker_accepted(PUBLISH_PLACE)
+        _Stall.over()
+    if stuck is not None:
+        _Stall.check(stuck)
     return published
+
+
+def _count_failure(row: OutboxMessage, exc: Exception) -> None:
+    row.attempts += 1
+    row.last_error = repr(exc)[:1000]
+
+
+def _report_unroutable(row: OutboxMessage) -> None:
+    report(
+        CallflowError(
+            ErrorType.OUTBOX_STALLED,
+            f"Outbox message {row.message_id} ({row.message_type}) is routed to no queue; the relay tries it again "
+            "each round, and publishes the messages behind it meanwhile.",
+            sentry_contexts={"outbox_details": _outbox_details(row)},
+            message_id=str(row.message_id),
+        ),
+        place=RELAY_PLACE,
+    )
+
+
+class _Stall:
+    """Whether the relay's current stall (the broker taking none of the outbox's messages) was reported: once per
+    stall and process, when its oldest message has waited OUTBOX_STALL_AFTER, until a message is published."""
+
+    lock = threading.Lock()
+    reported = False
+
+    @classmethod
+    def check(cls, oldest: dict[str, object]) -> None:
+        waited = datetime.now(UTC) - datetime.fromisoformat(str(oldest["created_at"]))
+        if waited < OUTBOX_STALL_AFTER:
+            return
+        with cls.lock:
+            first, cls.reported = not cls.reported, True
+        if first:
+            report(
+                CallflowError(
+                    ErrorType.OUTBOX_STALLED,
+                    f"The outbox's oldest message has waited {waited} for RabbitMQ: {oldest['last_error']}",
+                    sentry_contexts={"outbox_details": oldest},
+                    message_id=str(oldest["message_id"]),
+                ),
+                place=RELAY_PLACE,
+            )
+
+    @classmethod
+    def over(cls) -> None:
+        if cls.reported:
+            with cls.lock:
+                cls.reported = False
+            log.info("the outbox relay publishes again")
+
+
+def _outbox_details(row: OutboxMessage) -> dict[str, object]:
+    return {
+        "id": row.id,
+        "message_id": str(row.message_id),
+        "message_type": row.message_type,
+        "created_at": row.created_at.isoformat(),
+        "attempts": row.attempts,
+        "last_error": row.last_error,
+    }
 
 
 def _publish(publisher: Publisher, row: OutboxMessage) -> None:

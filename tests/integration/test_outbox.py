@@ -7,15 +7,17 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from datetime import timedelta
 
 import pika
 import pytest
 import sentry_sdk
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError
 
 from shared.calls import lifecycle
 from shared.core.config import load_settings
+from shared.core.errors import ErrorType
 from shared.core.models import OutboxMessage
 from shared.core.uow import UnitOfWork
 from shared.messaging import outbox
@@ -109,6 +111,58 @@ def test_message_written_while_broker_is_down_is_relayed_later():
         messages = _received_before_a_sentinel(ch, queue)
     assert {"user_id": marker} in [json.loads(body) for _, body in messages]
     assert _unpublished(row.message_id).published_at is not None
+
+
+def test_a_message_no_queue_takes_is_reported_once_and_holds_up_none_of_those_behind_it(monkeypatch):
+    reported: list[tuple[str | None, ErrorType]] = []
+    monkeypatch.setattr(outbox, "report", lambda error, place=None: reported.append((place, error.error_type)))
+    with components().uow() as uow:
+        stray = outbox.add(uow.session, "test.routed-nowhere", {"n": 1})  # no binding matches its type
+        behind = outbox.add(uow.session, "slot.released", {"user_id": str(uuid.uuid4())})
+        uow.session.commit()
+    for _ in range(2):
+        outbox.publish_pending(components().sessions, components().publisher, limit=1_000_000)
+    assert (_unpublished(stray.message_id).published_at, _unpublished(stray.message_id).attempts) == (None, 2)
+    assert _unpublished(behind.message_id).published_at is not None
+    assert reported == [(outbox.RELAY_PLACE, ErrorType.OUTBOX_STALLED)]
+
+
+class _BrokerAway:
+    def publish(self, envelope: Envelope) -> None:
+        raise pika.exceptions.AMQPConnectionError("the broker is away")
+
+
+def _waiting_for(age: timedelta) -> OutboxMessage:
+    with components().uow() as uow:
+        row = outbox.add(uow.session, "slot.released", {"user_id": str(uuid.uuid4())})
+        uow.session.flush()
+        row.created_at = func.now() - age
+        uow.session.commit()
+    return row
+
+
+def test_a_relay_that_publishes_nothing_for_minutes_is_reported_once_until_it_publishes_again(monkeypatch):
+    reported: list[str] = []
+    monkeypatch.setattr(outbox, "report", lambda error, place=None: reported.append(error.detail))
+    outbox._Stall.over()
+    old_only = timedelta(hours=1)  # the rows of this test alone: those other tests left are younger
+
+    def relay(publisher: object) -> None:
+        outbox.publish_pending(components().sessions, publisher, min_age=old_only, limit=1_000_000)  # type: ignore[arg-type]
+
+    waiting = _waiting_for(old_only)
+    monkeypatch.setattr(outbox, "OUTBOX_STALL_AFTER", old_only * 2)
+    relay(_BrokerAway())
+    assert reported == [], "a stall is reported once its oldest message has waited OUTBOX_STALL_AFTER"
+    monkeypatch.setattr(outbox, "OUTBOX_STALL_AFTER", old_only / 2)
+    for _ in range(3):
+        relay(_BrokerAway())
+    assert len(reported) == 1 and "the broker is away" in reported[0]
+    relay(components().publisher)
+    assert _unpublished(waiting.message_id).published_at is not None
+    _waiting_for(old_only)
+    relay(_BrokerAway())
+    assert len(reported) == 2, "a new stall"
 
 
 class _BrokerGoneAfter:
