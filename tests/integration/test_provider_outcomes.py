@@ -186,9 +186,17 @@ def test_a_call_bolna_reports_in_a_status_callflow_does_not_know_is_freed_past_i
 
 
 class _BolnaWithoutDuration:
-    """Bolna's answer to GET /executions/{id}: completed, with no duration anywhere (the call is not billed)."""
+    """Bolna's answer to GET /executions/{id} for a call whose `completed` has waited past BOLNA_RECORD_LAG:
+    completed, with no duration anywhere (the call is not billed)."""
 
     def get_execution(self, execution_id: str) -> dict[str, str]:
+        with components().uow() as uow:  # the event has waited long enough for Bolna's record to catch up
+            uow.session.execute(
+                update(WebhookEvent)
+                .where(WebhookEvent.execution_id == execution_id)
+                .values(received_at=func.now() - provider_events.BOLNA_RECORD_LAG)
+            )
+            uow.commit()
         return {"id": execution_id, "status": statuses.COMPLETED}
 
 
@@ -354,9 +362,10 @@ def _completed_without_duration() -> tuple[Call, int]:
     return call, receipt.event_id
 
 
-def test_a_completed_without_its_duration_waits_for_bolnas_record_to_catch_up_and_is_billed_from_it():
+@pytest.mark.parametrize("record", [NOT_COMPLETED_YET, {"status": statuses.COMPLETED}], ids=["live", "no-duration"])
+def test_a_completed_without_its_duration_waits_for_bolnas_record_to_catch_up_and_is_billed_from_it(record):
     call, event_id = _completed_without_duration()
-    bolna = _BolnaRecordCatchingUp(NOT_COMPLETED_YET, WRITTEN)
+    bolna = _BolnaRecordCatchingUp(record, WRITTEN)
 
     provider_events.process(components().uow, event_id, bolna)  # type: ignore[arg-type]
     waiting = load_event(event_id)
