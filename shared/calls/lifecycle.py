@@ -170,13 +170,10 @@ def extend_lease(store: CallStore, call: Call, now: datetime, max_leases: int) -
 
 
 def apply_provider_event(store: CallStore, call: Call, event: WebhookEvent) -> None:
-    """Applies one of Bolna's status events to its call: statuses only move forward, the line's end frees the
-    slot, and `completed` charges the call once."""
+    """Applies one of Bolna's status events (of a status it knows: `statuses.PROVIDER_STATUSES`) to its call:
+    statuses only move forward, the line's end frees the slot, and `completed` charges the call once."""
     event.call_id = call.id
     event.applied_at = store.now()
-    if event.status not in statuses.PROVIDER_STATUSES:
-        log.warning("webhook with unknown status %r for call %s kept, not applied", event.status, call.id)
-        return
     heard_from_provider(store, call)
     if is_redial(event):
         # Bolna redials on its own (an agent with auto-retry on), whatever order its statuses arrive in: a redial

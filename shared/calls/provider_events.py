@@ -9,6 +9,7 @@ yet (Bolna answered `POST /call` after its first webhook) is kept and applied wh
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -240,6 +241,11 @@ def _apply_and_commit(
             if call is None:  # not known (yet): applied when the call is linked, or by the sweep
                 _defer(event, "no call for this execution yet")
                 uow.commit()
+                return _Outcome(event.id)
+            if event.status not in statuses.PROVIDER_STATUSES:  # kept until Callflow knows it: applied then
+                _defer(event, f"status {event.status!r} is not one Callflow knows")
+                uow.commit()
+                _report_unknown_status(call, event)
                 return _Outcome(event.id)
             if _lacks_duration(event) and not duration_asked:
                 _defer(event, "completed without a duration: waiting to ask Bolna for it")
@@ -486,13 +492,47 @@ def _report_redial(call: Call, event: WebhookEvent) -> None:
     )
 
 
+class _UnknownStatuses:
+    """The statuses Callflow does not know that this process reported: each once (one a new Bolna status comes
+    with may come on every call)."""
+
+    LIMIT = 100
+    lock = threading.Lock()
+    reported: set[str] = set()
+
+
+def _report_unknown_status(call: Call, event: WebhookEvent) -> None:
+    reported = _UnknownStatuses.reported
+    with _UnknownStatuses.lock:
+        first = event.status not in reported and len(reported) < _UnknownStatuses.LIMIT
+        if first:
+            reported.add(event.status)
+    if not first:
+        log.warning("webhook %s with unknown status %r kept for call %s", event.execution_id, event.status, call.id)
+        return
+    report(
+        CallflowError(
+            ErrorType.INVALID_WEBHOOK_PAYLOAD,
+            f"Bolna sent a status Callflow does not know ({event.status!r}); its events are kept, not applied, and "
+            "retried for a day: a version of Callflow that knows it applies them.",
+            sentry_contexts={"webhook_details": _webhook_details(AgentExecution(event.payload))},
+            call_id=call.id,
+            user_id=call.user_id,
+            agent_id=call.agent_id,
+            execution_id=event.execution_id,
+        ),
+        place=PROCESS_OP,
+    )
+
+
 def apply_kept_events(uow: UnitOfWork, call: Call) -> list[WebhookEvent]:
     """Applies the events kept for the call's execution (the caller holds the call's row lock). Returns those
     applied, for `report_applied` once the caller committed."""
     with uow.session.no_autoflush:  # what the caller changed on the call is written once, with what they change
         kept = uow.session.scalars(kept_events_query(call.execution_id)).all()
     applied = []
-    for event in sorted(kept, key=lambda e: statuses.rank(e.status) if e.status in statuses.PROVIDER_STATUSES else -1):
+    known = (event for event in kept if event.status in statuses.PROVIDER_STATUSES)  # the rest wait for the sweep
+    for event in sorted(known, key=lambda e: statuses.rank(e.status)):
         if not _lacks_duration(event):  # that one waits for the queue-processor to ask Bolna for its duration
             lifecycle.apply_provider_event(uow.calls, call, event)
             applied.append(event)

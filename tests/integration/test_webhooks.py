@@ -102,6 +102,28 @@ def test_event_for_an_unknown_execution_is_kept_and_applied_when_the_call_is_lin
     assert kept.applied_at is not None and kept.call_id == call.id, "the kept event is applied to the linked call"
 
 
+def test_a_status_callflow_does_not_know_is_kept_for_a_later_version_and_reported_once_per_status(monkeypatch):
+    reported: list[str] = []
+    monkeypatch.setattr(provider_events, "report", lambda error, place=None: reported.append(error.detail))
+    monkeypatch.setattr(provider_events._UnknownStatuses, "reported", set())
+    owner = customer()
+    calls = [call_row(owner, status="ringing", execution_id=str(uuid.uuid4()), slot_held=True) for _ in range(2)]
+    receipts = [_deliver(_event(call.execution_id, "voicemail-detected")) for call in calls]
+    # One kept before its call was linked waits likewise once linked.
+    unlinked = call_row(owner, status=statuses.INITIATING, slot_held=True)
+    execution_id = str(uuid.uuid4())
+    kept = _deliver(_event(execution_id, "voicemail-detected"))
+    components().placer.link_execution(unlinked.id, PlacedCall(execution_id, "queued", 1.0))
+
+    for call, receipt in zip(calls, receipts, strict=True):
+        event = load_event(receipt.event_id)
+        assert (event.applied_at, event.attempts, event.next_attempt_at is not None) == (None, 1, True)
+        assert "voicemail-detected" in event.last_error
+        assert (load_call(call.id).status, load_call(call.id).slot_held) == ("ringing", True)
+    assert load_event(kept.event_id).applied_at is None and load_call(unlinked.id).status == "queued"
+    assert len(reported) == 1 and "voicemail-detected" in reported[0]
+
+
 def test_event_links_its_call_through_our_id_in_context_details():
     owner = customer()
     call = call_row(owner, status=statuses.INITIATING, slot_held=True)

@@ -251,13 +251,6 @@ def test_a_redial_that_ended_is_never_applied_nor_billed(store):
     assert (call.status, call.messages, store.ledger) == ("no-answer", [], {})
 
 
-def test_an_unknown_status_is_marked_applied_and_changes_nothing(store):
-    call = _live(store, status="ringing")
-    event = _event(call, "teleported")
-    lifecycle.apply_provider_event(store, call, event)
-    assert (call.status, event.applied_at, event.call_id) == ("ringing", store.clock, call.id)
-
-
 def test_linking_an_execution_never_moves_the_status_back(store):
     call = _live(store, status="ringing", execution_id=None)
     lifecycle.link_execution(store, call, "exec-1", "queued")
