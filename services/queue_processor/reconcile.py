@@ -151,8 +151,9 @@ class ProviderReconciler:
             execution_id = call.execution_id
             answer = _ask(lambda: self._bolna.get_execution(execution_id), call)
             if not answer.answered:
-                # Nothing is decided; the call is marked asked, so its turn comes after the others' next round.
-                self._asked(call.id)
+                # Nothing is decided but the lease: a call Bolna cannot be asked about counts as live, for its
+                # leases and no longer. It is marked asked, so its turn comes after the others' next round.
+                self._after_check(call.id, None, asked=False)
                 answer.raise_lasting()
                 return
             execution = answer.value
@@ -189,30 +190,33 @@ class ProviderReconciler:
             lifecycle.heard_from_provider(uow.calls, uow.calls.lock_call(call_id))
             uow.commit()
 
-    def _after_check(self, call_id: uuid.UUID, provider_status: str | None) -> None:
-        """Marks the call checked; a slot whose lease ran out is extended while Bolna calls it live, else freed."""
+    def _after_check(self, call_id: uuid.UUID, provider_status: str | None, asked: bool = True) -> None:
+        """Marks the call checked; a slot whose lease ran out is extended while Bolna calls it live (or cannot be
+        asked), else freed. `asked` False: Bolna could not be asked."""
         with self._uow() as uow:
             call = uow.calls.lock_call(call_id)
             lifecycle.heard_from_provider(uow.calls, call)
             lease_over = call.slot_held and call.slot_lease_expires_at < uow.session.scalar(select(func.now()))
             # A status Callflow does not know counts as live: the call keeps its slot for its leases, no longer.
-            live = provider_status is not None and provider_status not in statuses.RELEASES_SLOT
+            live = not asked or (provider_status is not None and provider_status not in statuses.RELEASES_SLOT)
             now = uow.session.scalar(select(func.now()))
             expired = lease_over and not (live and lifecycle.extend_lease(uow.calls, call, now, MAX_LEASES))
+            bolna_said = (provider_status or "nothing") if asked else "nothing: it could not be asked"
             if expired:
-                detail = f"Slot lease expired; Bolna reports {provider_status or 'nothing'} for the call."
+                detail = f"Slot lease expired; Bolna reports {bolna_said} for the call."
                 lifecycle.fail(call, ErrorType.SLOT_LEASE_EXPIRED, detail)
             uow.commit()
         if expired:
             report(
                 CallflowError(
                     ErrorType.SLOT_LEASE_EXPIRED,
-                    f"Call {call.id} held its slot past its lease; released (Bolna: {provider_status or 'unknown'}).",
+                    f"Call {call.id} held its slot past its lease; released (Bolna: {bolna_said}).",
                     sentry_contexts={
                         "slot_details": {
                             "call_id": str(call.id),
                             "execution_id": call.execution_id,
                             "provider_status": provider_status,
+                            "bolna_asked": asked,
                         }
                     },
                     **_ids(call),
@@ -261,8 +265,8 @@ class _Answer(Generic[T]):
         """Raises a failure to ask that lasts until someone fixes it (Callflow's key refused, an answer that cannot
         be read): the periodic job reports it, once per call while it fails the same way. One that passes (Bolna
         down, slow, rate-limiting) is only logged: the next round asks again."""
-        if self.failure is not None and not self.failure.transient:
-            raise self.failure
+        if self.failure is not None and not (self.failure.transient or self.failure.key_refused):
+            raise self.failure  # a refused key is Bolna's outage as the breaker reports it (`bolna_unavailable`)
 
 
 def _ask(request: Callable[[], T], call: Call) -> _Answer[T]:

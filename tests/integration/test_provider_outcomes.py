@@ -124,8 +124,8 @@ class _BolnaAnswering:
     ("bolna", "freed", "reported"),
     [
         (_BolnaAnswering(404), True, False),
-        (_BolnaAnswering(403), False, True),
-        (_BolnaAnswering(401), False, True),
+        (_BolnaAnswering(403), False, False),  # the breaker reports a refused key, once: `bolna_unavailable`
+        (_BolnaAnswering(401), False, False),
         (_BolnaAnswering(200), False, True),
         (_BolnaAnswering(503), False, False),
         (_BolnaAnswering(status="teleported"), False, False),
@@ -167,7 +167,12 @@ def test_a_call_past_its_lease_is_freed_only_when_bolna_says_it_does_not_know_it
     assert asked_ago < timedelta(minutes=1), "marked asked: the calls Bolna cannot answer now take turns"
 
 
-def test_a_call_bolna_reports_in_a_status_callflow_does_not_know_is_freed_past_its_leases():
+@pytest.mark.parametrize(
+    "bolna", [_BolnaAnswering(status="teleported"), _BolnaAnswering(503)], ids=["unknown status", "cannot be asked"]
+)
+def test_a_call_bolna_reports_in_a_status_callflow_does_not_know_or_cannot_be_asked_about_is_freed_past_its_leases(
+    bolna,
+):
     owner = customer()
     long_ago = func.now() - timedelta(days=1)  # placed longer ago than MAX_LEASES leases
     call = call_row(
@@ -180,7 +185,7 @@ def test_a_call_bolna_reports_in_a_status_callflow_does_not_know_is_freed_past_i
         created_at=long_ago,
     )
     bounds = ReconcileBounds.from_settings(components().settings)
-    ProviderReconciler(components().uow, _BolnaAnswering(status="teleported"), bounds).check_silent(call.id)  # type: ignore[arg-type]
+    ProviderReconciler(components().uow, bolna, bounds).check_silent(call.id)
     checked = load_call(call.id)
     assert (checked.status, checked.error_type, checked.slot_held) == ("failed", "slot_lease_expired", False)
 
