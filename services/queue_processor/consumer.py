@@ -25,6 +25,7 @@ from pika.spec import Basic
 from sqlalchemy.exc import InterfaceError, OperationalError
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
+from shared.core.db import database_unavailable
 from shared.core.errors import CallflowError, ErrorType
 from shared.messaging.topology import (
     ATTEMPT_HEADER,
@@ -309,7 +310,10 @@ class Consumer:
         except Exception as exc:
             if isinstance(exc, OperationalError | InterfaceError):
                 report_database_error(exc, place=self._queue)
-            self._retry_or_dead_letter(delivery, message, exc, connection_thread)
+            if database_unavailable(exc):  # an outage uses up no attempt: the message waits it out
+                self._retry(delivery, message, exc, connection_thread, RETRY_DELAYS_SECONDS[-1], message.attempt)
+            else:
+                self._retry_or_dead_letter(delivery, message, exc, connection_thread)
         else:
             connection_thread.on_connection_thread(lambda: delivery.channel.basic_ack(delivery.method.delivery_tag))
 
@@ -321,11 +325,21 @@ class Consumer:
         if attempt >= len(RETRY_DELAYS_SECONDS):
             self._dead_letter(delivery, f"gave up after {attempt + 1} attempts: {exc!r}", connection_thread, exc)
             return
-        delay = RETRY_DELAYS_SECONDS[attempt]
-        log.warning("message %s failed (%r); retry %d in %ds", message.message_id, exc, attempt + 1, delay)
-        properties = delivery.properties
-        retry = persistent_copy(properties, {**(properties.headers or {}), ATTEMPT_HEADER: attempt + 1})
+        self._retry(delivery, message, exc, connection_thread, RETRY_DELAYS_SECONDS[attempt], attempt + 1)
 
+    def _retry(
+        self,
+        delivery: _Delivery,
+        message: IncomingMessage,
+        exc: Exception,
+        connection_thread: _HandlerThread,
+        delay: int,
+        attempt: int,
+    ) -> None:
+        """Sends the message back to its queue through the retry queue of `delay`, as its `attempt`."""
+        log.warning("message %s failed (%r); again in %ds, as attempt %d", message.message_id, exc, delay, attempt)
+        properties = delivery.properties
+        retry = persistent_copy(properties, {**(properties.headers or {}), ATTEMPT_HEADER: attempt})
         try:
             _forward_then_ack(delivery, RETRY_EXCHANGE, retry_queue(self._queue, delay), retry, connection_thread)
         except UnroutableError:

@@ -13,13 +13,13 @@ from datetime import timedelta
 from typing import TypeVar
 
 import sentry_sdk
-from sqlalchemy.exc import InterfaceError, OperationalError
 
 from services.queue_processor.dispatch import Dispatcher, DispatchTrigger
 from services.queue_processor.reconcile import ProviderReconciler
 from services.queue_processor.retention import Retention, RetentionPeriods
 from shared.bootstrap import Components
 from shared.calls import provider_events
+from shared.core.db import database_unavailable
 from shared.core.errors import CallflowError, ErrorType
 from shared.messaging import outbox
 from shared.observability.sentry import cron, report, report_database_error
@@ -177,7 +177,7 @@ def for_each(items: Iterable[T], handle: Callable[[T], object]) -> None:
 def _report_failure(key: object, exc: Exception, what: str, place: str | None) -> None:
     """Reports a failure of a job or of one of its items: an unreachable database once for the outage (every job
     meets it), anything else once while it fails the same way."""
-    if isinstance(exc, (OperationalError, InterfaceError)):
+    if database_unavailable(exc):
         report_database_error(exc, place=place)
     elif _failures.is_new(key, _signature(exc)):
         report(CallflowError(ErrorType.INTERNAL_ERROR, f"{what}: {exc!r}"), cause=exc, place=place)

@@ -16,6 +16,10 @@ IDLE_CHECK_SECONDS = 10.0
 # Connections are replaced after this long, before a server-side or proxy idle timeout closes them.
 RECYCLE_SECONDS = 1800
 _CHECKED_IN_AT = "callflow_checked_in_at"
+# The errors of a database that cannot be used at all right now, rather than of one statement: an operator's or a
+# crash's shutdown, a server still starting, no connection slot left. A connection that fails has no SQLSTATE, or
+# one of class 08.
+_UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300"})
 
 
 def create_db_engine(settings: Settings) -> Engine:
@@ -57,3 +61,14 @@ def session_maker(engine: Engine) -> sessionmaker[Session]:
 def ping(engine: Engine) -> None:
     with engine.connect() as conn:
         conn.execute(text("SELECT 1"))
+
+
+def database_unavailable(error: BaseException) -> bool:
+    """Whether `error` says the database cannot be reached or used now (it passes with the outage), as opposed to
+    a statement that failed (a timeout, a deadlock, a constraint), which may fail the same way again."""
+    if isinstance(error, exc.InterfaceError):
+        return True
+    if not isinstance(error, exc.OperationalError):
+        return False
+    sqlstate = getattr(error.orig, "sqlstate", None)
+    return sqlstate is None or sqlstate.startswith("08") or sqlstate in _UNAVAILABLE_SQLSTATES

@@ -13,7 +13,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pika
+import psycopg
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from services.queue_processor.consumer import Consumer, IncomingMessage, PoisonMessage
 from shared.messaging import dead_letters
@@ -193,6 +195,29 @@ def test_good_messages_are_handled_poison_dead_lettered_and_failures_retried(wor
     assert dead[exhausted.message_id][0].headers[ORIGINAL_QUEUE_HEADER] == work_queue
     assert remaining == 0
     assert not thread.is_alive()
+
+
+def test_a_database_outage_uses_up_no_attempt_while_a_failing_statement_does(work_queue):
+    """Every message meets a database outage: dead-lettering each after its retries would leave a long outage with
+    every wake-up (a Bolna stop among them) in the dead-letter queue, each its own report."""
+    last_attempt = len(RETRY_DELAYS_SECONDS)
+    outage = Envelope("test.outage", {"outage": True}, headers={ATTEMPT_HEADER: last_attempt})
+    timeout = Envelope("test.timeout", {}, headers={ATTEMPT_HEADER: last_attempt})
+    waits = retry_queue(work_queue, RETRY_DELAYS_SECONDS[-1])
+
+    def handler(message: IncomingMessage) -> None:
+        if message.json().get("outage"):
+            raise OperationalError("SELECT 1", {}, psycopg.OperationalError("connection refused"))
+        raise OperationalError("SELECT 1", {}, psycopg.errors.QueryCanceled("canceling statement due to timeout"))
+
+    with broker.channel() as ch:
+        for envelope in (outage, timeout):
+            ch.basic_publish("", work_queue, envelope.encode(), envelope.properties())
+        with _consuming(work_queue, handler):
+            dead = _dead_letters_up_to(ch, work_queue, timeout.message_id)
+            ((properties, _),) = broker.get_messages(ch, waits, expected=1)
+    assert list(dead) == [timeout.message_id], "the failing statement used up its attempts"
+    assert (properties.message_id, properties.headers[ATTEMPT_HEADER]) == (outage.message_id, last_attempt)
 
 
 @pytest.mark.timeout(90)
