@@ -22,7 +22,6 @@ import pika
 from pika.adapters.blocking_connection import BlockingChannel
 from pika.exceptions import AMQPError, ConsumerCancelled, UnroutableError
 from pika.spec import Basic
-from sqlalchemy.exc import InterfaceError, OperationalError
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential
 
 from shared.core.db import database_unavailable
@@ -37,6 +36,7 @@ from shared.messaging.topology import (
     HEARTBEAT_SECONDS,
     ORIGINAL_QUEUE_HEADER,
     ORIGINAL_ROUTING_KEY_HEADER,
+    OUTAGE_WAITS_HEADER,
     RETRY_DELAYS_SECONDS,
     RETRY_EXCHANGE,
     connection_parameters,
@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CONSUMER_PLACE = "broker.consume"  # where the broker's refusal to let the consumer in is reported
+# A message waits out a database outage this many times (30 s each: two hours) before it uses up attempts again.
+OUTAGE_WAIT_LIMIT = 240
 HEALTHY_SECONDS = 30.0  # a connection lost after this long is a new outage: reconnecting starts at 0.5 s again
 
 
@@ -72,7 +74,14 @@ class IncomingMessage:
 
     @property
     def attempt(self) -> int:
-        value = self.headers.get(ATTEMPT_HEADER)
+        return self._count(ATTEMPT_HEADER)
+
+    @property
+    def outage_waits(self) -> int:
+        return self._count(OUTAGE_WAITS_HEADER)
+
+    def _count(self, header: str) -> int:
+        value = self.headers.get(header)
         return value if isinstance(value, int) and value >= 0 else 0
 
     def json(self) -> dict[str, Any]:
@@ -308,10 +317,14 @@ class Consumer:
         except PoisonMessage as exc:
             self._dead_letter(delivery, str(exc), connection_thread)
         except Exception as exc:
-            if isinstance(exc, OperationalError | InterfaceError):
+            unavailable = database_unavailable(exc)
+            if unavailable:
                 report_database_error(exc, place=self._queue)
-            if database_unavailable(exc):  # an outage uses up no attempt: the message waits it out
-                self._retry(delivery, message, exc, connection_thread, RETRY_DELAYS_SECONDS[-1], message.attempt)
+            if unavailable and message.outage_waits < OUTAGE_WAIT_LIMIT:
+                # An outage uses up no attempt: the message waits it out (within a bound: one whose own handling
+                # kills its database connection every time must not wait forever).
+                waits = {OUTAGE_WAITS_HEADER: message.outage_waits + 1}
+                self._retry(delivery, message, exc, connection_thread, RETRY_DELAYS_SECONDS[-1], message.attempt, waits)
             else:
                 self._retry_or_dead_letter(delivery, message, exc, connection_thread)
         else:
@@ -335,11 +348,12 @@ class Consumer:
         connection_thread: _HandlerThread,
         delay: int,
         attempt: int,
+        headers: dict[str, Any] | None = None,
     ) -> None:
         """Sends the message back to its queue through the retry queue of `delay`, as its `attempt`."""
         log.warning("message %s failed (%r); again in %ds, as attempt %d", message.message_id, exc, delay, attempt)
         properties = delivery.properties
-        retry = persistent_copy(properties, {**(properties.headers or {}), ATTEMPT_HEADER: attempt})
+        retry = persistent_copy(properties, {**(properties.headers or {}), ATTEMPT_HEADER: attempt, **(headers or {})})
         try:
             _forward_then_ack(delivery, RETRY_EXCHANGE, retry_queue(self._queue, delay), retry, connection_thread)
         except UnroutableError:

@@ -186,9 +186,10 @@ def _report_failure(key: object, exc: Exception, what: str, place: str | None) -
 
 
 def _signature(exc: Exception) -> str:
-    """What tells two failures apart: the error and its message, never its repr, which may hold what differs every
-    time (a Bolna error's duration)."""
-    return f"{type(exc).__qualname__}: {exc}"
+    """What tells two failures apart: the error and the first line of its message, never its repr or the lines
+    after, which may hold what differs every time (a Bolna error's duration, the processes a deadlock names)."""
+    first_line = str(exc).partition("\n")[0]
+    return f"{type(exc).__qualname__}: {first_line}"
 
 
 def job_threads(jobs: Sequence[Job], stopping: threading.Event) -> list[threading.Thread]:

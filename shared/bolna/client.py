@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from shared.observability.sentry import report
 log = logging.getLogger(__name__)
 
 BREAKER_PLACE = "bolna.breaker"  # where Bolna's outage is reported
+OUTAGE_REPORT_INTERVAL_SECONDS = 900
 MAX_RETRY_AFTER_SECONDS = 300.0  # a longer (or absurd) Retry-After is capped: the call is tried again by then
 EXECUTIONS_PAGE_SIZE = 50  # the most Bolna's execution listing returns per page
 MAX_EXECUTION_PAGES = 20  # a search reads at most this many pages (1,000 executions) of one agent's window
@@ -183,7 +185,9 @@ class BolnaClient:
         return answer, duration_ms
 
     def _failed(self, error: BolnaError) -> None:
-        if self.breaker.record_failure():  # once per outage, per process: every request meets it
+        # Once per outage, per process (every request meets it), and at most once per OUTAGE_REPORT_INTERVAL: a
+        # Bolna that fails on and off closes and opens the breaker every cooldown.
+        if self.breaker.record_failure() and _OutageReports.admit():
             report(
                 CallflowError(
                     ErrorType.BOLNA_UNAVAILABLE,
@@ -229,6 +233,21 @@ class BolnaClient:
             # A 5xx may come from a gateway after Bolna acted; any other answer is Bolna's own refusal.
             Delivery.UNKNOWN if response.status_code >= 500 else Delivery.ANSWERED,
         )
+
+
+class _OutageReports:
+    lock = threading.Lock()
+    last: float | None = None
+
+    @classmethod
+    def admit(cls) -> bool:
+        with cls.lock:
+            now = time.monotonic()
+            if cls.last is not None and now - cls.last < OUTAGE_REPORT_INTERVAL_SECONDS:
+                log.warning("Bolna keeps failing again; reported within the last %ss", OUTAGE_REPORT_INTERVAL_SECONDS)
+                return False
+            cls.last = now
+            return True
 
 
 class _BearerToken(AuthBase):

@@ -34,6 +34,9 @@ from shared.observability.sentry import report
 log = logging.getLogger(__name__)
 
 MAX_RETRY_DELAY_SECONDS = 600
+# An event of a status Callflow does not know is tried again hourly: only a new release can apply it, and one a new
+# status of Bolna's brings on every call must not crowd the sweep.
+UNKNOWN_STATUS_RETRY_SECONDS = 3600
 PROCESS_OP = "webhook.process"
 PROCESS_NAME = "Process Bolna Webhook"
 KEPT_EVENT_RETENTION = timedelta(days=1)
@@ -243,7 +246,7 @@ def _apply_and_commit(
                 uow.commit()
                 return _Outcome(event.id)
             if event.status not in statuses.PROVIDER_STATUSES:  # kept until Callflow knows it: applied then
-                _defer(event, f"status {event.status!r} is not one Callflow knows")
+                _defer(event, f"status {event.status!r} is not one Callflow knows", UNKNOWN_STATUS_RETRY_SECONDS)
                 uow.commit()
                 _report_unknown_status(call, event)
                 return _Outcome(event.id)
@@ -424,13 +427,16 @@ def _retry_later(event_id: int, reason: str) -> Update:
     )
 
 
-def _defer(event: WebhookEvent, reason: str) -> None:
-    """Counts one more attempt at an event (locked by the caller) and sets when the sweep tries it next, later and
-    later. A deferred event is not applied, whatever its row was stored with."""
+def _defer(event: WebhookEvent, reason: str, delay_seconds: int | None = None) -> None:
+    """Counts one more attempt at an event (locked by the caller) and sets when the sweep tries it next: later and
+    later, or `delay_seconds` from now. A deferred event is not applied, whatever its row was stored with."""
     event.call_id = event.applied_at = None
     event.attempts = (event.attempts or 0) + 1
     event.last_error = reason[:2000]
-    event.next_attempt_at = _next_try_at(event.attempts)
+    if delay_seconds is None:
+        event.next_attempt_at = _next_try_at(event.attempts)
+    else:
+        event.next_attempt_at = func.now() + timedelta(seconds=delay_seconds)
 
 
 def _next_try_at(attempts: Any) -> Any:

@@ -161,6 +161,10 @@ def publish_committed(
                 continue
             try:
                 _publish(publisher, row)
+            except UnroutableError as exc:  # no queue takes its type: left to the relay, the rest go on
+                _give_up_rows(session, [row.id], exc)
+                _report_unroutable(row)
+                continue
             except Exception as exc:  # the broker is away: leave the rest for the relay
                 _give_up_rows(session, [row.id], exc)
                 untried = [left.id for left in rows[index + 1 :] if left.id in claimed]
@@ -190,30 +194,30 @@ def publish_pending(
     rows their writer is about to publish; it is not what keeps the two from both publishing one (a row being
     published after commit is locked, and skipped here)."""
     published = 0
-    stuck: dict[str, object] | None = None  # what the oldest row the broker did not take holds
+    oldest: dict[str, object] | None = None  # what the oldest row of the round holds
     with sessions() as session:
         for row in session.scalars(unpublished_query(min_age, limit)):
             try:
                 _publish(publisher, row)
             except UnroutableError as exc:  # no queue takes its type (a binding gone): the rows behind it still go
                 _count_failure(row, exc)
-                if row.attempts == 1:
-                    _report_unroutable(row)
+                _report_unroutable(row)
+                oldest = oldest or _outbox_details(row)
                 continue
             except Exception as exc:  # the broker is away: leave the rest for the next run
                 _count_failure(row, exc)
                 log.warning("outbox publish failed, the relay will retry: %r", exc)
                 report_broker_failure(exc, place=PUBLISH_PLACE)
-                stuck = _outbox_details(row)
+                oldest = oldest or _outbox_details(row)
                 break
             row.published_at = func.now()
             published += 1
         session.commit()
     if published:
         broker_accepted(PUBLISH_PLACE)
-        _Stall.over()
-    if stuck is not None:
-        _Stall.check(stuck)
+        _Stall.progressed()
+    elif oldest is not None:
+        _Stall.check(oldest)
     return published
 
 
@@ -222,12 +226,25 @@ def _count_failure(row: OutboxMessage, exc: Exception) -> None:
     row.last_error = repr(exc)[:1000]
 
 
+class _Unroutable:
+    """The message types no queue took that this process reported: each once."""
+
+    lock = threading.Lock()
+    reported: set[str] = set()
+
+
 def _report_unroutable(row: OutboxMessage) -> None:
+    with _Unroutable.lock:
+        first = row.message_type not in _Unroutable.reported
+        _Unroutable.reported.add(row.message_type)
+    if not first:
+        log.warning("outbox message %s (%s) is routed to no queue, again", row.message_id, row.message_type)
+        return
     report(
         CallflowError(
             ErrorType.OUTBOX_STALLED,
-            f"Outbox message {row.message_id} ({row.message_type}) is routed to no queue; the relay tries it again "
-            "each round, and publishes the messages behind it meanwhile.",
+            f"Outbox message {row.message_id} ({row.message_type}) is routed to no queue; the relay tries such "
+            "messages again each round, and publishes the messages behind them meanwhile.",
             sentry_contexts={"outbox_details": _outbox_details(row)},
             message_id=str(row.message_id),
         ),
@@ -236,16 +253,19 @@ def _report_unroutable(row: OutboxMessage) -> None:
 
 
 class _Stall:
-    """Whether the relay's current stall (the broker taking none of the outbox's messages) was reported: once per
-    stall and process, when its oldest message has waited OUTBOX_STALL_AFTER, until a message is published."""
+    """Whether the relay's current stall (a round that published nothing, the last that did OUTBOX_STALL_AFTER ago,
+    its oldest message as old) was reported: once per stall and process. A relay that publishes now and then, as
+    a broker whose alarm comes and goes lets it, is no stall."""
 
     lock = threading.Lock()
     reported = False
+    last_progress = time.monotonic()
 
     @classmethod
     def check(cls, oldest: dict[str, object]) -> None:
         waited = datetime.now(UTC) - datetime.fromisoformat(str(oldest["created_at"]))
-        if waited < OUTBOX_STALL_AFTER:
+        without_progress = timedelta(seconds=time.monotonic() - cls.last_progress)
+        if min(waited, without_progress) < OUTBOX_STALL_AFTER:
             return
         with cls.lock:
             first, cls.reported = not cls.reported, True
@@ -261,7 +281,8 @@ class _Stall:
             )
 
     @classmethod
-    def over(cls) -> None:
+    def progressed(cls) -> None:
+        cls.last_progress = time.monotonic()
         if cls.reported:
             with cls.lock:
                 cls.reported = False

@@ -22,7 +22,7 @@ from typing import Any
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel
-from pika.exceptions import AMQPError
+from pika.exceptions import AMQPError, UnroutableError
 
 from shared.messaging.topology import EVENTS_EXCHANGE, HEARTBEAT_SECONDS, connection_parameters, declare_topology
 
@@ -166,6 +166,8 @@ class Publisher:
                         mandatory=True,
                     )
                 return
+            except UnroutableError:  # the broker returned it (no queue takes its type): the connection is fine
+                raise
             except AMQPError:
                 self._close_thread_connection(deadline)
                 if attempt == 2:

@@ -30,6 +30,7 @@ DEAD_LETTER_REASON_HEADER = "x-callflow-dead-letter-reason"
 ORIGINAL_QUEUE_HEADER = "x-callflow-original-queue"
 ORIGINAL_ROUTING_KEY_HEADER = "x-callflow-original-routing-key"
 ATTEMPT_HEADER = "x-callflow-attempt"  # how many times the message has failed and been retried
+OUTAGE_WAITS_HEADER = "x-callflow-outage-waits"  # how many times it waited out a database outage, using no attempt
 HEADERS_DROPPED_HEADER = "x-callflow-headers-dropped"  # a copy too large for a frame kept only Callflow's headers
 CALLFLOW_HEADER_PREFIX = "x-callflow-"
 # How many times a quorum queue gave the message back unsettled (a connection or a process lost while it was held).

@@ -16,7 +16,14 @@ import pytest
 
 from shared.bolna import client as client_module
 from shared.bolna.breaker import CircuitBreaker
-from shared.bolna.client import BREAKER_PLACE, MAX_RETRY_AFTER_SECONDS, BolnaClient, BolnaError, Delivery
+from shared.bolna.client import (
+    BREAKER_PLACE,
+    MAX_RETRY_AFTER_SECONDS,
+    OUTAGE_REPORT_INTERVAL_SECONDS,
+    BolnaClient,
+    BolnaError,
+    Delivery,
+)
 from shared.core.errors import ErrorType
 
 
@@ -192,6 +199,7 @@ def test_an_outage_is_reported_once_when_it_opens_the_breaker_and_again_only_aft
 ):
     reports: list[tuple[str | None, object]] = []
     monkeypatch.setattr(client_module, "report", lambda error, place=None: reports.append((place, error.error_type)))
+    monkeypatch.setattr(client_module._OutageReports, "last", None)
     clock = [0.0]
     client = _client(scripted_bolna, CircuitBreaker(2, 10, clock=lambda: clock[0]))
 
@@ -207,6 +215,12 @@ def test_an_outage_is_reported_once_when_it_opens_the_breaker_and_again_only_aft
     assert reports == [(BREAKER_PLACE, ErrorType.BOLNA_UNAVAILABLE)]
     clock[0] = 22.0
     place(400)  # the trial gets an answer about the request: Bolna is up and takes Callflow's key
+    for behaviour in (500, 500):
+        place(behaviour)
+    assert len(reports) == 1, "opened again within OUTAGE_REPORT_INTERVAL_SECONDS: a Bolna failing on and off"
+    clock[0] = 44.0
+    place(400)
+    monkeypatch.setattr(client_module._OutageReports, "last", time.monotonic() - OUTAGE_REPORT_INTERVAL_SECONDS)
     for behaviour in (500, 500):
         place(behaviour)
     assert len(reports) == 2, "a new outage"

@@ -116,15 +116,29 @@ def test_message_written_while_broker_is_down_is_relayed_later():
 def test_a_message_no_queue_takes_is_reported_once_and_holds_up_none_of_those_behind_it(monkeypatch):
     reported: list[tuple[str | None, ErrorType]] = []
     monkeypatch.setattr(outbox, "report", lambda error, place=None: reported.append((place, error.error_type)))
+    monkeypatch.setattr(outbox._Unroutable, "reported", set())
     with components().uow() as uow:
         stray = outbox.add(uow.session, "test.routed-nowhere", {"n": 1})  # no binding matches its type
+        another = outbox.add(uow.session, "test.routed-nowhere", {"n": 2})
         behind = outbox.add(uow.session, "slot.released", {"user_id": str(uuid.uuid4())})
         uow.session.commit()
     for _ in range(2):
         outbox.publish_pending(components().sessions, components().publisher, limit=1_000_000)
-    assert (_unpublished(stray.message_id).published_at, _unpublished(stray.message_id).attempts) == (None, 2)
+    for row in (stray, another):
+        assert (_unpublished(row.message_id).published_at, _unpublished(row.message_id).attempts) == (None, 2)
     assert _unpublished(behind.message_id).published_at is not None
-    assert reported == [(outbox.RELAY_PLACE, ErrorType.OUTBOX_STALLED)]
+    assert reported == [(outbox.RELAY_PLACE, ErrorType.OUTBOX_STALLED)], "once for its type"
+
+
+def test_publishing_after_commit_leaves_a_message_no_queue_takes_to_the_relay_and_publishes_the_rest(monkeypatch):
+    monkeypatch.setattr(outbox, "report", lambda error, place=None: None)
+    with components().uow() as uow:
+        stray = outbox.add(uow.session, "test.routed-nowhere", {"n": 1})
+        behind = outbox.add(uow.session, "slot.released", {"user_id": str(uuid.uuid4())})
+        uow.session.commit()
+    assert outbox.publish_committed(components().sessions, components().publisher, [stray, behind]) is None
+    assert (_unpublished(stray.message_id).published_at, _unpublished(stray.message_id).attempts) == (None, 1)
+    assert _unpublished(behind.message_id).published_at is not None
 
 
 class _BrokerAway:
@@ -144,23 +158,28 @@ def _waiting_for(age: timedelta) -> OutboxMessage:
 def test_a_relay_that_publishes_nothing_for_minutes_is_reported_once_until_it_publishes_again(monkeypatch):
     reported: list[str] = []
     monkeypatch.setattr(outbox, "report", lambda error, place=None: reported.append(error.detail))
-    outbox._Stall.over()
-    old_only = timedelta(hours=1)  # the rows of this test alone: those other tests left are younger
+    monkeypatch.setattr(outbox._Stall, "reported", False)
+    an_hour = timedelta(hours=1)
+    monkeypatch.setattr(outbox._Stall, "last_progress", time.monotonic() - an_hour.total_seconds())
 
-    def relay(publisher: object) -> None:
-        outbox.publish_pending(components().sessions, publisher, min_age=old_only, limit=1_000_000)  # type: ignore[arg-type]
+    def relay(publisher: object) -> None:  # the rows of this test alone: those other tests left are younger
+        outbox.publish_pending(components().sessions, publisher, min_age=an_hour, limit=1_000_000)  # type: ignore[arg-type]
 
-    waiting = _waiting_for(old_only)
-    monkeypatch.setattr(outbox, "OUTBOX_STALL_AFTER", old_only * 2)
+    waiting = _waiting_for(an_hour)
+    monkeypatch.setattr(outbox, "OUTBOX_STALL_AFTER", an_hour * 2)
     relay(_BrokerAway())
     assert reported == [], "a stall is reported once its oldest message has waited OUTBOX_STALL_AFTER"
-    monkeypatch.setattr(outbox, "OUTBOX_STALL_AFTER", old_only / 2)
+    monkeypatch.setattr(outbox, "OUTBOX_STALL_AFTER", an_hour / 2)
     for _ in range(3):
         relay(_BrokerAway())
     assert len(reported) == 1 and "the broker is away" in reported[0]
+
     relay(components().publisher)
     assert _unpublished(waiting.message_id).published_at is not None
-    _waiting_for(old_only)
+    _waiting_for(an_hour)
+    relay(_BrokerAway())
+    assert len(reported) == 1, "the relay published within OUTBOX_STALL_AFTER: a broker that comes and goes"
+    monkeypatch.setattr(outbox._Stall, "last_progress", time.monotonic() - an_hour.total_seconds())
     relay(_BrokerAway())
     assert len(reported) == 2, "a new stall"
 
