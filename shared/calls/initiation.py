@@ -75,7 +75,18 @@ class CallPlacer:
                 span.set_status("internal_error")
                 span.set_data("bolna.delivery", exc.delivery.value)
                 if exc.delivery is Delivery.UNKNOWN:
-                    return self._await_outcome(call_id, exc)
+                    try:
+                        return self._await_outcome(call_id, exc)
+                    except Exception as failure:
+                        # Bolna may be dialling: the answer names the call (a client must not place it again), which
+                        # keeps its reservation on the short lease, and the reconcile job searches Bolna for it.
+                        raise CallflowError(
+                            ErrorType.CALL_INITIATION_FAILED,
+                            f"Bolna's answer was lost and recording that failed: {type(failure).__name__}",
+                            sentry_contexts=contexts,
+                            problem_fields=_call_reference(call),
+                            **tags,
+                        ) from failure
                 retry = exc.held_back or exc.key_refused or (retry_transient and exc.transient)
                 if retry and self._requeue(call_id, exc):
                     sentry_sdk.add_breadcrumb(category="bolna", message="Bolna unavailable; call back in the queue")

@@ -261,6 +261,20 @@ def test_bolna_accepted_but_not_recorded_is_call_initiation_failed(stack):
     wait_until(lambda: stack.call(owner.auth, call_id)["status"] == "completed", 60, "the call heals and completes")
 
 
+def test_a_lost_answer_that_cannot_be_recorded_still_names_the_call_so_it_is_not_placed_again(sim):
+    owner = customer()
+    sim.sim_config(error_rate=1.0)  # a 5xx: Bolna may be dialling
+    fault = "NEW.metadata ? 'fail_await' AND NEW.error_detail IS DISTINCT FROM OLD.error_detail"
+    with failing_writes("calls", fault):
+        answer = _place(sim, owner, metadata={"fail_await": True})
+    assert (answer.status_code, answer.json()["error_type"]) == (500, "call_initiation_failed")
+    call_id = answer.json()["callId"]
+    event = _the_event(sim.sentry, ErrorType.CALL_INITIATION_FAILED, call_id=call_id)
+    _assert_reported(event, ErrorType.CALL_INITIATION_FAILED, "call-initiator", "/api/calls")
+    held = load_call(uuid.UUID(call_id))
+    assert (held.status, held.slot_held) == ("initiating", True), "it keeps its reservation until Bolna's word"
+
+
 def test_database_outage_is_reported_once_not_per_request(sentry, tmp_path):
     env = {
         **sentry_env(sentry),
