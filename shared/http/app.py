@@ -16,6 +16,7 @@ from flask import Flask, Response, g, jsonify, request
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from werkzeug.exceptions import HTTPException
 
+from shared.core.db import database_unavailable
 from shared.core.errors import ERROR_TABLE, CallflowError, ErrorType
 from shared.http.health import HealthCheck
 from shared.observability.sentry import HEALTH_PATH, report, report_database_error
@@ -98,7 +99,13 @@ def create_http_app(service: str, health: HealthCheck) -> Flask:
     @app.errorhandler(OperationalError)
     @app.errorhandler(InterfaceError)
     def _database_error(error: DBAPIError):
-        report_database_error(error)  # at the route, as every report from a request: not at its path's ids
+        # At the route, as every report from a request: not at its path's ids.
+        if database_unavailable(error):
+            report_database_error(error)  # once per outage
+        else:  # one statement failed (a timeout, a deadlock): no outage, and each is worth seeing
+            sqlstate = getattr(error.orig, "sqlstate", None)
+            detail = f"A statement failed: {type(error.orig).__name__} (SQLSTATE {sqlstate})"
+            report(CallflowError(ErrorType.INTERNAL_ERROR, detail), cause=error)
         return problem(ErrorType.DATABASE_ERROR, "The database is unavailable; retry later.")
 
     @app.errorhandler(Exception)

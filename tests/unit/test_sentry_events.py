@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
 
+import psycopg
 import pytest
 import sentry_sdk
 from sqlalchemy.exc import OperationalError
@@ -177,3 +178,19 @@ def test_a_database_outage_in_a_request_is_one_issue_per_route_not_per_id_in_its
     assert (answer.status_code, answer.json["error_type"]) == (503, "database_error")
     (event,) = [item for item in _sent(sink, "event") if item.tags.get("error_type") == "database_error"]
     assert event.payload["fingerprint"] == ["database_error", "/api/calls/<call_id>"]
+
+
+def test_a_statement_that_failed_in_a_request_is_no_outage_and_each_is_reported(sentry):
+    sink = sentry()
+    app = create_http_app("test", SimpleNamespace())  # type: ignore[arg-type]
+
+    @app.get("/api/calls")
+    def calls():
+        raise OperationalError("SELECT 1", {}, psycopg.errors.QueryCanceled("canceling statement due to timeout"))
+
+    database_recovered()
+    answers = [app.test_client().get("/api/calls") for _ in range(2)]
+    assert {(answer.status_code, answer.json["error_type"]) for answer in answers} == {(503, "database_error")}
+    events = [item for item in _sent(sink, "event") if item.tags.get("error_type")]
+    assert [event.tags["error_type"] for event in events] == ["internal_error"] * 2
+    assert "SQLSTATE 57014" in events[0].payload["exception"]["values"][-1]["value"]
