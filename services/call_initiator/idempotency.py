@@ -23,11 +23,12 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
+from shared.core.db import database_unavailable
 from shared.core.errors import CallflowError, ErrorType
 from shared.core.models import IdempotencyKey
 from shared.core.uow import UnitOfWorkFactory
 from shared.http.app import PROBLEM_JSON
-from shared.observability.sentry import report_database_error
+from shared.observability.sentry import report, report_database_error
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,10 @@ def record(uow_factory: UnitOfWorkFactory, claim: Claim, response: Response) -> 
     try:
         _store_answer(uow_factory, claim, response.status_code, body)
     except (OperationalError, InterfaceError) as exc:  # the call is placed and answered; only the replay is lost
-        report_database_error(exc, place="idempotency.record")
+        if database_unavailable(exc):
+            report_database_error(exc, place="idempotency.record")
+        else:
+            report(CallflowError(ErrorType.INTERNAL_ERROR, f"Recording an answer failed: {exc.orig!r}"), cause=exc)
     except Exception:
         log.exception("recording the answer for %s %r failed", HEADER, claim.key)
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import BindParameter, Select, bindparam, func, select
+from sqlalchemy.exc import DBAPIError
 
 from services.call_initiator.idempotency import Claim, claim_key
 from services.call_initiator.request_models import PlaceCallRequest
@@ -16,6 +18,8 @@ from shared.core.errors import CallflowError, ErrorType
 from shared.core.models import Agent, Call, User
 from shared.observability import tracing
 from shared.observability.sentry import report
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,8 +79,12 @@ def place_call(
         return AcceptedCall(call, placed=False)
     placed = placer.initiate(call, agent.provider_agent_id, retry_transient=False)
     if placed is None:  # back in the queue (Bolna down, or its key refused), or waiting for Bolna's word
-        with placer.uow_factory() as uow:
-            return AcceptedCall(uow.session.get_one(Call, call.id), placed=False)
+        try:
+            with placer.uow_factory() as uow:
+                return AcceptedCall(uow.session.get_one(Call, call.id), placed=False)
+        except DBAPIError:  # Bolna may be dialling: the answer must name the call, lest a client place it again
+            log.warning("reading call %s back failed; answered as reserved", call.id, exc_info=True)
+            return AcceptedCall(call, placed=False)
     return AcceptedCall(placed, placed=True)
 
 

@@ -14,7 +14,6 @@ from enum import StrEnum
 
 import sentry_sdk
 from sqlalchemy import BindParameter, DateTime, Select, Uuid, bindparam, select
-from sqlalchemy.exc import DBAPIError
 
 from services.queue_processor.campaigns import (
     CampaignDispatch,
@@ -26,6 +25,7 @@ from services.queue_processor.campaigns import (
 from shared.calls import initiation, lifecycle
 from shared.calls.initiation import CallPlacer
 from shared.calls.store import due_pending, held_slots_query
+from shared.core.db import database_unavailable
 from shared.core.errors import CallflowError, ErrorType
 from shared.core.models import DIRECT_CALL, Agent, Call, User
 from shared.core.uow import UnitOfWork
@@ -279,9 +279,10 @@ class Dispatcher:
     def _dispatch_in_scope(self, call: Call, provider_agent_id: str, trigger: DispatchTrigger) -> None:
         try:
             self._dispatch(call, provider_agent_id, trigger)
-        except DBAPIError as exc:  # the call keeps its reservation; its lease or the reconcile job settles it
-            report_database_error(exc, place="queue.initiate_call")
         except Exception as exc:
+            if database_unavailable(exc):  # the call keeps its reservation; its lease or the reconcile job settles it
+                report_database_error(exc, place="queue.initiate_call")
+                return
             report(
                 CallflowError(
                     _queue_failure(call),

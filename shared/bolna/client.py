@@ -187,7 +187,7 @@ class BolnaClient:
     def _failed(self, error: BolnaError) -> None:
         # Once per outage, per process (every request meets it), and at most once per OUTAGE_REPORT_INTERVAL: a
         # Bolna that fails on and off closes and opens the breaker every cooldown.
-        if self.breaker.record_failure() and _OutageReports.admit():
+        if self.breaker.record_failure() and _OutageReports.admit("key refused" if error.key_refused else "failing"):
             report(
                 CallflowError(
                     ErrorType.BOLNA_UNAVAILABLE,
@@ -236,17 +236,20 @@ class BolnaClient:
 
 
 class _OutageReports:
+    """When each kind of outage (Bolna failing, Callflow's key refused) was last reported: a key refused after a
+    blip of 5xx is another problem, with another fix, and is reported even within the interval."""
+
     lock = threading.Lock()
-    last: float | None = None
+    last: dict[str, float] = {}
 
     @classmethod
-    def admit(cls) -> bool:
+    def admit(cls, kind: str) -> bool:
         with cls.lock:
             now = time.monotonic()
-            if cls.last is not None and now - cls.last < OUTAGE_REPORT_INTERVAL_SECONDS:
-                log.warning("Bolna keeps failing again; reported within the last %ss", OUTAGE_REPORT_INTERVAL_SECONDS)
+            if now - cls.last.get(kind, -math.inf) < OUTAGE_REPORT_INTERVAL_SECONDS:
+                log.warning("Bolna: %s again; reported within the last %ss", kind, OUTAGE_REPORT_INTERVAL_SECONDS)
                 return False
-            cls.last = now
+            cls.last[kind] = now
             return True
 
 

@@ -177,6 +177,7 @@ def publish_committed(
         session.commit()
     if failure is None and claimed:
         broker_accepted(PUBLISH_PLACE)
+        _Stall.progressed()
     return failure
 
 
@@ -202,7 +203,6 @@ def publish_pending(
             except UnroutableError as exc:  # no queue takes its type (a binding gone): the rows behind it still go
                 _count_failure(row, exc)
                 _report_unroutable(row)
-                oldest = oldest or _outbox_details(row)
                 continue
             except Exception as exc:  # the broker is away: leave the rest for the next run
                 _count_failure(row, exc)

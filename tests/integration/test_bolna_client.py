@@ -199,7 +199,7 @@ def test_an_outage_is_reported_once_when_it_opens_the_breaker_and_again_only_aft
 ):
     reports: list[tuple[str | None, object]] = []
     monkeypatch.setattr(client_module, "report", lambda error, place=None: reports.append((place, error.error_type)))
-    monkeypatch.setattr(client_module._OutageReports, "last", None)
+    monkeypatch.setattr(client_module._OutageReports, "last", {})
     clock = [0.0]
     client = _client(scripted_bolna, CircuitBreaker(2, 10, clock=lambda: clock[0]))
 
@@ -208,7 +208,7 @@ def test_an_outage_is_reported_once_when_it_opens_the_breaker_and_again_only_aft
         with pytest.raises(BolnaError):
             client.place_call("agent", "+14155550123", {})
 
-    for behaviour in (503, 401, 503):  # Bolna refusing Callflow's key counts as much as Bolna failing
+    for behaviour in (401, 503):  # Bolna refusing Callflow's key counts as much as Bolna failing
         place(behaviour)
     clock[0] = 11.0
     place(403)  # the half-open trial fails: the same outage
@@ -220,10 +220,15 @@ def test_an_outage_is_reported_once_when_it_opens_the_breaker_and_again_only_aft
     assert len(reports) == 1, "opened again within OUTAGE_REPORT_INTERVAL_SECONDS: a Bolna failing on and off"
     clock[0] = 44.0
     place(400)
-    monkeypatch.setattr(client_module._OutageReports, "last", time.monotonic() - OUTAGE_REPORT_INTERVAL_SECONDS)
+    for behaviour in (401, 401):
+        place(behaviour)
+    assert len(reports) == 2, "a refused key after Bolna's blip is another problem, reported at once"
+    clock[0] = 66.0
+    place(400)
+    monkeypatch.setitem(client_module._OutageReports.last, "failing", time.monotonic() - OUTAGE_REPORT_INTERVAL_SECONDS)
     for behaviour in (500, 500):
         place(behaviour)
-    assert len(reports) == 2, "a new outage"
+    assert len(reports) == 3, "a new outage"
 
 
 class _Answering(BaseHTTPRequestHandler):

@@ -14,6 +14,8 @@ import pytest
 import sentry_sdk
 from flask.testing import FlaskClient
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
 from services.call_initiator.app import create_app as create_api
 from services.webhook_receiver.app import HTTP_TRANSACTIONS
@@ -21,13 +23,15 @@ from services.webhook_receiver.app import create_app as create_webhook_receiver
 from services.webhook_receiver.source_checks import SourceChecks
 from shared.bolna.breaker import CircuitBreaker
 from shared.bolna.client import BolnaClient
+from shared.bootstrap import build_components
 from shared.core.config import Settings, load_settings
 from shared.core.errors import CallflowError, ErrorType
+from shared.core.models import Call
 from shared.observability import tracing
 from shared.observability.sentry import EVENTS_PER_TYPE, init_sentry, report
 from tests.conftest import WEBHOOK_SECRET
 from tests.support.components import components
-from tests.support.factories import customer
+from tests.support.factories import customer, load_call
 from tests.support.sentry_sink import Item, SentrySink
 
 PHONE = "+14155550123"
@@ -308,3 +312,43 @@ def test_the_public_api_refuses_json_postgresql_cannot_store(value, detail):
     answer = create_api(components()).test_client().post("/api/calls", headers=owner.auth, data=raw)
     assert (answer.status_code, answer.json["error_type"]) == (400, "validation_error")
     assert detail in answer.json["detail"]
+
+
+# 6. An answer that may mean a call is ringing always names the call.
+
+
+class _FailingBolna(BaseHTTPRequestHandler):
+    """Answers every request 500: Bolna may or may not have placed the call."""
+
+    def do_POST(self) -> None:  # noqa: N802 (the http.server API)
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(500)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_lost_answer_names_its_call_even_when_reading_the_call_back_fails(monkeypatch):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FailingBolna)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings = load_settings().model_copy(update={"bolna_api_url": f"http://127.0.0.1:{server.server_address[1]}"})
+    api = create_api(build_components(settings)).test_client()
+    owner = customer()
+    read_back = Session.get_one
+
+    def failing_for_calls(self: Session, entity: object, ident: object, **kwargs: object) -> object:
+        if entity is Call:
+            raise OperationalError("SELECT", {}, Exception("the database went away"))
+        return read_back(self, entity, ident, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Session, "get_one", failing_for_calls)
+    try:
+        answer = api.post("/api/calls", headers=owner.auth, json={"agentId": str(owner.agent_id), "phoneNumber": PHONE})
+    finally:
+        server.shutdown()
+    assert (answer.status_code, answer.json["status"]) == (202, "initiating"), answer.json
+    monkeypatch.undo()
+    assert load_call(uuid.UUID(answer.json["callId"])).status == "initiating", "the call it names holds its slot"
