@@ -27,7 +27,7 @@ from tests.support.stack import BOLNA_API_KEY, Stack, sentry_env, wait_until
 
 PHONE = "+14155550123"
 MASKED_PHONE = "+*******0123"
-REFUSED_KEY = "a-key-callflow-does-not-have"  # the simulator answers it 403, as Bolna answers a wrong key
+REFUSES_CALLS = {"refusal_rate": 1.0}  # the simulator refuses every POST /call with a 400: nothing placed
 
 
 def _place(stack: Stack, owner: Customer, request_id: str | None = None, **overrides) -> httpx.Response:
@@ -79,7 +79,7 @@ def test_cross_user_agent_access_arrives_once_as_a_security_event(stack):
 
 def test_bolna_failure_arrives_once_with_call_and_provider_context(sim):
     owner = customer()
-    sim.sim_config(api_key=REFUSED_KEY)  # Bolna's definite 403 (a 5xx is ambiguous: the call waits, see below)
+    sim.sim_config(**REFUSES_CALLS)  # Bolna's definite 400 (a 5xx is ambiguous: the call waits, see below)
     answer = _place(sim, owner)
     assert answer.status_code == 502
     event = _the_event(sim.sentry, ErrorType.BOLNA_API_FAILURE, user_id=str(owner.user_id))
@@ -93,7 +93,7 @@ def test_bolna_failure_arrives_once_with_call_and_provider_context(sim):
         "phone": MASKED_PHONE,
     }
     assert contexts["bolna_api"]["endpoint"] == "/call"
-    assert contexts["bolna_api"]["status_code"] == 403
+    assert contexts["bolna_api"]["status_code"] == 400
     assert contexts["bolna_api"]["error_message"]
     assert contexts["bolna_api"]["duration_ms"] >= 0
     assert event.trace_id == sim.call(owner.auth, call_id)["traceId"]
@@ -160,10 +160,10 @@ def test_queued_call_failure_arrives_once_in_the_calls_trace(sim):
     owner = customer(max_concurrent_calls=1)
     holder = str(uuid.uuid4())
     call_row(owner, status="in-progress", execution_id=holder, slot_held=True)  # the customer's one slot
-    sim.sim_config(api_key=REFUSED_KEY)  # before a call waits: whatever places it, Bolna refuses it
+    sim.sim_config(**REFUSES_CALLS)  # before a call waits: whatever places it, Bolna refuses it
     queued = _place(sim, owner)
     assert queued.status_code == 202
-    # With its duration: one without waits for Bolna's record, which the refused key keeps Callflow from reading.
+    # With its duration, so the slot frees as the webhook is applied.
     completed = {"id": holder, "status": "completed", "telephony_data": {"duration": "30"}}
     assert sim.webhook(completed).status_code == 200  # the slot frees: its turn
     call_id = queued.json()["callId"]
@@ -173,7 +173,7 @@ def test_queued_call_failure_arrives_once_in_the_calls_trace(sim):
     contexts = _assert_reported(event, ErrorType.DIRECT_CALL_QUEUE_FAILURE, "queue-processor", "queue.initiate_call")
     assert contexts["queue_details"]["queue_id"] == call_id
     assert contexts["queue_details"]["call_type"] == "direct"
-    assert contexts["bolna_api"]["status_code"] == 403
+    assert contexts["bolna_api"]["status_code"] == 400
     assert contexts["call_details"]["phone"] == MASKED_PHONE
     assert event.trace_id == sim.call(owner.auth, call_id)["traceId"]
     assert sim.sentry.events(error_type="bolna_api_failure", user_id=str(owner.user_id)) == []
@@ -378,7 +378,7 @@ def test_a_queued_call_is_one_trace_across_all_three_services(stack):
 
 def test_messages_processed_back_to_back_share_no_tags_or_breadcrumbs(sim):
     first, second = customer(), customer()
-    sim.sim_config(api_key=REFUSED_KEY)  # before the calls wait: whatever places them, Bolna refuses them
+    sim.sim_config(**REFUSES_CALLS)  # before the calls wait: whatever places them, Bolna refuses them
     calls = [call_row(owner) for owner in (first, second)]
     with broker.channel() as ch:
         for owner in (first, second):
@@ -437,7 +437,7 @@ def test_no_envelope_holds_a_token_a_secret_a_full_phone_number_or_a_transcript(
     placed = _place(sim, owner, metadata={"first_name": "Ada"})
     assert placed.status_code == 201
     wait_until(lambda: sim.call(owner.auth, placed.json()["callId"])["transcript"], 30, "a call with a transcript")
-    sim.sim_config(api_key=REFUSED_KEY)
+    sim.sim_config(**REFUSES_CALLS)
     assert _place(sim, owner).status_code == 502
     sim.webhook({"id": "x", "status": "ringing"}, token="not-the-secret")
     sim.sentry.wait_for_events(error_type="bolna_api_failure", user_id=str(owner.user_id))

@@ -10,7 +10,7 @@ import pytest
 from shared.core.errors import ErrorType
 from shared.observability.sentry import exception_type_name
 from tests.e2e.test_campaigns import _campaign_calls, _create, _numbers, _start, _view
-from tests.e2e.test_sentry import MASKED_PHONE, REFUSED_KEY, _assert_reported, _place, _the_event
+from tests.e2e.test_sentry import MASKED_PHONE, REFUSES_CALLS, _assert_reported, _place, _the_event
 from tests.support.factories import call_row, customer
 from tests.support.queue_details import expected_queue_details
 from tests.support.sentry_sink import Item
@@ -100,7 +100,7 @@ def test_seed_test_3_campaign_call_failure_and_no_free_slot(sim):
     owner = customer(credits=100, max_concurrent_calls=1)
     holder = str(uuid.uuid4())
     call_row(owner, status="in-progress", execution_id=holder, slot_held=True)  # the customer's one slot
-    sim.sim_config(api_key=REFUSED_KEY)  # Bolna refuses every call (403)
+    sim.sim_config(**REFUSES_CALLS)  # Bolna refuses every call (400)
     campaign_id = _create(sim, owner, _numbers(1))
     _start(sim, owner, campaign_id)
     trace_id = _view(sim, owner, campaign_id)["traceId"]
@@ -121,7 +121,7 @@ def test_seed_test_3_campaign_call_failure_and_no_free_slot(sim):
     assert _title_type(event) == exception_type_name(ErrorType.CAMPAIGN_CALL_QUEUE_FAILURE)
     (call,) = _campaign_calls(campaign_id)
     assert contexts["queue_details"] == expected_queue_details(call, owner, campaign_id)
-    assert contexts["bolna_api"]["status_code"] == 403
+    assert contexts["bolna_api"]["status_code"] == 400
     assert [e.tags["error_type"] for e in sim.sentry.events(user_id=str(owner.user_id))] == [
         "campaign_call_queue_failure"
     ]
