@@ -9,7 +9,6 @@ yet (Bolna answered `POST /call` after its first webhook) is kept and applied wh
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from shared.core.models import Call, WebhookEvent
 from shared.core.storable import storable
 from shared.core.uow import UnitOfWork, UnitOfWorkFactory
 from shared.observability import tracing
-from shared.observability.sentry import report
+from shared.observability.sentry import FirstTimes, report
 
 log = logging.getLogger(__name__)
 
@@ -498,22 +497,11 @@ def _report_redial(call: Call, event: WebhookEvent) -> None:
     )
 
 
-class _UnknownStatuses:
-    """The statuses Callflow does not know that this process reported: each once (one a new Bolna status comes
-    with may come on every call)."""
-
-    LIMIT = 100
-    lock = threading.Lock()
-    reported: set[str] = set()
+_UNKNOWN_STATUSES = FirstTimes()  # a status Bolna adds may come with every call: reported once
 
 
 def _report_unknown_status(call: Call, event: WebhookEvent) -> None:
-    reported = _UnknownStatuses.reported
-    with _UnknownStatuses.lock:
-        first = event.status not in reported and len(reported) < _UnknownStatuses.LIMIT
-        if first:
-            reported.add(event.status)
-    if not first:
+    if not _UNKNOWN_STATUSES.first(event.status):
         log.warning("webhook %s with unknown status %r kept for call %s", event.execution_id, event.status, call.id)
         return
     report(

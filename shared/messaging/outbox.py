@@ -31,7 +31,7 @@ from shared.core.models import OutboxMessage
 from shared.messaging.publisher import BrokerTooSlow, Envelope, Publisher
 from shared.messaging.topology import EVENTS_EXCHANGE
 from shared.observability import tracing
-from shared.observability.sentry import broker_accepted, report, report_broker_failure
+from shared.observability.sentry import FirstTimes, broker_accepted, report, report_broker_failure
 
 log = logging.getLogger(__name__)
 _OUTBOX = OutboxMessage.__table__
@@ -226,18 +226,11 @@ def _count_failure(row: OutboxMessage, exc: Exception) -> None:
     row.last_error = repr(exc)[:1000]
 
 
-class _Unroutable:
-    """The message types no queue took that this process reported: each once."""
-
-    lock = threading.Lock()
-    reported: set[str] = set()
+_UNROUTABLE_TYPES = FirstTimes()  # every message of a type without a binding meets it: reported once
 
 
 def _report_unroutable(row: OutboxMessage) -> None:
-    with _Unroutable.lock:
-        first = row.message_type not in _Unroutable.reported
-        _Unroutable.reported.add(row.message_type)
-    if not first:
+    if not _UNROUTABLE_TYPES.first(row.message_type):
         log.warning("outbox message %s (%s) is routed to no queue, again", row.message_id, row.message_type)
         return
     report(

@@ -309,6 +309,24 @@ def report_database_error(cause: BaseException, place: str | None = None) -> Non
         sentry_sdk.add_breadcrumb(category="callflow.error", message=str(error), level="error")
 
 
+class FirstTimes:
+    """The keys (a status, a message type) this process has met, so what each one shows is reported the first time
+    only: a cause that comes with every call is one event, not one per call. Bounded: past `limit` keys, none is
+    new any more."""
+
+    def __init__(self, limit: int = 100) -> None:
+        self._seen: set[str] = set()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def first(self, key: str) -> bool:
+        with self._lock:
+            if key in self._seen or len(self._seen) >= self._limit:
+                return False
+            self._seen.add(key)
+            return True
+
+
 class _BrokerRefusals:
     """Where in this process the broker's refusal has been reported (once there, until a connection is accepted)."""
 

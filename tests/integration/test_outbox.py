@@ -24,7 +24,7 @@ from shared.messaging import outbox
 from shared.messaging.outbox import PUBLISH_AFTER_COMMIT_SECONDS, AfterCommitPublisher
 from shared.messaging.publisher import Envelope, Publisher
 from shared.messaging.topology import EVENTS_EXCHANGE
-from shared.observability.sentry import init_sentry
+from shared.observability.sentry import FirstTimes, init_sentry
 from tests.support import broker
 from tests.support.components import components
 from tests.support.factories import call_row, customer
@@ -116,7 +116,7 @@ def test_message_written_while_broker_is_down_is_relayed_later():
 def test_a_message_no_queue_takes_is_reported_once_and_holds_up_none_of_those_behind_it(monkeypatch):
     reported: list[tuple[str | None, ErrorType]] = []
     monkeypatch.setattr(outbox, "report", lambda error, place=None: reported.append((place, error.error_type)))
-    monkeypatch.setattr(outbox._Unroutable, "reported", set())
+    monkeypatch.setattr(outbox, "_UNROUTABLE_TYPES", FirstTimes())
     with components().uow() as uow:
         stray = outbox.add(uow.session, "test.routed-nowhere", {"n": 1})  # no binding matches its type
         another = outbox.add(uow.session, "test.routed-nowhere", {"n": 2})

@@ -15,6 +15,7 @@ from shared.calls import provider_events, statuses
 from shared.core.errors import CallflowError, ErrorType
 from shared.core.models import OutboxMessage, WebhookEvent
 from shared.core.storable import MAX_JSON_DEPTH
+from shared.observability.sentry import FirstTimes
 from tests.conftest import WEBHOOK_SECRET
 from tests.support.components import components
 from tests.support.engine_events import statements_run, transactions_begun
@@ -105,7 +106,7 @@ def test_event_for_an_unknown_execution_is_kept_and_applied_when_the_call_is_lin
 def test_a_status_callflow_does_not_know_is_kept_for_a_later_version_and_reported_once_per_status(monkeypatch):
     reported: list[str] = []
     monkeypatch.setattr(provider_events, "report", lambda error, place=None: reported.append(error.detail))
-    monkeypatch.setattr(provider_events._UnknownStatuses, "reported", set())
+    monkeypatch.setattr(provider_events, "_UNKNOWN_STATUSES", FirstTimes())
     owner = customer()
     calls = [call_row(owner, status="ringing", execution_id=str(uuid.uuid4()), slot_held=True) for _ in range(2)]
     receipts = [_deliver(_event(call.execution_id, "voicemail-detected")) for call in calls]

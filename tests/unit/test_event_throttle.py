@@ -1,9 +1,9 @@
 """The throttle of unauthenticated errors, on a fake clock: what becomes an event, what is only counted, and how
-much it remembers."""
+much it remembers; and FirstTimes, which lets a cause that comes with every call be reported once."""
 
 import ipaddress
 
-from shared.observability.sentry import EventThrottle
+from shared.observability.sentry import EventThrottle, FirstTimes
 
 AUTH_FAILED = "webhook_auth_failed"
 FORBIDDEN = "webhook_source_forbidden"
@@ -39,3 +39,8 @@ def test_rotating_addresses_are_capped_per_type_and_memory_stays_bounded():
         assert sum(counts is not None for counts in admitted) == 10, window
         assert throttle.remembered == 10
         clock.now += 61
+
+
+def test_first_times_says_first_once_per_key_and_nothing_past_its_bound():
+    seen = FirstTimes(limit=2)
+    assert [seen.first(key) for key in ("a", "a", "b", "c", "b")] == [True, False, True, False, False]
